@@ -1,0 +1,280 @@
+"""The relay's background work, driven entirely by what SQLite holds.
+
+- inbox lanes (one per phone): take the oldest unhandled event, run it through the
+  conversation table and record the effects (messages, worker calls) in one transaction;
+- outbox lanes (one per phone): send messages in order, paced, retried with backoff;
+- the worker lane: deliver calls in order, waking the worker when it sleeps;
+- a timer: close approval windows.
+Because every step reads its work from the database and commits before it acts, a crash at
+any point resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+
+from relay import replies, store
+from relay.conversation import Context, Conversation, apply
+from relay.events import (
+    ApprovalExpired,
+    CallWorker,
+    Delivered,
+    DropCommand,
+    Effect,
+    Event,
+    ReportStatus,
+    Send,
+    Unreachable,
+    parse_owner_text,
+    worker_event_from_json,
+)
+from relay.lanes import Lanes
+from relay.settings import Settings
+from relay.twilio import SendResult, TwilioSender, split_body
+from relay.worker_client import WorkerClient
+
+logger = logging.getLogger(__name__)
+
+MAX_SEND_AGE_S = 3600.0  # a message still unsent after an hour is given up, and shown by `status`
+WORKER_LANE = "worker"
+MAX_FAILS_WHILE_UP = 3  # a call that fails this often while /health answers is reported, not retried
+
+
+def decode_event(data: dict[str, Any]) -> Event:
+    kind = data.get("type")
+    if kind == "owner":
+        return parse_owner_text(data["text"], data["message_id"])
+    if kind == "delivered":
+        return Delivered(route=data["route"], message_id=data.get("message_id", ""))
+    if kind == "unreachable":
+        return Unreachable(route=data["route"], message_id=data.get("message_id", ""), reason=data.get("reason", ""))
+    if kind == "approval_expired":
+        return ApprovalExpired(deadline=data["deadline"])
+    return worker_event_from_json(data)[0]
+
+
+@dataclass
+class Outcome:
+    sends: bool = False
+    calls: bool = False
+
+
+def process_next(conn: sqlite3.Connection, phone: str, now: float, approval_timeout_s: float) -> Outcome | None:
+    """Handle the oldest unhandled event of one phone, atomically; None when there is none."""
+    with store.transaction(conn):
+        item = store.next_inbox(conn, phone)
+        if item is None:
+            return None
+        inbox_id, data = item
+        conv = store.load_conversation(conn, phone)
+        try:
+            conv, effects = apply(conv, decode_event(data), Context(now, approval_timeout_s))
+        except Exception:
+            # A poison event must not block the owner's lane forever: log it and move on.
+            logger.exception("could not handle inbox event %s of type %r", inbox_id, data.get("type"))
+            effects = []
+        outcome = Outcome()
+        for effect in effects:
+            _record(conn, conv, effect, now, outcome)
+        store.save_conversation(conn, conv, now)
+        store.mark_handled(conn, inbox_id, now)
+    return outcome
+
+
+def _record(conn: sqlite3.Connection, conv: Conversation, effect: Effect, now: float, outcome: Outcome) -> None:
+    if isinstance(effect, ReportStatus):
+        effect = Send(_status_text(conn, conv, now))
+    if isinstance(effect, Send):
+        parts = split_body(effect.text)
+        for i, part in enumerate(parts):
+            # Images ride on the last part, so they arrive after the text that explains them.
+            store.enqueue_send(conn, conv.phone, part, list(effect.media) if i == len(parts) - 1 else [], now)
+        outcome.sends = True
+    elif isinstance(effect, CallWorker):
+        store.enqueue_worker_call(conn, conv.phone, effect.route, effect.payload, now)
+        outcome.calls = True
+    elif isinstance(effect, DropCommand):
+        store.drop_command(conn, conv.phone, effect.message_id)
+
+
+def _status_text(conn: sqlite3.Connection, conv: Conversation, now: float) -> str:
+    row = store.worker_state(conn)
+    worker = replies.WorkerInfo(
+        awake=None if row is None or row["awake"] is None else bool(row["awake"]),
+        last_seen_at=row["last_seen_at"] if row else None,
+        slept_at=row["slept_at"] if row else None,
+    )
+    failures = [replies.FailedSend(r["error_code"], r["error"] or "", r["sent_at"] or now)
+                for r in store.recent_failures(conn, conv.phone)]
+    job = conv.job
+    return replies.status(
+        conv.state, job.text if job else None, job.started_at if job else None, [j.text for j in conv.queue],
+        conv.approval_deadline, conv.kept.text if conv.kept else None, worker, failures, now,
+    )
+
+
+@dataclass
+class Dispatcher:
+    settings: Settings
+    db: store.Database
+    sender: TwilioSender
+    worker: WorkerClient
+    clock: Callable[[], float] = time.time
+    inbox: Lanes = field(init=False)
+    outbox: Lanes = field(init=False)
+    calls: Lanes = field(init=False)
+    _last_sent: dict[str, float] = field(default_factory=dict)
+    _failed_while_up: int = 0
+
+    def __post_init__(self) -> None:
+        self.inbox = Lanes("inbox", self._inbox_step)
+        self.outbox = Lanes("outbox", self._send_step)
+        self.calls = Lanes("worker", self._call_step)
+
+    async def run(self, tg: anyio.abc.TaskGroup) -> None:
+        """Start the lanes, resume whatever a previous process left undone, and keep the timer."""
+        for lanes in (self.inbox, self.outbox, self.calls):
+            lanes.start(tg)
+        inbox_phones, outbox_phones = await self.db.run(store.phones_with_work)
+        for phone in inbox_phones:
+            self.inbox.notify(phone)
+        for phone in outbox_phones:
+            self.outbox.notify(phone)
+        self.calls.notify(WORKER_LANE)
+        tg.start_soon(self._approval_timer, name="approval-timer")
+
+    @property
+    def busy(self) -> bool:
+        return self.inbox.busy or self.outbox.busy or self.calls.busy
+
+    # --- inbox ----------------------------------------------------------------------
+
+    async def _inbox_step(self, phone: str) -> float | None:
+        outcome = await self.db.run(process_next, phone, self.clock(), self.settings.approval_timeout_s)
+        if outcome is None:
+            return None
+        if outcome.sends:
+            self.outbox.notify(phone)
+        if outcome.calls:
+            self.calls.notify(WORKER_LANE)
+        return 0
+
+    async def record(self, phone: str, dedupe_key: str, event: dict[str, Any]) -> bool:
+        new = await self.db.run(store.insert_inbox, phone, dedupe_key, event, self.clock())
+        if new:
+            self.inbox.notify(phone)
+        return new
+
+    # --- outbox ---------------------------------------------------------------------
+
+    async def _send_step(self, phone: str) -> float | None:
+        row = await self.db.run(store.next_outbound, phone)
+        if row is None:
+            return None
+        now = self.clock()
+        if phone not in self._last_sent:
+            last: float | None = await self.db.run(store.last_sent_at, phone)
+            self._last_sent[phone] = last or 0.0
+        wait = max(row.next_attempt_at - now, self._last_sent[phone] + self.settings.min_send_interval_s - now)
+        if wait > 0:
+            return wait
+        result = await anyio.to_thread.run_sync(self.sender.send, phone, row.body, row.media)
+        await self._record_send(row, result)
+        return 0
+
+    async def _record_send(self, row: store.Outbound, result: SendResult) -> None:
+        now = self.clock()
+        if result.ok:
+            self._last_sent[row.phone] = now
+            await self.db.run(store.mark_sent, row.id, result.sid, now)
+        elif result.retryable and now - row.created_at < MAX_SEND_AGE_S:
+            backoff = min(0.25 * 2 ** row.attempts, 30.0)
+            logger.info("send %s failed (%s); retrying in %.2f s", row.id, result.error, backoff)
+            await self.db.run(store.mark_retry, row.id, now + backoff, result.error)
+        else:
+            logger.warning("send %s refused for good: code %s, %s", row.id, result.error_code, result.error)
+            await self.db.run(store.mark_failed, row.id, result.error_code, result.error, now)
+
+    # --- worker calls ---------------------------------------------------------------
+
+    async def _call_step(self, _lane: str) -> float | None:
+        pending = await self.db.run(store.pending_worker_calls)
+        if not pending:
+            return None
+        call = pending[0]
+        message_id = call.payload.get("message_id", "")
+        known_asleep = await self.db.run(_worker_known_asleep)
+        result = None if known_asleep else await self.worker.call(call.route, call.payload)
+        if result is not None and result.delivered:
+            self._failed_while_up = 0
+            await self._call_done(call, Delivered(route=call.route, message_id=message_id))
+        elif result is not None and (not result.asleep or self._failed_while_up >= MAX_FAILS_WHILE_UP):
+            # Refused outright, or the worker answers /health yet keeps failing this call.
+            self._failed_while_up = 0
+            await self._call_done(call, Unreachable(call.route, message_id, result.reason))
+        elif not await self._wake(pending, known_asleep=known_asleep):
+            return None
+        return 0
+
+    async def _call_done(self, call: store.WorkerCall, event: Delivered | Unreachable) -> None:
+        status = "delivered" if isinstance(event, Delivered) else "failed"
+        if await self.db.run(_finish_call, call, status, event, self.clock()):
+            self.inbox.notify(call.phone)
+
+    async def _wake(self, pending: list[store.WorkerCall], *, known_asleep: bool) -> bool:
+        """Tell each waiting owner once, poll until the worker answers; False if it never does."""
+        if not known_asleep and await self.worker.healthy():
+            self._failed_while_up += 1  # awake after all: a passing fault, not sleep
+            await self.db.run(store.worker_seen, self.clock())
+            return True
+        now = self.clock()
+        for phone in dict.fromkeys(call.phone for call in pending):
+            await self.db.run(store.enqueue_send, phone, replies.WAKING, [], now)
+            self.outbox.notify(phone)
+        logger.info("worker unreachable; polling /health for up to %.0f s", self.settings.wake_timeout_s)
+        if await self.worker.wait_until_healthy(self.settings.wake_timeout_s):
+            await self.db.run(store.worker_seen, self.clock())
+            return True
+        reason = f"no answer within {self.settings.wake_timeout_s:.0f} s"
+        for call in await self.db.run(store.pending_worker_calls):
+            await self._call_done(call, Unreachable(call.route, call.payload.get("message_id", ""), reason))
+        return False
+
+    # --- timers ---------------------------------------------------------------------
+
+    async def _approval_timer(self) -> None:
+        while True:
+            for phone, deadline in await self.db.run(store.expired_approvals, self.clock()):
+                event = {"type": "approval_expired", "deadline": deadline}
+                await self.record(phone, f"expire:{phone}:{deadline!r}", event)
+            await anyio.sleep(0.5)
+
+
+def _worker_known_asleep(conn: sqlite3.Connection) -> bool:
+    row = store.worker_state(conn)
+    return row is not None and row["awake"] == 0
+
+
+def _finish_call(conn: sqlite3.Connection, call: store.WorkerCall, status: str, event: Delivered | Unreachable,
+                 now: float) -> bool:
+    """Close the call and record what happened, together; False if it was withdrawn meanwhile."""
+    with store.transaction(conn):
+        was_pending = store.finish_worker_call(conn, call.id, status, getattr(event, "reason", ""))
+        # A withdrawn command that reached the worker anyway is still reported: the
+        # conversation then stops that run.
+        if not was_pending and status != "delivered":
+            return False
+        data: dict[str, Any] = {"type": event.kind, "route": event.route, "message_id": event.message_id}
+        if isinstance(event, Unreachable):
+            data["reason"] = event.reason
+        else:
+            store.worker_seen(conn, now)
+        store.insert_inbox(conn, call.phone, f"call:{call.id}:{status}", data, now)
+    return True

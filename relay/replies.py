@@ -1,0 +1,179 @@
+"""Everything the owner reads, in one place: short, plain, made for a phone screen."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from relay.events import WorkerEvent
+
+HELP = (
+    "🤖 *textslash* drives Claude Code on your VM.\n"
+    "• Any message: a prompt for the agent\n"
+    "• *approve* / *reject*: decide on the changes it made\n"
+    "• *cancel*: stop the current run\n"
+    "• *status*: what runs, what waits, is the VM awake\n"
+    "• *new*: start a fresh agent session\n"
+    "• *screenshot <url>*: a picture of a page\n"
+    "• *retry*: resend a prompt the VM never received"
+)
+WAKING = "⏳ Waking up your VM..."
+WORKING = "🤖 Working on it..."
+EMPTY = "🤔 That message had no text. Send a prompt, or *help*."
+NOTHING_WAITING = "Nothing is waiting for approval."
+NOTHING_RUNNING = "Nothing is running."
+NOTHING_RUNNING_DECIDE = "Nothing is running. Changes are waiting: *approve* or *reject*."
+STILL_WORKING = "⏳ Still working. Nothing to decide yet; *cancel* stops the run."
+DECIDE_FIRST = "Changes are waiting: *approve* or *reject* them first."
+ALREADY_APPLYING = "⏳ Already applying your decision; one moment."
+ALREADY_CANCELLING = "🛑 Already cancelling."
+NOTHING_TO_RETRY = "Nothing to retry."
+RETRYING = "🔁 Sending your prompt again."
+NEW_SESSION = "🆕 Your next prompt starts a fresh agent session."
+DECIDE_AGAIN = " Your changes are still waiting: *approve* or *reject* again."
+APPLYING = {
+    "approve": "🚀 Approved: pushing a branch and opening a pull request...",
+    "reject": "↩️ Rejected: rolling the changes back...",
+}
+
+
+def queued(position: int, state: str) -> str:
+    why = "once you approve or reject the changes" if state == "awaiting_approval" else "when the current run ends"
+    return f"📥 Queued (#{position}); it starts {why}."
+
+
+def starting_queued(text: str, remaining: int) -> str:
+    more = f" ({remaining} more queued)" if remaining else ""
+    return f"▶️ Starting the next prompt{more}: “{_clip(text, 80)}”"
+
+
+def cancelling(dropped: int) -> str:
+    return "🛑 Cancelling the current run..." + _dropped(dropped)
+
+
+def cancelled_before_start(dropped: int) -> str:
+    return "🛑 Cancelled before it reached the VM." + _dropped(dropped)
+
+
+def _dropped(count: int) -> str:
+    return f" Dropped {count} queued prompt{'s' if count != 1 else ''}." if count else ""
+
+
+def finished(event: WorkerEvent) -> str:
+    if event.type == "cancelled":
+        head = "🛑 Run cancelled."
+    elif event.type == "error":
+        head = f"❌ The run failed: {event.text or 'no reason given'}"
+    else:
+        head = "✅ Done" + _cost(event)
+    body = event.text if event.type == "answer" and event.text else ""
+    tail = "\n\nThe run left changes; the diff follows." if event.changes else ""
+    return f"{head}\n\n{body}".strip() + tail
+
+
+def _cost(event: WorkerEvent) -> str:
+    parts = []
+    if event.duration_ms is not None:
+        parts.append(f"{event.duration_ms / 1000:.1f} s")
+    if event.cost_usd is not None:
+        parts.append(f"${event.cost_usd:.4f}")
+    return f" ({', '.join(parts)})" if parts else ""
+
+
+def approval_request(event: WorkerEvent, window_s: float) -> str:
+    files = "\n".join(f"• {path} +{added} −{removed}" for path, added, removed in event.files)
+    diff = f"\n```\n{event.diff.strip()}\n```" if event.diff.strip() else ""
+    return (
+        f"📝 {len(event.files)} file{'s' if len(event.files) != 1 else ''} changed:\n{files}{diff}\n\n"
+        f"Reply *approve* to open a pull request or *reject* to roll back "
+        f"(within {_duration(window_s)})."
+    )
+
+
+def applied(event: WorkerEvent) -> str:
+    if event.type == "pr_opened":
+        return f"✅ Pull request opened: {event.url}" if event.url else "✅ Pushed."
+    return "↩️ Rolled back: the checkout is as it was before the run."
+
+
+def approve_failed(reason: str) -> str:
+    return (f"❌ Could not open the pull request: {reason or 'no reason given'}\n"
+            "The changes are kept: *approve* to try again or *reject*.")
+
+
+def never_woke(reason: str, *, kept: bool) -> str:
+    why = f" ({reason})" if reason else ""
+    if kept:
+        return f"😴 Your VM did not wake up{why}. Your prompt is kept: send *retry* to resend it."
+    return f"😴 Your VM could not be reached{why}."
+
+
+def approval_expired(window_s: float) -> str:
+    return f"⌛ No answer within {_duration(window_s)}: the changes are being rolled back."
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    awake: bool | None  # None: never heard from it
+    last_seen_at: float | None
+    slept_at: float | None
+
+
+@dataclass(frozen=True)
+class FailedSend:
+    error_code: int | None
+    error: str
+    at: float
+
+
+def status(conv_state: str, job_text: str | None, job_started: float | None, queue: list[str], deadline: float | None,
+           kept: str | None, worker: WorkerInfo, failures: list[FailedSend], now: float) -> str:
+    lines = [_state_line(conv_state, job_text, job_started, deadline, now)]
+    if queue:
+        lines.append(f"📥 Queued: {len(queue)} (next: “{_clip(queue[0], 60)}”)")
+    if kept:
+        lines.append(f"🔁 Kept for *retry*: “{_clip(kept, 60)}”")
+    lines.append(_worker_line(worker, now))
+    for failure in failures:
+        code = f"error {failure.error_code}" if failure.error_code else "error"
+        lines.append(f"⚠️ A message could not be delivered {_ago(failure.at, now)} ago: {code} {failure.error}".rstrip())
+    return "\n".join(lines)
+
+
+def _state_line(state: str, job_text: str | None, started: float | None, deadline: float | None, now: float) -> str:
+    if state == "working" and job_text is not None:
+        since = f" for {_ago(started, now)}" if started else ""
+        return f"🤖 Working{since} on: “{_clip(job_text, 80)}”"
+    if state == "awaiting_approval":
+        left = f" ({_duration(max(0.0, deadline - now))} left)" if deadline else ""
+        return f"📝 Changes wait for *approve* or *reject*{left}."
+    if state == "applying":
+        return "⏳ Applying your decision."
+    return "💤 Idle: nothing running."
+
+
+def _worker_line(worker: WorkerInfo, now: float) -> str:
+    if worker.awake is None:
+        return "🖥️ VM: not heard from yet."
+    if worker.awake:
+        seen = f" (last heard {_ago(worker.last_seen_at, now)} ago)" if worker.last_seen_at else ""
+        return f"🖥️ VM: awake{seen}."
+    since = f" since {time.strftime('%H:%M UTC', time.gmtime(worker.slept_at))}" if worker.slept_at else ""
+    return f"🖥️ VM: asleep{since}; your next prompt wakes it."
+
+
+def _ago(then: float | None, now: float) -> str:
+    return _duration(max(0.0, now - (then or now)))
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _clip(text: str, limit: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -1,0 +1,294 @@
+"""All relay state in one SQLite file: inbox, conversations, outbox, worker calls.
+
+Functions here are synchronous and take the connection first; `Database.run` executes them
+one at a time on a worker thread, so the event loop never waits on the disk and SQLite
+sees a single writer. Every write that matters commits before anyone acts on it.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, ParamSpec, TypeVar
+
+import anyio
+
+from relay.conversation import Conversation
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS inbox (
+    id INTEGER PRIMARY KEY,
+    phone TEXT NOT NULL,
+    dedupe_key TEXT NOT NULL UNIQUE,      -- MessageSid, or run_id:seq for worker events
+    event TEXT NOT NULL,                  -- JSON
+    received_at REAL NOT NULL,
+    handled_at REAL
+);
+CREATE INDEX IF NOT EXISTS inbox_pending ON inbox (phone, id) WHERE handled_at IS NULL;
+CREATE TABLE IF NOT EXISTS conversations (
+    phone TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    data TEXT NOT NULL,                   -- JSON of the Conversation
+    approval_deadline REAL,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY,
+    phone TEXT NOT NULL,
+    body TEXT NOT NULL,
+    media TEXT NOT NULL DEFAULT '[]',     -- JSON list of image names
+    status TEXT NOT NULL DEFAULT 'pending',  -- pending | sent | failed
+    attempts INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    next_attempt_at REAL NOT NULL,
+    sent_at REAL,
+    twilio_sid TEXT,
+    error_code INTEGER,
+    error TEXT
+);
+CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (phone, id) WHERE status = 'pending';
+CREATE TABLE IF NOT EXISTS worker_calls (
+    id INTEGER PRIMARY KEY,
+    phone TEXT NOT NULL,
+    route TEXT NOT NULL,                  -- command | screenshot | approve | reject | cancel
+    payload TEXT NOT NULL,
+    status TEXT NOT NULL DEFAULT 'pending',  -- pending | delivered | failed | dropped
+    created_at REAL NOT NULL,
+    error TEXT
+);
+CREATE INDEX IF NOT EXISTS worker_calls_pending ON worker_calls (id) WHERE status = 'pending';
+CREATE TABLE IF NOT EXISTS worker_state (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    awake INTEGER,
+    last_seen_at REAL,
+    slept_at REAL
+);
+"""
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class Database:
+    """One SQLite connection, used by one thread at a time."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self.conn.row_factory = sqlite3.Row
+        # WAL keeps readers off the writer's back; FULL makes each commit survive power loss,
+        # which is what "written durably before we answer Twilio" means.
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute("PRAGMA synchronous=FULL")
+        self.conn.execute("PRAGMA busy_timeout=5000")
+        self.conn.executescript(SCHEMA)
+        self._limiter = anyio.CapacityLimiter(1)
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await anyio.to_thread.run_sync(partial(fn, self.conn, *args), limiter=self._limiter)
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+@contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+# --- inbox ------------------------------------------------------------------------------
+
+
+def insert_inbox(conn: sqlite3.Connection, phone: str, dedupe_key: str, event: dict[str, Any], now: float) -> bool:
+    """Record an event once; False when the same key was recorded before (a redelivery)."""
+    cur = conn.execute(
+        "INSERT OR IGNORE INTO inbox (phone, dedupe_key, event, received_at) VALUES (?, ?, ?, ?)",
+        (phone, dedupe_key, json.dumps(event), now),
+    )
+    return cur.rowcount == 1
+
+
+def next_inbox(conn: sqlite3.Connection, phone: str) -> tuple[int, dict[str, Any]] | None:
+    row = conn.execute(
+        "SELECT id, event FROM inbox WHERE phone = ? AND handled_at IS NULL ORDER BY id LIMIT 1", (phone,)
+    ).fetchone()
+    return (row["id"], json.loads(row["event"])) if row else None
+
+
+def mark_handled(conn: sqlite3.Connection, inbox_id: int, now: float) -> None:
+    conn.execute("UPDATE inbox SET handled_at = ? WHERE id = ?", (now, inbox_id))
+
+
+# --- conversations ----------------------------------------------------------------------
+
+
+def load_conversation(conn: sqlite3.Connection, phone: str) -> Conversation:
+    row = conn.execute("SELECT data FROM conversations WHERE phone = ?", (phone,)).fetchone()
+    return Conversation.from_json(json.loads(row["data"])) if row else Conversation(phone=phone)
+
+
+def save_conversation(conn: sqlite3.Connection, conv: Conversation, now: float) -> None:
+    conn.execute(
+        "INSERT INTO conversations (phone, state, data, approval_deadline, updated_at) VALUES (?, ?, ?, ?, ?) "
+        "ON CONFLICT (phone) DO UPDATE SET state = excluded.state, data = excluded.data, "
+        "approval_deadline = excluded.approval_deadline, updated_at = excluded.updated_at",
+        (conv.phone, conv.state, json.dumps(conv.to_json()), conv.approval_deadline, now),
+    )
+
+
+def expired_approvals(conn: sqlite3.Connection, now: float) -> list[tuple[str, float]]:
+    rows = conn.execute(
+        "SELECT phone, approval_deadline FROM conversations WHERE approval_deadline <= ?", (now,)
+    ).fetchall()
+    return [(r["phone"], r["approval_deadline"]) for r in rows]
+
+
+# --- outbox -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Outbound:
+    id: int
+    phone: str
+    body: str
+    media: list[str]
+    attempts: int
+    created_at: float
+    next_attempt_at: float
+
+
+def enqueue_send(conn: sqlite3.Connection, phone: str, body: str, media: list[str], now: float) -> None:
+    conn.execute(
+        "INSERT INTO outbox (phone, body, media, created_at, next_attempt_at) VALUES (?, ?, ?, ?, ?)",
+        (phone, body, json.dumps(media), now, now),
+    )
+
+
+def next_outbound(conn: sqlite3.Connection, phone: str) -> Outbound | None:
+    row = conn.execute(
+        "SELECT * FROM outbox WHERE phone = ? AND status = 'pending' ORDER BY id LIMIT 1", (phone,)
+    ).fetchone()
+    if row is None:
+        return None
+    return Outbound(
+        id=row["id"], phone=row["phone"], body=row["body"], media=json.loads(row["media"]),
+        attempts=row["attempts"], created_at=row["created_at"], next_attempt_at=row["next_attempt_at"],
+    )
+
+
+def last_sent_at(conn: sqlite3.Connection, phone: str) -> float | None:
+    row = conn.execute("SELECT MAX(sent_at) AS t FROM outbox WHERE phone = ? AND status = 'sent'", (phone,)).fetchone()
+    return row["t"] if row else None
+
+
+def mark_sent(conn: sqlite3.Connection, outbound_id: int, sid: str, now: float) -> None:
+    conn.execute("UPDATE outbox SET status = 'sent', twilio_sid = ?, sent_at = ? WHERE id = ?", (sid, now, outbound_id))
+
+
+def mark_retry(conn: sqlite3.Connection, outbound_id: int, next_at: float, error: str) -> None:
+    conn.execute(
+        "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?, error = ? WHERE id = ?",
+        (next_at, error, outbound_id),
+    )
+
+
+def mark_failed(conn: sqlite3.Connection, outbound_id: int, code: int | None, error: str, now: float) -> None:
+    conn.execute(
+        "UPDATE outbox SET status = 'failed', attempts = attempts + 1, error_code = ?, error = ?, sent_at = ? "
+        "WHERE id = ?",
+        (code, error, now, outbound_id),
+    )
+
+
+def recent_failures(conn: sqlite3.Connection, phone: str, limit: int = 3) -> list[sqlite3.Row]:
+    return conn.execute(
+        "SELECT error_code, error, sent_at FROM outbox WHERE phone = ? AND status = 'failed' "
+        "ORDER BY id DESC LIMIT ?",
+        (phone, limit),
+    ).fetchall()
+
+
+# --- worker calls -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorkerCall:
+    id: int
+    phone: str
+    route: str
+    payload: dict[str, Any]
+
+
+def enqueue_worker_call(conn: sqlite3.Connection, phone: str, route: str, payload: dict[str, Any], now: float) -> None:
+    conn.execute(
+        "INSERT INTO worker_calls (phone, route, payload, created_at) VALUES (?, ?, ?, ?)",
+        (phone, route, json.dumps(payload), now),
+    )
+
+
+def pending_worker_calls(conn: sqlite3.Connection) -> list[WorkerCall]:
+    rows = conn.execute("SELECT * FROM worker_calls WHERE status = 'pending' ORDER BY id").fetchall()
+    return [WorkerCall(r["id"], r["phone"], r["route"], json.loads(r["payload"])) for r in rows]
+
+
+def finish_worker_call(conn: sqlite3.Connection, call_id: int, status: str, error: str = "") -> bool:
+    """Move a pending call to its final status; False when it was dropped meanwhile."""
+    cur = conn.execute(
+        "UPDATE worker_calls SET status = ?, error = ? WHERE id = ? AND status = 'pending'", (status, error, call_id)
+    )
+    return cur.rowcount == 1
+
+
+def is_pending(conn: sqlite3.Connection, call_id: int) -> bool:
+    row = conn.execute("SELECT status FROM worker_calls WHERE id = ?", (call_id,)).fetchone()
+    return row is not None and row["status"] == "pending"
+
+
+def drop_command(conn: sqlite3.Connection, phone: str, message_id: str) -> None:
+    conn.execute(
+        "UPDATE worker_calls SET status = 'dropped' WHERE phone = ? AND route = 'command' AND status = 'pending' "
+        "AND json_extract(payload, '$.message_id') = ?",
+        (phone, message_id),
+    )
+
+
+# --- what the relay knows of the worker -------------------------------------------------
+
+
+def worker_seen(conn: sqlite3.Connection, now: float) -> None:
+    conn.execute(
+        "INSERT INTO worker_state (id, awake, last_seen_at) VALUES (1, 1, ?) "
+        "ON CONFLICT (id) DO UPDATE SET awake = 1, last_seen_at = excluded.last_seen_at",
+        (now,),
+    )
+
+
+def worker_slept(conn: sqlite3.Connection, now: float) -> None:
+    conn.execute(
+        "INSERT INTO worker_state (id, awake, slept_at) VALUES (1, 0, ?) "
+        "ON CONFLICT (id) DO UPDATE SET awake = 0, slept_at = excluded.slept_at",
+        (now,),
+    )
+
+
+def worker_state(conn: sqlite3.Connection) -> sqlite3.Row | None:
+    row: sqlite3.Row | None = conn.execute("SELECT * FROM worker_state WHERE id = 1").fetchone()
+    return row
+
+
+def phones_with_work(conn: sqlite3.Connection) -> tuple[list[str], list[str]]:
+    """Phones with unhandled inbox events, and phones with unsent messages (for start-up)."""
+    inbox = [r[0] for r in conn.execute("SELECT DISTINCT phone FROM inbox WHERE handled_at IS NULL")]
+    outbox = [r[0] for r in conn.execute("SELECT DISTINCT phone FROM outbox WHERE status = 'pending'")]
+    return inbox, outbox

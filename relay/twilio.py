@@ -1,0 +1,111 @@
+"""Everything that speaks Twilio: the webhook signature, message splitting, and sending.
+
+Sending goes through the official SDK's REST client. The SDK has no base-URL option, so a
+small `HttpClient` subclass rewrites `https://api.twilio.com` to `TWILIO_API_BASE_URL`; that
+is the supported hook (FACTS.md) and where tests plug in a loopback fake.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from twilio.base.exceptions import TwilioRestException
+from twilio.http.http_client import TwilioHttpClient
+from twilio.http.response import Response
+from twilio.request_validator import RequestValidator
+from twilio.rest import Client
+
+logger = logging.getLogger(__name__)
+
+WHATSAPP_LIMIT = 1600
+TWILIO_API = "https://api.twilio.com"
+# Statuses worth another try: Twilio is down or busy. Other 4xx are permanent refusals
+# (63016 outside the 24-hour window, 63015 not joined to the sandbox, 21211 bad number...).
+RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+
+
+def signature_is_valid(*, auth_token: str, url: str, params: Mapping[str, Any], signature: str | None) -> bool:
+    """Check `X-Twilio-Signature` against the public URL Twilio was configured with."""
+    if not signature:
+        return False
+    return bool(RequestValidator(auth_token).validate(url, params, signature))
+
+
+def split_body(body: str, limit: int = WHATSAPP_LIMIT) -> list[str]:
+    """Split a long body on line breaks into parts numbered "(1/3)" that each fit `limit`."""
+    if len(body) <= limit:
+        return [body]
+    room = limit - len("(99/99) ")
+    chunks: list[str] = []
+    current = ""
+    for line in _fitting_lines(body, room):
+        candidate = f"{current}\n{line}" if current else line
+        if len(candidate) > room:
+            chunks.append(current)
+            candidate = line
+        current = candidate
+    if current:
+        chunks.append(current)
+    return [f"({i}/{len(chunks)}) {chunk}" for i, chunk in enumerate(chunks, 1)]
+
+
+def _fitting_lines(body: str, room: int) -> list[str]:
+    """Lines of the body, any line longer than `room` cut at spaces (or hard, if it has none)."""
+    lines: list[str] = []
+    for line in body.split("\n"):
+        while len(line) > room:
+            cut = line.rfind(" ", 0, room)
+            cut = cut if cut > room // 2 else room
+            lines.append(line[:cut])
+            line = line[cut:].lstrip(" ")
+        lines.append(line)
+    return lines
+
+
+@dataclass(frozen=True)
+class SendResult:
+    sid: str = ""
+    retryable: bool = False
+    error_code: int | None = None
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.sid)
+
+
+class _BaseUrlHttpClient(TwilioHttpClient):
+    def __init__(self, base_url: str, timeout: float) -> None:
+        super().__init__(timeout=timeout)
+        self.base_url = base_url.rstrip("/")
+
+    def request(self, method: str, url: str, *args: Any, **kwargs: Any) -> Response:
+        if url.startswith(TWILIO_API):
+            url = self.base_url + url[len(TWILIO_API):]
+        return super().request(method, url, *args, **kwargs)
+
+
+class TwilioSender:
+    """Sends one WhatsApp message per call, synchronously (run it on a worker thread)."""
+
+    def __init__(self, *, account_sid: str, auth_token: str, from_number: str, base_url: str,
+                 media_base_url: str, timeout: float = 10.0) -> None:
+        self._client = Client(account_sid, auth_token, http_client=_BaseUrlHttpClient(base_url, timeout))
+        self._from = f"whatsapp:{from_number}"
+        self._media_base = media_base_url.rstrip("/")
+
+    def send(self, to: str, body: str, media: Sequence[str]) -> SendResult:
+        kwargs: dict[str, Any] = {"from_": self._from, "to": f"whatsapp:{to}", "body": body}
+        if media:
+            kwargs["media_url"] = [f"{self._media_base}/{name}" for name in media]
+        try:
+            message = self._client.messages.create(**kwargs)
+        except TwilioRestException as exc:
+            retryable = exc.status in RETRYABLE_STATUS
+            return SendResult(retryable=retryable, error_code=exc.code, error=f"HTTP {exc.status}: {exc.msg}"[:300])
+        except Exception as exc:  # timeouts, refused connections, broken responses: try again later
+            return SendResult(retryable=True, error=f"{type(exc).__name__}")
+        return SendResult(sid=message.sid or "unknown")

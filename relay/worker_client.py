@@ -1,0 +1,89 @@
+"""Calls from the relay to the worker, and the loop that waits for a sleeping worker to wake.
+
+On Fly the worker is reached over Flycast: when its Machine is stopped, the proxy starts it
+and holds the request, so a sleeping worker shows up as a refused connection (locally) or as
+a slow one (on Fly). Either way the relay tells the owner once and polls `/health`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import httpx
+
+logger = logging.getLogger(__name__)
+
+# Routes the relay calls on the worker; a screenshot travels as a command the worker parses.
+WORKER_PATHS = {"command": "/command", "screenshot": "/command", "approve": "/approve", "reject": "/reject",
+                "cancel": "/cancel"}
+# Statuses that mean "the worker is not there yet" (Fly's proxy while the Machine starts).
+ASLEEP_STATUS = frozenset({502, 503, 504})
+
+
+@dataclass(frozen=True)
+class CallResult:
+    """`delivered`; or `asleep` (try waking it); or neither: the worker refused the call."""
+
+    delivered: bool = False
+    asleep: bool = False
+    reason: str = ""
+
+
+class WorkerClient:
+    def __init__(self, http: httpx.AsyncClient, *, base_url: str, token: str,
+                 call_timeout: float = 3.0, poll_timeout: float = 1.0) -> None:
+        self._http = http
+        self._base = base_url.rstrip("/")
+        self._headers = {"Authorization": f"Bearer {token}"}
+        self._call_timeout = httpx.Timeout(call_timeout, connect=min(1.0, call_timeout))
+        self._poll_timeout = httpx.Timeout(poll_timeout)
+
+    async def call(self, route: str, payload: dict[str, Any]) -> CallResult:
+        try:
+            response = await self._http.post(self._base + WORKER_PATHS[route], json=payload,
+                                             headers=self._headers, timeout=self._call_timeout)
+        except (httpx.TransportError, OSError) as exc:
+            return CallResult(asleep=True, reason=type(exc).__name__)
+        if response.status_code < 300:
+            return CallResult(delivered=True)
+        if response.status_code in ASLEEP_STATUS:
+            return CallResult(asleep=True, reason=f"HTTP {response.status_code}")
+        return CallResult(reason=_detail(response))
+
+    async def healthy(self) -> bool:
+        try:
+            response = await self._http.get(self._base + "/health", timeout=self._poll_timeout)
+        except (httpx.TransportError, OSError):
+            return False
+        return response.status_code == 200
+
+    async def wait_until_healthy(self, limit_s: float) -> bool:
+        """Poll `/health` fast at first, then at most 1 s apart, until it answers or time runs out."""
+        delay = 0.05
+        with anyio.move_on_after(limit_s):
+            while not await self.healthy():
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+            return True
+        return False
+
+    async def fetch_image(self, name: str) -> bytes | None:
+        try:
+            response = await self._http.get(f"{self._base}/images/{name}", headers=self._headers,
+                                            timeout=self._call_timeout)
+        except (httpx.TransportError, OSError):
+            return None
+        if response.status_code != 200 or response.headers.get("content-type", "").split(";")[0] != "image/png":
+            return None
+        return response.content
+
+
+def _detail(response: httpx.Response) -> str:
+    try:
+        detail = response.json().get("detail")
+    except (ValueError, AttributeError):
+        detail = None
+    return str(detail or f"the VM answered HTTP {response.status_code}")[:300]

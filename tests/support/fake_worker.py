@@ -1,0 +1,74 @@
+"""A loopback fake of the worker's HTTP surface: records calls, serves images, and can report
+events back to the relay the way the real worker does."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+PNG = (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x01\x00\x00\x00\x01\x08\x06\x00\x00\x00\x1f\x15\xc4"
+       b"\x89\x00\x00\x00\rIDATx\x9cc\xf8\x0f\x00\x00\x01\x01\x00\x05\x18\xd8N\x00\x00\x00\x00IEND\xaeB`\x82")
+
+
+@dataclass
+class Call:
+    path: str
+    body: dict[str, Any]
+    authorization: str
+
+
+@dataclass
+class FakeWorker:
+    token: str
+    calls: list[Call] = field(default_factory=list)
+    health_polls: int = 0
+    answer_status: int = 202
+    images: dict[str, bytes] = field(default_factory=dict)
+    _seq: itertools.count[int] = field(default_factory=itertools.count)
+
+    def app(self) -> Starlette:
+        routes = [Route("/health", self._health, methods=["GET"]), Route("/images/{name}", self._image)]
+        routes += [Route(f"/{name}", self._call, methods=["POST"])
+                   for name in ("command", "approve", "reject", "cancel")]
+        return Starlette(routes=routes)
+
+    def paths(self) -> list[str]:
+        return [c.path for c in self.calls]
+
+    def commands(self) -> list[dict[str, Any]]:
+        return [c.body for c in self.calls if c.path == "/command"]
+
+    async def _health(self, request: Request) -> JSONResponse:
+        self.health_polls += 1
+        return JSONResponse({"status": "ok", "deployed_sha": "fake", "uptime_s": 1, "busy": False})
+
+    async def _call(self, request: Request) -> JSONResponse:
+        if request.headers.get("authorization") != f"Bearer {self.token}":
+            return JSONResponse({"detail": "unauthorized"}, status_code=401)
+        self.calls.append(Call(request.url.path, await request.json(), request.headers["authorization"]))
+        if self.answer_status >= 300:
+            return JSONResponse({"detail": "scripted refusal"}, status_code=self.answer_status)
+        return JSONResponse({"accepted": True}, status_code=self.answer_status)
+
+    async def _image(self, request: Request) -> Response:
+        if request.headers.get("authorization") != f"Bearer {self.token}":
+            return JSONResponse({"detail": "unauthorized"}, status_code=401)
+        data = self.images.get(request.path_params["name"])
+        if data is None:
+            return JSONResponse({"detail": "no such image"}, status_code=404)
+        return Response(data, media_type="image/png")
+
+    async def report(self, relay_url: str, phone: str, event_type: str, run_id: str = "run-1",
+                     **fields: Any) -> httpx.Response:
+        """POST one event to the relay's callback route, as the worker would."""
+        body = {"type": event_type, "run_id": run_id, "seq": next(self._seq), **fields}
+        async with httpx.AsyncClient() as client:
+            return await client.post(f"{relay_url}/callback/{phone}", json=body,
+                                     headers={"Authorization": f"Bearer {self.token}"})

@@ -1,0 +1,65 @@
+"""Start the real `python -m relay` / `python -m vm` as child processes, and always end them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import anyio
+import httpx
+
+from tests.support.servers import reserve_port
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    sock = reserve_port()
+    port: int = sock.getsockname()[1]
+    sock.close()
+    return port
+
+
+@contextmanager
+def child(module: str, env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """Run `python -m module` in its own process group; killed (group and all) when the block ends."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("TWILIO_", "ANTHROPIC_"))}
+    full_env.update(env)
+    full_env["PYTHONPATH"] = str(ROOT)
+    with log.open("ab") as out:
+        # The child runs in the test's own folder, so a developer's .env is never read.
+        proc = subprocess.Popen([sys.executable, "-m", module], env=full_env, stdout=out, stderr=subprocess.STDOUT,
+                                cwd=log.parent, start_new_session=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+async def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+    async with httpx.AsyncClient() as client:
+        with anyio.fail_after(timeout):
+            while True:
+                if proc.poll() is not None:
+                    raise AssertionError(f"process exited early with {proc.returncode}")
+                try:
+                    if (await client.get(f"{url}/health", timeout=0.5)).status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+                await anyio.sleep(0.02)
+
+
+async def wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> int:
+    with anyio.fail_after(timeout):
+        while proc.poll() is None:
+            await anyio.sleep(0.02)
+    return proc.returncode

@@ -1,0 +1,72 @@
+"""Run ASGI apps on real loopback sockets, and wait on conditions with deadlines."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import uvicorn
+
+
+def reserve_port() -> socket.socket:
+    """A socket bound to a free loopback port but not listening: connections are refused until
+    a server is started on it, which is exactly what a sleeping worker looks like."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+def reserve_port_at(port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    return sock
+
+
+def url_of(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://{host}:{port}"
+
+
+@asynccontextmanager
+async def run_server(app: Any, sock: socket.socket | None = None) -> AsyncIterator[str]:
+    """Serve `app` with uvicorn (lifespan included) until the block ends; yields its base URL."""
+    sock = sock or reserve_port()
+    with contextlib.closing(sock):
+        async with _serving(app, sock) as url:
+            yield url
+
+
+@asynccontextmanager
+async def _serving(app: Any, sock: socket.socket) -> AsyncIterator[str]:
+    config = uvicorn.Config(app, log_level="warning", lifespan="auto", timeout_graceful_shutdown=2)
+    server = uvicorn.Server(config)
+    # uvicorn would take over SIGINT/SIGTERM from the main thread; tests must keep pytest's.
+    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(server.serve, [sock])
+        with anyio.fail_after(10):
+            while not server.started:
+                if server.should_exit:
+                    raise RuntimeError("server failed to start")
+                await anyio.sleep(0.005)
+        try:
+            yield url_of(sock)
+        finally:
+            server.should_exit = True
+
+
+async def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+    """Poll `predicate` until it returns something truthy; fail the test after `timeout` s."""
+    try:
+        with anyio.fail_after(timeout):
+            while not (result := predicate()):
+                await anyio.sleep(0.01)
+            return result
+    except TimeoutError:
+        raise AssertionError(f"timed out after {timeout} s waiting for {what}") from None

@@ -1,0 +1,97 @@
+"""Outbound messages: splitting, retries from the outbox, permanent refusals, pacing."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from relay.twilio import split_body
+from tests.support.relay_harness import OWNER, OWNER2, SANDBOX_NUMBER, Stack, relay_stack
+from tests.support.servers import wait_for
+
+pytestmark = pytest.mark.anyio
+
+
+def numbered_lines(count: int) -> str:
+    return "\n".join(f"line {i:04d} " + "x" * 40 for i in range(count))
+
+
+async def test_a_5000_character_reply_arrives_split_in_order(stack: Stack) -> None:
+    text = numbered_lines(100)
+    assert len(text) > 5000
+    await stack.send("explain")
+    commands = await wait_for(stack.worker.commands)
+    await stack.report("answer", run_id=commands[0]["message_id"], text=text)
+    parts = await wait_for(lambda: [b for b in stack.twilio.bodies(OWNER) if re.match(r"\(\d/\d\) ", b)],
+                           what="numbered parts")
+    await wait_for(lambda: len([b for b in stack.twilio.bodies(OWNER) if re.match(r"\(\d/\d\) ", b)]) == 4)
+    parts = [b for b in stack.twilio.bodies(OWNER) if re.match(r"\(\d/\d\) ", b)]
+    assert [p[:5] for p in parts] == ["(1/4)", "(2/4)", "(3/4)", "(4/4)"]
+    assert all(len(p) <= 1600 for p in parts)
+    joined = "\n".join(p[6:] for p in parts)
+    assert joined.endswith(text)
+    assert all(m.from_ == f"whatsapp:{SANDBOX_NUMBER}" for m in stack.twilio.messages)
+
+
+@pytest.mark.parametrize("text", ["short", "a\n" * 2000, "x" * 4000, ("word " * 900).strip(), "é🙂\n" * 700])
+def test_split_keeps_every_character_and_fits(text: str) -> None:
+    parts = split_body(text)
+    assert all(len(p) <= 1600 for p in parts)
+    if len(parts) == 1:
+        assert parts == [text]
+        return
+    bodies = [re.sub(r"^\(\d+/\d+\) ", "", p) for p in parts]
+    assert "".join(bodies).replace("\n", "").replace(" ", "") == text.replace("\n", "").replace(" ", "")
+
+
+async def test_500_and_429_are_retried_until_sent(stack: Stack) -> None:
+    stack.twilio.fail_next(500, 429, 503)
+    await stack.send("help")
+    await wait_for(lambda: stack.twilio.messages, what="the eventual send")
+    assert stack.twilio.attempts == 4
+    assert len(stack.twilio.messages) == 1
+
+
+async def test_a_stalled_send_times_out_and_is_retried(tmp_path: Path) -> None:
+    async with relay_stack(tmp_path, send_timeout=0.5) as stack:
+        stack.twilio.stall_s = 2.0
+        stack.twilio.fail_next("stall")
+        await stack.send("help")
+        await wait_for(lambda: stack.twilio.messages, what="send after the stall")
+        assert stack.twilio.attempts == 2
+
+
+async def test_order_is_kept_while_an_earlier_message_is_retried(stack: Stack) -> None:
+    stack.twilio.fail_next(500, 500)
+    await stack.send("help")
+    await stack.send("cancel")
+    await stack.send("approve")
+    await wait_for(lambda: len(stack.twilio.messages) == 3, what="three replies")
+    bodies = stack.twilio.bodies(OWNER)
+    assert bodies[0].startswith("🤖 *textslash*")
+    assert bodies[1:] == ["Nothing is running.", "Nothing is waiting for approval."]
+
+
+async def test_permanent_refusal_is_not_retried_and_status_shows_it(stack: Stack) -> None:
+    stack.twilio.fail_next((400, 63016))
+    await stack.send("help")
+    await wait_for(lambda: stack.twilio.attempts == 1)
+    await stack.send("status")
+    status = await wait_for(lambda: [b for b in stack.twilio.bodies(OWNER) if "VM:" in b], what="status")
+    assert "63016" in status[0]
+    assert stack.twilio.attempts == 2  # the refused help was never tried again
+
+
+async def test_sends_to_one_recipient_are_paced_but_others_are_not_held(tmp_path: Path) -> None:
+    async with relay_stack(tmp_path, TWILIO_MIN_SEND_INTERVAL_MS="400") as stack:
+        for word in ("help", "cancel", "approve"):
+            await stack.send(word)
+        await stack.send("help", sender=OWNER2)
+        await wait_for(lambda: len(stack.twilio.messages) == 4, what="four sends")
+        mine = [m.at for m in stack.twilio.messages if m.to == f"whatsapp:{OWNER}"]
+        gaps = [b - a for a, b in zip(mine, mine[1:], strict=False)]
+        assert all(gap >= 0.39 for gap in gaps), gaps
+        other = next(m for m in stack.twilio.messages if m.to == f"whatsapp:{OWNER2}")
+        assert other.at - mine[0] < 0.39  # OWNER2 did not wait behind OWNER's pacing
