@@ -15,7 +15,6 @@ import httpx
 
 from tests.support.servers import reserve_port
 
-
 ROOT = Path(__file__).resolve().parents[2]
 
 
