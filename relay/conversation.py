@@ -215,7 +215,7 @@ def applied(conv: Conversation, event: WorkerEvent, ctx: Context) -> list[Effect
 
 def approve_failed(conv: Conversation, event: WorkerEvent, ctx: Context) -> list[Effect]:
     _await_approval(conv, ctx)
-    return [Send(replies.approve_failed(event.text))]
+    return [Send(replies.decision_failed(event.type, event.text))]
 
 
 def notice(conv: Conversation, event: WorkerEvent, ctx: Context) -> list[Effect]:
@@ -242,10 +242,16 @@ def unreachable(conv: Conversation, event: Unreachable, ctx: Context) -> list[Ef
     job = conv.job
     if event.route == "command" and conv.state == "working" and job and job.message_id == event.message_id:
         conv.state, conv.kept, conv.job = "idle", replace(job, started_at=None), None
+        if event.refused:
+            return [Send(replies.refused(event.reason) + replies.KEPT)]
         return [Send(replies.never_woke(event.reason, kept=True))]
     if event.route in ("approve", "reject") and conv.state == "applying":
+        if event.refused:  # the worker knows best: nothing waits there, so nothing waits here
+            return [Send(replies.refused(event.reason))] + _next_or_idle(conv, ctx)
         _await_approval(conv, ctx)
         return [Send(replies.never_woke(event.reason, kept=False) + replies.DECIDE_AGAIN)]
+    if event.refused:
+        return [Send(replies.refused(event.reason))]
     if event.route == "cancel" and job is not None:
         job.cancelling = False
     return [Send(replies.never_woke(event.reason, kept=False))]
@@ -294,6 +300,7 @@ TRANSITIONS: dict[State, dict[str, Handler]] = {
         "pr_opened": applied,
         "rolled_back": applied,
         "approve_failed": approve_failed,
+        "reject_failed": approve_failed,
     },
     "working": {
         "prompt": prompt_queued,
@@ -305,6 +312,7 @@ TRANSITIONS: dict[State, dict[str, Handler]] = {
         "pr_opened": applied,
         "rolled_back": applied,
         "approve_failed": approve_failed,
+        "reject_failed": approve_failed,
     },
     "awaiting_approval": {
         "prompt": prompt_queued,
@@ -316,6 +324,7 @@ TRANSITIONS: dict[State, dict[str, Handler]] = {
         "pr_opened": applied,
         "rolled_back": applied,
         "approve_failed": approve_failed,
+        "reject_failed": approve_failed,
     },
     "applying": {
         "prompt": prompt_queued,
@@ -327,5 +336,6 @@ TRANSITIONS: dict[State, dict[str, Handler]] = {
         "pr_opened": applied,
         "rolled_back": applied,
         "approve_failed": approve_failed,
+        "reject_failed": approve_failed,
     },
 }

@@ -54,7 +54,8 @@ def decode_event(data: dict[str, Any]) -> Event:
     if kind == "delivered":
         return Delivered(route=data["route"], message_id=data.get("message_id", ""))
     if kind == "unreachable":
-        return Unreachable(route=data["route"], message_id=data.get("message_id", ""), reason=data.get("reason", ""))
+        return Unreachable(route=data["route"], message_id=data.get("message_id", ""), reason=data.get("reason", ""),
+                           refused=bool(data.get("refused")))
     if kind == "approval_expired":
         return ApprovalExpired(deadline=data["deadline"])
     return worker_event_from_json(data)[0]
@@ -218,7 +219,7 @@ class Dispatcher:
         elif result is not None and (not result.asleep or self._failed_while_up >= MAX_FAILS_WHILE_UP):
             # Refused outright, or the worker answers /health yet keeps failing this call.
             self._failed_while_up = 0
-            await self._call_done(call, Unreachable(call.route, message_id, result.reason))
+            await self._call_done(call, Unreachable(call.route, message_id, result.reason, refused=not result.asleep))
         elif not await self._wake(pending, known_asleep=known_asleep):
             return None
         return 0
@@ -273,7 +274,7 @@ def _finish_call(conn: sqlite3.Connection, call: store.WorkerCall, status: str, 
             return False
         data: dict[str, Any] = {"type": event.kind, "route": event.route, "message_id": event.message_id}
         if isinstance(event, Unreachable):
-            data["reason"] = event.reason
+            data["reason"], data["refused"] = event.reason, event.refused
         else:
             store.worker_seen(conn, now)
         store.insert_inbox(conn, call.phone, f"call:{call.id}:{status}", data, now)

@@ -81,7 +81,8 @@ class WorkerEvent:
 # Terminal events end a run: the run's own answer, a cancel, or a failure.
 TERMINAL = frozenset({"answer", "cancelled", "error"})
 WORKER_TYPES = TERMINAL | {
-    "progress", "approval_required", "pr_opened", "approve_failed", "rolled_back", "notice", "sleeping",
+    "progress", "approval_required", "pr_opened", "approve_failed", "reject_failed", "rolled_back", "notice",
+    "sleeping",
 }
 IMAGE_NAME = re.compile(r"^[A-Za-z0-9_-]{16,64}\.png$")
 
@@ -161,6 +162,7 @@ class Unreachable:
     route: str
     message_id: str = ""
     reason: str = ""
+    refused: bool = False  # the worker answered and said no (HTTP 4xx), rather than not answering
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ NOTHING_TO_RETRY = "Nothing to retry."
 RETRYING = "🔁 Sending your prompt again."
 NEW_SESSION = "🆕 Your next prompt starts a fresh agent session."
 DECIDE_AGAIN = " Your changes are still waiting: *approve* or *reject* again."
+KEPT = " Your prompt is kept: send *retry* to resend it."
 APPLYING = {
     "approve": "🚀 Approved: pushing a branch and opening a pull request...",
     "reject": "↩️ Rejected: rolling the changes back...",
@@ -92,13 +93,18 @@ def approval_request(event: WorkerEvent, window_s: float) -> str:
 
 def applied(event: WorkerEvent) -> str:
     if event.type == "pr_opened":
-        return f"✅ Pull request opened: {event.url}" if event.url else "✅ Pushed."
+        return f"✅ Pull request opened: {event.url}" if event.url else f"✅ Pushed branch {event.text or ''}".rstrip()
     return "↩️ Rolled back: the checkout is as it was before the run."
 
 
-def approve_failed(reason: str) -> str:
-    return (f"❌ Could not open the pull request: {reason or 'no reason given'}\n"
-            "The changes are kept: *approve* to try again or *reject*.")
+def decision_failed(kind: str, reason: str) -> str:
+    what = "open the pull request" if kind == "approve_failed" else "roll the changes back"
+    return (f"❌ Could not {what}: {reason or 'no reason given'}\n"
+            "The changes are kept: *approve* or *reject* again.")
+
+
+def refused(reason: str) -> str:
+    return f"⚠️ The VM said no: {reason or 'no reason given'}."
 
 
 def never_woke(reason: str, *, kept: bool) -> str:

@@ -1,0 +1,92 @@
+"""Reading settings from the environment, shared by the relay and the worker.
+
+Every problem names the variable at fault; values of secrets never appear in a message.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+E164 = re.compile(r"^\+[1-9]\d{6,14}$")
+
+
+class ConfigError(ValueError):
+    """A missing or malformed setting; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class EnvReader:
+    """Reads and checks one variable at a time; every error names the variable."""
+
+    env: Mapping[str, str]
+
+    def required(self, name: str) -> str:
+        value = self.env.get(name, "").strip()
+        if not value:
+            raise ConfigError(f"{name} is required but not set")
+        return value
+
+    def secret(self, name: str) -> str:
+        value = self.required(name)
+        if len(value) < 8:
+            # Say how long, never what: the value is a secret.
+            raise ConfigError(f"{name} is too short ({len(value)} characters; at least 8)")
+        return value
+
+    def matching(self, name: str, pattern: str, meaning: str) -> str:
+        value = self.required(name)
+        if not re.fullmatch(pattern, value):
+            raise ConfigError(f"{name} is malformed: expected {meaning}")
+        return value
+
+    def url(self, name: str, default: str | None = None) -> str:
+        value = self.env.get(name, "").strip() or default
+        if value is None:
+            raise ConfigError(f"{name} is required but not set")
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ConfigError(f"{name} is malformed: expected an http(s) URL, got {value!r}")
+        if parts.query or parts.fragment:
+            raise ConfigError(f"{name} must be a base URL without query or fragment")
+        return value
+
+    def phone(self, name: str) -> str:
+        value = self.required(name).removeprefix("whatsapp:")
+        if not E164.match(value):
+            raise ConfigError(f"{name} is malformed: expected an E.164 number like +14155238886")
+        return value
+
+    def phones(self, name: str) -> frozenset[str]:
+        numbers = [part.strip().removeprefix("whatsapp:") for part in self.required(name).split(",")]
+        bad = [n for n in numbers if not E164.match(n)]
+        if bad or not numbers:
+            raise ConfigError(f"{name} is malformed: {bad!r} not E.164 (comma-separated, like +15551234567)")
+        return frozenset(numbers)
+
+    def integer(self, name: str, default: int, *, minimum: int = 0, maximum: int | None = None) -> int:
+        raw = self.env.get(name, "").strip()
+        if not raw:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(f"{name} is malformed: expected a whole number, got {raw!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            raise ConfigError(f"{name} is out of range: {value}")
+        return value
+
+    def millis(self, name: str, default: int, *, minimum: int = 1) -> float:
+        return self.integer(name, default, minimum=minimum) / 1000
+
+    def flag(self, name: str, default: bool = False) -> bool:
+        raw = self.env.get(name, "").strip().lower()
+        if not raw:
+            return default
+        if raw in ("1", "true", "yes", "on"):
+            return True
+        if raw in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{name} is malformed: expected true or false, got {raw!r}")

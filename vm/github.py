@@ -1,0 +1,45 @@
+"""Opening a pull request through GitHub's REST API (any base URL: tests use a loopback fake)."""
+
+from __future__ import annotations
+
+import httpx
+
+API_VERSION = "2022-11-28"
+
+
+class GitHubError(RuntimeError):
+    """The API refused or could not be reached; the message is safe to show the owner."""
+
+
+class GitHub:
+    def __init__(self, http: httpx.AsyncClient, *, api_url: str, token: str, repo: str) -> None:
+        self._http = http
+        self._api = api_url.rstrip("/")
+        self._repo = repo
+        self._headers = {"Authorization": f"Bearer {token}", "Accept": "application/vnd.github+json",
+                         "X-GitHub-Api-Version": API_VERSION}
+
+    async def open_pull_request(self, *, head: str, base: str, title: str, body: str) -> str:
+        """Create the PR (or find the one already open for `head`); returns its web URL."""
+        url = f"{self._api}/repos/{self._repo}/pulls"
+        payload = {"title": title, "head": head, "base": base, "body": body}
+        try:
+            response = await self._http.post(url, json=payload, headers=self._headers, timeout=20.0)
+            if response.status_code == 422 and "already exists" in response.text:
+                owner = self._repo.split("/")[0]
+                found = await self._http.get(url, params={"head": f"{owner}:{head}", "state": "open"},
+                                             headers=self._headers, timeout=20.0)
+                if found.status_code == 200 and found.json():
+                    return str(found.json()[0]["html_url"])
+        except httpx.HTTPError as exc:
+            raise GitHubError(f"GitHub could not be reached ({type(exc).__name__})") from None
+        if response.status_code != 201:
+            raise GitHubError(f"GitHub answered HTTP {response.status_code}: {_message(response)}")
+        return str(response.json()["html_url"])
+
+
+def _message(response: httpx.Response) -> str:
+    try:
+        return str(response.json().get("message", ""))[:200]
+    except ValueError:
+        return response.text[:200]

@@ -1,0 +1,41 @@
+"""The worker's only way to stop: exit 0 after IDLE_TIMEOUT_MS with nothing to do.
+
+Fly's proxy counts only proxied requests as load, so its auto-stop would stop a Machine in
+the middle of a run that outlived its 202. This timer knows better: it waits while a run or
+an approval is pending, and restarts on every authenticated request (not on /health, which
+Fly's checks call all the time).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import anyio
+
+logger = logging.getLogger(__name__)
+
+
+class IdleWatch:
+    def __init__(self, timeout_s: float, *, busy: Callable[[], bool], on_idle: Callable[[], Awaitable[None]],
+                 clock: Callable[[], float] = time.monotonic, tick_s: float = 0.25) -> None:
+        self._timeout, self._busy, self._on_idle, self._clock, self._tick = timeout_s, busy, on_idle, clock, tick_s
+        self._last = clock()
+
+    def touch(self) -> None:
+        self._last = self._clock()
+
+    @property
+    def idle_for(self) -> float:
+        return self._clock() - self._last
+
+    async def run(self) -> None:
+        while True:
+            await anyio.sleep(self._tick)
+            if self._busy():
+                self.touch()  # the countdown starts when the work ends, not before
+            elif self.idle_for >= self._timeout:
+                logger.info("idle for %.0f s with nothing pending: exiting so the Machine stops", self.idle_for)
+                await self._on_idle()
+                return

@@ -1,0 +1,95 @@
+"""The worker's run lifecycle for one owner, as a transition table, persisted as JSON.
+
+The owner's state file lives under WORKSPACE_DIR (on the volume), and is written before any
+event about it is reported: a worker that restarts still knows what waits for approval.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+RunState = Literal["idle", "running", "cancelling", "awaiting_approval", "pushing", "rolling_back"]
+
+TRANSITIONS: dict[str, dict[str, str]] = {
+    "idle": {"start": "running"},
+    "running": {"cancel": "cancelling", "finished": "idle", "finished_with_changes": "awaiting_approval"},
+    "cancelling": {"cancel": "cancelling", "finished": "idle", "finished_with_changes": "awaiting_approval"},
+    "awaiting_approval": {"approve": "pushing", "reject": "rolling_back"},
+    "pushing": {"pushed": "idle", "push_failed": "awaiting_approval"},
+    "rolling_back": {"rolled_back": "idle", "rollback_failed": "awaiting_approval"},
+}
+# What the owner is told when a call does not fit the state (HTTP 409 with this detail).
+REFUSALS = {
+    ("running", "start"): "a run is already going; cancel it or wait",
+    ("cancelling", "start"): "the last run is still stopping; try again in a moment",
+    ("awaiting_approval", "start"): "changes are waiting: approve or reject them first",
+    ("pushing", "start"): "the approved changes are still being pushed",
+    ("rolling_back", "start"): "the changes are still being rolled back",
+}
+SEEN_KEPT = 500  # message ids remembered for deduplication
+
+
+class IllegalRunTransition(RuntimeError):
+    def __init__(self, state: str, event: str) -> None:
+        detail = REFUSALS.get((state, event)) or (
+            "nothing is waiting for approval" if event in ("approve", "reject") else f"cannot {event} while {state}")
+        super().__init__(detail)
+        self.state, self.event = state, event
+
+
+@dataclass
+class OwnerState:
+    phone: str
+    state: RunState = "idle"
+    session_id: str | None = None
+    run_id: str = ""
+    prompt: str = ""
+    snapshot: dict[str, Any] | None = None
+    branch: str = ""
+    seen: list[str] = field(default_factory=list)
+
+    def fire(self, event: str) -> None:
+        target = TRANSITIONS[self.state].get(event)
+        if target is None:
+            raise IllegalRunTransition(self.state, event)
+        self.state = target  # type: ignore[assignment]
+
+    def remember(self, message_id: str) -> bool:
+        """False if this message id was seen before (a redelivered /command)."""
+        if message_id in self.seen:
+            return False
+        self.seen = [*self.seen[-(SEEN_KEPT - 1):], message_id]
+        return True
+
+    @property
+    def busy(self) -> bool:
+        """Anything the idle timer must wait for: a run, or changes that wait for a decision."""
+        return self.state != "idle"
+
+
+class OwnerStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, phone: str) -> Path:
+        return self.root / f"{phone.lstrip('+')}.json"
+
+    def load(self, phone: str) -> OwnerState:
+        path = self._path(phone)
+        if not path.exists():
+            return OwnerState(phone=phone)
+        return OwnerState(**json.loads(path.read_text()))
+
+    def save(self, owner: OwnerState) -> None:
+        path = self._path(owner.phone)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(asdict(owner)))
+        os.replace(tmp, path)
+
+    def all(self) -> list[OwnerState]:
+        return [OwnerState(**json.loads(p.read_text())) for p in sorted(self.root.glob("*.json"))]

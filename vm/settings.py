@@ -1,0 +1,73 @@
+"""The worker's configuration, read once from the environment and validated."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common.config import ConfigError, EnvReader
+
+__all__ = ["ConfigError", "Settings", "github_repo_from_url"]
+
+_GITHUB_URL = re.compile(r"^(?:https://github\.com/|git@github\.com:|ssh://git@github\.com/)([\w.-]+/[\w.-]+?)(?:\.git)?/?$")
+
+
+def github_repo_from_url(url: str) -> str:
+    """`owner/name` for a GitHub clone URL, or "" for anything else."""
+    match = _GITHUB_URL.match(url.strip())
+    return match.group(1) if match else ""
+
+
+@dataclass(frozen=True)
+class Settings:
+    worker_token: str = field(repr=False)
+    relay_callback_url: str
+    repo_url: str
+    workspace_dir: Path = Path("/tmp/workspace")
+    github_token: str = field(default="", repr=False)
+    github_api_url: str = "https://api.github.com"
+    github_repo: str = ""
+    images_dir: Path = Path("/tmp/images")
+    image_ttl_s: float = 24 * 3600.0
+    idle_timeout_s: float = 1800.0
+    chromium_path: str = ""
+    enable_test_app: bool = False
+    claude_config_dir: str = ""
+    deployed_sha: str = "dev"
+    port: int = 3001
+    host: str = "0.0.0.0"
+
+    @property
+    def state_dir(self) -> Path:
+        """Pending approvals, sessions and unsent callbacks: on the volume, beside the checkouts."""
+        return self.workspace_dir / ".textslash"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Settings:
+        reader = EnvReader(env)
+        repo_url = reader.required("REPO_URL")
+        if not re.match(r"^(https://|http://|ssh://|git@|file://|/)", repo_url):
+            raise ConfigError("REPO_URL is malformed: expected an https, ssh or file URL")
+        github_repo = env.get("GITHUB_REPO", "").strip() or github_repo_from_url(repo_url)
+        if github_repo and not re.fullmatch(r"[\w.-]+/[\w.-]+", github_repo):
+            raise ConfigError("GITHUB_REPO is malformed: expected owner/name")
+        return cls(
+            worker_token=reader.secret("WORKER_TOKEN"),
+            relay_callback_url=reader.url("RELAY_CALLBACK_URL").rstrip("/"),
+            repo_url=repo_url,
+            workspace_dir=Path(env.get("WORKSPACE_DIR") or "/tmp/workspace"),
+            github_token=env.get("GITHUB_TOKEN", "").strip(),
+            github_api_url=reader.url("GITHUB_API_URL", "https://api.github.com").rstrip("/"),
+            github_repo=github_repo,
+            images_dir=Path(env.get("IMAGES_DIR") or "/tmp/images"),
+            image_ttl_s=reader.integer("IMAGE_TTL_HOURS", 24, minimum=1) * 3600.0,
+            idle_timeout_s=reader.millis("IDLE_TIMEOUT_MS", 1_800_000),
+            chromium_path=env.get("CHROMIUM_PATH", "").strip(),
+            enable_test_app=reader.flag("ENABLE_TEST_APP"),
+            claude_config_dir=env.get("CLAUDE_CONFIG_DIR", "").strip(),
+            deployed_sha=env.get("DEPLOYED_SHA") or "dev",
+            port=reader.integer("PORT", 3001, minimum=1, maximum=65535),
+            host=env.get("HOST") or "0.0.0.0",
+        )

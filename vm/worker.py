@@ -1,0 +1,309 @@
+"""What the worker does for each owner: runs, approval, cancel, screenshots, recovery.
+
+State changes happen on the event loop between awaits, so each is atomic; every one is saved
+to the owner's state file before anything about it is reported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup
+
+from vm.agent import Agent, RunResult
+from vm.browser import BrowserPool, ScreenshotError
+from vm.callbacks import CallbackSender
+from vm.diff_image import phone_excerpt, render_diff
+from vm.github import GitHub, GitHubError
+from vm.images import ImageStore
+from vm.reaper import kill_marked
+from vm.runs import OwnerState, OwnerStore
+from vm.settings import Settings
+from vm.tools import tool_servers
+from vm.workspace import Changes, GitError, Snapshot, Workspace
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What a route answers: 202 (accepted), 200 (nothing to do) or 409 (not now, and why)."""
+
+    status: int
+    body: dict[str, Any]
+
+
+@dataclass
+class Worker:
+    settings: Settings
+    callbacks: CallbackSender
+    agent: Agent
+    browser: BrowserPool
+    images: ImageStore
+    github: GitHub | None
+    boot_id: str = field(default_factory=lambda: secrets.token_hex(4))
+    _owners: dict[str, OwnerState] = field(default_factory=dict)
+    _scopes: dict[str, anyio.CancelScope] = field(default_factory=dict)
+    _tg: TaskGroup | None = None
+    _side_tasks: int = 0
+    _store: OwnerStore = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._store = OwnerStore(self.settings.state_dir / "owners")
+        self._owners = {o.phone: o for o in self._store.all()}
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    async def start(self, tg: TaskGroup) -> None:
+        self._tg = tg
+        for owner in list(self._owners.values()):
+            await self._recover(owner)
+
+    @property
+    def busy(self) -> bool:
+        return any(o.busy for o in self._owners.values()) or self._side_tasks > 0 or self.callbacks.pending > 0
+
+    @property
+    def phones(self) -> list[str]:
+        return list(self._owners)
+
+    async def shutdown(self) -> None:
+        """End every run's processes; their state stays on disk for the next boot to report."""
+        for scope in self._scopes.values():
+            scope.cancel()
+        await kill_marked(f"{self.boot_id}:")
+
+    def _owner(self, phone: str) -> OwnerState:
+        return self._owners.setdefault(phone, OwnerState(phone=phone))
+
+    def _save(self, owner: OwnerState) -> None:
+        self._store.save(owner)
+
+    def _report(self, phone: str, event: dict[str, Any]) -> None:
+        self.callbacks.report(phone, event)
+
+    def workspace(self, phone: str) -> Workspace:
+        return Workspace(self.settings.workspace_dir / phone.lstrip("+"), self.settings.repo_url,
+                         github_token=self.settings.github_token)
+
+    def _spawn(self, fn: Callable[..., Any], *args: Any) -> None:
+        assert self._tg is not None, "worker not started"
+        self._tg.start_soon(fn, *args)
+
+    # --- routes -----------------------------------------------------------------------
+
+    def command(self, phone: str, text: str, message_id: str, new_session: bool = False) -> Reply:
+        owner = self._owner(phone)
+        if message_id in owner.seen:
+            return Reply(200, {"duplicate": True})
+        words = text.strip().split(maxsplit=1)
+        if len(words) == 2 and words[0].lower() == "screenshot":
+            owner.remember(message_id)
+            self._save(owner)
+            self._spawn(self._screenshot_for_owner, phone, message_id, words[1])
+            return Reply(202, {"accepted": "screenshot"})
+        owner.fire("start")  # raises IllegalRunTransition -> 409
+        owner.remember(message_id)
+        if new_session:
+            owner.session_id = None
+        owner.run_id, owner.prompt, owner.snapshot, owner.branch = message_id, text, None, ""
+        self._save(owner)
+        self._spawn(self._run, phone)
+        return Reply(202, {"accepted": "run", "run_id": message_id})
+
+    async def cancel(self, phone: str) -> Reply:
+        owner = self._owner(phone)
+        if owner.state not in ("running", "cancelling"):
+            return Reply(200, {"cancelling": False, "detail": "nothing is running"})
+        owner.fire("cancel")
+        self._save(owner)
+        if scope := self._scopes.get(phone):
+            scope.cancel()
+        await kill_marked(self._marker(owner))
+        return Reply(202, {"cancelling": True})
+
+    def approve(self, phone: str) -> Reply:
+        owner = self._owner(phone)
+        owner.fire("approve")
+        if not owner.branch:
+            owner.branch = f"textslash/{_short_id(owner.run_id)}"
+        self._save(owner)
+        self._spawn(self._push, phone)
+        return Reply(202, {"accepted": "approve", "branch": owner.branch})
+
+    def reject(self, phone: str) -> Reply:
+        owner = self._owner(phone)
+        owner.fire("reject")
+        self._save(owner)
+        self._spawn(self._roll_back, phone)
+        return Reply(202, {"accepted": "reject"})
+
+    # --- a run ------------------------------------------------------------------------
+
+    def _marker(self, owner: OwnerState) -> str:
+        return f"{self.boot_id}:{owner.run_id}"
+
+    async def _run(self, phone: str) -> None:
+        owner = self._owner(phone)
+        run_id, workspace = owner.run_id, self.workspace(phone)
+        result: RunResult | None = None
+        failure = ""
+        scope = self._scopes[phone] = anyio.CancelScope()
+        started = time.monotonic()
+        try:
+            with scope:
+                await workspace.ensure_clone()
+                owner.snapshot = (await workspace.snapshot()).to_json()
+                self._save(owner)
+                result = await self.agent.run(
+                    cwd=workspace.path, prompt=owner.prompt, session_id=owner.session_id, marker=self._marker(owner),
+                    on_progress=lambda text: self._report(phone, {"type": "progress", "run_id": run_id, "text": text}),
+                    on_session=lambda sid: setattr(owner, "session_id", sid),
+                    tool_servers=tool_servers(lambda url: self._capture(phone, run_id, url)),
+                )
+        except GitError as exc:
+            failure = str(exc)
+        except Exception as exc:  # the agent's CLI died, the SDK failed...: tell the owner, keep going
+            logger.exception("run %s failed", run_id)
+            failure = f"{type(exc).__name__}: {str(exc)[:200]}"
+        finally:
+            self._scopes.pop(phone, None)
+            with anyio.CancelScope(shield=True):
+                await kill_marked(self._marker(owner))  # nothing of this run outlives it
+        if owner.state == "cancelling":
+            outcome, text = "cancelled", ""
+        elif failure or result is None or result.is_error:
+            outcome, text = "error", failure or (result.text if result else "the agent stopped")
+        else:
+            outcome, text = "answer", result.text
+        duration = result.duration_ms if result else int((time.monotonic() - started) * 1000)
+        await self._finish(owner, {"type": outcome, "run_id": run_id, "text": text, "duration_ms": duration,
+                                   "cost_usd": result.cost_usd if result else None})
+
+    async def _finish(self, owner: OwnerState, event: dict[str, Any]) -> None:
+        changes = await self._changes(owner)
+        owner.fire("finished_with_changes" if changes else "finished")
+        self._save(owner)  # the pending approval is on disk before anyone hears of it
+        self._report(owner.phone, {**event, "changes": bool(changes)})
+        if changes:
+            await self._request_approval(owner, changes)
+
+    async def _changes(self, owner: OwnerState) -> Changes:
+        if not owner.snapshot:
+            return Changes((), "")
+        try:
+            return await self.workspace(owner.phone).changes_since(Snapshot.from_json(owner.snapshot))
+        except GitError:
+            logger.exception("could not diff the checkout of run %s", owner.run_id)
+            return Changes((), "")
+
+    async def _request_approval(self, owner: OwnerState, changes: Changes) -> None:
+        images = []
+        try:
+            images.append(self.images.save(await render_diff(self.browser, changes)))
+        except Exception:  # no picture is no reason to hold back the diff itself
+            logger.exception("could not render the diff image")
+        self._report(owner.phone, {
+            "type": "approval_required", "run_id": owner.run_id, "diff": phone_excerpt(changes), "images": images,
+            "files": [{"path": f.path, "added": f.added, "removed": f.removed} for f in changes.files],
+        })
+
+    # --- approve and reject -----------------------------------------------------------
+
+    async def _push(self, phone: str) -> None:
+        owner = self._owner(phone)
+        workspace = self.workspace(phone)
+        try:
+            await workspace.commit_to_branch(owner.branch, _commit_message(owner.prompt))
+            await workspace.push(owner.branch)
+            url = ""
+            if self.github is not None:
+                url = await self.github.open_pull_request(
+                    head=owner.branch, base=await workspace.default_branch(), title=_title(owner.prompt),
+                    body=f"Made by Claude Code through textslash, approved from the owner's phone.\n\n"
+                         f"Prompt:\n\n> {owner.prompt}")
+        except (GitError, GitHubError) as exc:
+            owner.fire("push_failed")
+            self._save(owner)
+            self._report(phone, {"type": "approve_failed", "run_id": owner.run_id, "text": str(exc)})
+            return
+        branch = owner.branch
+        owner.fire("pushed")
+        owner.snapshot, owner.branch = None, ""
+        self._save(owner)
+        self._report(phone, {"type": "pr_opened", "run_id": owner.run_id, "url": url, "text": branch})
+
+    async def _roll_back(self, phone: str) -> None:
+        owner = self._owner(phone)
+        try:
+            if owner.snapshot:
+                await self.workspace(phone).restore(Snapshot.from_json(owner.snapshot))
+        except GitError as exc:
+            owner.fire("rollback_failed")
+            self._save(owner)
+            self._report(phone, {"type": "reject_failed", "run_id": owner.run_id, "text": str(exc)})
+            return
+        owner.fire("rolled_back")
+        owner.snapshot = None
+        self._save(owner)
+        self._report(phone, {"type": "rolled_back", "run_id": owner.run_id})
+
+    # --- screenshots ------------------------------------------------------------------
+
+    async def _capture(self, phone: str, run_id: str, url: str) -> bytes:
+        png = await self.browser.screenshot_url(url)
+        name = self.images.save(png)
+        self._report(phone, {"type": "notice", "run_id": f"{run_id}:shot:{name[:8]}", "text": f"📸 {url}",
+                             "images": [name]})
+        return png
+
+    async def _screenshot_for_owner(self, phone: str, message_id: str, url: str) -> None:
+        self._side_tasks += 1
+        try:
+            await self._capture(phone, message_id, url)
+        except ScreenshotError as exc:
+            self._report(phone, {"type": "notice", "run_id": message_id, "text": f"📸 Could not capture {url}: {exc}"})
+        except Exception:
+            logger.exception("screenshot of %s failed", url)
+            self._report(phone, {"type": "notice", "run_id": message_id, "text": f"📸 Could not capture {url}."})
+        finally:
+            self._side_tasks -= 1
+
+    # --- after a restart --------------------------------------------------------------
+
+    async def _recover(self, owner: OwnerState) -> None:
+        """Report what a previous process left unfinished; pending approvals simply stay."""
+        if owner.state in ("running", "cancelling"):
+            await self._finish(owner, {"type": "error", "run_id": owner.run_id,
+                                       "text": "the VM restarted during the run"})
+        elif owner.state == "pushing":
+            owner.fire("push_failed")
+            self._save(owner)
+            self._report(owner.phone, {"type": "approve_failed", "run_id": owner.run_id,
+                                       "text": "the VM restarted while pushing"})
+        elif owner.state == "rolling_back":
+            owner.fire("rollback_failed")
+            self._save(owner)
+            self._report(owner.phone, {"type": "reject_failed", "run_id": owner.run_id,
+                                       "text": "the VM restarted while rolling back"})
+
+
+def _short_id(run_id: str) -> str:
+    return hashlib.sha256(run_id.encode()).hexdigest()[:8]
+
+
+def _title(prompt: str) -> str:
+    line = " ".join(prompt.split())
+    return line if len(line) <= 72 else line[:71] + "…"
+
+
+def _commit_message(prompt: str) -> str:
+    return f"{_title(prompt)}\n\nMade by Claude Code through textslash.\n\nPrompt: {prompt}"
+
