@@ -147,7 +147,9 @@ def create_app(settings: Settings, *, sender: TwilioSender | None = None, http: 
         Route("/callback/{phone}", callback, methods=["POST"]),
         Route("/images/{name}", image, methods=["GET"]),
     ]
-    return Starlette(routes=routes, lifespan=lifespan)
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.router.redirect_slashes = False  # a path either is a route or is a 404; never a redirect
+    return app
 
 
 async def _read_body(request: Request, limit: int) -> bytes:

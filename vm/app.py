@@ -152,7 +152,9 @@ def create_app(settings: Settings, *, agent: Agent | None = None, http: httpx.As
     ]
     if settings.enable_test_app:
         routes.append(Route("/test-app", test_app, methods=["GET"]))
-    return Starlette(routes=routes, lifespan=lifespan)
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.router.redirect_slashes = False  # a path either is a route or is a 404; never a redirect
+    return app
 
 
 async def _json_body(request: Request) -> dict[str, Any]:

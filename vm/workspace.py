@@ -138,9 +138,9 @@ class Workspace:
         keep = set((await self.git("ls-tree", "-r", "-z", "--name-only", snap.tree)).split("\0"))
         untracked = (await self.git("ls-files", "--others", "--exclude-standard", "-z")).split("\0")
         for rel in [p for p in untracked if p and p not in keep]:
-            _remove(self.path / rel)
+            self._remove(rel)
         for rel in set(await self._ignored()) - set(snap.ignored):
-            _remove(self.path / rel)
+            self._remove(rel)
 
     async def commit_to_branch(self, branch: str, message: str) -> str:
         """Commit everything on a new branch (or the existing one, on a retry); returns the sha."""
@@ -156,8 +156,14 @@ class Workspace:
         await self.git("push", "--quiet", "origin", f"{branch}:refs/heads/{branch}")
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
+    def _remove(self, rel: str) -> None:
+        """Delete a path the run created, then any folders it leaves empty (git cannot see those)."""
+        path = self.path / rel.rstrip("/")
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        parent = path.parent
+        while parent != self.path and parent.is_dir() and not any(parent.iterdir()):
+            parent.rmdir()
+            parent = parent.parent
