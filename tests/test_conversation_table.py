@@ -44,8 +44,10 @@ ALL_EVENTS: list[Any] = [
     Prompt("hi", "m9"), Screenshot("http://x", "m8"), *[Word(w) for w in ("approve", "reject", "cancel", "status",
                                                                          "help", "new", "retry")],
     *[WorkerEvent(t, "m1") for t in ("progress", "answer", "cancelled", "error", "approval_required", "pr_opened",
-                                     "approve_failed", "rolled_back", "notice", "sleeping")],
-    Delivered("command", "m1"), Unreachable("command", "m1"), ApprovalExpired(1060.0),
+                                     "approve_failed", "reject_failed", "rolled_back", "notice",
+                                     "sleeping")],
+    Delivered("command", "m1"), Unreachable("command", "m1"), Unreachable("approve", refused=True),
+    ApprovalExpired(1060.0),
 ]
 
 
@@ -154,3 +156,8 @@ def test_conversation_survives_json() -> None:
 def test_table_covers_the_same_events_in_every_state() -> None:
     keys = {state: set(TRANSITIONS[state]) for state in STATES}
     assert all(k == keys["idle"] for k in keys.values())
+
+
+def test_a_refused_decision_trusts_the_worker() -> None:
+    new, effects = apply(conv("applying", applying="approve"), Unreachable("approve", "", "nothing waits", True), CTX)
+    assert new.state == "idle" and "nothing waits" in sends(effects)[0]
