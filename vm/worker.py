@@ -53,6 +53,7 @@ class Worker:
     _scopes: dict[str, anyio.CancelScope] = field(default_factory=dict)
     _tg: TaskGroup | None = None
     _side_tasks: int = 0
+    _stopping: bool = False
     _store: OwnerStore = field(init=False)
 
     def __post_init__(self) -> None:
@@ -76,6 +77,7 @@ class Worker:
 
     async def shutdown(self) -> None:
         """End every run's processes; their state stays on disk for the next boot to report."""
+        self._stopping = True
         for scope in self._scopes.values():
             scope.cancel()
         await kill_marked(f"{self.boot_id}:")
@@ -177,6 +179,8 @@ class Worker:
             self._scopes.pop(phone, None)
             with anyio.CancelScope(shield=True):
                 await kill_marked(self._marker(owner))  # nothing of this run outlives it
+        if self._stopping:
+            return  # shutting down: the state file still says "running", and the next boot reports it
         if owner.state == "cancelling":
             outcome, text = "cancelled", ""
         elif failure or result is None or result.is_error:
