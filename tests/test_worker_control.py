@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.fake_anthropic import Text, ToolUse, bash, write
+from console.scripted_model import Text, ToolUse, bash, write
 from tests.support.fake_worker import PNG
 from tests.support.relay_harness import OWNER, WORKER_TOKEN
 from tests.support.servers import wait_for

@@ -13,8 +13,8 @@ import anyio
 import httpx
 import pytest
 
-from tests.support.fake_anthropic import FakeAnthropic, Text, bash, write
-from tests.support.fake_github import FakeGitHub
+from console.local_github import FakeGitHub
+from console.scripted_model import FakeAnthropic, Text, bash, write
 from tests.support.fake_relay import FakeRelay
 from tests.support.git_origin import branches, make_origin
 from tests.support.processes import child, free_port, wait_exit, wait_healthy

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.fake_anthropic import Text, bash, edit, write
+from console.scripted_model import Text, bash, edit, write
 from tests.support.git_origin import branches, git, show
 from tests.support.servers import wait_for
 from tests.support.worker_harness import WorkerStack, worker_stack

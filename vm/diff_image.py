@@ -32,7 +32,8 @@ def diff_html(changes: Changes, *, max_lines: int = MAX_LINES) -> str:
         for f in changes.files
     )
     lines = changes.diff.splitlines()
-    shown = [_line(line) for line in lines[:max_lines] if not line.startswith(("index ", "--- ", "+++ "))]
+    headers = ("index ", "--- ", "+++ ", "new file mode", "deleted file mode")
+    shown = [_line(line) for line in lines[:max_lines] if not line.startswith(headers)]
     if len(lines) > max_lines:
         shown.append(f'<span class="more">… {len(lines) - max_lines} more lines</span>')
     count = len(changes.files)

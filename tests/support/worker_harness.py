@@ -12,8 +12,8 @@ from typing import Any
 
 import httpx
 
-from tests.support.fake_anthropic import FakeAnthropic
-from tests.support.fake_github import FakeGitHub
+from console.local_github import FakeGitHub
+from console.scripted_model import FakeAnthropic
 from tests.support.fake_relay import FakeRelay
 from tests.support.git_origin import make_origin
 from tests.support.relay_harness import OWNER, WORKER_TOKEN

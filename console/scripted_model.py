@@ -1,14 +1,17 @@
-"""A scripted loopback fake of Anthropic's Messages API, for the real Claude Code CLI.
+"""A scripted stand-in for Anthropic's Messages API, for the real Claude Code CLI.
 
-A script is keyed by a piece of the owner's prompt. For each request the fake finds the
-latest user message containing a key, counts the assistant turns since, and streams the next
-step: text, or a tool call whose input streams as `input_json_delta` like the real API. The
-CLI then runs the tool for real, so Write, Edit and Bash change a real checkout.
+It drives `--demo` (no account needed) and the tests. A script is keyed by a piece of the
+owner's prompt. For each request the model finds the latest user message containing a key,
+counts the assistant turns since, and streams the next step: text, or a tool call whose input
+streams as `input_json_delta` like the real API. The CLI then runs the tool for real, so Write,
+Edit and Bash change a real checkout. `{cwd}` in a tool's input becomes the CLI's working
+directory, read from the environment block Claude Code sends.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,6 +52,7 @@ def bash(command: str, description: str = "run a command") -> ToolUse:
 @dataclass
 class FakeAnthropic:
     scripts: dict[str, list[Step]] = field(default_factory=dict)
+    default: list[Step] = field(default_factory=list)  # for prompts no script matches
     requests: list[dict[str, Any]] = field(default_factory=list)
     delay_s: float = 0.0
     _ids: int = 0
@@ -72,7 +76,7 @@ class FakeAnthropic:
     async def _messages(self, request: Request) -> StreamingResponse | JSONResponse:
         body = await request.json()
         self.requests.append(body)
-        step = self._next_step(body.get("messages", []))
+        step = _fill_cwd(self._next_step(body.get("messages", [])), body)
         self._ids += 1
         if self.delay_s:
             await anyio.sleep(self.delay_s)
@@ -93,7 +97,22 @@ class FakeAnthropic:
                 if key in texts:
                     done = sum(1 for m in messages[index + 1:] if m.get("role") == "assistant")
                     return steps[done] if done < len(steps) else Text("Done.")
+        if self.default:
+            last_prompt = max((i for i, m in enumerate(messages) if m.get("role") == "user" and _texts(m)), default=0)
+            done = sum(1 for m in messages[last_prompt + 1:] if m.get("role") == "assistant")
+            return self.default[done] if done < len(self.default) else Text("Done.")
         return Text("OK.")
+
+
+_CWD = re.compile(r"Primary working directory: ([^\s\\]+)")
+
+
+def _fill_cwd(step: Step, body: dict[str, Any]) -> Step:
+    if not isinstance(step, ToolUse) or "{cwd}" not in json.dumps(step.input):
+        return step
+    match = _CWD.search(json.dumps(body))
+    cwd = match.group(1) if match else "."
+    return ToolUse(step.name, json.loads(json.dumps(step.input).replace("{cwd}", cwd)))
 
 
 def _texts(message: dict[str, Any]) -> list[str]:

@@ -1,0 +1,213 @@
+"""`python -m console [--demo]`: textslash on this machine, with a local chat for WhatsApp.
+
+Starts the relay (`python -m relay`) as its own process and the worker (`python -m vm`) on
+demand behind a stand-in for Fly's proxy, so the worker sleeps and wakes as it does on Fly.
+Without Twilio credentials the relay's messages go to the local chat. `--demo` adds a scripted
+model, a local repository and a local GitHub stand-in: the whole loop with no account at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import uvicorn
+from dotenv import load_dotenv
+
+from console.chat import Chat
+from console.demo import demo_model, make_demo_repo
+from console.local_github import FakeGitHub
+from console.wake_proxy import WakeProxy
+
+ROOT = Path(__file__).resolve().parents[1]
+LOCAL_OWNER = "+15550000001"
+SANDBOX_NUMBER = "+14155238886"
+logger = logging.getLogger("console")
+
+
+@dataclass(frozen=True)
+class Options:
+    demo: bool
+    host: str
+    port: int
+    data: Path
+
+
+def parse(argv: list[str]) -> Options:
+    parser = argparse.ArgumentParser(prog="python -m console", description=__doc__.splitlines()[0])
+    parser.add_argument("--demo", action="store_true", help="a scripted model, local repo and GitHub: no account")
+    parser.add_argument("--host", default="127.0.0.1", help="where the chat page listens (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="the chat page's port (default 8000)")
+    parser.add_argument("--data", type=Path, help="where state and logs go (default var/demo or var/local)")
+    args = parser.parse_args(argv)
+    data = args.data or ROOT / "var" / ("demo" if args.demo else "local")
+    return Options(demo=args.demo, host=args.host, port=args.port, data=data.resolve())
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@asynccontextmanager
+async def serve(app: Any, host: str, port: int) -> AsyncIterator[str]:
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]  # Ctrl-C is ours
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(server.serve)
+        while not server.started:
+            if server.should_exit:
+                raise SystemExit(f"console: could not listen on {host}:{port}")
+            await anyio.sleep(0.01)
+        try:
+            yield f"http://{host}:{port}"
+        finally:
+            server.should_exit = True
+
+
+def spawn(module: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        return subprocess.Popen([sys.executable, "-m", module], env=env, cwd=ROOT, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop(proc: subprocess.Popen[bytes] | None) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+async def run(opts: Options) -> None:
+    opts.data.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    real_twilio = not opts.demo and bool(env.get("TWILIO_ACCOUNT_SID") and env.get("TWILIO_AUTH_TOKEN"))
+    relay_port, worker_port, proxy_port = free_port(), free_port(), free_port()
+    relay_url = f"http://127.0.0.1:{relay_port}"
+    sid = env["TWILIO_ACCOUNT_SID"] if real_twilio else "AC" + secrets.token_hex(16)
+    token = env["TWILIO_AUTH_TOKEN"] if real_twilio else secrets.token_hex(16)
+    owner = (env.get("ALLOWED_PHONE_NUMBERS") or LOCAL_OWNER).split(",")[0].strip()
+    public_url = env.get("PUBLIC_URL", relay_url) if real_twilio else relay_url
+    worker_token = secrets.token_urlsafe(24)
+    chat_url = f"http://{opts.host}:{opts.port}"
+
+    async with httpx.AsyncClient() as http, anyio.create_task_group() as tg:
+        chat = Chat(relay_url=relay_url, public_url=public_url, account_sid=sid, auth_token=token, owner=owner,
+                    bot_number=env.get("TWILIO_WHATSAPP_NUMBER", SANDBOX_NUMBER), http=http, demo=opts.demo)
+        worker_env = {**env, "WORKER_TOKEN": worker_token, "RELAY_CALLBACK_URL": relay_url, "PORT": str(worker_port),
+                      "HOST": "127.0.0.1", "WORKSPACE_DIR": str(opts.data / "workspace"),
+                      "IMAGES_DIR": str(opts.data / "images"), "ENABLE_TEST_APP": "true",
+                      "IDLE_TIMEOUT_MS": env.get("IDLE_TIMEOUT_MS", "120000" if opts.demo else "300000")}
+        if shutil.which("chromium") and not env.get("CHROMIUM_PATH"):
+            worker_env["CHROMIUM_PATH"] = shutil.which("chromium") or ""
+        async with _stand_ins(opts, env, worker_env, http) as notes:
+            proxy = WakeProxy(lambda: spawn("vm", worker_env, opts.data / "worker.log"),
+                              f"http://127.0.0.1:{worker_port}", http)
+            relay_env = {**env, "PUBLIC_URL": public_url, "TWILIO_ACCOUNT_SID": sid, "TWILIO_AUTH_TOKEN": token,
+                         "TWILIO_WHATSAPP_NUMBER": chat.bot_number, "ALLOWED_PHONE_NUMBERS": owner,
+                         "CLAUDE_HOST": f"http://127.0.0.1:{proxy_port}", "WORKER_TOKEN": worker_token,
+                         "RELAY_DB": str(opts.data / "relay.sqlite3"), "PORT": str(relay_port), "HOST": "127.0.0.1"}
+            if not real_twilio:
+                relay_env["TWILIO_API_BASE_URL"] = chat_url
+            relay = spawn("relay", relay_env, opts.data / "relay.log")
+            try:
+                async with serve(chat.app(), opts.host, opts.port), serve(proxy.app(), "127.0.0.1", proxy_port):
+                    _banner(opts, chat_url, real_twilio, notes)
+                    await _watch(relay, opts.data / "relay.log")
+            finally:
+                stop(proxy.process)
+                stop(relay)
+                tg.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def _stand_ins(opts: Options, env: dict[str, str], worker_env: dict[str, str],
+                     http: httpx.AsyncClient) -> AsyncIterator[list[str]]:
+    """In demo mode (or without a repository or GitHub token), local stand-ins for the outside."""
+    notes: list[str] = []
+    async with anyio.create_task_group() as tg:
+        servers: list[Any] = []
+        if opts.demo:
+            model_port = free_port()
+            servers.append(serve(demo_model().app(), "127.0.0.1", model_port))
+            for key in ("ANTHROPIC_AUTH_TOKEN", "CLAUDE_CODE_OAUTH_TOKEN"):
+                worker_env.pop(key, None)
+            worker_env.update({"ANTHROPIC_BASE_URL": f"http://127.0.0.1:{model_port}",
+                               "ANTHROPIC_API_KEY": "demo-key-for-the-scripted-model",
+                               "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+                               "CLAUDE_CONFIG_DIR": str(opts.data / "claude")})
+            notes.append("model: scripted (demo)")
+        if opts.demo or not env.get("REPO_URL"):
+            origin = make_demo_repo(opts.data / "origin.git")
+            worker_env["REPO_URL"] = f"file://{origin}"
+            notes.append(f"repository: {origin}")
+        if opts.demo or not env.get("GITHUB_TOKEN"):
+            github_port = free_port()
+            github = FakeGitHub(token=secrets.token_hex(16), web_url=f"http://127.0.0.1:{github_port}")
+            servers.append(serve(github.app(), "127.0.0.1", github_port))
+            worker_env.update({"GITHUB_TOKEN": github.token, "GITHUB_API_URL": f"http://127.0.0.1:{github_port}",
+                               "GITHUB_REPO": "you/demo-app"})
+            notes.append(f"pull requests: local GitHub stand-in at http://127.0.0.1:{github_port}")
+        if not opts.demo and not (env.get("ANTHROPIC_API_KEY") or env.get("CLAUDE_CODE_OAUTH_TOKEN")):
+            notes.append("model: your Claude login (set ANTHROPIC_API_KEY, or use --demo, if you have none)")
+        async with contextlib.AsyncExitStack() as stack:
+            for server in servers:
+                await stack.enter_async_context(server)
+            yield notes
+        tg.cancel_scope.cancel()
+
+
+def _banner(opts: Options, chat_url: str, real_twilio: bool, notes: list[str]) -> None:
+    lines = [
+        "",
+        f"  textslash {'DEMO ' if opts.demo else ''}is running.",
+        f"  Open the chat:  {chat_url}",
+        "",
+        f"  replies: {'Twilio (your real WhatsApp)' if real_twilio else 'the local chat (no Twilio account needed)'}",
+        *[f"  {note}" for note in notes],
+        f"  logs: {opts.data}/relay.log, {opts.data}/worker.log",
+        "  Ctrl-C stops everything.",
+        "",
+    ]
+    print("\n".join(lines), flush=True)  # noqa: T201 - this is the console program
+
+
+async def _watch(relay: subprocess.Popen[bytes], log: Path) -> None:
+    await anyio.to_thread.run_sync(relay.wait, abandon_on_cancel=True)
+    tail = (await anyio.Path(log).read_text(errors="replace")).strip().splitlines()[-5:]
+    raise SystemExit("console: the relay stopped:\n  " + "\n  ".join(tail))
+
+
+def main(argv: list[str] | None = None) -> int:
+    load_dotenv(Path.cwd() / ".env")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        anyio.run(run, parse(sys.argv[1:] if argv is None else argv))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""What `--demo` runs against: a scripted model and a small local repository."""
+
+from __future__ import annotations
+
+import subprocess
+import tempfile
+from pathlib import Path
+
+from console.scripted_model import FakeAnthropic, Text, bash, edit, write
+
+README = "# demo app\n\nA tiny app to try textslash on.\n"
+APP = "def main():\n    print('demo app')\n\n\nif __name__ == '__main__':\n    main()\n"
+HELLO = ('"""Say hello: added from a phone through textslash."""\n\n\n'
+         "def hello(name: str) -> str:\n    return f'Hello, {name}!'\n\n\n"
+         "if __name__ == '__main__':\n    print(hello('phone'))\n")
+
+
+def demo_model() -> FakeAnthropic:
+    """Whatever you ask, the demo agent looks around, adds hello.py, edits the README, runs it."""
+    model = FakeAnthropic(delay_s=1.0)
+    model.default = [
+        bash("ls", "list the files"),
+        write("{cwd}/hello.py", HELLO),
+        edit("{cwd}/README.md", "A tiny app to try textslash on.",
+             "A tiny app to try textslash on.\n\nIt greets you now: `python hello.py`."),
+        bash("python3 hello.py", "try it"),
+        Text("Added hello.py, which greets you, and a line about it in the README (this is the scripted demo "
+             "model). Reply *approve* to open a pull request, or *reject* to roll it back."),
+    ]
+    return model
+
+
+def make_demo_repo(origin: Path) -> Path:
+    """A bare repository with a tiny app on `main`, made once and kept."""
+    if (origin / "HEAD").exists():
+        return origin
+    identity = ["-c", "user.name=textslash demo", "-c", "user.email=demo@textslash.invalid"]
+    origin.mkdir(parents=True)
+    subprocess.run(["git", "init", "--quiet", "--bare", "--initial-branch=main", str(origin)], check=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        seed = Path(tmp)
+        (seed / "README.md").write_text(README)
+        (seed / "app.py").write_text(APP)
+        for args in (["init", "--quiet", "--initial-branch=main"], ["add", "--all"],
+                     ["commit", "--quiet", "-m", "A tiny demo app"], ["push", "--quiet", str(origin), "main"]):
+            subprocess.run(["git", *identity, *args], cwd=seed, check=True, capture_output=True)
+    return origin

@@ -1,0 +1,58 @@
+"""A local stand-in for GitHub's pull-request API: for `--demo`, local runs and the tests.
+
+Pull requests are recorded (and can be made to fail); each gets a small web page, so the link
+the owner receives opens something real.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from html import escape
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse
+from starlette.routing import Route
+
+
+@dataclass
+class FakeGitHub:
+    token: str
+    web_url: str = "https://github.com"
+    pulls: list[dict[str, Any]] = field(default_factory=list)
+    fail_next: list[int] = field(default_factory=list)
+
+    def app(self) -> Starlette:
+        return Starlette(routes=[Route("/repos/{owner}/{repo}/pulls", self._pulls, methods=["GET", "POST"]),
+                                 Route("/{owner}/{repo}/pull/{number:int}", self._page)])
+
+    async def _page(self, request: Request) -> HTMLResponse:
+        repo = f"{request.path_params['owner']}/{request.path_params['repo']}"
+        pull = next((p for p in self.pulls if p["repo"] == repo and p["number"] == request.path_params["number"]),
+                    None)
+        if pull is None:
+            return HTMLResponse("<h1>No such pull request</h1>", status_code=404)
+        return HTMLResponse(
+            f"<!doctype html><meta charset='utf-8'><title>{escape(pull['title'])}</title>"
+            f"<body style='font-family:sans-serif;max-width:40em;margin:2em auto'>"
+            f"<p>Local stand-in for GitHub</p><h1>{escape(pull['title'])} #{pull['number']}</h1>"
+            f"<p><code>{escape(pull['head'])}</code> → <code>{escape(pull['base'])}</code></p>"
+            f"<pre style='white-space:pre-wrap'>{escape(pull.get('body') or '')}</pre></body>")
+
+    async def _pulls(self, request: Request) -> JSONResponse:
+        if request.headers.get("authorization") != f"Bearer {self.token}":
+            return JSONResponse({"message": "Bad credentials"}, status_code=401)
+        repo = f"{request.path_params['owner']}/{request.path_params['repo']}"
+        if request.method == "GET":
+            head = request.query_params.get("head", "").split(":")[-1]
+            return JSONResponse([p for p in self.pulls if p["head"] == head and p["repo"] == repo])
+        if self.fail_next:
+            return JSONResponse({"message": "scripted failure"}, status_code=self.fail_next.pop(0))
+        body = await request.json()
+        if any(p["head"] == body["head"] and p["repo"] == repo for p in self.pulls):
+            return JSONResponse({"message": "Validation Failed: A pull request already exists"}, status_code=422)
+        number = len(self.pulls) + 1
+        pull = {**body, "repo": repo, "number": number, "html_url": f"{self.web_url}/{repo}/pull/{number}"}
+        self.pulls.append(pull)
+        return JSONResponse(pull, status_code=201)
