@@ -68,10 +68,16 @@ def free_port() -> int:
 
 @asynccontextmanager
 async def serve(app: Any, host: str, port: int) -> AsyncIterator[str]:
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
-    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]  # Ctrl-C is ours
+    # These small apps hold no resources, so no lifespan; Ctrl-C is handled by the console itself.
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off"))
+    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
+
+    async def run_until_told() -> None:
+        with anyio.CancelScope(shield=True):  # stops through should_exit, closing its sockets properly
+            await server.serve()
+
     async with anyio.create_task_group() as tg:
-        tg.start_soon(server.serve)
+        tg.start_soon(run_until_told)
         while not server.started:
             if server.should_exit:
                 raise SystemExit(f"console: could not listen on {host}:{port}")
@@ -113,6 +119,7 @@ async def run(opts: Options) -> None:
     chat_url = f"http://{opts.host}:{opts.port}"
 
     async with httpx.AsyncClient() as http, anyio.create_task_group() as tg:
+        tg.start_soon(_stop_on_signal, tg.cancel_scope)
         chat = Chat(relay_url=relay_url, public_url=public_url, account_sid=sid, auth_token=token, owner=owner,
                     bot_number=env.get("TWILIO_WHATSAPP_NUMBER", SANDBOX_NUMBER), http=http, demo=opts.demo)
         worker_env = {**env, "WORKER_TOKEN": worker_token, "RELAY_CALLBACK_URL": relay_url, "PORT": str(worker_port),
@@ -136,6 +143,9 @@ async def run(opts: Options) -> None:
                     _banner(opts, chat_url, real_twilio, notes)
                     await _watch(relay, opts.data / "relay.log")
             finally:
+                # A second Ctrl-C (or uv forwarding the same SIGTERM) must not cut the cleanup short.
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
                 stop(proxy.process)
                 stop(relay)
                 tg.cancel_scope.cancel()
@@ -193,6 +203,14 @@ def _banner(opts: Options, chat_url: str, real_twilio: bool, notes: list[str]) -
     print("\n".join(lines), flush=True)  # noqa: T201 - this is the console program
 
 
+async def _stop_on_signal(scope: anyio.CancelScope) -> None:
+    """Ctrl-C or SIGTERM: unwind normally, so the relay and worker are stopped too."""
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for _ in signals:
+            scope.cancel()
+            return
+
+
 async def _watch(relay: subprocess.Popen[bytes], log: Path) -> None:
     await anyio.to_thread.run_sync(relay.wait, abandon_on_cancel=True)
     tail = (await anyio.Path(log).read_text(errors="replace")).strip().splitlines()[-5:]
@@ -202,6 +220,7 @@ async def _watch(relay: subprocess.Popen[bytes], log: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     load_dotenv(Path.cwd() / ".env")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         anyio.run(run, parse(sys.argv[1:] if argv is None else argv))
     except KeyboardInterrupt:

@@ -26,14 +26,14 @@ def free_port() -> int:
 
 
 @contextmanager
-def child(module: str, env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+def child(module: str, env: dict[str, str], log: Path, *args: str) -> Iterator[subprocess.Popen[bytes]]:
     """Run `python -m module` in its own process group; killed (group and all) when the block ends."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("TWILIO_", "ANTHROPIC_"))}
     full_env.update(env)
     full_env["PYTHONPATH"] = str(ROOT)
     with log.open("ab") as out:
         # The child runs in the test's own folder, so a developer's .env is never read.
-        proc = subprocess.Popen([sys.executable, "-m", module], env=full_env, stdout=out, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen([sys.executable, "-m", module, *args], env=full_env, stdout=out, stderr=subprocess.STDOUT,
                                 cwd=log.parent, start_new_session=True)
     try:
         yield proc

@@ -1,0 +1,69 @@
+"""The local chat page in a real browser, against `python -m console --demo`."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+from playwright.async_api import Page, async_playwright, expect
+
+from tests.support.processes import child, free_port, wait_exit
+from tests.support.worker_harness import CHROMIUM
+
+pytestmark = pytest.mark.anyio
+STEP = 60_000  # ms: the demo model takes about a second a step
+
+
+async def wait_page(url: str) -> None:
+    async with httpx.AsyncClient() as http:
+        for _ in range(300):
+            try:
+                if (await http.get(f"{url}/api/info", timeout=0.5)).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            await anyio.sleep(0.05)
+    raise AssertionError("the console never served its page")
+
+
+async def say(page: Page, text: str) -> None:
+    await page.get_by_label("Message").fill(text)
+    await page.get_by_label("Send").click()
+
+
+async def test_the_demo_loop_in_a_browser(tmp_path: Path) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {"CHROMIUM_PATH": CHROMIUM, "HOME": str(tmp_path / "home")}
+    with child("console", env, tmp_path / "console.log", "--demo", "--port", str(port),
+               "--data", str(tmp_path / "data")) as proc:
+        await wait_page(url)
+        async with async_playwright() as pw:
+            browser = await pw.chromium.launch(executable_path=CHROMIUM,
+                                               args=["--disable-background-networking", "--disable-component-update"])
+            try:
+                page = await browser.new_page(viewport={"width": 420, "height": 860})
+                await page.goto(url)
+                await expect(page.get_by_text("DEMO")).to_be_visible()
+                await say(page, "add a greeting")
+                bot = page.locator(".msg.textslash")
+                await expect(bot.filter(has_text="Waking up your VM")).to_have_count(1, timeout=STEP)
+                await expect(bot.filter(has_text="running ls")).to_have_count(1, timeout=STEP)
+                diff = bot.filter(has_text="files changed").locator("img")
+                await expect(diff).to_have_count(1, timeout=STEP)
+                await expect(diff).to_have_js_property("complete", True)
+                assert await diff.evaluate("img => img.naturalWidth") > 400  # the PNG really loaded
+                await say(page, "approve")
+                link = bot.filter(has_text="Pull request opened").locator("a")
+                await expect(link).to_have_count(1, timeout=STEP)
+                pr_url = await link.get_attribute("href")
+                assert pr_url is not None
+                await page.goto(pr_url)
+                await expect(page.get_by_role("heading", name="add a greeting #1")).to_be_visible()
+            finally:
+                await browser.close()
+        proc.send_signal(signal.SIGTERM)
+        assert await wait_exit(proc, 15) == 0
