@@ -69,7 +69,8 @@ def free_port() -> int:
 @asynccontextmanager
 async def serve(app: Any, host: str, port: int) -> AsyncIterator[str]:
     # These small apps hold no resources, so no lifespan; Ctrl-C is handled by the console itself.
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off"))
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off",
+                                          timeout_graceful_shutdown=1))  # long polls end at once
     server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
 
     async def run_until_told() -> None:
@@ -89,20 +90,23 @@ async def serve(app: Any, host: str, port: int) -> AsyncIterator[str]:
 
 
 def spawn(module: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    # Same process group as the console: whatever ends the console's group ends these too.
     with log.open("ab") as out:
         return subprocess.Popen([sys.executable, "-m", module], env=env, cwd=ROOT, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+                                stderr=subprocess.STDOUT)
 
 
-def stop(proc: subprocess.Popen[bytes] | None) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+def stop(*procs: subprocess.Popen[bytes] | None) -> None:
+    """SIGTERM them all at once, then wait; SIGKILL what has not gone within 12 s."""
+    running = [p for p in procs if p is not None and p.poll() is None]
+    for proc in running:
+        proc.terminate()
+    for proc in running:
+        try:
+            proc.wait(timeout=12)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 async def run(opts: Options) -> None:
@@ -146,8 +150,7 @@ async def run(opts: Options) -> None:
                 # A second Ctrl-C (or uv forwarding the same SIGTERM) must not cut the cleanup short.
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
                 signal.signal(signal.SIGTERM, signal.SIG_IGN)
-                stop(proxy.process)
-                stop(relay)
+                stop(proxy.process, relay)
                 tg.cancel_scope.cancel()
 
 

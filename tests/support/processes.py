@@ -33,8 +33,8 @@ def child(module: str, env: dict[str, str], log: Path, *args: str) -> Iterator[s
     full_env["PYTHONPATH"] = str(ROOT)
     with log.open("ab") as out:
         # The child runs in the test's own folder, so a developer's .env is never read.
-        proc = subprocess.Popen([sys.executable, "-m", module, *args], env=full_env, stdout=out, stderr=subprocess.STDOUT,
-                                cwd=log.parent, start_new_session=True)
+        proc = subprocess.Popen([sys.executable, "-m", module, *args], env=full_env, stdout=out,
+                                stderr=subprocess.STDOUT, cwd=log.parent, start_new_session=True)
     try:
         yield proc
     finally:
