@@ -128,8 +128,8 @@ def create_app(settings: Settings, *, sender: TwilioSender | None = None, http: 
             if not await _cache_image(request.app.state.worker, settings.images_dir, name):
                 # The worker retries the callback, so the image is fetched while it is awake.
                 return _error(502, f"could not fetch image {name} from the worker")
-        await dispatcher.db.run(store.worker_seen, clock())
-        new = await dispatcher.record(phone, f"evt:{event.run_id}:{seq}", {**worker_event_to_json(event), "seq": seq})
+        new = await dispatcher.record(phone, f"evt:{event.run_id}:{seq}", {**worker_event_to_json(event), "seq": seq},
+                                      from_worker=True)
         return JSONResponse({"ok": True, "duplicate": not new})
 
     async def image(request: Request) -> Response:

@@ -16,6 +16,7 @@ import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import anyio
@@ -133,6 +134,7 @@ class Dispatcher:
     calls: Lanes = field(init=False)
     _last_sent: dict[str, float] = field(default_factory=dict)
     _failed_while_up: int = 0
+    _send_limiter: anyio.CapacityLimiter = field(default_factory=lambda: anyio.CapacityLimiter(4))
 
     def __post_init__(self) -> None:
         self.inbox = Lanes("inbox", self._inbox_step)
@@ -167,8 +169,10 @@ class Dispatcher:
             self.calls.notify(WORKER_LANE)
         return 0
 
-    async def record(self, phone: str, dedupe_key: str, event: dict[str, Any]) -> bool:
-        new = await self.db.run(store.insert_inbox, phone, dedupe_key, event, self.clock())
+    async def record(self, phone: str, dedupe_key: str, event: dict[str, Any], *, from_worker: bool = False) -> bool:
+        """Record an event durably (it is acknowledged right after), then wake the phone's lane."""
+        new = await self.db.run(partial(store.record_durably, from_worker=from_worker), phone, dedupe_key, event,
+                                self.clock())
         if new:
             self.inbox.notify(phone)
         return new
@@ -186,7 +190,10 @@ class Dispatcher:
         wait = max(row.next_attempt_at - now, self._last_sent[phone] + self.settings.min_send_interval_s - now)
         if wait > 0:
             return wait
-        result = await anyio.to_thread.run_sync(self.sender.send, phone, row.body, row.media)
+        # The SDK's client is synchronous: it runs on a thread, a few at a time, so a burst of
+        # sends does not crowd the event loop out of the GIL.
+        result = await anyio.to_thread.run_sync(self.sender.send, phone, row.body, row.media,
+                                                limiter=self._send_limiter)
         await self._record_send(row, result)
         return 0
 
@@ -206,12 +213,11 @@ class Dispatcher:
     # --- worker calls ---------------------------------------------------------------
 
     async def _call_step(self, _lane: str) -> float | None:
-        pending = await self.db.run(store.pending_worker_calls)
+        pending, known_asleep = await self.db.run(_pending_calls)
         if not pending:
             return None
         call = pending[0]
         message_id = call.payload.get("message_id", "")
-        known_asleep = await self.db.run(_worker_known_asleep)
         result = None if known_asleep else await self.worker.call(call.route, call.payload)
         if result is not None and result.delivered:
             self._failed_while_up = 0
@@ -254,13 +260,15 @@ class Dispatcher:
         while True:
             for phone, deadline in await self.db.run(store.expired_approvals, self.clock()):
                 event = {"type": "approval_expired", "deadline": deadline}
-                await self.record(phone, f"expire:{phone}:{deadline!r}", event)
+                if await self.db.run(store.insert_inbox, phone, f"expire:{phone}:{deadline!r}", event, self.clock()):
+                    self.inbox.notify(phone)
             await anyio.sleep(0.5)
 
 
-def _worker_known_asleep(conn: sqlite3.Connection) -> bool:
+def _pending_calls(conn: sqlite3.Connection) -> tuple[list[store.WorkerCall], bool]:
+    """The calls waiting for the worker, and whether it told us it went to sleep."""
     row = store.worker_state(conn)
-    return row is not None and row["awake"] == 0
+    return store.pending_worker_calls(conn), row is not None and row["awake"] == 0
 
 
 def _finish_call(conn: sqlite3.Connection, call: store.WorkerCall, status: str, event: Delivered | Unreachable,

@@ -112,3 +112,12 @@ async def test_an_owners_day(tmp_path: Path) -> None:
         await wait_for(lambda: any("asleep" in b for b in said("VM:")), STEP, "status after sleep")
     assert len(said("Waking up your VM")) == 1  # once, for the cold start
     assert len(said("Pull request opened")) == 1 and len(said("Rolled back")) == 1
+
+    # No secret appears in any log line of either process, nor in anything sent to the phone.
+    logs = (tmp_path / "relay.log").read_text() + (tmp_path / "worker.log").read_text()
+    assert "Application startup complete" in logs  # the logs are really there
+    sent = "\n".join(twilio.bodies())
+    for name, value in (("TWILIO_AUTH_TOKEN", AUTH_TOKEN), ("WORKER_TOKEN", renv["WORKER_TOKEN"]),
+                        ("GITHUB_TOKEN", GITHUB_TOKEN), ("ANTHROPIC_API_KEY", wenv["ANTHROPIC_API_KEY"])):
+        assert value not in logs, f"{name} leaked into a log"
+        assert value not in sent, f"{name} leaked into a message"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import itertools
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +39,8 @@ class FakeTwilio:
     script: list[Scripted] = field(default_factory=list)
     stall_s: float = 30.0
     down: bool = False  # answer every request with 500, as during an outage
+    failure_rate: float = 0.0  # this share of requests fails at random: 500, 429, or a stall
+    rng: random.Random = field(default_factory=lambda: random.Random(7))
     _sids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
     def fail_next(self, *answers: Scripted) -> None:
@@ -58,10 +61,14 @@ class FakeTwilio:
         form = parse_qsl((await request.body()).decode(), keep_blank_values=True)
         if self.down:
             return _twilio_error(500, None, "outage")
+        if not self.script and self.failure_rate and self.rng.random() < self.failure_rate:
+            self.script.append(self.rng.choice([500, 429, "stall"]))
         if self.script:
             answer = self.script.pop(0)
             if answer == "stall":
+                # A connection that hangs before Twilio took the message: the client gives up.
                 await anyio.sleep(self.stall_s)
+                return _twilio_error(504, None, "stalled")
             elif isinstance(answer, tuple):
                 return _twilio_error(answer[0], answer[1], "scripted refusal")
             elif isinstance(answer, int):

@@ -3,6 +3,7 @@ events back to the relay the way the real worker does."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,7 +32,14 @@ class FakeWorker:
     health_polls: int = 0
     answer_status: int = 202
     images: dict[str, bytes] = field(default_factory=dict)
+    answer_via: str = ""  # a relay URL: answer every prompt at once, as a very fast agent would
     _seq: itertools.count[int] = field(default_factory=itertools.count)
+    _http: httpx.AsyncClient | None = None
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    async def aclose(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()
 
     def app(self) -> Starlette:
         routes = [Route("/health", self._health, methods=["GET"]), Route("/images/{name}", self._image)]
@@ -52,10 +60,23 @@ class FakeWorker:
     async def _call(self, request: Request) -> JSONResponse:
         if request.headers.get("authorization") != f"Bearer {self.token}":
             return JSONResponse({"detail": "unauthorized"}, status_code=401)
-        self.calls.append(Call(request.url.path, await request.json(), request.headers["authorization"]))
+        body = await request.json()
+        self.calls.append(Call(request.url.path, body, request.headers["authorization"]))
         if self.answer_status >= 300:
             return JSONResponse({"detail": "scripted refusal"}, status_code=self.answer_status)
+        if self.answer_via and request.url.path == "/command":
+            # Like the real worker: the run goes on after the 202, not inside the request.
+            task = asyncio.get_running_loop().create_task(self._answer(body))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         return JSONResponse({"accepted": True}, status_code=self.answer_status)
+
+    async def _answer(self, command: dict[str, Any]) -> None:
+        for _ in range(50):  # the real worker retries its callbacks, so this one does too
+            response = await self.report(self.answer_via, command["phone"], "answer", run_id=command["message_id"],
+                                         text=f"answer to {command['text']}")
+            if response.status_code == 200:
+                return
 
     async def _image(self, request: Request) -> Response:
         if request.headers.get("authorization") != f"Bearer {self.token}":
@@ -69,6 +90,6 @@ class FakeWorker:
                      **fields: Any) -> httpx.Response:
         """POST one event to the relay's callback route, as the worker would."""
         body = {"type": event_type, "run_id": run_id, "seq": next(self._seq), **fields}
-        async with httpx.AsyncClient() as client:
-            return await client.post(f"{relay_url}/callback/{phone}", json=body,
+        self._http = self._http or httpx.AsyncClient()  # one client: making one costs an SSL context
+        return await self._http.post(f"{relay_url}/callback/{phone}", json=body,
                                      headers={"Authorization": f"Bearer {self.token}"})

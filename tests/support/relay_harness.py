@@ -101,6 +101,7 @@ async def relay_stack(tmp: Path, *, worker_listening: bool = True, worker_sock: 
     worker_sock = worker_sock or reserve_port()
     async with AsyncExitStack() as stack:
         stack.callback(worker_sock.close)
+        stack.push_async_callback(worker.aclose)
         twilio_url = await stack.enter_async_context(run_server(twilio.app()))
         if worker_listening:
             await stack.enter_async_context(run_server(worker.app(), worker_sock))
