@@ -84,7 +84,7 @@ def test_random_forms_signed_or_not_are_never_forwarded(relay: Target, form: dic
     if not could_be_real:
         assert relay.inbox_rows() == before
     if not sign:
-        assert response.status_code == 403
+        assert response.status_code in (403, 415)  # an empty form goes without a content type
 
 
 @given(body=st.one_of(st.binary(max_size=2048), st.recursive(
