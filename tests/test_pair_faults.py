@@ -1,0 +1,72 @@
+"""Faults to the pair as deployed: processes killed at the worst moments, then restarted.
+After each the owner gets every message, in order, once, and is told what happened."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from console.scripted_model import Text, bash, write
+from tests.support.pair_harness import pair_stack
+from tests.support.servers import wait_for
+from tests.test_worker_control import pids_with
+
+pytestmark = pytest.mark.anyio
+STEP = 60.0
+
+
+async def test_worker_killed_in_the_middle_of_a_run(tmp_path: Path) -> None:
+    async with pair_stack(tmp_path) as pair:
+        marker = f"textslash-kill-{time.time_ns()}"
+        pair.model.script("risky job", write(f"{pair.checkout}/half.txt", "half\n"),
+                          bash(f"python3 -c 'import time; time.sleep(120)' {marker}"), Text("never"))
+        await pair.start_relay()
+        await pair.start_worker()
+        await pair.text("risky job")
+        await wait_for(lambda: pids_with(marker), STEP, "the run to be under way")
+        await pair.kill("worker")
+        await pair.start_worker()
+        told = await wait_for(lambda: pair.said("The run failed"), STEP, "the owner told")
+        assert "restarted during the run" in told[0]
+        # What the dead run left waits for a decision, like any run's changes.
+        await wait_for(lambda: pair.said("half.txt +1"), STEP, "approval for what it left")
+        await pair.text("reject")
+        await wait_for(lambda: pair.said("Rolled back"), STEP, "rollback")
+        assert not (pair.checkout / "half.txt").exists()
+        for fragment in ("The run failed", "half.txt +1", "Rolled back"):
+            assert len(pair.said(fragment)) == 1, fragment
+
+
+async def test_relay_killed_between_webhook_and_reply(tmp_path: Path) -> None:
+    async with pair_stack(tmp_path) as pair:
+        pair.model.script("quick one", Text("quick answer"))
+        pair.twilio.down = True  # replies cannot leave until the relay has died and come back
+        await pair.start_relay()
+        await pair.start_worker()
+        await pair.text("quick one")
+        await wait_for(lambda: pair.twilio.attempts >= 1, STEP, "a failed send")
+        await pair.kill("relay")
+        pair.twilio.down = False
+        await pair.start_relay()
+        await wait_for(lambda: pair.said("quick answer"), STEP, "the answer after the restart")
+        bodies = pair.twilio.bodies()
+        assert bodies.index("🤖 Working on it...") < bodies.index(pair.said("quick answer")[0])
+        assert len(pair.said("Working on it")) == 1 and len(pair.said("quick answer")) == 1
+
+
+async def test_worker_restarts_while_an_approval_waits(tmp_path: Path) -> None:
+    async with pair_stack(tmp_path) as pair:
+        pair.model.script("make it", write(f"{pair.checkout}/made.txt", "made\n"), Text("made"))
+        await pair.start_relay()
+        await pair.start_worker()
+        await pair.text("make it")
+        await wait_for(lambda: pair.said("made.txt +1"), STEP, "approval request")
+        await pair.kill("worker")
+        await pair.text("approve")
+        await wait_for(lambda: pair.said("Waking up your VM"), STEP, "the relay waking the worker")
+        await pair.start_worker(wait=False)
+        opened = await wait_for(lambda: pair.said("Pull request opened"), STEP, "the PR after the restart")
+        assert opened[0].endswith("/pull/1") and len(pair.github.pulls) == 1
+        assert len(pair.said("made.txt +1")) == 1
