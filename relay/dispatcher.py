@@ -241,12 +241,19 @@ class Dispatcher:
             self._failed_while_up += 1  # awake after all: a passing fault, not sleep
             await self.db.run(store.worker_seen, self.clock())
             return True
-        now = self.clock()
-        for phone in dict.fromkeys(call.phone for call in pending):
-            await self.db.run(store.enqueue_send, phone, replies.WAKING, [], now)
-            self.outbox.notify(phone)
+        told: set[str] = set()
+
+        async def tell_waiting_owners() -> None:
+            # Once each, including owners whose messages arrive while the worker boots.
+            waiting = pending if not told else (await self.db.run(_pending_calls))[0]
+            for phone in dict.fromkeys(call.phone for call in waiting if call.phone not in told):
+                told.add(phone)
+                await self.db.run(store.enqueue_send, phone, replies.WAKING, [], self.clock())
+                self.outbox.notify(phone)
+
+        await tell_waiting_owners()
         logger.info("worker unreachable; polling /health for up to %.0f s", self.settings.wake_timeout_s)
-        if await self.worker.wait_until_healthy(self.settings.wake_timeout_s):
+        if await self.worker.wait_until_healthy(self.settings.wake_timeout_s, tell_waiting_owners):
             await self.db.run(store.worker_seen, self.clock())
             return True
         reason = f"no answer within {self.settings.wake_timeout_s:.0f} s"

@@ -16,6 +16,7 @@ from tests.support.relay_harness import (
     ACCOUNT_SID,
     AUTH_TOKEN,
     OWNER,
+    OWNER2,
     PUBLIC_URL,
     WORKER_TOKEN,
     message_params,
@@ -113,3 +114,15 @@ async def test_relay_killed_between_webhook_and_send_loses_nothing(tmp_path: Pat
         assert "Application shutdown complete" in (tmp_path / "relay.log").read_text()
     assert len(worker.commands()) == 1
     assert sum("*textslash*" in b for b in twilio.bodies(OWNER)) == 1
+
+
+async def test_an_owner_who_writes_while_the_worker_boots_is_told_too(tmp_path: Path) -> None:
+    worker_sock = reserve_port()
+    async with relay_stack(tmp_path, worker_listening=False, worker_sock=worker_sock) as stack:
+        await stack.send("first owner's job")
+        await wait_for(lambda: WAKING in stack.twilio.bodies(OWNER), what="waking message for the first owner")
+        await stack.send("second owner's job", sender=OWNER2)
+        await wait_for(lambda: WAKING in stack.twilio.bodies(OWNER2), what="waking message for the second owner")
+        async with run_server(stack.worker.app(), worker_sock):
+            await wait_for(lambda: len(stack.worker.commands()) == 2, what="both commands")
+        assert stack.twilio.bodies(OWNER).count(WAKING) == 1 and stack.twilio.bodies(OWNER2).count(WAKING) == 1

@@ -62,7 +62,8 @@ class FakeTwilio:
         if self.down:
             return _twilio_error(500, None, "outage")
         if not self.script and self.failure_rate and self.rng.random() < self.failure_rate:
-            self.script.append(self.rng.choice([500, 429, "stall"]))
+            failures: list[Scripted] = [500, 429, "stall"]
+            self.script.append(self.rng.choice(failures))
         if self.script:
             answer = self.script.pop(0)
             if answer == "stall":

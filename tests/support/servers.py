@@ -47,7 +47,7 @@ async def _serving(app: Any, sock: socket.socket) -> AsyncIterator[str]:
     config = uvicorn.Config(app, log_level="warning", lifespan="auto", timeout_graceful_shutdown=2)
     server = uvicorn.Server(config)
     # uvicorn would take over SIGINT/SIGTERM from the main thread; tests must keep pytest's.
-    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]
+    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
     async with anyio.create_task_group() as tg:
         tg.start_soon(server.serve, [sock])
         with anyio.fail_after(10):

@@ -1,0 +1,32 @@
+"""The references: a bare uvicorn + Starlette app that parses the same form and answers health.
+
+`python -m bench.bare PORT` serves it with the same uvicorn settings as the relay.
+"""
+
+from __future__ import annotations
+
+import sys
+from urllib.parse import parse_qsl
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+TWIML = '<?xml version="1.0" encoding="UTF-8"?><Response />'
+
+
+async def webhook(request: Request) -> Response:
+    dict(parse_qsl((await request.body()).decode(), keep_blank_values=True))
+    return Response(TWIML, media_type="text/xml")
+
+
+async def health(request: Request) -> JSONResponse:
+    return JSONResponse({"status": "ok"})
+
+
+app = Starlette(routes=[Route("/webhook", webhook, methods=["POST"]), Route("/health", health)])
+
+if __name__ == "__main__":
+    uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")

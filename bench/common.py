@@ -1,0 +1,110 @@
+"""What every benchmark shares: child processes, loopback servers, percentiles, one JSON line."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS: list[dict[str, Any]] = []
+
+
+def emit(bench: str, metric: str, value: float, unit: str, *, reference: float | None = None,
+         reference_name: str = "", target: str = "", met: bool | None = None, **extra: Any) -> None:
+    """Print one figure as a JSON line (and keep it for the report)."""
+    line: dict[str, Any] = {"bench": bench, "metric": metric, "value": round(value, 3), "unit": unit}
+    if reference is not None:
+        line.update(reference=round(reference, 3), reference_name=reference_name,
+                    ratio=round(value / reference, 3) if reference else None)
+    if target:
+        line.update(target=target, met=met)
+    line.update(extra)
+    RESULTS.append(line)
+    print(json.dumps(line, ensure_ascii=False), flush=True)  # noqa: T201 - the benchmark's output
+
+
+def pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+@contextmanager
+def process(args: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    full = {k: v for k, v in os.environ.items() if not k.startswith(("TWILIO_", "ANTHROPIC_"))}
+    full.update(env)
+    full["PYTHONPATH"] = str(ROOT)
+    with log.open("ab") as out:
+        proc = subprocess.Popen([sys.executable, *args], env=full, stdout=out, stderr=subprocess.STDOUT,
+                                cwd=log.parent, start_new_session=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+        proc.wait()
+
+
+async def until_healthy(url: str, proc: subprocess.Popen[bytes] | None = None, timeout: float = 60) -> float:
+    """Poll /health every 2 ms; returns the moment (monotonic) it first answered 200."""
+    async with httpx.AsyncClient() as client:
+        with anyio.fail_after(timeout):
+            while True:
+                if proc is not None and proc.poll() is not None:
+                    raise RuntimeError(f"process exited with {proc.returncode}")
+                try:
+                    if (await client.get(f"{url}/health", timeout=1)).status_code == 200:
+                        return time.monotonic()
+                except httpx.TransportError:
+                    pass
+                await anyio.sleep(0.002)
+
+
+def rss_kb(pid: int, field: str = "VmRSS") -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def tree_rss_kb(pid: int) -> int:
+    """RSS of a process and all its descendants (the worker and its Chromium)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    total, stack = 0, [pid]
+    while stack:
+        current = stack.pop()
+        try:
+            total += rss_kb(current)
+        except OSError:
+            pass
+        stack.extend(children.get(current, []))
+    return total
+
+
+def machine() -> dict[str, str]:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "unknown")
+    mem = Path("/proc/meminfo").read_text().splitlines()[0].split()[1]
+    return {"cpu": cpu, "cores": str(os.cpu_count()), "memory_gb": f"{int(mem) / 1024 / 1024:.0f}",
+            "python": sys.version.split()[0]}

@@ -1,0 +1,205 @@
+"""Relay benchmarks: webhook throughput and latency, wake overhead, first reply, relay memory."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from pathlib import Path
+
+import anyio
+import httpx
+from twilio.request_validator import RequestValidator
+
+from bench import loadgen
+from bench.common import emit, median, pct, process, rss_kb, until_healthy
+
+
+async def until_healthy_port(port: int, proc: object) -> None:
+    """The fake Twilio has no /health: wait until its port accepts connections."""
+    with anyio.fail_after(30):
+        while True:
+            try:
+                stream = await anyio.connect_tcp("127.0.0.1", port)
+            except OSError:
+                await anyio.sleep(0.01)
+                continue
+            await stream.aclose()
+            return
+from tests.support.fake_twilio import FakeTwilio
+from tests.support.fake_worker import FakeWorker
+from tests.support.relay_harness import ACCOUNT_SID, AUTH_TOKEN, PUBLIC_URL, WORKER_TOKEN, message_params, relay_env
+from tests.support.servers import reserve_port, run_server, url_of
+
+PHONES = [f"+1555200{i:04d}" for i in range(120)]
+
+
+def relay_process_env(tmp: Path, twilio_url: str, worker_url: str, port: int, **extra: str) -> dict[str, str]:
+    return relay_env(tmp / "relay.sqlite3", twilio_url, worker_url, PORT=str(port), HOST="127.0.0.1",
+                     ALLOWED_PHONE_NUMBERS=",".join(PHONES), LOG_LEVEL="WARNING", **extra)
+
+
+def signed_requests(port: int, count: int, body: str = "help") -> list[bytes]:
+    """Signed webhooks from 20 allowlisted numbers, each with its own MessageSid."""
+    validator = RequestValidator(AUTH_TOKEN)
+    requests = []
+    for i in range(count):
+        params = message_params(body, sender=PHONES[i % 20])
+        signature = validator.compute_signature(PUBLIC_URL + "/webhook", params)
+        requests.append(loadgen.form_request(f"127.0.0.1:{port}", "/webhook", params,
+                                             {"X-Twilio-Signature": signature}))
+    return requests
+
+
+def free_port() -> int:
+    sock = reserve_port()
+    port: int = sock.getsockname()[1]
+    sock.close()
+    return port
+
+
+async def webhook_and_memory(tmp: Path, count: int = 4000, concurrency: int = 32) -> None:
+    """Signed "help" messages (each answered through the fake Twilio, in its own process)."""
+    twilio_port, bare_port, relay_port = free_port(), free_port(), free_port()
+    with process(["-m", "bench.twilio_server", str(twilio_port)], {}, tmp / "twilio.log") as twilio:
+        await until_healthy_port(twilio_port, twilio)
+        with process(["-m", "bench.bare", str(bare_port)], {}, tmp / "bare.log") as bare:
+            await until_healthy(f"http://127.0.0.1:{bare_port}", bare)
+            await loadgen.run("127.0.0.1", bare_port, signed_requests(bare_port, 300), concurrency)
+            bare_rps, bare_lat = await loadgen.run("127.0.0.1", bare_port, signed_requests(bare_port, count),
+                                                   concurrency)
+        env = relay_process_env(tmp, f"http://127.0.0.1:{twilio_port}", "http://127.0.0.1:9", relay_port)
+        with process(["-m", "relay"], env, tmp / "relay.log") as relay:
+            await until_healthy(f"http://127.0.0.1:{relay_port}", relay)
+            idle_kb = rss_kb(relay.pid)
+            await loadgen.run("127.0.0.1", relay_port, signed_requests(relay_port, 300), concurrency)
+            rps, lat = await loadgen.run("127.0.0.1", relay_port, signed_requests(relay_port, count), concurrency)
+            peak_kb = rss_kb(relay.pid, "VmHWM")
+    p99 = pct(lat, 99) * 1000
+    emit("webhook", "throughput", rps, "req/s", reference=bare_rps, reference_name="bare Starlette form parse",
+         target=">= 0.5x bare", met=rps >= 0.5 * bare_rps, concurrency=concurrency, requests=count)
+    emit("webhook", "p50_latency", pct(lat, 50) * 1000, "ms", reference=pct(bare_lat, 50) * 1000,
+         reference_name="bare Starlette form parse")
+    emit("webhook", "p99_latency", p99, "ms", reference=pct(bare_lat, 99) * 1000,
+         reference_name="bare Starlette form parse", target="< 20 ms", met=p99 < 20)
+    emit("memory", "relay_peak_rss", peak_kb / 1024, "MB", reference=idle_kb / 1024, reference_name="relay idle",
+         target="< 80 MB", met=peak_kb / 1024 < 80)
+
+
+async def wake_overhead(tmp: Path, trials: int = 20) -> None:
+    """The worker starts listening at a random moment; how long until the command reaches it?"""
+    twilio = FakeTwilio(ACCOUNT_SID, AUTH_TOKEN)
+    rng = random.Random(5)
+    overheads, poll_rates, boot_delays = [], [], []
+    async with run_server(twilio.app()) as twilio_url:
+        worker_sock = reserve_port()
+        worker_port = worker_sock.getsockname()[1]
+        worker_sock.close()
+        relay_sock = reserve_port()
+        relay_port = relay_sock.getsockname()[1]
+        relay_sock.close()
+        env = relay_process_env(tmp, twilio_url, f"http://127.0.0.1:{worker_port}", relay_port)
+        with process(["-m", "relay"], env, tmp / "relay-wake.log") as relay:
+            relay_url = f"http://127.0.0.1:{relay_port}"
+            await until_healthy(relay_url, relay)
+            validator = RequestValidator(AUTH_TOKEN)
+            async with httpx.AsyncClient() as client:
+                for trial in range(trials):
+                    worker = TimedWorker(WORKER_TOKEN)
+                    params = message_params(f"job {trial}", sender=PHONES[20 + trial])
+                    sent = time.monotonic()
+                    await client.post(f"{relay_url}/webhook", data=params, headers={
+                        "X-Twilio-Signature": validator.compute_signature(PUBLIC_URL + "/webhook", params)})
+                    delay = rng.uniform(0.3, 3.0)
+                    boot_delays.append(delay)
+                    await anyio.sleep(delay)  # the scenario: the VM boots for a random while
+                    from tests.support.servers import reserve_port_at
+
+                    async with run_server(worker.app(), reserve_port_at(worker_port)):
+                        with anyio.fail_after(30):
+                            while worker.command_at is None:
+                                await anyio.sleep(0.001)
+                    assert worker.first_healthy_at is not None
+                    overheads.append(worker.command_at - worker.first_healthy_at)
+                    poll_rates.append(worker.polls / max(0.001, worker.first_healthy_at - sent))
+    # A 3 s poller starting at the webhook finds a worker that listens at t on its next tick.
+    reference = [math.ceil(t / 3.0) * 3.0 - t for t in boot_delays]
+    p95 = pct(overheads, 95) * 1000
+    emit("wake", "overhead_p95", p95, "ms", reference=pct(reference, 95) * 1000, reference_name="3 s poll",
+         target="< 100 ms", met=p95 < 100, trials=trials)
+    emit("wake", "overhead_mean", sum(overheads) / len(overheads) * 1000, "ms",
+         reference=sum(reference) / len(reference) * 1000, reference_name="3 s poll")
+    emit("wake", "overhead_max", max(overheads) * 1000, "ms", reference=max(reference) * 1000,
+         reference_name="3 s poll")
+    emit("wake", "health_polls_per_s", max(poll_rates), "req/s", reference=1 / 3, reference_name="3 s poll",
+         target="< 20 req/s", met=max(poll_rates) < 20)
+
+
+class TimedWorker(FakeWorker):
+    """The fake worker, noting when /health first answers and when /command arrives."""
+
+    def __init__(self, token: str) -> None:
+        super().__init__(token)
+        self.first_healthy_at: float | None = None
+        self.command_at: float | None = None
+        self.polls = 0
+
+    async def _health(self, request):  # type: ignore[no-untyped-def]
+        self.polls += 1
+        if self.first_healthy_at is None:
+            self.first_healthy_at = time.monotonic()
+        return await super()._health(request)
+
+    async def _call(self, request):  # type: ignore[no-untyped-def]
+        if request.url.path == "/command" and self.command_at is None:
+            self.command_at = time.monotonic()
+        return await super()._call(request)
+
+
+async def first_reply(tmp: Path, trials: int = 30) -> None:
+    """Webhook -> first outbound send at Twilio, with the worker awake and asleep."""
+    validator = RequestValidator(AUTH_TOKEN)
+    for state in ("awake", "asleep"):
+        twilio, worker = FakeTwilio(ACCOUNT_SID, AUTH_TOKEN), FakeWorker(WORKER_TOKEN)
+        async with run_server(twilio.app()) as twilio_url:
+            worker_sock = reserve_port()
+            relay_sock = reserve_port()
+            relay_port = relay_sock.getsockname()[1]
+            relay_sock.close()
+            env = relay_process_env(tmp / state, twilio_url, url_of(worker_sock), relay_port, WAKE_TIMEOUT_MS="600000")
+            (tmp / state).mkdir(exist_ok=True)
+            times = []
+            async with (run_server(worker.app(), worker_sock) if state == "awake" else _nothing(worker_sock)):
+                with process(["-m", "relay"], env, tmp / state / "relay.log") as relay:
+                    relay_url = f"http://127.0.0.1:{relay_port}"
+                    await until_healthy(relay_url, relay)
+                    async with httpx.AsyncClient() as client:
+                        for trial in range(trials):
+                            phone = PHONES[60 + trial]
+                            params = message_params(f"job {trial}", sender=phone)
+                            headers = {"X-Twilio-Signature": validator.compute_signature(PUBLIC_URL + "/webhook",
+                                                                                         params)}
+                            before = len(twilio.bodies(phone))
+                            sent = time.monotonic()
+                            await client.post(f"{relay_url}/webhook", data=params, headers=headers)
+                            with anyio.fail_after(30):
+                                while len(twilio.bodies(phone)) == before:
+                                    await anyio.sleep(0.0005)
+                            arrived = next(m.at for m in twilio.messages if m.to == f"whatsapp:{phone}")
+                            times.append(arrived - sent)
+        p95 = pct(times, 95) * 1000
+        emit("first_reply", f"{state}_p95", p95, "ms", target="< 300 ms", met=p95 < 300, trials=trials,
+             p50_ms=round(median(times) * 1000, 1))
+
+
+class _nothing:
+    """An async context that leaves the worker's port bound but not listening: a sleeping VM."""
+
+    def __init__(self, sock: object) -> None:
+        self.sock = sock
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.sock.close()  # type: ignore[attr-defined]

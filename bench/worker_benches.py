@@ -1,0 +1,145 @@
+"""Worker benchmarks: boot time, screenshots, worker memory, the pair's overhead over the CLI."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import anyio
+import httpx
+
+from bench.common import emit, median, pct, process, rss_kb, tree_rss_kb, until_healthy
+from console.local_github import FakeGitHub
+from console.scripted_model import FakeAnthropic, Text
+from tests.support.fake_relay import FakeRelay
+from tests.support.fake_twilio import FakeTwilio
+from tests.support.git_origin import make_origin
+from tests.support.relay_harness import (
+    ACCOUNT_SID,
+    AUTH_TOKEN,
+    OWNER,
+    PUBLIC_URL,
+    WORKER_TOKEN,
+    message_params,
+    relay_env,
+    signed_form,
+)
+from tests.support.servers import reserve_port, run_server
+from tests.support.worker_harness import CHROMIUM, FILES, GITHUB_TOKEN, model_env, worker_env
+
+AUTH = {"Authorization": f"Bearer {WORKER_TOKEN}"}
+
+
+def free_port() -> int:
+    sock = reserve_port()
+    port: int = sock.getsockname()[1]
+    sock.close()
+    return port
+
+
+async def boot(tmp: Path, runs: int = 7) -> None:
+    """Process start to first healthy /health: the worker against a bare uvicorn + Starlette app."""
+    origin = make_origin(tmp / "git-boot", FILES)
+    worker_times, bare_times = [], []
+    for run in range(runs):
+        port = free_port()
+        env = worker_env(tmp / f"boot{run}", relay_url="http://127.0.0.1:9", github_url="http://127.0.0.1:9",
+                         origin=origin, PORT=str(port), HOST="127.0.0.1", LOG_LEVEL="WARNING")
+        started = time.monotonic()
+        with process(["-m", "vm"], env, tmp / "boot.log") as proc:
+            worker_times.append(await until_healthy(f"http://127.0.0.1:{port}", proc) - started)
+        port = free_port()
+        started = time.monotonic()
+        with process(["-m", "bench.bare", str(port)], {}, tmp / "bare-boot.log") as proc:
+            bare_times.append(await until_healthy(f"http://127.0.0.1:{port}", proc) - started)
+    worker_ms, bare_ms = median(worker_times) * 1000, median(bare_times) * 1000
+    emit("worker_boot", "median", worker_ms, "ms", reference=bare_ms, reference_name="bare uvicorn + Starlette",
+         target="< 1.5x bare", met=worker_ms < 1.5 * bare_ms, runs=runs)
+
+
+async def screenshots_and_memory(tmp: Path, warm_runs: int = 10) -> None:
+    relay = FakeRelay(WORKER_TOKEN)
+    origin = make_origin(tmp / "git-shot", FILES)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    async with run_server(relay.app()) as relay_url, httpx.AsyncClient(timeout=60) as client:
+        env = worker_env(tmp / "shots", relay_url=relay_url, github_url="http://127.0.0.1:9", origin=origin,
+                         PORT=str(port), HOST="127.0.0.1", LOG_LEVEL="WARNING", CHROMIUM_PATH=CHROMIUM)
+        with process(["-m", "vm"], env, tmp / "shots.log") as proc:
+            await until_healthy(url, proc)
+            await anyio.sleep(1.0)  # let start-up settle before reading the idle footprint
+            idle_kb, idle_tree_kb = rss_kb(proc.pid), tree_rss_kb(proc.pid)
+            times = []
+            for n in range(warm_runs + 1):
+                before = len(relay.of_type("notice"))
+                started = time.monotonic()
+                body = {"phone": OWNER, "text": f"screenshot {url}/test-app", "message_id": f"shot-{n}"}
+                assert (await client.post(f"{url}/command", json=body, headers=AUTH)).status_code == 202
+                with anyio.fail_after(60):
+                    while len(relay.of_type("notice")) == before:
+                        await anyio.sleep(0.002)
+                times.append(time.monotonic() - started)
+            after_kb, after_tree_kb = rss_kb(proc.pid), tree_rss_kb(proc.pid)
+    warm = times[1:]
+    emit("screenshot", "cold", times[0] * 1000, "ms", note="includes launching Chromium")
+    emit("screenshot", "warm_p50", pct(warm, 50) * 1000, "ms", target="< 300 ms", met=pct(warm, 50) < 0.3,
+         runs=warm_runs, p95_ms=round(pct(warm, 95) * 1000, 1))
+    emit("memory", "worker_idle_rss", idle_kb / 1024, "MB", tree_mb=round(idle_tree_kb / 1024, 1))
+    emit("memory", "worker_rss_after_screenshot", after_kb / 1024, "MB", reference=idle_kb / 1024,
+         reference_name="worker idle", tree_mb=round(after_tree_kb / 1024, 1),
+         note="tree_mb counts Chromium's processes too")
+
+
+async def pair_overhead(tmp: Path, runs: int = 5) -> None:
+    """Signed webhook -> final answer at the fake Twilio, against the same CLI run through the SDK."""
+    model, twilio, github = FakeAnthropic(), FakeTwilio(ACCOUNT_SID, AUTH_TOKEN), FakeGitHub(GITHUB_TOKEN)
+    for n in range(runs + 1):
+        model.script(f"question {n}", Text(f"answer {n}"))
+    origin = make_origin(tmp / "git-pair", FILES)
+    relay_port, worker_port = free_port(), free_port()
+    relay_url, worker_url = f"http://127.0.0.1:{relay_port}", f"http://127.0.0.1:{worker_port}"
+    pair_times: list[float] = []
+    async with run_server(model.app()) as model_url, run_server(twilio.app()) as twilio_url, \
+            run_server(github.app()) as github_url, httpx.AsyncClient(timeout=60) as client:
+        renv = relay_env(tmp / "pair" / "relay.sqlite3", twilio_url, worker_url, PORT=str(relay_port),
+                         HOST="127.0.0.1", LOG_LEVEL="WARNING")
+        wenv = {**model_env(model_url, tmp / "pair"), **worker_env(
+            tmp / "pair", relay_url=relay_url, github_url=github_url, origin=origin, PORT=str(worker_port),
+            HOST="127.0.0.1", LOG_LEVEL="WARNING", WORKSPACE_DIR=str(tmp / "pair" / "workspace"))}
+        (tmp / "pair").mkdir(exist_ok=True)
+        with process(["-m", "relay"], renv, tmp / "pair" / "relay.log") as relay, \
+                process(["-m", "vm"], wenv, tmp / "pair" / "worker.log") as worker:
+            await until_healthy(relay_url, relay)
+            await until_healthy(worker_url, worker)
+            for n in range(runs + 1):  # the first run clones the checkout: a warm-up
+                params = message_params(f"question {n}")
+                started = time.monotonic()
+                await client.post(f"{relay_url}/webhook", data=params,
+                                  headers=signed_form(PUBLIC_URL + "/webhook", params))
+                with anyio.fail_after(120):
+                    while not any(f"answer {n}" in b for b in twilio.bodies(OWNER)):
+                        await anyio.sleep(0.002)
+                if n:
+                    pair_times.append(time.monotonic() - started)
+        cli_times = [await _sdk_alone(model_url, tmp / "pair" / "workspace" / OWNER.lstrip("+"), tmp, n)
+                     for n in range(runs)]
+    pair_ms, cli_ms = median(pair_times) * 1000, median(cli_times) * 1000
+    emit("end_to_end", "pair_overhead", pair_ms - cli_ms, "ms", target="< 150 ms", met=pair_ms - cli_ms < 150,
+         pair_median_ms=round(pair_ms, 1), cli_median_ms=round(cli_ms, 1), runs=runs)
+
+
+async def _sdk_alone(model_url: str, cwd: Path, tmp: Path, n: int) -> float:
+    from claude_agent_sdk import ClaudeAgentOptions, ClaudeSDKClient, PermissionResultAllow, ResultMessage
+
+    async def allow(name: str, args: dict[str, object], context: object) -> PermissionResultAllow:
+        return PermissionResultAllow()
+
+    env = model_env(model_url, tmp / "pair")
+    options = ClaudeAgentOptions(cwd=str(cwd), can_use_tool=allow, env=env)
+    started = time.monotonic()
+    async with ClaudeSDKClient(options) as client:
+        await client.query(f"question {n}")
+        async for message in client.receive_response():
+            if isinstance(message, ResultMessage):
+                break
+    return time.monotonic() - started
