@@ -134,6 +134,7 @@ class Dispatcher:
     calls: Lanes = field(init=False)
     _last_sent: dict[str, float] = field(default_factory=dict)
     _failed_while_up: int = 0
+    _waking: set[str] | None = None  # owners told "waking" during the current wake-up
     _send_limiter: anyio.CapacityLimiter = field(default_factory=lambda: anyio.CapacityLimiter(4))
 
     def __post_init__(self) -> None:
@@ -167,6 +168,7 @@ class Dispatcher:
             self.outbox.notify(phone)
         if outcome.calls:
             self.calls.notify(WORKER_LANE)
+            await self._tell_waking(phone)  # the worker is booting right now: say so at once
         return 0
 
     async def record(self, phone: str, dedupe_key: str, event: dict[str, Any], *, from_worker: bool = False) -> bool:
@@ -230,6 +232,14 @@ class Dispatcher:
             return None
         return 0
 
+    async def _tell_waking(self, phone: str) -> None:
+        """"⏳ Waking up your VM..." once per owner and wake-up, also to owners who write meanwhile."""
+        if self._waking is None or phone in self._waking:
+            return
+        self._waking.add(phone)
+        await self.db.run(store.enqueue_send, phone, replies.WAKING, [], self.clock())
+        self.outbox.notify(phone)
+
     async def _call_done(self, call: store.WorkerCall, event: Delivered | Unreachable) -> None:
         status = "delivered" if isinstance(event, Delivered) else "failed"
         if await self.db.run(_finish_call, call, status, event, self.clock()):
@@ -241,19 +251,15 @@ class Dispatcher:
             self._failed_while_up += 1  # awake after all: a passing fault, not sleep
             await self.db.run(store.worker_seen, self.clock())
             return True
-        told: set[str] = set()
-
-        async def tell_waiting_owners() -> None:
-            # Once each, including owners whose messages arrive while the worker boots.
-            waiting = pending if not told else (await self.db.run(_pending_calls))[0]
-            for phone in dict.fromkeys(call.phone for call in waiting if call.phone not in told):
-                told.add(phone)
-                await self.db.run(store.enqueue_send, phone, replies.WAKING, [], self.clock())
-                self.outbox.notify(phone)
-
-        await tell_waiting_owners()
-        logger.info("worker unreachable; polling /health for up to %.0f s", self.settings.wake_timeout_s)
-        if await self.worker.wait_until_healthy(self.settings.wake_timeout_s, tell_waiting_owners):
+        self._waking = set()
+        try:
+            for phone in dict.fromkeys(call.phone for call in pending):
+                await self._tell_waking(phone)
+            logger.info("worker unreachable; polling /health for up to %.0f s", self.settings.wake_timeout_s)
+            woke = await self.worker.wait_until_healthy(self.settings.wake_timeout_s)
+        finally:
+            self._waking = None
+        if woke:
             await self.db.run(store.worker_seen, self.clock())
             return True
         reason = f"no answer within {self.settings.wake_timeout_s:.0f} s"

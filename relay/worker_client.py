@@ -8,7 +8,6 @@ a slow one (on Fly). Either way the relay tells the owner once and polls `/healt
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,14 +60,11 @@ class WorkerClient:
             return False
         return response.status_code == 200
 
-    async def wait_until_healthy(self, limit_s: float,
-                                 between_polls: Callable[[], Awaitable[None]] | None = None) -> bool:
+    async def wait_until_healthy(self, limit_s: float) -> bool:
         """Poll `/health` fast at first, then at most 1 s apart, until it answers or time runs out."""
         delay = 0.05
         with anyio.move_on_after(limit_s):
             while not await self.healthy():
-                if between_polls is not None:
-                    await between_polls()
                 await anyio.sleep(delay)
                 delay = min(delay * 2, 1.0)
             return True
