@@ -71,6 +71,7 @@ async def screenshots_and_memory(tmp: Path, warm_runs: int = 10) -> None:
             idle_kb, idle_tree_kb = rss_kb(proc.pid), tree_rss_kb(proc.pid)
             times = []
             for n in range(warm_runs + 1):
+                await anyio.sleep(0.5)  # screenshots come seconds apart, not back to back
                 before = len(relay.of_type("notice"))
                 started = time.monotonic()
                 body = {"phone": OWNER, "text": f"screenshot {url}/test-app", "message_id": f"shot-{n}"}

@@ -32,10 +32,13 @@ logger = logging.getLogger(__name__)
 
 MAX_BODY = 64 * 1024
 TEST_APP = """<!doctype html><html><head><meta charset="utf-8"><title>textslash test app</title>
-<style>body{font-family:sans-serif;background:linear-gradient(135deg,#1f6feb,#8957e5);color:#fff;
-display:flex;align-items:center;justify-content:center;height:100vh;margin:0}
-main{text-align:center}h1{font-size:48px;margin:0 0 8px}</style></head>
-<body><main><h1>Hello from your VM</h1><p>textslash took this screenshot with Playwright.</p></main></body></html>"""
+<style>body{font-family:sans-serif;margin:0;background:#f6f8fa;color:#1f2328}
+header{background:#1f6feb;color:#fff;padding:16px 32px;font-size:22px;font-weight:bold}
+main{max-width:720px;margin:32px auto;background:#fff;border:1px solid #d0d7de;border-radius:8px;padding:24px}
+li{padding:8px 0;border-bottom:1px solid #eaeef2;list-style:none}.done{color:#57606a;text-decoration:line-through}
+</style></head><body><header>Hello from your VM</header><main><h2>Today</h2><ul>
+<li class="done">Text a prompt from the phone</li><li class="done">Watch the agent work</li>
+<li>Approve the pull request</li></ul><p>textslash took this screenshot with Playwright.</p></main></body></html>"""
 
 
 class BadRequest(Exception):
@@ -81,6 +84,7 @@ def create_app(settings: Settings, *, agent: Agent | None = None, http: httpx.As
                 tg.start_soon(callbacks.run)
                 tg.start_soon(watch.run)
                 tg.start_soon(_expire_images, images)
+                browser.start(tg)
                 await worker.start(tg)
                 yield
                 with anyio.move_on_after(6, shield=True):
