@@ -12,8 +12,10 @@ import base64
 import os
 import shutil
 import tempfile
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import anyio
 
@@ -101,8 +103,17 @@ class Workspace:
         return ref.removeprefix("origin/") or "main"
 
     async def snapshot(self) -> Snapshot:
-        head = (await self.git("rev-parse", "--verify", "--quiet", "HEAD", check=False)).strip()
-        return Snapshot(head=head, tree=await self._working_tree(), ignored=tuple(await self._ignored()))
+        # Three independent git calls, run side by side: this is on every run's path.
+        results: dict[str, Any] = {}
+
+        async def keep(key: str, call: Awaitable[Any]) -> None:
+            results[key] = await call
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(keep, "head", self.git("rev-parse", "--verify", "--quiet", "HEAD", check=False))
+            tg.start_soon(keep, "tree", self._working_tree())
+            tg.start_soon(keep, "ignored", self._ignored())
+        return Snapshot(head=results["head"].strip(), tree=results["tree"], ignored=tuple(results["ignored"]))
 
     async def _working_tree(self) -> str:
         with tempfile.TemporaryDirectory() as tmp:
