@@ -1,0 +1,88 @@
+"""The worker's small pure pieces: settings, progress wording and throttling, image expiry."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from vm.agent import ProgressThrottle, describe_tool
+from vm.images import ImageStore
+from vm.settings import ConfigError, Settings, github_repo_from_url
+
+BASE = {"WORKER_TOKEN": "worker-token-for-tests", "RELAY_CALLBACK_URL": "http://127.0.0.1:3000",
+        "REPO_URL": "https://github.com/acme/widgets.git"}
+
+
+@pytest.mark.parametrize(("url", "repo"), [
+    ("https://github.com/acme/widgets.git", "acme/widgets"),
+    ("https://github.com/acme/widgets", "acme/widgets"),
+    ("git@github.com:acme/widgets.git", "acme/widgets"),
+    ("ssh://git@github.com/acme/wid.gets.git", "acme/wid.gets"),
+    ("https://gitlab.com/acme/widgets.git", ""),
+    ("file:///srv/origin.git", ""),
+])
+def test_github_repo_from_url(url: str, repo: str) -> None:
+    assert github_repo_from_url(url) == repo
+
+
+def test_worker_defaults() -> None:
+    settings = Settings.from_env(BASE)
+    assert settings.github_repo == "acme/widgets" and settings.port == 3001
+    assert settings.idle_timeout_s == 1800 and settings.image_ttl_s == 24 * 3600
+    assert settings.workspace_dir == Path("/tmp/workspace") and settings.images_dir == Path("/tmp/images")
+    assert settings.enable_test_app is False
+    assert "worker-token-for-tests" not in repr(settings)
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("WORKER_TOKEN", ""), ("WORKER_TOKEN", "short"), ("RELAY_CALLBACK_URL", "relay:3000"), ("REPO_URL", ""),
+    ("REPO_URL", "ftp://x/y"), ("GITHUB_REPO", "not a repo"), ("IDLE_TIMEOUT_MS", "later"),
+    ("IMAGE_TTL_HOURS", "0"), ("ENABLE_TEST_APP", "maybe"), ("PORT", "0"),
+])
+def test_bad_worker_settings_name_the_variable(name: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=name):
+        Settings.from_env({**BASE, name: value})
+
+
+@pytest.mark.parametrize(("tool", "args", "text"), [
+    ("Write", {"file_path": "/repo/src/app.py"}, "✏️ editing src/app.py"),
+    ("Edit", {"file_path": "/elsewhere/x.py"}, "✏️ editing x.py"),
+    ("Read", {"file_path": "/repo/README.md"}, "📖 reading README.md"),
+    ("Bash", {"command": "python -m   pytest -q"}, "▶️ running python -m pytest -q"),
+    ("Bash", {"command": "x" * 100}, "▶️ running " + "x" * 47 + "…"),
+    ("Grep", {"pattern": "TODO"}, "🔎 searching TODO"),
+    ("mcp__textslash__screenshot", {"url": "http://localhost:8000"}, "📸 screenshot of http://localhost:8000"),
+    ("SomethingNew", {}, "🔧 SomethingNew"),
+])
+def test_tool_calls_in_a_few_words(tool: str, args: dict[str, str], text: str) -> None:
+    assert describe_tool(tool, args, Path("/repo")) == text
+
+
+def test_progress_is_at_most_one_message_per_interval_keeping_the_latest() -> None:
+    now = [0.0]
+    sent: list[str] = []
+    throttle = ProgressThrottle(sent.append, 3.0, clock=lambda: now[0])
+    throttle.note("a")  # the first step goes out at once
+    for step in ("b", "c", "d"):
+        now[0] += 0.5
+        throttle.note(step)
+    throttle.flush_due()
+    assert sent == ["a"]  # a flood is held back
+    now[0] = 3.0
+    throttle.flush_due()
+    assert sent == ["a", "d (+2 more steps)"]  # only the latest, saying how many were folded in
+    now[0] = 10.0
+    throttle.note("e")
+    assert sent[-1] == "e"
+
+
+def test_images_expire_after_their_ttl(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path, ttl_s=3600)
+    old, new = store.save(b"old"), store.save(b"new")
+    past = time.time() - 7200
+    os.utime(tmp_path / old, (past, past))
+    assert store.expire() == 1
+    assert store.resolve(old) is None and store.resolve(new) is not None
