@@ -5,28 +5,14 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
-import anyio
-import httpx
 import pytest
 from playwright.async_api import Page, async_playwright, expect
 
-from tests.support.processes import child, free_port, wait_exit
+from tests.support.processes import child, free_port, wait_exit, wait_healthy
 from tests.support.worker_harness import CHROMIUM
 
 pytestmark = pytest.mark.anyio
 STEP = 60_000  # ms: the demo model takes about a second a step
-
-
-async def wait_page(url: str) -> None:
-    async with httpx.AsyncClient() as http:
-        for _ in range(300):
-            try:
-                if (await http.get(f"{url}/api/info", timeout=0.5)).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            await anyio.sleep(0.05)
-    raise AssertionError("the console never served its page")
 
 
 async def say(page: Page, text: str) -> None:
@@ -40,7 +26,7 @@ async def test_the_demo_loop_in_a_browser(tmp_path: Path) -> None:
     env = {"CHROMIUM_PATH": CHROMIUM, "HOME": str(tmp_path / "home")}
     with child("console", env, tmp_path / "console.log", "--demo", "--port", str(port),
                "--data", str(tmp_path / "data")) as proc:
-        await wait_page(url)
+        await wait_healthy(url, proc, path="/api/info")  # the chat page has no /health
         async with async_playwright() as pw:
             browser = await pw.chromium.launch(executable_path=CHROMIUM,
                                                args=["--disable-background-networking", "--disable-component-update"])

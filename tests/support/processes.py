@@ -43,14 +43,14 @@ def child(module: str, env: dict[str, str], log: Path, *args: str) -> Iterator[s
         proc.wait(timeout=10)
 
 
-async def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+async def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 20.0, path: str = "/health") -> None:
     async with httpx.AsyncClient() as client:
         with anyio.fail_after(timeout):
             while True:
                 if proc.poll() is not None:
                     raise AssertionError(f"process exited early with {proc.returncode}")
                 try:
-                    if (await client.get(f"{url}/health", timeout=0.5)).status_code == 200:
+                    if (await client.get(f"{url}{path}", timeout=0.5)).status_code == 200:
                         return
                 except httpx.TransportError:
                     pass
