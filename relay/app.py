@@ -35,6 +35,8 @@ EMPTY_TWIML = '<?xml version="1.0" encoding="UTF-8"?><Response />'
 MAX_WEBHOOK_BYTES = 64 * 1024  # Twilio's form posts are a few KB; anything bigger is not Twilio
 MAX_CALLBACK_BYTES = 256 * 1024
 MAX_IMAGE_BYTES = 5 * 1024 * 1024  # WhatsApp's own limit for an image
+# Twilio fetches an image when it sends the message (and on its retries, within hours).
+IMAGE_CACHE_TTL_S = 48 * 3600
 
 
 class BodyTooLarge(Exception):
@@ -62,6 +64,7 @@ def create_app(settings: Settings, *, sender: TwilioSender | None = None, http: 
         try:
             async with anyio.create_task_group() as tg:
                 await dispatcher.run(tg)
+                tg.start_soon(_prune_images_hourly, settings.images_dir, clock)
                 yield
                 # uvicorn has stopped taking requests; give lanes a moment to finish the
                 # send or call in hand (all state is in SQLite, so cutting them loses nothing).
@@ -194,6 +197,27 @@ async def _cache_image(worker: WorkerClient, images_dir: Path, name: str) -> boo
     await anyio.Path(tmp).write_bytes(data)
     os.replace(tmp, path)
     return True
+
+
+def prune_images(images_dir: Path, now: float, max_age_s: float = IMAGE_CACHE_TTL_S) -> int:
+    """Delete cached images (and stray partial writes) older than `max_age_s`; returns how many."""
+    removed = 0
+    for path in images_dir.iterdir():
+        try:
+            if path.is_file() and now - path.stat().st_mtime > max_age_s:
+                path.unlink()
+                removed += 1
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+async def _prune_images_hourly(images_dir: Path, clock: Callable[[], float]) -> None:
+    while True:
+        removed = await anyio.to_thread.run_sync(prune_images, images_dir, clock())
+        if removed:
+            logger.info("pruned %d cached images", removed)
+        await anyio.sleep(3600)
 
 
 def _twiml() -> Response:

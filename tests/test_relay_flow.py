@@ -182,3 +182,18 @@ async def test_repeated_callback_is_shown_once(stack: Stack) -> None:
 async def test_image_route_reaches_nothing_outside_the_cache(stack: Stack, name: str) -> None:
     response = await stack.http.get(f"{stack.url}/images/{name}")
     assert response.status_code == 404
+
+
+def test_cached_images_are_pruned_after_two_days(tmp_path: Path) -> None:
+    import os
+    import time
+
+    from relay.app import prune_images
+
+    old, fresh = tmp_path / ("o" * 20 + ".png"), tmp_path / ("f" * 20 + ".png")
+    old.write_bytes(PNG)
+    fresh.write_bytes(PNG)
+    three_days_ago = time.time() - 3 * 24 * 3600
+    os.utime(old, (three_days_ago, three_days_ago))
+    assert prune_images(tmp_path, time.time()) == 1
+    assert not old.exists() and fresh.exists()
