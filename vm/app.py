@@ -8,10 +8,9 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
-import httpx
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
@@ -24,9 +23,13 @@ from vm.callbacks import CallbackSender
 from vm.github import GitHub
 from vm.idle import IdleWatch
 from vm.images import ImageStore
+from vm.lazy_http import LazyHTTP
 from vm.runs import IllegalRunTransition
 from vm.settings import Settings
 from vm.worker import Reply, Worker
+
+if TYPE_CHECKING:
+    import httpx
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +62,7 @@ def create_app(settings: Settings, *, agent: Agent | None = None, http: httpx.As
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        client = http or httpx.AsyncClient()
+        client = LazyHTTP(http)
         callbacks = CallbackSender(settings.state_dir / "outbox", settings.relay_callback_url, settings.worker_token,
                                    client)
         github = None
@@ -81,6 +84,7 @@ def create_app(settings: Settings, *, agent: Agent | None = None, http: httpx.As
         app.state.worker, app.state.watch, app.state.images = worker, watch, images
         try:
             async with anyio.create_task_group() as tg:
+                tg.start_soon(client.build)
                 tg.start_soon(callbacks.run)
                 tg.start_soon(watch.run)
                 tg.start_soon(_expire_images, images)
@@ -93,8 +97,7 @@ def create_app(settings: Settings, *, agent: Agent | None = None, http: httpx.As
         finally:
             with anyio.CancelScope(shield=True):
                 await browser.close()
-                if http is None:
-                    await client.aclose()
+                await client.aclose()
 
     async def health(request: Request) -> JSONResponse:
         worker: Worker = request.app.state.worker
@@ -204,11 +207,14 @@ async def _expire_images(images: ImageStore) -> None:
         await anyio.sleep(600)
 
 
-async def _say_goodnight(client: httpx.AsyncClient, settings: Settings, phones: list[str]) -> None:
+async def _say_goodnight(lazy: LazyHTTP, settings: Settings, phones: list[str]) -> None:
     """Tell the relay the worker is going to sleep, so `status` can say so without waking it.
 
     Best effort and never spooled: a stale "sleeping" delivered after the next boot would lie.
     """
+    import httpx
+
+    client = await lazy.get()
     headers = {"Authorization": f"Bearer {settings.worker_token}"}
     for phone in phones[:1]:  # the relay keeps one state for the worker: one owner's route is enough
         event = {"type": "sleeping", "run_id": "idle", "seq": time.time_ns()}

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import httpx
+
+from vm.lazy_http import LazyHTTP
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ class CallbackSender:
     spool: Path
     relay_url: str
     token: str = field(repr=False)
-    http: httpx.AsyncClient
+    http: LazyHTTP
     _wakeup: anyio.Event = field(default_factory=anyio.Event)
     _last_seq: int = 0
 
@@ -65,10 +66,13 @@ class CallbackSender:
                 delay = min(delay * 2, 10.0)
 
     async def _deliver(self, path: Path) -> bool:
+        import httpx  # on first use, not at boot (see vm/lazy_http.py)
+
         item = json.loads(await anyio.Path(path).read_text())
         url = f"{self.relay_url}/callback/{item['phone']}"
+        client = await self.http.get()
         try:
-            response = await self.http.post(url, json=item["event"], headers={"Authorization": f"Bearer {self.token}"},
+            response = await client.post(url, json=item["event"], headers={"Authorization": f"Bearer {self.token}"},
                                             timeout=10.0)
         except httpx.HTTPError as exc:
             logger.warning("callback %s failed (%s); will retry", item["event"].get("type"), type(exc).__name__)

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-import httpx
+from typing import TYPE_CHECKING
+
+from vm.lazy_http import LazyHTTP
+
+if TYPE_CHECKING:
+    import httpx
 
 API_VERSION = "2022-11-28"
 
@@ -12,7 +17,7 @@ class GitHubError(RuntimeError):
 
 
 class GitHub:
-    def __init__(self, http: httpx.AsyncClient, *, api_url: str, token: str, repo: str) -> None:
+    def __init__(self, http: LazyHTTP, *, api_url: str, token: str, repo: str) -> None:
         self._http = http
         self._api = api_url.rstrip("/")
         self._repo = repo
@@ -21,13 +26,16 @@ class GitHub:
 
     async def open_pull_request(self, *, head: str, base: str, title: str, body: str) -> str:
         """Create the PR (or find the one already open for `head`); returns its web URL."""
+        import httpx  # on first use, not at boot (see vm/lazy_http.py)
+
         url = f"{self._api}/repos/{self._repo}/pulls"
         payload = {"title": title, "head": head, "base": base, "body": body}
+        client = await self._http.get()
         try:
-            response = await self._http.post(url, json=payload, headers=self._headers, timeout=20.0)
+            response = await client.post(url, json=payload, headers=self._headers, timeout=20.0)
             if response.status_code == 422 and "already exists" in response.text:
                 owner = self._repo.split("/")[0]
-                found = await self._http.get(url, params={"head": f"{owner}:{head}", "state": "open"},
+                found = await client.get(url, params={"head": f"{owner}:{head}", "state": "open"},
                                              headers=self._headers, timeout=20.0)
                 if found.status_code == 200 and found.json():
                     return str(found.json()[0]["html_url"])
