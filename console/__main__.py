@@ -143,6 +143,8 @@ async def run(opts: Options) -> None:
                 relay_env["TWILIO_API_BASE_URL"] = chat_url
             relay = spawn("relay", relay_env, opts.data / "relay.log")
             try:
+                # The page must not take a message the relay cannot receive yet.
+                await _wait_for_relay(http, relay_url, relay, opts.data / "relay.log")
                 async with serve(chat.app(), opts.host, opts.port), serve(proxy.app(), "127.0.0.1", proxy_port):
                     _banner(opts, chat_url, real_twilio, notes)
                     await _watch(relay, opts.data / "relay.log")
@@ -204,6 +206,19 @@ def _banner(opts: Options, chat_url: str, real_twilio: bool, notes: list[str]) -
         "",
     ]
     print("\n".join(lines), flush=True)  # noqa: T201 - this is the console program
+
+
+async def _wait_for_relay(http: httpx.AsyncClient, url: str, relay: subprocess.Popen[bytes], log: Path) -> None:
+    with anyio.move_on_after(60):
+        while relay.poll() is None:
+            try:
+                if (await http.get(f"{url}/health", timeout=1.0)).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            await anyio.sleep(0.05)
+    tail = (await anyio.Path(log).read_text(errors="replace")).strip().splitlines()[-5:]
+    raise SystemExit("console: the relay did not start:\n  " + "\n  ".join(tail))
 
 
 async def _stop_on_signal(scope: anyio.CancelScope) -> None:
