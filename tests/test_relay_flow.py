@@ -127,7 +127,8 @@ async def test_approval_window_expires_into_a_reject(tmp_path: Path) -> None:
         run_id = await start_run(stack)
         await stack.report("answer", run_id=run_id, text="done", changes=True)
         await wait_for(lambda: "/reject" in stack.worker.paths(), what="automatic reject")
-        assert any("No answer within" in b for b in stack.twilio.bodies(OWNER))
+        # The notice goes through the outbox, independently of the call to the worker.
+        await wait_for(lambda: any("No answer within" in b for b in stack.twilio.bodies(OWNER)), what="notice")
 
 
 async def test_worker_refusing_a_call_is_told_to_the_owner(stack: Stack) -> None:

@@ -48,8 +48,16 @@ async def _serving(app: Any, sock: socket.socket) -> AsyncIterator[str]:
     server = uvicorn.Server(config)
     # uvicorn would take over SIGINT/SIGTERM from the main thread; tests must keep pytest's.
     server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
+    stopped = anyio.Event()
+
+    async def serve() -> None:
+        try:
+            await server.serve([sock])
+        finally:
+            stopped.set()
+
     async with anyio.create_task_group() as tg:
-        tg.start_soon(server.serve, [sock])
+        tg.start_soon(serve)
         with anyio.fail_after(10):
             while not server.started:
                 if server.should_exit:
@@ -59,6 +67,10 @@ async def _serving(app: Any, sock: socket.socket) -> AsyncIterator[str]:
             yield url_of(sock)
         finally:
             server.should_exit = True
+            # Wait for the graceful shutdown here, even when the block failed: leaving the task
+            # group with an exception would cancel serve() and leak its open connections.
+            with anyio.move_on_after(5, shield=True):
+                await stopped.wait()
 
 
 async def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
