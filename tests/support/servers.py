@@ -15,14 +15,13 @@ import uvicorn
 def reserve_port() -> socket.socket:
     """A socket bound to a free loopback port but not listening: connections are refused until
     a server is started on it, which is exactly what a sleeping worker looks like."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    return sock
+    return reserve_port_at(0)
 
 
 def reserve_port_at(port: int) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # proto must say TCP: asyncio sets TCP_NODELAY on accepted connections only when it does, and
+    # without it Nagle's algorithm and the peer's delayed ACK hold a response's body back 40 ms.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", port))
     return sock
