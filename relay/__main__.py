@@ -19,7 +19,9 @@ def main() -> int:
     load_dotenv(Path.cwd() / ".env")
     logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("twilio.http_client").setLevel(logging.WARNING)  # one line per request is noise
+    # One line per request is noise (a line per /health poll while the VM wakes).
+    logging.getLogger("twilio.http_client").setLevel(logging.WARNING)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         settings = Settings.from_env(os.environ)
     except ConfigError as exc:
@@ -27,9 +29,10 @@ def main() -> int:
         return 2
     app = create_app(settings)
     # SIGTERM: uvicorn stops accepting, finishes requests in flight, then runs the lifespan's
-    # shutdown; 4 s + the lifespan's 5 s stays inside the 10 s Fly allows.
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=4,
-                proxy_headers=False)
+    # shutdown; 4 s + the lifespan's 5 s stays inside the 10 s Fly allows. No access log: the
+    # dispatcher logs each event with the number masked.
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", access_log=False,
+                timeout_graceful_shutdown=4, proxy_headers=False)
     return 0
 
 

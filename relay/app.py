@@ -25,7 +25,7 @@ from starlette.routing import Route
 from relay import store
 from relay.dispatcher import Dispatcher
 from relay.events import IMAGE_NAME, BadEvent, worker_event_from_json, worker_event_to_json
-from relay.settings import E164, Settings
+from relay.settings import E164, Settings, mask_phone
 from relay.twilio import TwilioSender, signature_is_valid
 from relay.worker_client import WorkerClient
 
@@ -101,7 +101,7 @@ def create_app(settings: Settings, *, sender: TwilioSender | None = None, http: 
         if not sid or not E164.match(phone):
             return _error(400, "From (an E.164 number) and MessageSid are required")
         if phone not in settings.allowed_phone_numbers:
-            logger.info("ignored a message from %s: not in ALLOWED_PHONE_NUMBERS", _mask(phone))
+            logger.info("ignored a message from %s: not in ALLOWED_PHONE_NUMBERS", mask_phone(phone))
             return _twiml()
         event = {"type": "owner", "text": body, "message_id": sid}
         if not await request.app.state.dispatcher.record(phone, f"msg:{sid}", event):
@@ -226,7 +226,3 @@ def _twiml() -> Response:
 
 def _error(status: int, detail: str) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=status)
-
-
-def _mask(phone: str) -> str:
-    return phone[:4] + "…" + phone[-2:]

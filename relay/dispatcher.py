@@ -37,7 +37,7 @@ from relay.events import (
     worker_event_from_json,
 )
 from relay.lanes import Lanes
-from relay.settings import Settings
+from relay.settings import Settings, mask_phone
 from relay.twilio import SendResult, TwilioSender, split_body
 from relay.worker_client import WorkerClient
 
@@ -76,8 +76,12 @@ def process_next(conn: sqlite3.Connection, phone: str, now: float, approval_time
             return None
         inbox_id, data = item
         conv = store.load_conversation(conn, phone)
+        before = conv.state
         try:
             conv, effects = apply(conv, decode_event(data), Context(now, approval_timeout_s))
+            # One line per event instead of an access log, which would print the owner's number
+            # (it is in /callback/{phone}) and the unguessable image names.
+            logger.info("%s: %s, %s -> %s", mask_phone(phone), data.get("type"), before, conv.state)
         except Exception:
             # A poison event must not block the owner's lane forever: log it and move on.
             logger.exception("could not handle inbox event %s of type %r", inbox_id, data.get("type"))

@@ -9,9 +9,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.config import E164, ConfigError, EnvReader
+from common.config import E164, ConfigError, EnvReader, mask_phone
 
-__all__ = ["E164", "ConfigError", "Settings"]
+__all__ = ["E164", "ConfigError", "Settings", "mask_phone"]
 
 
 @dataclass(frozen=True)

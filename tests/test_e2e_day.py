@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from common.config import mask_phone
 from console.scripted_model import Text, bash, edit, write
 from tests.support.git_origin import branches, show
 from tests.support.pair_harness import pair_stack
 from tests.support.processes import wait_exit
-from tests.support.relay_harness import AUTH_TOKEN
+from tests.support.relay_harness import AUTH_TOKEN, OWNER
 from tests.support.servers import wait_for
 from tests.support.worker_harness import GITHUB_TOKEN
 from tests.test_worker_control import pids_with
@@ -87,3 +88,5 @@ async def test_an_owners_day(tmp_path: Path) -> None:
         for name, value in secrets.items():
             assert value not in logs, f"{name} leaked into a log"
             assert value not in sent, f"{name} leaked into a message"
+        # Nor the owner's number: the relay logs each event with the number masked.
+        assert OWNER not in logs and f"{mask_phone(OWNER)}: owner, idle -> working" in logs

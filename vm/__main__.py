@@ -18,6 +18,8 @@ def main() -> int:
     load_dotenv(Path.cwd() / ".env")
     logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # httpx logs every request's URL, and a callback's URL holds the owner's number.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         settings = Settings.from_env(os.environ)
     except ConfigError as exc:
