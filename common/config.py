@@ -1,16 +1,26 @@
-"""Reading settings from the environment, shared by the relay and the worker.
+"""Reading settings from the environment, and the logging set-up, shared by the relay and the worker.
 
 Every problem names the variable at fault; values of secrets never appear in a message.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 E164 = re.compile(r"^\+[1-9]\d{6,14}$")
+
+
+def configure_logging(level: str) -> None:
+    """One format for both processes, and none of the libraries' per-request lines: they are
+    noise (a line per /health poll while the VM wakes), and their URLs hold the owner's number
+    (`/callback/{phone}`)."""
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("httpx", "twilio.http_client"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def mask_phone(phone: str) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import uvicorn
 from dotenv import load_dotenv
 
+from common.config import configure_logging
 from relay.app import create_app
 from relay.settings import ConfigError, Settings
 
@@ -17,11 +17,7 @@ from relay.settings import ConfigError, Settings
 def main() -> int:
     # A local .env in the working directory; on Fly the variables come from secrets and fly.toml.
     load_dotenv(Path.cwd() / ".env")
-    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # One line per request is noise (a line per /health poll while the VM wakes).
-    logging.getLogger("twilio.http_client").setLevel(logging.WARNING)
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    configure_logging(os.environ.get("LOG_LEVEL", "INFO"))
     try:
         settings = Settings.from_env(os.environ)
     except ConfigError as exc:

@@ -79,13 +79,13 @@ def process_next(conn: sqlite3.Connection, phone: str, now: float, approval_time
         before = conv.state
         try:
             conv, effects = apply(conv, decode_event(data), Context(now, approval_timeout_s))
-            # One line per event instead of an access log, which would print the owner's number
-            # (it is in /callback/{phone}) and the unguessable image names.
-            logger.info("%s: %s, %s -> %s", mask_phone(phone), data.get("type"), before, conv.state)
         except Exception:
             # A poison event must not block the owner's lane forever: log it and move on.
             logger.exception("could not handle inbox event %s of type %r", inbox_id, data.get("type"))
             effects = []
+        # One line per event instead of an access log, which would print the owner's number
+        # (it is in /callback/{phone}) and the unguessable image names.
+        logger.info("%s: %s, %s -> %s", mask_phone(phone), data.get("type"), before, conv.state)
         outcome = Outcome()
         for effect in effects:
             _record(conn, conv, effect, now, outcome)

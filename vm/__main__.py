@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from pathlib import Path
@@ -10,16 +9,14 @@ from pathlib import Path
 import uvicorn
 from dotenv import load_dotenv
 
+from common.config import configure_logging
 from vm.app import create_app
 from vm.settings import ConfigError, Settings
 
 
 def main() -> int:
     load_dotenv(Path.cwd() / ".env")
-    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # httpx logs every request's URL, and a callback's URL holds the owner's number.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    configure_logging(os.environ.get("LOG_LEVEL", "INFO"))
     try:
         settings = Settings.from_env(os.environ)
     except ConfigError as exc:
