@@ -110,6 +110,7 @@ def stop(*procs: subprocess.Popen[bytes] | None) -> None:
 
 
 async def run(opts: Options) -> None:
+    os.umask(0o077)  # logs, the relay's database and the worker's files: private to this user
     opts.data.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     real_twilio = not opts.demo and bool(env.get("TWILIO_ACCOUNT_SID") and env.get("TWILIO_AUTH_TOKEN"))
@@ -132,7 +133,9 @@ async def run(opts: Options) -> None:
                       "IDLE_TIMEOUT_MS": env.get("IDLE_TIMEOUT_MS", "120000" if opts.demo else "300000")}
         if shutil.which("chromium") and not env.get("CHROMIUM_PATH"):
             worker_env["CHROMIUM_PATH"] = shutil.which("chromium") or ""
+        worker_env["AGENT_ISOLATION"] = _isolation(env, opts.data)
         async with _stand_ins(opts, env, worker_env, http) as notes:
+            notes.append(ISOLATION_NOTES[worker_env["AGENT_ISOLATION"]])
             proxy = WakeProxy(lambda: spawn("vm", worker_env, opts.data / "worker.log"),
                               f"http://127.0.0.1:{worker_port}", http)
             relay_env = {**env, "PUBLIC_URL": public_url, "TWILIO_ACCOUNT_SID": sid, "TWILIO_AUTH_TOKEN": token,
@@ -191,6 +194,20 @@ async def _stand_ins(opts: Options, env: dict[str, str], worker_env: dict[str, s
                 await stack.enter_async_context(server)
             yield notes
         tg.cancel_scope.cancel()
+
+
+ISOLATION_NOTES = {
+    "on": "agent isolation: on (each owner's agent runs as its own user)",
+    "off": "agent isolation: OFF - the agent runs as you and can read the worker's secrets (run as root to isolate)",
+}
+
+
+def _isolation(env: dict[str, str], data: Path) -> str:
+    """Isolation needs root; unprivileged, the worker would refuse to start, so turn it off."""
+    if os.geteuid() != 0 or env.get("AGENT_ISOLATION", "").strip().lower() in ("0", "false", "no", "off"):
+        return "off"
+    os.chmod(data, data.stat().st_mode | 0o001)  # the agent users must reach their checkouts below it
+    return "on"
 
 
 def _banner(opts: Options, chat_url: str, real_twilio: bool, notes: list[str]) -> None:

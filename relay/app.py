@@ -100,6 +100,10 @@ def create_app(settings: Settings, *, sender: TwilioSender | None = None, http: 
         phone = sender.removeprefix("whatsapp:")
         if not sid or not E164.match(phone):
             return _error(400, "From (an E.164 number) and MessageSid are required")
+        if not sender.startswith("whatsapp:"):
+            # An SMS (or voice) sender's number is easy to spoof; owners are WhatsApp senders only.
+            logger.info("ignored a message from %s: not sent over WhatsApp", mask_phone(phone))
+            return _twiml()
         if phone not in settings.allowed_phone_numbers:
             logger.info("ignored a message from %s: not in ALLOWED_PHONE_NUMBERS", mask_phone(phone))
             return _twiml()
@@ -130,19 +134,20 @@ def create_app(settings: Settings, *, sender: TwilioSender | None = None, http: 
         for name in event.images:
             if not await _cache_image(request.app.state.worker, settings.images_dir, name):
                 # The worker retries the callback, so the image is fetched while it is awake.
-                return _error(502, f"could not fetch image {name} from the worker")
+                # (No name in the answer: the worker logs it, and a name is a capability.)
+                return _error(502, "could not fetch an image from the worker")
         new = await dispatcher.record(phone, f"evt:{event.run_id}:{seq}", {**worker_event_to_json(event), "seq": seq},
                                       from_worker=True)
         return JSONResponse({"ok": True, "duplicate": not new})
 
     async def image(request: Request) -> Response:
+        # Only what a worker callback put in the cache: anyone may ask, so a miss never reaches
+        # the worker (over Flycast that request would start its Machine).
         name = request.path_params["name"]
-        if not IMAGE_NAME.match(name):
+        path = settings.images_dir / name
+        if not IMAGE_NAME.match(name) or not path.is_file():
             return _error(404, "no such image")
-        if not await _cache_image(request.app.state.worker, settings.images_dir, name):
-            return _error(404, "no such image")
-        return FileResponse(settings.images_dir / name, media_type="image/png",
-                            headers={"Cache-Control": "private, max-age=86400"})
+        return FileResponse(path, media_type="image/png", headers={"Cache-Control": "private, max-age=86400"})
 
     routes = [
         Route("/health", health, methods=["GET"]),

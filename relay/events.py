@@ -76,6 +76,8 @@ class WorkerEvent:
     files: tuple[tuple[str, int, int], ...] = ()
     diff: str = ""
     images: tuple[str, ...] = ()
+    left_out: tuple[str, ...] = ()  # pr_opened: paths written after the diff, not committed
+    left_out_count: int = 0
 
 
 # Terminal events end a run: the run's own answer, a cancel, or a failure.
@@ -111,6 +113,8 @@ def worker_event_from_json(data: Any) -> tuple[WorkerEvent, int]:
             files=tuple((str(f["path"]), int(f["added"]), int(f["removed"])) for f in data.get("files") or ()),
             diff=_string(data, "diff", 50_000),
             images=tuple(data.get("images") or ()),
+            left_out=tuple(str(p)[:300] for p in (data.get("left_out") or ())[:50]),
+            left_out_count=int(data.get("left_out_count") or 0),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise BadEvent(f"malformed field: {exc}") from None

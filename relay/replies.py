@@ -93,8 +93,19 @@ def approval_request(event: WorkerEvent, window_s: float) -> str:
 
 def applied(event: WorkerEvent) -> str:
     if event.type == "pr_opened":
-        return f"✅ Pull request opened: {event.url}" if event.url else f"✅ Pushed branch {event.text or ''}".rstrip()
+        done = f"✅ Pull request opened: {event.url}" if event.url else f"✅ Pushed branch {event.text or ''}".rstrip()
+        return done + left_out(event)
     return "↩️ Rolled back: the checkout is as it was before the run."
+
+
+def left_out(event: WorkerEvent) -> str:
+    """Files that changed after the owner saw the diff: committed as shown, these stayed behind."""
+    count = max(event.left_out_count, len(event.left_out))
+    if not count:
+        return ""
+    more = f" and {count - len(event.left_out)} more" if count > len(event.left_out) else ""
+    return (f"\n⚠️ Left out: {', '.join(event.left_out)}{more} changed after you saw the diff; "
+            "committed is exactly what you were shown. They stay in the checkout, uncommitted.")
 
 
 def decision_failed(kind: str, reason: str) -> str:

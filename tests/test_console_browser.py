@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytest
 from playwright.async_api import Page, async_playwright, expect
 
 from tests.support.processes import child, free_port, wait_exit, wait_healthy
-from tests.support.worker_harness import CHROMIUM
+from tests.support.worker_harness import CHROMIUM, open_for_agents
 
 pytestmark = pytest.mark.anyio
 STEP = 60_000  # ms: the demo model takes about a second a step
@@ -24,6 +25,9 @@ async def test_the_demo_loop_in_a_browser(tmp_path: Path) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {"CHROMIUM_PATH": CHROMIUM, "HOME": str(tmp_path / "home")}
+    root = os.geteuid() == 0
+    if root:
+        open_for_agents(tmp_path)  # the agent users must reach the demo's checkouts
     with child("console", env, tmp_path / "console.log", "--demo", "--port", str(port),
                "--data", str(tmp_path / "data")) as proc:
         await wait_healthy(url, proc, path="/api/info")  # the chat page has no /health
@@ -51,5 +55,7 @@ async def test_the_demo_loop_in_a_browser(tmp_path: Path) -> None:
                 await expect(page.get_by_role("heading", name="add a greeting #1")).to_be_visible()
             finally:
                 await browser.close()
+        banner = (tmp_path / "console.log").read_text()
+        assert f"agent isolation: {'on' if root else 'OFF'}" in banner
         proc.send_signal(signal.SIGTERM)
         assert await wait_exit(proc, 15) == 0

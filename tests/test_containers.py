@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support.processes import ROOT, free_port, wait_healthy
+from tests.support.processes import ROOT, free_port, image_command, wait_healthy
 from tests.support.relay_harness import relay_env
 
 pytestmark = pytest.mark.anyio
@@ -47,13 +47,22 @@ def test_hadolint_passes(half: str) -> None:
 
 
 @pytest.mark.parametrize("half", DOCKERFILES)
-def test_exec_form_cmd_no_entrypoint_script_non_root_and_sha(half: str) -> None:
+def test_exec_form_cmd_no_entrypoint_script_least_privilege_and_sha(half: str) -> None:
     steps = instructions(DOCKERFILES[half])
     cmds = [arg for op, arg in steps if op == "CMD"]
-    assert cmds and json.loads(cmds[-1]) == ["python", "-m", half]  # exec form: signals reach python
+    # Exec form, and only exec()s before python: signals reach python.
+    assert cmds and json.loads(cmds[-1])[-3:] == ["python", "-m", half]
     assert not [arg for op, arg in steps if op == "ENTRYPOINT"]
     users = [arg for op, arg in steps if op == "USER"]
-    assert users and not users[-1].startswith(("root", "0"))
+    if half == "relay":
+        assert users and not users[-1].startswith(("root", "0"))
+    else:
+        # Root, to start each owner's agent as its own user, with a trimmed capability set.
+        assert not users or users[-1].startswith(("root", "0"))
+        setpriv, bounding, *_ = json.loads(cmds[-1])
+        kept = set(bounding.removeprefix("--bounding-set=-all,").split(","))
+        assert setpriv == "setpriv" and bounding.startswith("--bounding-set=-all,")
+        assert "+sys_ptrace" not in kept and "+sys_admin" not in kept and {"+setuid", "+setgid", "+kill"} <= kept
     assert ("ARG", "VERSION_SHA=unknown") in steps
     assert any(op == "ENV" and "DEPLOYED_SHA=${VERSION_SHA}" in arg for op, arg in steps)
     assert any(op == "RUN" and f"uv sync --locked --no-dev --extra {half}" in arg for op, arg in steps)
@@ -96,8 +105,13 @@ def installed(venv: Path) -> set[str]:
 @contextmanager
 def isolated(app: Path, venv: Path, module: str, env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
     """`python -m module` from the image's venv and folders only: no PYTHONPATH, no repository."""
+    # The image's own CMD where this machine can run it (the worker's drops capabilities: root only).
+    python = str(venv / "bin" / "python")
+    command = image_command(DOCKERFILES[module], python)
+    if module == "vm" and os.geteuid() != 0:
+        command, env = [python, "-m", "vm"], {**env, "AGENT_ISOLATION": "off"}
     with (app / "out.log").open("wb") as log:
-        proc = subprocess.Popen([str(venv / "bin" / "python"), "-m", module], cwd=app, stdout=log,
+        proc = subprocess.Popen(command, cwd=app, stdout=log,
                                 stderr=subprocess.STDOUT,
                                 env={"PATH": f"{venv}/bin:/usr/bin:/bin", "HOME": str(app), **env})
     try:

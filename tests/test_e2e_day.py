@@ -88,5 +88,8 @@ async def test_an_owners_day(tmp_path: Path) -> None:
         for name, value in secrets.items():
             assert value not in logs, f"{name} leaked into a log"
             assert value not in sent, f"{name} leaked into a message"
+        # Nor an image's name, which is all it takes to fetch the image from the public relay.
+        names = [url.rsplit("/", 1)[-1] for m in twilio.messages for url in m.media]
+        assert len(names) == 3 and [n for n in names if n.removesuffix(".png") in logs] == []
         # Nor the owner's number: the relay logs each event with the number masked.
         assert OWNER not in logs and f"{mask_phone(OWNER)}: owner, idle -> working" in logs

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -11,7 +12,20 @@ from dotenv import load_dotenv
 
 from common.config import configure_logging
 from vm.app import create_app
+from vm.sandbox import scrub_environment
 from vm.settings import ConfigError, Settings
+
+logger = logging.getLogger("vm")
+NEEDS_ROOT = (
+    "vm: AGENT_ISOLATION is on, and starting each owner's agent as its own user needs root (the worker "
+    "image runs as root for this). On a developer machine, set AGENT_ISOLATION=off to run the agent "
+    "as your own user, which can then read the worker's secrets."
+)
+UNISOLATED = (
+    "AGENT_ISOLATION=off: THE AGENT RUNS AS THIS WORKER'S OWN USER. It can read the worker's secrets "
+    "(WORKER_TOKEN, GITHUB_TOKEN) and every owner's files, and push around the approval. Use this only "
+    "on your own machine, never for a deployment."
+)
 
 
 def main() -> int:
@@ -22,6 +36,14 @@ def main() -> int:
     except ConfigError as exc:
         print(f"vm: configuration error: {exc}", file=sys.stderr)  # noqa: T201 - before logging matters
         return 2
+    if settings.agent_isolation and os.geteuid() != 0:
+        print(NEEDS_ROOT, file=sys.stderr)  # noqa: T201 - as above
+        return 2
+    if not settings.agent_isolation:
+        logger.warning(UNISOLATED)
+    # The settings hold what the worker needs; nothing it starts may inherit the rest.
+    scrub_environment(os.environ)
+    os.umask(0o077)  # what the worker writes is its own unless it says otherwise (vm/sandbox.py)
     server: uvicorn.Server | None = None
 
     def stop_when_idle() -> None:
@@ -31,7 +53,7 @@ def main() -> int:
     app = create_app(settings, on_idle=stop_when_idle)
     # SIGTERM: uvicorn finishes requests (3 s at most), then the lifespan ends every run's
     # processes (6 s at most) with their state kept on disk: inside Fly's 10 s.
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info", access_log=False,
                             timeout_graceful_shutdown=3, proxy_headers=False)
     server = uvicorn.Server(config)
     server.run()

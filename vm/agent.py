@@ -113,7 +113,10 @@ class Agent:
         self._max_turns = max_turns
 
     async def run(self, *, cwd: Path, prompt: str, session_id: str | None, marker: str, on_progress: Progress,
-                  on_session: Callable[[str], None], tool_servers: dict[str, Any]) -> RunResult:
+                  on_session: Callable[[str], None], tool_servers: dict[str, Any], cli_path: str | None = None,
+                  env: Mapping[str, str] | None = None) -> RunResult:
+        """One prompt on the owner's session. `cli_path` and `env` come from the sandbox: the
+        launcher that starts the CLI as the owner's agent user, and that user's HOME and folders."""
         from claude_agent_sdk import (
             AssistantMessage,
             ClaudeAgentOptions,
@@ -126,15 +129,16 @@ class Agent:
         )
 
         async def allow(name: str, args: dict[str, Any], context: Any) -> PermissionResultAllow:
-            # The VM is the sandbox and the diff approval is the gate; root cannot use
-            # bypass mode, so every tool is allowed here instead.
+            # The agent's own OS user is the sandbox and the diff approval is the gate; Claude
+            # Code refuses bypass mode as root (and off isolation we may be root), so every tool
+            # is allowed here instead.
             return PermissionResultAllow()
 
         options = ClaudeAgentOptions(
             cwd=str(cwd), resume=session_id, can_use_tool=allow, mcp_servers=tool_servers,
             disallowed_tools=DISALLOWED, max_turns=self._max_turns,
             system_prompt={"type": "preset", "preset": "claude_code", "append": SYSTEM_APPEND},
-            env={**self._env, MARKER_VAR: marker},
+            env={**self._env, **(env or {}), MARKER_VAR: marker}, cli_path=cli_path,
         )
         throttle = ProgressThrottle(on_progress, self._interval)
         texts: list[str] = []

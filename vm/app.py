@@ -5,6 +5,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -25,6 +26,7 @@ from vm.idle import IdleWatch
 from vm.images import ImageStore
 from vm.lazy_http import LazyHTTP
 from vm.runs import IllegalRunTransition
+from vm.sandbox import Sandbox, agent_may_inherit
 from vm.settings import Settings
 from vm.worker import Reply, Worker
 
@@ -54,11 +56,9 @@ def create_app(settings: Settings, *, agent: Agent | None = None, http: httpx.As
                on_idle: Callable[[], Awaitable[None] | None] | None = None) -> Starlette:
     """Build the worker. `on_idle` is called once when the idle timer fires (the CLI stops uvicorn)."""
     started = time.monotonic()
-    # The agent inherits the environment (model credentials: ANTHROPIC_API_KEY,
-    # CLAUDE_CODE_OAUTH_TOKEN, ANTHROPIC_BASE_URL), but not the worker's own secrets.
-    env = {"WORKER_TOKEN": "", "GITHUB_TOKEN": ""}
-    if settings.claude_config_dir:
-        env["CLAUDE_CONFIG_DIR"] = settings.claude_config_dir
+    # `python -m vm` drops every variable the agent may not inherit before this runs; blanking
+    # any that are still there keeps an app made some other way (a test) just as safe.
+    env = {name: "" for name in os.environ if not agent_may_inherit(name)}
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -71,7 +71,10 @@ def create_app(settings: Settings, *, agent: Agent | None = None, http: httpx.As
                             repo=settings.github_repo)
         browser = BrowserPool(settings.chromium_path)
         images = ImageStore(settings.images_dir, settings.image_ttl_s)
-        worker = Worker(settings, callbacks, agent or Agent(env), browser, images, github)
+        sandbox = Sandbox(workspace_dir=settings.workspace_dir, state_dir=settings.state_dir,
+                          claude_config_dir=settings.claude_config_dir, isolated=settings.agent_isolation)
+        sandbox.secure_roots(settings.state_dir, settings.images_dir)
+        worker = Worker(settings, callbacks, agent or Agent(env), browser, images, github, sandbox)
 
         async def idle() -> None:
             await _say_goodnight(client, settings, worker.phones)
@@ -117,6 +120,8 @@ def create_app(settings: Settings, *, agent: Agent | None = None, http: httpx.As
                 return _error(exc.status, exc.detail)
             except IllegalRunTransition as exc:
                 return _error(409, str(exc))
+            # Instead of uvicorn's access log, which would also print image names (capabilities).
+            logger.info("%s %s -> %d", request.method, request.url.path, reply.status)
             return JSONResponse(reply.body, status_code=reply.status)
         return endpoint
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import anyio
 from anyio.abc import TaskGroup
@@ -61,6 +62,7 @@ class BrowserPool:
             return self._browser
 
     async def screenshot_url(self, url: str, *, full_page: bool = False, timeout_s: float = 20.0) -> bytes:
+        check_web_url(url)
         if self._preparing is not None:
             await self._preparing.wait()  # the spare is nearly ready: cheaper than making another
         context, page = self._spare or await self._new_page(*URL_VIEWPORT)
@@ -111,6 +113,14 @@ class BrowserPool:
         if self._playwright is not None:
             await self._playwright.stop()
             self._playwright = None
+
+
+def check_web_url(url: str) -> None:
+    """Only web pages: a `file://`, `chrome://` or `data:` URL would show the worker's own files
+    (the worker, not the agent, runs the browser) or Chromium's internals to whoever asked."""
+    parts = urlsplit(url.strip())
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise ScreenshotError("only http:// and https:// pages can be captured")
 
 
 async def _goto_and_shoot(page: Any, url: str, full_page: bool, timeout_s: float) -> bytes:

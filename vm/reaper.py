@@ -1,14 +1,18 @@
 """Find and end every process a run started, wherever it went.
 
-Each run's CLI gets `TEXTSLASH_RUN=<marker>` in its environment and every process below it
-inherits it, including ones that daemonized and were re-parented to init, which a walk of the
-process tree would miss. /proc is Linux's; the worker only runs there.
+With isolation, every process of an owner's agent runs as that owner's user, and a process
+cannot shed its uid: `user_pids` finds them all. Without it (AGENT_ISOLATION=off), each run's CLI
+gets `TEXTSLASH_RUN=<marker>` in its environment and everything below it inherits it, including
+processes that daemonized and were re-parented to init, which a walk of the process tree would
+miss (but a process that clears its environment escapes). /proc is Linux's; the worker only
+runs there.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
@@ -16,19 +20,36 @@ import anyio
 MARKER_VAR = "TEXTSLASH_RUN"
 
 
+def _pids() -> list[int]:
+    me = os.getpid()
+    return [int(e.name) for e in Path("/proc").iterdir() if e.name.isdigit() and int(e.name) != me]
+
+
 def marked_pids(prefix: str) -> list[int]:
     """Pids of processes whose TEXTSLASH_RUN starts with `prefix`."""
     needle = f"{MARKER_VAR}={prefix}".encode()
     found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
+    for pid in _pids():
         try:
-            environ = (entry / "environ").read_bytes()
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
         except OSError:
             continue  # gone already, or not ours to read
         if any(var.startswith(needle) for var in environ.split(b"\0")):
-            found.append(int(entry.name))
+            found.append(pid)
+    return found
+
+
+def user_pids(uid: int) -> list[int]:
+    """Pids of live processes whose real or effective uid is `uid`."""
+    found = []
+    for pid in _pids():
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        uids = next((line.split()[1:3] for line in status.splitlines() if line.startswith("Uid:")), [])
+        if str(uid) in uids and _alive(pid):
+            found.append(pid)
     return found
 
 
@@ -40,19 +61,29 @@ def _signal_all(pids: list[int], sig: signal.Signals) -> None:
             pass
 
 
-async def kill_marked(prefix: str, grace_s: float = 1.5) -> int:
-    """SIGTERM everything marked, SIGKILL what is still there after `grace_s`; returns the count."""
-    pids = marked_pids(prefix)
+async def kill_pids(select: Callable[[], list[int]], grace_s: float = 1.5) -> int:
+    """SIGTERM what `select` finds, SIGKILL what is still there after `grace_s`; returns the count.
+
+    Each SIGKILL pass selects again, so a process forked during the previous one is caught too.
+    """
+    pids = select()
     _signal_all(pids, signal.SIGTERM)
     with anyio.move_on_after(grace_s):
-        while marked_pids(prefix):  # noqa: ASYNC110 - no event tells us another process died
+        while select():  # noqa: ASYNC110 - no event tells us another process died
             await anyio.sleep(0.05)
-    survivors = marked_pids(prefix)
-    _signal_all(survivors, signal.SIGKILL)
-    with anyio.move_on_after(1.0):
-        while any(_alive(pid) for pid in survivors):  # noqa: ASYNC110 - as above
-            await anyio.sleep(0.02)
+    for _ in range(3):  # a process forked during the last pass is caught by the next
+        survivors = select()
+        if not survivors:
+            break
+        _signal_all(survivors, signal.SIGKILL)
+        with anyio.move_on_after(1.0):
+            while any(_alive(pid) for pid in survivors):  # noqa: ASYNC110 - as above
+                await anyio.sleep(0.02)
     return len(pids)
+
+
+async def kill_marked(prefix: str, grace_s: float = 1.5) -> int:
+    return await kill_pids(lambda: marked_pids(prefix), grace_s)
 
 
 def _alive(pid: int) -> bool:

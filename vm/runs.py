@@ -49,7 +49,9 @@ class OwnerState:
     run_id: str = ""
     prompt: str = ""
     snapshot: dict[str, Any] | None = None
+    shown_tree: str = ""  # the working tree the owner was shown, which approve commits
     branch: str = ""
+    commit: str = ""  # the commit approve made of shown_tree (a retry pushes the same one)
     seen: list[str] = field(default_factory=list)
 
     def fire(self, event: str) -> None:

@@ -35,6 +35,7 @@ class Settings:
     chromium_path: str = ""
     enable_test_app: bool = False
     claude_config_dir: str = ""
+    agent_isolation: bool = True
     deployed_sha: str = "dev"
     port: int = 3001
     host: str = "0.0.0.0"
@@ -67,6 +68,7 @@ class Settings:
             chromium_path=env.get("CHROMIUM_PATH", "").strip(),
             enable_test_app=reader.flag("ENABLE_TEST_APP"),
             claude_config_dir=env.get("CLAUDE_CONFIG_DIR", "").strip(),
+            agent_isolation=reader.flag("AGENT_ISOLATION", True),
             deployed_sha=env.get("DEPLOYED_SHA") or "dev",
             port=reader.integer("PORT", 3001, minimum=1, maximum=65535),
             host=env.get("HOST") or "0.0.0.0",

@@ -23,8 +23,8 @@ from vm.callbacks import CallbackSender
 from vm.diff_image import phone_excerpt, render_diff
 from vm.github import GitHub, GitHubError
 from vm.images import ImageStore
-from vm.reaper import kill_marked
 from vm.runs import OwnerState, OwnerStore
+from vm.sandbox import AgentSpace, Sandbox, SandboxError
 from vm.settings import Settings
 from vm.tools import tool_servers
 from vm.workspace import Changes, GitError, Snapshot, Workspace
@@ -48,9 +48,11 @@ class Worker:
     browser: BrowserPool
     images: ImageStore
     github: GitHub | None
+    sandbox: Sandbox
     boot_id: str = field(default_factory=lambda: secrets.token_hex(4))
     _owners: dict[str, OwnerState] = field(default_factory=dict)
     _scopes: dict[str, anyio.CancelScope] = field(default_factory=dict)
+    _spaces: dict[str, AgentSpace] = field(default_factory=dict)
     _tg: TaskGroup | None = None
     _side_tasks: int = 0
     _stopping: bool = False
@@ -80,7 +82,8 @@ class Worker:
         self._stopping = True
         for scope in self._scopes.values():
             scope.cancel()
-        await kill_marked(f"{self.boot_id}:")
+        for phone in list(self._scopes):
+            await self.sandbox.reap(self._spaces.get(phone), self._marker(self._owner(phone)))
 
     def _owner(self, phone: str) -> OwnerState:
         return self._owners.setdefault(phone, OwnerState(phone=phone))
@@ -92,7 +95,7 @@ class Worker:
         self.callbacks.report(phone, event)
 
     def workspace(self, phone: str) -> Workspace:
-        return Workspace(self.settings.workspace_dir / phone.lstrip("+"), self.settings.repo_url,
+        return Workspace(self.sandbox.checkout(phone), self.sandbox.git_dir(phone), self.settings.repo_url,
                          github_token=self.settings.github_token)
 
     def _spawn(self, fn: Callable[..., Any], *args: Any) -> None:
@@ -115,7 +118,8 @@ class Worker:
         owner.remember(message_id)
         if new_session:
             owner.session_id = None
-        owner.run_id, owner.prompt, owner.snapshot, owner.branch = message_id, text, None, ""
+        owner.run_id, owner.prompt = message_id, text
+        owner.snapshot, owner.shown_tree, owner.branch, owner.commit = None, "", "", ""
         self._save(owner)
         self._spawn(self._run, phone)
         return Reply(202, {"accepted": "run", "run_id": message_id})
@@ -128,7 +132,7 @@ class Worker:
         self._save(owner)
         if scope := self._scopes.get(phone):
             scope.cancel()
-        await kill_marked(self._marker(owner))
+        await self.sandbox.reap(self._spaces.get(phone), self._marker(owner))
         return Reply(202, {"cancelling": True})
 
     def approve(self, phone: str) -> Reply:
@@ -161,24 +165,26 @@ class Worker:
         started = time.monotonic()
         try:
             with scope:
-                await workspace.ensure_clone()
+                space = self._spaces[phone] = await self._prepare(phone, workspace)
                 owner.snapshot = (await workspace.snapshot()).to_json()
                 self._save(owner)
+                cli_path, env = self.sandbox.launch(space)
                 result = await self.agent.run(
                     cwd=workspace.path, prompt=owner.prompt, session_id=owner.session_id, marker=self._marker(owner),
+                    cli_path=cli_path, env=env,
                     on_progress=lambda text: self._report(phone, {"type": "progress", "run_id": run_id, "text": text}),
                     on_session=lambda sid: setattr(owner, "session_id", sid),
                     tool_servers=tool_servers(lambda url: self._capture(phone, run_id, url)),
                 )
-        except GitError as exc:
+        except (GitError, SandboxError) as exc:
             failure = str(exc)
         except Exception as exc:  # the agent's CLI died, the SDK failed...: tell the owner, keep going
             logger.exception("run %s failed", run_id)
             failure = f"{type(exc).__name__}: {str(exc)[:200]}"
         finally:
             self._scopes.pop(phone, None)
-            with anyio.CancelScope(shield=True):
-                await kill_marked(self._marker(owner))  # nothing of this run outlives it
+            with anyio.CancelScope(shield=True):  # nothing of this run outlives it
+                await self.sandbox.reap(self._spaces.pop(phone, None), self._marker(owner))
         if self._stopping:
             return  # shutting down: the state file still says "running", and the next boot reports it
         if owner.state == "cancelling":
@@ -191,9 +197,19 @@ class Worker:
         await self._finish(owner, {"type": outcome, "run_id": run_id, "text": text, "duration_ms": duration,
                                    "cost_usd": result.cost_usd if result else None})
 
+    async def _prepare(self, phone: str, workspace: Workspace) -> AgentSpace:
+        """The owner's agent user and folders, the git dir and checkout, all owned as they should be."""
+        space = await self.sandbox.prepare(phone)
+        if await workspace.ensure_clone():
+            await self.sandbox.share_git_dir(space)
+            await self.sandbox.hand_over(space)
+        self.sandbox.own(space, workspace.path / ".git")
+        return space
+
     async def _finish(self, owner: OwnerState, event: dict[str, Any]) -> None:
         changes = await self._changes(owner)
         owner.fire("finished_with_changes" if changes else "finished")
+        owner.shown_tree = changes.tree if changes else ""  # approve commits exactly this tree
         self._save(owner)  # the pending approval is on disk before anyone hears of it
         self._report(owner.phone, {**event, "changes": bool(changes)})
         if changes:
@@ -222,17 +238,24 @@ class Worker:
     # --- approve and reject -----------------------------------------------------------
 
     async def _push(self, phone: str) -> None:
+        """Commit the tree the owner was shown (not whatever the checkout holds now), push it,
+        open the pull request, and tell the owner about anything written after the diff."""
         owner = self._owner(phone)
         workspace = self.workspace(phone)
         try:
-            await workspace.commit_to_branch(owner.branch, _commit_message(owner.prompt))
-            await workspace.push(owner.branch)
+            if not owner.commit:
+                head = Snapshot.from_json(owner.snapshot).head if owner.snapshot else ""
+                owner.commit = await workspace.commit_tree(owner.shown_tree, head, _commit_message(owner.prompt))
+                self._save(owner)  # a retry pushes the same commit
+            await workspace.push(owner.commit, owner.branch)
             url = ""
             if self.github is not None:
                 url = await self.github.open_pull_request(
                     head=owner.branch, base=await workspace.default_branch(), title=_title(owner.prompt),
                     body=f"Made by Claude Code through textslash, approved from the owner's phone.\n\n"
                          f"Prompt:\n\n> {owner.prompt}")
+            await workspace.check_out_commit(owner.commit, owner.branch)
+            left_out = await workspace.paths_differing(owner.shown_tree)
         except (GitError, GitHubError) as exc:
             owner.fire("push_failed")
             self._save(owner)
@@ -240,22 +263,24 @@ class Worker:
             return
         branch = owner.branch
         owner.fire("pushed")
-        owner.snapshot, owner.branch = None, ""
+        owner.snapshot, owner.shown_tree, owner.branch, owner.commit = None, "", "", ""
         self._save(owner)
-        self._report(phone, {"type": "pr_opened", "run_id": owner.run_id, "url": url, "text": branch})
+        self._report(phone, {"type": "pr_opened", "run_id": owner.run_id, "url": url, "text": branch,
+                             "left_out": left_out[:MAX_LEFT_OUT], "left_out_count": len(left_out)})
 
     async def _roll_back(self, phone: str) -> None:
         owner = self._owner(phone)
         try:
             if owner.snapshot:
                 await self.workspace(phone).restore(Snapshot.from_json(owner.snapshot))
-        except GitError as exc:
+                await self.sandbox.hand_over(await self.sandbox.prepare(phone))  # restored files are root's
+        except (GitError, SandboxError) as exc:
             owner.fire("rollback_failed")
             self._save(owner)
             self._report(phone, {"type": "reject_failed", "run_id": owner.run_id, "text": str(exc)})
             return
         owner.fire("rolled_back")
-        owner.snapshot = None
+        owner.snapshot, owner.shown_tree = None, ""
         self._save(owner)
         self._report(phone, {"type": "rolled_back", "run_id": owner.run_id})
 
@@ -287,6 +312,13 @@ class Worker:
         if owner.state in ("running", "cancelling"):
             await self._finish(owner, {"type": "error", "run_id": owner.run_id,
                                        "text": "the VM restarted during the run"})
+        elif owner.state == "awaiting_approval" and not owner.shown_tree:
+            # Shown by a version that did not record the tree: show it again, so approve has one.
+            changes = await self._changes(owner)
+            owner.shown_tree = changes.tree
+            self._save(owner)
+            if changes:
+                await self._request_approval(owner, changes)
         elif owner.state == "pushing":
             owner.fire("push_failed")
             self._save(owner)
@@ -297,6 +329,9 @@ class Worker:
             self._save(owner)
             self._report(owner.phone, {"type": "reject_failed", "run_id": owner.run_id,
                                        "text": "the VM restarted while rolling back"})
+
+
+MAX_LEFT_OUT = 20  # paths named in the message; the count says how many in all
 
 
 def _short_id(run_id: str) -> str:

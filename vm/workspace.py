@@ -1,9 +1,16 @@
 """The owner's git checkout: clone, snapshot before a run, diff, roll back, commit and push.
 
+The git dir lives outside the checkout (WORKSPACE_DIR/.repos/<number>) and belongs to the worker:
+the agent, which owns the checkout, could otherwise plant configuration (`core.fsmonitor`, a
+filter driver) that runs when the worker calls git, or rewrite objects behind the diff. Every
+git call here names the git dir and the work tree explicitly and reads no system or global
+configuration; the checkout's own `.git` file only serves the agent's `git log` and `git diff`.
+
 A snapshot is the *whole working state* (tracked and untracked files, as `git add -A` sees
 them) written as a tree object through a throwaway index, plus HEAD and the list of ignored
-paths. Comparing two such trees shows everything a run changed, even if the agent committed
-on its own; restoring one puts back exactly what was there, untracked files included.
+paths. Restoring one puts back exactly what was there, untracked files included. What the
+owner is shown is the difference between HEAD's tree and the working tree after the run, and
+`approve` commits exactly that tree, whatever the checkout holds by then.
 """
 
 from __future__ import annotations
@@ -20,6 +27,13 @@ from typing import Any
 import anyio
 
 GIT_IDENTITY = ("-c", "user.name=textslash", "-c", "user.email=textslash@users.noreply.github.com")
+# No hooks and no fsmonitor, whatever a config says; and no configuration but the repository's.
+GIT_HARDENING = ("-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false")
+GIT_ENV = {"GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull, "GIT_ATTR_NOSYSTEM": "1",
+           "GIT_NO_REPLACE_OBJECTS": "1", "GIT_TERMINAL_PROMPT": "0"}
+EMPTY_TREE = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"
+# Only the worker writes the git dir; with isolation the owner's group may read it.
+SHARED = "0640"
 
 
 class GitError(RuntimeError):
@@ -51,24 +65,32 @@ class FileChange:
 
 @dataclass(frozen=True)
 class Changes:
+    """What the owner is shown: HEAD -> `tree`, the working state the diff was made of."""
+
     files: tuple[FileChange, ...]
     diff: str
+    tree: str = ""
 
     def __bool__(self) -> bool:
         return bool(self.files)
 
 
 class Workspace:
-    """One checkout of REPO_URL, at `path`."""
+    """One checkout of REPO_URL at `path`, with its git dir at `git_dir`."""
 
-    def __init__(self, path: Path, repo_url: str, *, github_token: str = "") -> None:
+    def __init__(self, path: Path, git_dir: Path, repo_url: str, *, github_token: str = "") -> None:
         self.path = path
+        self.git_dir = git_dir
         self.repo_url = repo_url
         self._token = github_token
 
-    async def git(self, *args: str, check: bool = True, env: dict[str, str] | None = None) -> str:
-        full_env = {**os.environ, **self._auth_env(), **(env or {}), "GIT_TERMINAL_PROMPT": "0"}
-        result = await anyio.run_process(["git", *GIT_IDENTITY, *args], cwd=self.path, env=full_env, check=False)
+    async def git(self, *args: str, check: bool = True, env: dict[str, str] | None = None,
+                  auth: bool = False, cwd: Path | None = None) -> str:
+        """Run git on this checkout. Only `auth=True` calls (clone, push) carry the token."""
+        repo = {} if cwd else {"GIT_DIR": str(self.git_dir), "GIT_WORK_TREE": str(self.path)}
+        full_env = {**os.environ, **GIT_ENV, **repo, **(self._auth_env() if auth else {}), **(env or {})}
+        result = await anyio.run_process(["git", *GIT_IDENTITY, *GIT_HARDENING, *args], cwd=cwd or self.path,
+                                         env=full_env, check=False)
         if check and result.returncode != 0:
             message = (result.stderr or result.stdout).decode(errors="replace").strip().splitlines()
             detail = message[-1] if message else f"exit {result.returncode}"
@@ -86,17 +108,66 @@ class Workspace:
     def _redact(self, text: str) -> str:
         return text.replace(self._token, "***") if self._token else text
 
-    async def ensure_clone(self) -> None:
-        if (self.path / ".git").is_dir():
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        partial = Path(tempfile.mkdtemp(prefix=".clone-", dir=self.path.parent))
+    # --- setting up -----------------------------------------------------------------------
+
+    async def ensure_clone(self) -> bool:
+        """Make sure the git dir and the checkout exist; True if files were written into it."""
+        fresh = wrote = False
+        if not (self.git_dir / "HEAD").is_file():
+            legacy = self.path / ".git"
+            if legacy.is_dir() and not legacy.is_symlink():
+                await self._adopt_legacy(legacy)  # a checkout from before the git dir moved out
+            else:
+                await self._clone()
+                fresh = True
+            wrote = True
+        if fresh or not self.path.is_dir():
+            self.path.mkdir(parents=True, exist_ok=True)
+            if await self.head():
+                await self.git("reset", "--quiet", "--hard", "HEAD")
+            wrote = True
+        self.write_git_file()
+        return wrote
+
+    def write_git_file(self) -> None:
+        """Point the agent's git at the worker's git dir (the agent may have removed the file)."""
+        gitfile = self.path / ".git"
+        if gitfile.is_dir() and not gitfile.is_symlink():
+            shutil.rmtree(gitfile)
+        else:
+            gitfile.unlink(missing_ok=True)  # never write through a symlink the agent placed
+        gitfile.write_text(f"gitdir: {self.git_dir}\n")
+
+    async def _clone(self) -> None:
+        self.git_dir.parent.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(prefix=".clone-", dir=self.git_dir.parent))
         try:
-            clone = Workspace(partial, self.repo_url, github_token=self._token)
-            await clone.git("clone", "--quiet", self.repo_url, ".")
-            os.replace(partial, self.path)  # a half-finished clone never looks like a checkout
+            await self.git("clone", "--quiet", "--no-checkout", f"--separate-git-dir={partial / 'git'}",
+                           self.repo_url, str(partial / "tree"), auth=True, cwd=partial)
+            os.replace(partial / "git", self.git_dir)  # a half-finished clone never looks like one
         finally:
             shutil.rmtree(partial, ignore_errors=True)
+        await self._write_config()
+
+    async def _adopt_legacy(self, legacy: Path) -> None:
+        """Move a checkout's own .git out of the agent's reach and forget its config and hooks,
+        which an agent that could write them may have planted."""
+        self.git_dir.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(legacy, self.git_dir)
+        shutil.rmtree(self.git_dir / "hooks", ignore_errors=True)
+        (self.git_dir / "info" / "attributes").unlink(missing_ok=True)
+        await self._write_config()
+
+    async def _write_config(self) -> None:
+        (self.git_dir / "config").write_text(
+            "[core]\n\trepositoryformatversion = 0\n\tfilemode = true\n\tbare = false\n"
+            f"\tlogallrefupdates = true\n\tsharedRepository = {SHARED}\n")
+        await self.git("remote", "add", "origin", self.repo_url)
+
+    # --- reading --------------------------------------------------------------------------
+
+    async def head(self) -> str:
+        return (await self.git("rev-parse", "--verify", "--quiet", "HEAD", check=False)).strip()
 
     async def default_branch(self) -> str:
         ref = (await self.git("symbolic-ref", "--quiet", "--short", "refs/remotes/origin/HEAD", check=False)).strip()
@@ -110,15 +181,16 @@ class Workspace:
             results[key] = await call
 
         async with anyio.create_task_group() as tg:
-            tg.start_soon(keep, "head", self.git("rev-parse", "--verify", "--quiet", "HEAD", check=False))
-            tg.start_soon(keep, "tree", self._working_tree())
+            tg.start_soon(keep, "head", self.head())
+            tg.start_soon(keep, "tree", self.working_tree())
             tg.start_soon(keep, "ignored", self._ignored())
-        return Snapshot(head=results["head"].strip(), tree=results["tree"], ignored=tuple(results["ignored"]))
+        return Snapshot(head=results["head"], tree=results["tree"], ignored=tuple(results["ignored"]))
 
-    async def _working_tree(self) -> str:
+    async def working_tree(self) -> str:
+        """The whole working state as a tree object, through a throwaway index."""
         with tempfile.TemporaryDirectory() as tmp:
             env = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
-            await self.git("add", "--all", ".", env=env)
+            await self.git("add", "--all", env=env)
             return (await self.git("write-tree", env=env)).strip()
 
     async def _ignored(self) -> list[str]:
@@ -126,17 +198,29 @@ class Workspace:
         return [p for p in out.split("\0") if p]
 
     async def changes_since(self, snap: Snapshot, *, max_diff_chars: int = 100_000) -> Changes:
-        now = await self._working_tree()
+        """Nothing if the run left the working state as it found it; else HEAD -> now."""
+        now = await self.working_tree()
         if now == snap.tree:
-            return Changes((), "")
-        numstat = await self.git("diff", "--numstat", "--no-renames", snap.tree, now)
+            return Changes((), "", now)
+        base = f"{snap.head}^{{tree}}" if snap.head else EMPTY_TREE
+        numstat = await self.git("diff", "--numstat", "--no-renames", "--no-ext-diff", "--no-textconv", base, now)
         files = []
         for line in numstat.splitlines():
             added, removed, path = line.split("\t", 2)
             # Binary files show "-": count them as one changed line so they are not hidden.
             files.append(FileChange(path, int(added) if added != "-" else 1, int(removed) if removed != "-" else 0))
-        diff = await self.git("diff", "--no-color", "--no-renames", snap.tree, now)
-        return Changes(tuple(files), diff[:max_diff_chars])
+        diff = await self.git("diff", "--no-color", "--no-renames", "--no-ext-diff", "--no-textconv", base, now)
+        return Changes(tuple(files), diff[:max_diff_chars], now)
+
+    async def paths_differing(self, tree: str) -> list[str]:
+        """Paths where the working state differs from `tree` (what an approve left out)."""
+        now = await self.working_tree()
+        if now == tree:
+            return []
+        out = await self.git("diff", "--name-only", "--no-renames", "-z", tree, now)
+        return [p for p in out.split("\0") if p]
+
+    # --- changing -------------------------------------------------------------------------
 
     async def restore(self, snap: Snapshot) -> None:
         """Put the checkout back exactly as the snapshot found it."""
@@ -153,19 +237,19 @@ class Workspace:
         for rel in set(await self._ignored()) - set(snap.ignored):
             self._remove(rel)
 
-    async def commit_to_branch(self, branch: str, message: str) -> str:
-        """Commit everything on a new branch (or the existing one, on a retry); returns the sha."""
-        current = (await self.git("rev-parse", "--abbrev-ref", "HEAD", check=False)).strip()
-        if current != branch:
-            await self.git("checkout", "--quiet", "-B", branch)
-        await self.git("add", "--all", ".")
-        if (await self.git("status", "--porcelain")).strip():  # nothing staged on a retry after a commit
-            await self.git("commit", "--quiet", "--no-verify", "-m", message)
-        return (await self.git("rev-parse", "HEAD")).strip()
+    async def commit_tree(self, tree: str, parent: str, message: str) -> str:
+        """A commit of exactly `tree` on `parent` (no index, no working files involved)."""
+        return (await self.git("commit-tree", tree, *(("-p", parent) if parent else ()), "-m", message)).strip()
 
-    async def push(self, branch: str) -> None:
-        await self.git("push", "--quiet", "origin", f"{branch}:refs/heads/{branch}")
+    async def push(self, commit: str, branch: str) -> None:
+        await self.git("push", "--quiet", "origin", f"{commit}:refs/heads/{branch}", auth=True)
 
+    async def check_out_commit(self, commit: str, branch: str) -> None:
+        """Move HEAD to `branch` at `commit` without touching a working file: a follow-up
+        prompt builds on the approved work, and anything left out stays as a change."""
+        await self.git("update-ref", f"refs/heads/{branch}", commit)
+        await self.git("symbolic-ref", "HEAD", f"refs/heads/{branch}")
+        await self.git("read-tree", commit)
 
     def _remove(self, rel: str) -> None:
         """Delete a path the run created, then any folders it leaves empty (git cannot see those)."""

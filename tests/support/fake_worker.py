@@ -32,6 +32,7 @@ class FakeWorker:
     health_polls: int = 0
     answer_status: int = 202
     images: dict[str, bytes] = field(default_factory=dict)
+    image_requests: list[str] = field(default_factory=list)  # every GET /images/..., authorized or not
     answer_via: str = ""  # a relay URL: answer every prompt at once, as a very fast agent would
     _seq: itertools.count[int] = field(default_factory=itertools.count)
     _http: httpx.AsyncClient | None = None
@@ -79,6 +80,7 @@ class FakeWorker:
                 return
 
     async def _image(self, request: Request) -> Response:
+        self.image_requests.append(request.path_params["name"])
         if request.headers.get("authorization") != f"Bearer {self.token}":
             return JSONResponse({"detail": "unauthorized"}, status_code=401)
         data = self.images.get(request.path_params["name"])

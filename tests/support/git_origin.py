@@ -5,7 +5,8 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-IDENTITY = ["-c", "user.name=Test", "-c", "user.email=test@example.invalid"]
+# safe.directory: the checkouts under test belong to agent users, and the tests read them as root.
+IDENTITY = ["-c", "user.name=Test", "-c", "user.email=test@example.invalid", "-c", "safe.directory=*"]
 
 
 def git(cwd: Path, *args: str) -> str:

@@ -65,14 +65,17 @@ class Pair:
         proc.send_signal(sig)
         return await wait_exit(proc, 15)
 
-    async def text(self, body: str) -> None:
-        params = message_params(body)
+    async def text(self, body: str, *, sender: str = OWNER) -> None:
+        params = message_params(body, sender=sender)
         response = await self.http.post(f"{self.relay_url}/webhook", data=params,
                                         headers=signed_form(PUBLIC_URL + "/webhook", params))
         assert response.status_code == 200
 
-    def said(self, fragment: str) -> list[str]:
-        return [b for b in self.twilio.bodies(OWNER) if fragment in b]
+    def said(self, fragment: str, to: str = OWNER) -> list[str]:
+        return [b for b in self.twilio.bodies(to) if fragment in b]
+
+    def checkout_of(self, phone: str) -> Path:
+        return Path(self.worker_env["WORKSPACE_DIR"]) / phone.lstrip("+")
 
     def logs(self) -> str:
         return "".join((self.tmp / f"{name}.log").read_text() for name in ("relay", "worker")

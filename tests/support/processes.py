@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -25,15 +27,30 @@ def free_port() -> int:
     return port
 
 
+def image_command(dockerfile: Path, python: str = sys.executable) -> list[str]:
+    """The image's CMD (exec form), with `python` as the given interpreter."""
+    text = re.sub(r"\\\n", " ", dockerfile.read_text())
+    cmd = [line.split(None, 1)[1] for line in text.splitlines() if line.startswith("CMD ")][-1]
+    return [python if arg == "python" else arg for arg in json.loads(cmd)]
+
+
+def worker_command() -> list[str]:
+    """As root, the worker starts the way its image starts it (with the image's capability set)."""
+    if os.geteuid() == 0:
+        return image_command(ROOT / "vm" / "Dockerfile")
+    return [sys.executable, "-m", "vm"]
+
+
 @contextmanager
 def child(module: str, env: dict[str, str], log: Path, *args: str) -> Iterator[subprocess.Popen[bytes]]:
     """Run `python -m module` in its own process group; killed (group and all) when the block ends."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("TWILIO_", "ANTHROPIC_"))}
     full_env.update(env)
     full_env["PYTHONPATH"] = str(ROOT)
+    command = worker_command() if module == "vm" else [sys.executable, "-m", module]
     with log.open("ab") as out:
         # The child runs in the test's own folder, so a developer's .env is never read.
-        proc = subprocess.Popen([sys.executable, "-m", module, *args], env=full_env, stdout=out,
+        proc = subprocess.Popen([*command, *args], env=full_env, stdout=out,
                                 stderr=subprocess.STDOUT, cwd=log.parent, start_new_session=True)
     try:
         yield proc

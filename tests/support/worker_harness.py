@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import shutil
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -40,8 +41,23 @@ def model_env(anthropic_url: str, tmp: Path) -> dict[str, str]:
             "HOME": str(tmp / "home"), "WORKER_TOKEN": "", "GITHUB_TOKEN": ""}
 
 
+def open_for_agents(path: Path) -> None:
+    """Let agent users reach folders below `path` (search, not list): as root, the worker starts
+    each owner's agent as its own user, and pytest makes its temporary folders 0700."""
+    for folder in [path, *path.parents]:
+        mode = folder.stat().st_mode
+        if not mode & 0o001:
+            os.chmod(folder, mode | 0o001)
+
+
 def worker_env(tmp: Path, *, relay_url: str, github_url: str, origin: Path, **overrides: str) -> dict[str, str]:
+    """The worker's settings. As root (CI), agents are isolated for real; a developer running the
+    suite unprivileged gets AGENT_ISOLATION=off, as `./scripts/dev` does."""
+    isolated = os.geteuid() == 0
+    if isolated:
+        open_for_agents(tmp)
     env = {
+        "AGENT_ISOLATION": "on" if isolated else "off",
         "WORKER_TOKEN": WORKER_TOKEN, "RELAY_CALLBACK_URL": relay_url, "WORKSPACE_DIR": str(tmp / "workspace"),
         "REPO_URL": f"file://{origin}", "GITHUB_TOKEN": GITHUB_TOKEN, "GITHUB_API_URL": github_url,
         "GITHUB_REPO": "owner/demo", "IMAGES_DIR": str(tmp / "images"), "IDLE_TIMEOUT_MS": "600000",

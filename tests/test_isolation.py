@@ -1,0 +1,179 @@
+"""The gate holds: a hostile agent finds no secret and no other owner's file, approve commits
+exactly the tree that was shown, and nothing from outside reaches (or wakes) the worker.
+
+Relay and worker run as separate processes with the real Claude Code CLI; the scripted model's
+Bash calls are what a hostile agent would run. CI runs as root, so the agent really runs as
+its own user there.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from pathlib import Path
+
+import pytest
+
+from console.scripted_model import Text, ToolUse, bash, write
+from tests.support.fake_twilio import Sent
+from tests.support.git_origin import branches, git, show
+from tests.support.pair_harness import pair_stack
+from tests.support.relay_harness import AUTH_TOKEN, OWNER, OWNER2, PUBLIC_URL, Stack, message_params, signed_form
+from tests.support.servers import wait_for
+from tests.support.worker_harness import GITHUB_TOKEN, WorkerStack, worker_stack
+
+pytestmark = pytest.mark.anyio
+STEP = 90.0
+as_root = pytest.mark.skipif(os.geteuid() != 0, reason="agents run as their own users only when the worker is root")
+
+
+def approvals(messages: list[Sent], phone: str) -> list[Sent]:
+    return [m for m in messages if m.media and m.to == f"whatsapp:{phone}"]
+
+
+@as_root
+async def test_a_hostile_agent_finds_no_secret_and_no_other_owners_file(tmp_path: Path) -> None:
+    async with pair_stack(tmp_path) as pair:
+        private = f"owner2-private-{secrets.token_hex(4)}.txt"
+        mine, theirs = pair.checkout_of(OWNER), pair.checkout_of(OWNER2)
+        workspace = mine.parent
+        pair.model.script("keep a note", write(f"{theirs}/{private}", "owner two's uncommitted work\n"),
+                          Text("Noted."))
+        snoop = (
+            "for f in /proc/[0-9]*/environ; do tr '\\0' '\\n' < \"$f\"; echo; done > environ.txt 2>/dev/null; "
+            "for f in /proc/[0-9]*/cmdline; do tr '\\0' ' ' < \"$f\"; echo; done > cmdline.txt 2>/dev/null; "
+            f"find {workspace} /tmp -name '{private}' > found.txt 2>/dev/null; "
+            f"cat {theirs}/{private} > stolen.txt 2>&1; ls -a {workspace} > listing.txt 2>&1; "
+            f"cat {workspace}/.textslash/owners/*.json > state.txt 2>&1; "
+            f"cat {workspace}/.repos/{OWNER2.lstrip('+')}/HEAD > their-git.txt 2>&1; "
+            "id > id.txt; git log --oneline > git-log.txt 2>&1; git commit -qam sneaky > commit.txt 2>&1; true"
+        )
+        pair.model.script("look around", bash(snoop, "look around"), Text("Looked."))
+        await pair.start_relay()
+        await pair.start_worker()
+
+        await pair.text("keep a note", sender=OWNER2)
+        await wait_for(lambda: approvals(pair.twilio.messages, OWNER2), STEP, "owner two's approval request")
+        assert (theirs / private).is_file()
+        await pair.text("look around")
+        await wait_for(lambda: approvals(pair.twilio.messages, OWNER), STEP, "the snooping run's approval request")
+
+        environ = (mine / "environ.txt").read_text()
+        assert "ANTHROPIC_BASE_URL=" in environ  # it did read environments: its own
+        leaked = {"WORKER_TOKEN": pair.worker_env["WORKER_TOKEN"], "GITHUB_TOKEN": GITHUB_TOKEN,
+                  "TWILIO_AUTH_TOKEN": AUTH_TOKEN}
+        everything = "".join(p.read_text() for p in mine.glob("*.txt"))
+        for name, value in leaked.items():
+            assert value not in everything, f"the agent read {name}"
+        assert "WORKER_TOKEN=" not in environ and "GITHUB_TOKEN=" not in environ
+        assert private not in (mine / "found.txt").read_text()
+        assert "Permission denied" in (mine / "stolen.txt").read_text()
+        assert "Permission denied" in (mine / "listing.txt").read_text()
+        assert "Permission denied" in (mine / "state.txt").read_text()
+        assert "Permission denied" in (mine / "their-git.txt").read_text()
+        assert re.match(r"uid=\d+\(tsagent\d+\)", (mine / "id.txt").read_text())
+        assert "initial" in (mine / "git-log.txt").read_text()  # its own history is readable...
+        assert git(mine, "log", "--format=%s", "-1").strip() == "initial"  # ...but not writable
+
+
+@as_root
+async def test_a_leftover_background_process_is_ended_with_the_run(tmp_path: Path) -> None:
+    """A process that clears its environment (so carries no run marker) still dies with the run."""
+    async with worker_stack(tmp_path) as worker:
+        marker = f"escapee-{secrets.token_hex(4)}"
+        worker.anthropic.script("start a server", bash(
+            f"env -i setsid python3 -c 'import time; time.sleep(300)' {marker} > /dev/null 2>&1 &", "serve"),
+            Text("Started."))
+        await worker.command("start a server")
+        await wait_for(lambda: worker.relay.of_type("answer"), STEP, "the answer")
+        assert not _pids_with(marker)
+
+
+async def test_approve_commits_the_tree_that_was_shown(tmp_path: Path) -> None:
+    async with pair_stack(tmp_path) as pair:
+        checkout = pair.checkout
+        pair.model.script("add a greeting", write(f"{checkout}/hello.py", "print('hello')\n"), Text("Added."))
+        pair.model.script("add a farewell", write(f"{checkout}/bye.py", "print('bye')\n"), Text("Added."))
+        await pair.start_relay()
+        await pair.start_worker()
+
+        await pair.text("add a greeting")
+        await wait_for(lambda: approvals(pair.twilio.messages, OWNER), STEP, "the approval request")
+        # Written after the owner saw the diff (by a straggling process, say): not in the PR.
+        (checkout / "late.txt").write_text("never shown\n")
+        (checkout / "hello.py").write_text("print('tampered')\n")
+        await pair.text("approve")
+        opened = await wait_for(lambda: pair.said("Pull request opened"), STEP, "the PR")
+        assert "Left out: hello.py, late.txt" in opened[0]
+        branch = pair.github.pulls[0]["head"]
+        assert branch in branches(pair.origin)
+        assert show(pair.origin, branch, "hello.py") == "print('hello')\n"
+        assert "late.txt" not in git(pair.origin, "ls-tree", "--name-only", branch)
+        assert (checkout / "late.txt").is_file() and (checkout / "hello.py").read_text() == "print('tampered')\n"
+
+        # What was left out is shown with the next change, never committed unseen.
+        await pair.text("add a farewell")
+        await wait_for(lambda: len(approvals(pair.twilio.messages, OWNER)) == 2, STEP, "the second approval")
+        second = approvals(pair.twilio.messages, OWNER)[1]
+        assert "bye.py" in second.body and "late.txt" in second.body and "hello.py" in second.body
+
+
+async def test_anonymous_image_requests_never_reach_the_worker(stack: Stack) -> None:
+    names = [secrets.token_urlsafe(16) + ".png" for _ in range(5)]
+    for name in names:
+        response = await stack.http.get(f"{stack.url}/images/{name}")
+        assert response.status_code == 404
+    stack.worker.images[names[0]] = b"\x89PNG not cached"  # even one the worker has
+    assert (await stack.http.get(f"{stack.url}/images/{names[0]}")).status_code == 404
+    assert stack.worker.image_requests == []
+    assert stack.worker.health_polls == 0 and stack.worker.calls == []
+
+
+async def test_a_signed_sms_sender_never_reaches_the_agent(stack: Stack) -> None:
+    sms = {**message_params("delete everything"), "From": OWNER, "To": "+14155238886"}
+    response = await stack.post_form(sms, signed_form(PUBLIC_URL + "/webhook", sms))
+    assert response.status_code == 200 and "<Response" in response.text
+    await stack.send("a real prompt")
+    await wait_for(lambda: stack.worker.commands(), 10, "the WhatsApp prompt to reach the worker")
+    assert [c["text"] for c in stack.worker.commands()] == ["a real prompt"]
+    assert stack.twilio.bodies(OWNER) and all("delete everything" not in b for b in stack.twilio.bodies())
+
+
+@pytest.mark.parametrize("url", ["file:///etc/passwd", "FILE:///etc/passwd", "chrome://version",
+                                 "view-source:http://127.0.0.1/", "data:text/html,<h1>x</h1>", "http:///nohost"])
+async def test_screenshots_are_of_web_pages_only(tmp_path: Path, url: str) -> None:
+    async with worker_stack(tmp_path) as worker:
+        await worker.command(f"screenshot {url}")
+        notice = await wait_for(lambda: worker.relay.of_type("notice"), 30, "the refusal")
+        assert "only http:// and https://" in notice[0]["text"] and not notice[0].get("images")
+        assert not list(worker.settings.images_dir.glob("*.png"))
+
+
+async def test_claudes_screenshot_tool_refuses_local_files(tmp_path: Path) -> None:
+    async with worker_stack(tmp_path) as worker:
+        worker.anthropic.script("peek", ToolUse("mcp__textslash__screenshot", {"url": "file:///etc/passwd"}),
+                                Text("Could not."))
+        await worker.command("peek")
+        await wait_for(lambda: worker.relay.of_type("answer"), STEP, "the answer")
+        assert not [e for e in worker.relay.of_type("notice") if e.get("images")]
+        results = _tool_results(worker)
+        assert any("only http:// and https://" in str(r.get("content")) for r in results)
+        assert not any("root:x:0:0" in str(r.get("content")) for r in results)
+
+
+def _tool_results(worker: WorkerStack) -> list[dict[str, object]]:
+    return [b for r in worker.anthropic.requests for m in r["messages"] if isinstance(m["content"], list)
+            for b in m["content"] if b.get("type") == "tool_result"]
+
+
+def _pids_with(marker: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker.encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+    return found

@@ -1,0 +1,344 @@
+"""Each owner's agent as its own unprivileged OS user: the worker keeps the secrets and the git.
+
+The worker runs as root (in its own Machine, with a trimmed capability set; see vm/Dockerfile).
+For every owner it allocates a user `tsagent<uid>` (uid from AGENT_UID_BASE up, remembered on
+the volume so files keep their owner across boots) and starts Claude Code through
+`vm/agent-exec`, which drops to that user, its own group, no supplementary groups, no
+capabilities and no way to regain any. What that user owns, and nothing else of the worker's:
+
+    WORKSPACE_DIR/<number>/          the checkout (0700), with a `.git` file naming the git dir
+    WORKSPACE_DIR/.homes/<number>/   HOME and TMPDIR (0700)
+    CLAUDE_CONFIG_DIR/<number>/      Claude Code's sessions (0700)
+    WORKSPACE_DIR/.repos/<number>/   the git dir: root's, readable by the owner's group only
+
+The roots above are 0711 (reachable, not listable); the worker's own state and images are 0700.
+With AGENT_ISOLATION=off (a developer's machine) the layout is the same, but everything runs as
+the worker's user, which the agent can then read all of.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pwd
+import re
+import shutil
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+
+from vm.reaper import kill_pids, marked_pids, user_pids
+
+logger = logging.getLogger(__name__)
+
+AGENT_UID_BASE = 20000
+AGENT_EXEC = Path(__file__).with_name("agent-exec")
+# The agent's environment: what a shell, Claude Code and the model's credential need. Anything
+# else the worker was started with (WORKER_TOKEN, GITHUB_TOKEN, a developer's TWILIO_* or cloud
+# keys) is dropped by `scrub_environment` at boot, so nothing the worker starts inherits it.
+AGENT_ENV_NAMES = frozenset({
+    "PATH", "HOME", "LANG", "LANGUAGE", "TZ", "TERM", "COLORTERM", "NO_COLOR", "FORCE_COLOR", "SHELL", "USER",
+    "LOGNAME", "TMPDIR", "SSL_CERT_FILE", "SSL_CERT_DIR", "NODE_EXTRA_CA_CERTS", "REQUESTS_CA_BUNDLE",
+    "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy", "MAX_THINKING_TOKENS",
+    "BASH_DEFAULT_TIMEOUT_MS", "BASH_MAX_TIMEOUT_MS", "MCP_TIMEOUT", "MCP_TOOL_TIMEOUT", "DISABLE_TELEMETRY",
+    "DISABLE_AUTOUPDATER", "DISABLE_ERROR_REPORTING",
+})
+AGENT_ENV_PREFIXES = ("LC_", "ANTHROPIC_", "CLAUDE_CODE_", "CLAUDE_AGENT_SDK_")
+AGENT_GITCONFIG = """# Written by the textslash worker. The git dir belongs to the worker: read it, don't write it.
+[safe]
+\tdirectory = *
+[user]
+\tname = Claude Code (textslash)
+\temail = textslash@users.noreply.github.com
+"""
+
+
+class SandboxError(RuntimeError):
+    """An owner's agent user or folders could not be set up; safe to show the owner."""
+
+
+def agent_may_inherit(name: str) -> bool:
+    return name in AGENT_ENV_NAMES or name.startswith(AGENT_ENV_PREFIXES)
+
+
+def scrub_environment(environ: os._Environ[str]) -> list[str]:
+    """Forget every variable the agent may not inherit (the worker read its settings already)."""
+    dropped = sorted(name for name in environ if not agent_may_inherit(name))
+    for name in dropped:
+        del environ[name]
+    return dropped
+
+
+@dataclass(frozen=True)
+class AgentSpace:
+    """Where one owner's agent lives, and as whom it runs."""
+
+    phone: str
+    uid: int
+    gid: int
+    checkout: Path
+    git_dir: Path
+    home: Path
+    claude_dir: Path
+
+    @property
+    def tmp(self) -> Path:
+        return self.home / "tmp"
+
+
+class Sandbox:
+    def __init__(self, *, workspace_dir: Path, state_dir: Path, claude_config_dir: str, isolated: bool) -> None:
+        self.isolated = isolated
+        self._workspace = workspace_dir
+        self._claude_root = Path(claude_config_dir) if claude_config_dir else None
+        self._users_file = state_dir / "agent-users.json"
+        self._lock = anyio.Lock()
+        self._cli: str | None = None
+
+    # --- paths (the same whether isolated or not) --------------------------------------
+
+    def checkout(self, phone: str) -> Path:
+        return self._workspace / _digits(phone)
+
+    def git_dir(self, phone: str) -> Path:
+        return self._workspace / ".repos" / _digits(phone)
+
+    def _space(self, phone: str, uid: int, gid: int) -> AgentSpace:
+        home = self._workspace / ".homes" / _digits(phone)
+        claude = self._claude_root / _digits(phone) if self._claude_root else home / ".claude"
+        return AgentSpace(phone, uid, gid, self.checkout(phone), self.git_dir(phone), home, claude)
+
+    def secure_roots(self, *private: Path) -> None:
+        """Reachable-not-listable roots for the agents, private folders for the worker alone."""
+        for root in (self._workspace, self._workspace / ".repos", self._workspace / ".homes", self._claude_root):
+            if root is not None:
+                root.mkdir(parents=True, exist_ok=True)
+                os.chmod(root, 0o711)
+        for path in private:
+            path.mkdir(parents=True, exist_ok=True)
+            os.chmod(path, 0o700)
+
+    # --- an owner's space ---------------------------------------------------------------
+
+    async def prepare(self, phone: str) -> AgentSpace:
+        """The owner's user (made on first use) and folders, owned and locked down."""
+        async with self._lock:
+            uid, gid = (await self._ensure_user(phone)) if self.isolated else (os.getuid(), os.getgid())
+        space = self._space(phone, uid, gid)
+        for folder in (space.home, space.tmp, space.claude_dir, space.checkout):
+            folder.mkdir(parents=True, exist_ok=True)
+            self._own(folder, space)
+            os.chmod(folder, 0o700)
+        await anyio.to_thread.run_sync(self._adopt_legacy_sessions, space)
+        gitconfig = space.home / ".gitconfig"
+        gitconfig.write_text(AGENT_GITCONFIG)
+        self._own(gitconfig, space)
+        if self.isolated:
+            await anyio.to_thread.run_sync(self._check_reachable, space)
+        return space
+
+    def _adopt_legacy_sessions(self, space: AgentSpace) -> None:
+        """Before isolation every owner's Claude sessions shared CLAUDE_CONFIG_DIR; Claude Code
+        keeps them per working directory, so the owner's folder moves into the owner's own."""
+        if self._claude_root is None:
+            return
+        legacy = self._claude_root / "projects" / re.sub(r"[^A-Za-z0-9]", "-", str(space.checkout))
+        target = space.claude_dir / "projects" / legacy.name
+        if legacy.is_dir() and not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(legacy, target)
+            if self.isolated:
+                _chown_tree(space.claude_dir, space.uid, space.gid)
+
+    async def hand_over(self, space: AgentSpace) -> None:
+        """Give the agent what the worker wrote into its checkout (a clone, a restore)."""
+        if self.isolated:
+            await anyio.to_thread.run_sync(_chown_tree, space.checkout, space.uid, space.gid)
+
+    async def share_git_dir(self, space: AgentSpace) -> None:
+        """The git dir stays root's; the owner's group may read it (for `git log`, `git diff`)."""
+        if self.isolated:
+            await anyio.to_thread.run_sync(_share_tree, space.git_dir, space.gid)
+
+    def own(self, space: AgentSpace, path: Path) -> None:
+        self._own(path, space)
+
+    def _own(self, path: Path, space: AgentSpace) -> None:
+        if self.isolated:
+            os.chown(path, space.uid, space.gid, follow_symlinks=False)
+
+    # --- starting and ending the agent ---------------------------------------------------
+
+    def launch(self, space: AgentSpace) -> tuple[str | None, dict[str, str]]:
+        """The CLI to start (None: the SDK's own) and the environment the agent gets on top."""
+        env = {"HOME": str(space.home), "TMPDIR": str(space.tmp), "CLAUDE_CONFIG_DIR": str(space.claude_dir),
+               "SHELL": "/bin/bash"}
+        if not self.isolated:
+            return None, env
+        name = f"tsagent{space.uid}"
+        env.update({"USER": name, "LOGNAME": name, "TEXTSLASH_AGENT_UID": str(space.uid),
+                    "TEXTSLASH_AGENT_GID": str(space.gid), "TEXTSLASH_AGENT_CLI": self._cli_path()})
+        return str(AGENT_EXEC), env
+
+    async def reap(self, space: AgentSpace | None, marker: str) -> int:
+        """End every process of a run: all of the agent user's when isolated (nothing escapes a
+        uid), else the ones carrying the run's marker in their environment."""
+        if self.isolated and space is not None:
+            return await self._kill_user(space)
+        return await kill_pids(lambda: marked_pids(marker))
+
+    async def _kill_user(self, space: AgentSpace, grace_s: float = 1.5) -> int:
+        # kill(-1) sent *as the agent user* reaches every process of that user at once, which a
+        # pid list cannot promise against a process that keeps forking.
+        uid = space.uid
+        found = len(user_pids(uid))
+        if not found:
+            return 0
+        as_agent = ["setpriv", f"--reuid={uid}", f"--regid={space.gid}", "--clear-groups", "--", "kill"]
+        await anyio.run_process([*as_agent, "-TERM", "-1"], check=False)
+        with anyio.move_on_after(grace_s):
+            while user_pids(uid):  # noqa: ASYNC110 - no event tells us another process died
+                await anyio.sleep(0.05)
+        for _ in range(5):
+            if not user_pids(uid):
+                break
+            await anyio.run_process([*as_agent, "-KILL", "-1"], check=False)
+            with anyio.move_on_after(1.0):
+                while user_pids(uid):  # noqa: ASYNC110 - as above
+                    await anyio.sleep(0.02)
+        return found
+
+    def _cli_path(self) -> str:
+        if self._cli is None:
+            import claude_agent_sdk
+
+            bundled = Path(claude_agent_sdk.__file__).parent / "_bundled" / "claude"
+            self._cli = str(bundled) if bundled.is_file() else (shutil.which("claude") or "claude")
+        return self._cli
+
+    def _check_reachable(self, space: AgentSpace) -> None:
+        """The agent user must reach Claude Code and its own folders; a checkout below a private
+        folder (a 0700 home or temp dir) would fail later with an opaque error, so fail now."""
+        cli = Path(self._cli_path())
+        if not _others_may(cli, 0o005):
+            self._cli = str(self._reachable_copy(cli))
+        for path in (space.checkout, space.claude_dir):
+            blocked = next((p for p in path.parents if not _others_may(p, 0o001)), None)
+            if blocked is not None:
+                raise SandboxError(f"the agent user cannot reach {path}: {blocked} is not searchable by others")
+
+    def _reachable_copy(self, cli: Path) -> Path:
+        """Claude Code's binary lives in a folder other users cannot enter (a private venv):
+        link it (or copy it once) into the workspace, where the agents can run it."""
+        target = self._workspace / ".bin" / cli.name
+        target.parent.mkdir(exist_ok=True)
+        os.chmod(target.parent, 0o711)
+        if not (target.exists() and target.stat().st_size == cli.stat().st_size):
+            partial = target.with_name(f".{cli.name}.partial")
+            partial.unlink(missing_ok=True)
+            try:
+                os.link(cli, partial)
+            except OSError:
+                shutil.copy2(cli, partial)
+            os.chmod(partial, 0o755)
+            os.replace(partial, target)
+        return target
+
+    # --- users ----------------------------------------------------------------------------
+
+    async def _ensure_user(self, phone: str) -> tuple[int, int]:
+        users = self._load_users()
+        uid = users.get(phone)
+        if uid is None:
+            uid = _free_uid(set(users.values()))
+            users[phone] = uid
+            self._save_users(users)
+        name = f"tsagent{uid}"
+        try:
+            existing = pwd.getpwuid(uid)
+        except KeyError:
+            await _run("groupadd", "--gid", str(uid), name, ok_codes=(0, 4, 9))  # 4/9: that group exists
+            await _run("useradd", "--uid", str(uid), "--gid", str(uid), "--no-create-home", "--no-user-group",
+                       "--home-dir", str(self._space(phone, uid, uid).home), "--shell", "/bin/bash", name)
+            existing = pwd.getpwuid(uid)
+        if existing.pw_name != name:
+            raise SandboxError(f"uid {uid} already belongs to {existing.pw_name!r}, not to an agent user")
+        return uid, existing.pw_gid
+
+    def _load_users(self) -> dict[str, int]:
+        try:
+            data = json.loads(self._users_file.read_text())
+        except FileNotFoundError:
+            return {}
+        return {str(k): int(v) for k, v in data.items()}
+
+    def _save_users(self, users: Mapping[str, int]) -> None:
+        self._users_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._users_file.with_name(f".{self._users_file.name}.tmp")
+        tmp.write_text(json.dumps(dict(users)))
+        os.replace(tmp, self._users_file)
+
+
+def _digits(phone: str) -> str:
+    return phone.lstrip("+")
+
+
+def _free_uid(taken: set[int]) -> int:
+    uid = AGENT_UID_BASE
+    while True:
+        if uid not in taken:
+            try:
+                pwd.getpwuid(uid)
+            except KeyError:
+                return uid
+            if pwd.getpwuid(uid).pw_name == f"tsagent{uid}":
+                return uid  # ours, from an earlier volume
+        uid += 1
+
+
+async def _run(*argv: str, ok_codes: tuple[int, ...] = (0,)) -> None:
+    result = await anyio.run_process(list(argv), check=False)
+    if result.returncode not in ok_codes:
+        detail = result.stderr.decode(errors="replace").strip().splitlines()
+        raise SandboxError(f"{argv[0]} failed: {detail[-1] if detail else result.returncode}")
+
+
+def _others_may(path: Path, bits: int) -> bool:
+    try:
+        return path.stat().st_mode & bits == bits
+    except OSError:
+        return False
+
+
+def _chown_tree(root: Path, uid: int, gid: int) -> None:
+    """Hand a tree to the agent without following a symlink anywhere (fd-relative, no races)."""
+    os.chown(root, uid, gid, follow_symlinks=False)
+    for _, dirs, files, fd in os.fwalk(root, follow_symlinks=False):
+        for name in dirs + files:
+            try:
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                if (st.st_uid, st.st_gid) != (uid, gid):
+                    os.chown(name, uid, gid, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                pass
+
+
+def _share_tree(root: Path, gid: int) -> None:
+    """root:<gid>, folders 2750 (new files inherit the group), files group-readable only."""
+    os.chown(root, 0, gid)
+    os.chmod(root, 0o2750)
+    for _, dirs, files, fd in os.fwalk(root, follow_symlinks=False):
+        for name in dirs:
+            os.chown(name, 0, gid, dir_fd=fd, follow_symlinks=False)
+            os.chmod(name, 0o2750, dir_fd=fd)
+        for name in files:
+            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            if stat.S_ISREG(st.st_mode):
+                os.chown(name, 0, gid, dir_fd=fd, follow_symlinks=False)
+                os.chmod(name, 0o640, dir_fd=fd)
+
+
