@@ -32,6 +32,7 @@ from pathlib import Path
 import anyio
 
 from vm.reaper import kill_pids, marked_pids, user_pids
+from vm.workspace import write_new_file
 
 logger = logging.getLogger(__name__)
 
@@ -130,12 +131,10 @@ class Sandbox:
             uid, gid = (await self._ensure_user(phone)) if self.isolated else (os.getuid(), os.getgid())
         space = self._space(phone, uid, gid)
         for folder in (space.home, space.tmp, space.claude_dir, space.checkout):
-            folder.mkdir(parents=True, exist_ok=True)
-            self._own(folder, space)
-            os.chmod(folder, 0o700)
+            self._own_folder(folder, space)
         await anyio.to_thread.run_sync(self._adopt_legacy_sessions, space)
         gitconfig = space.home / ".gitconfig"
-        gitconfig.write_text(AGENT_GITCONFIG)
+        write_new_file(gitconfig, AGENT_GITCONFIG)
         self._own(gitconfig, space)
         if self.isolated:
             await anyio.to_thread.run_sync(self._check_reachable, space)
@@ -163,6 +162,21 @@ class Sandbox:
         """The git dir stays root's; the owner's group may read it (for `git log`, `git diff`)."""
         if self.isolated:
             await anyio.to_thread.run_sync(_share_tree, space.git_dir, space.gid)
+
+    def _own_folder(self, folder: Path, space: AgentSpace) -> None:
+        """Make `folder` a real directory, the agent's, 0700. Some of these live in the agent's
+        home, where it may have left a symlink to anywhere: replace it, and change modes and
+        owners only through a descriptor opened without following links."""
+        if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+            folder.unlink()
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        try:
+            if self.isolated:
+                os.fchown(fd, space.uid, space.gid)
+            os.fchmod(fd, 0o700)
+        finally:
+            os.close(fd)
 
     def own(self, space: AgentSpace, path: Path) -> None:
         self._own(path, space)
@@ -315,13 +329,18 @@ def _others_may(path: Path, bits: int) -> bool:
 
 
 def _chown_tree(root: Path, uid: int, gid: int) -> None:
-    """Hand a tree to the agent without following a symlink anywhere (fd-relative, no races)."""
+    """Hand a tree to the agent without following a symlink anywhere (fd-relative, no races).
+
+    A file with more than one link is never handed over: where the kernel allows linking files
+    one does not own (fs.protected_hardlinks=0), it could be a link the agent made to a file of
+    root's, its own git dir's config for one, and chown would give that file away.
+    """
     os.chown(root, uid, gid, follow_symlinks=False)
     for _, dirs, files, fd in os.fwalk(root, follow_symlinks=False):
         for name in dirs + files:
             try:
                 st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-                if (st.st_uid, st.st_gid) != (uid, gid):
+                if (st.st_uid, st.st_gid) != (uid, gid) and (stat.S_ISDIR(st.st_mode) or st.st_nlink == 1):
                     os.chown(name, uid, gid, dir_fd=fd, follow_symlinks=False)
             except FileNotFoundError:
                 pass

@@ -36,6 +36,15 @@ EMPTY_TREE = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"
 SHARED = "0640"
 
 
+def write_new_file(path: Path, text: str, mode: int = 0o600) -> None:
+    """Replace `path` with a new file, never writing through what stood there: in a folder the
+    agent owns, a symlink or a hard link it left could point at any file of root's."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
+
+
 class GitError(RuntimeError):
     """A git command failed; the message is safe to show the owner (no secrets)."""
 
@@ -134,9 +143,7 @@ class Workspace:
         gitfile = self.path / ".git"
         if gitfile.is_dir() and not gitfile.is_symlink():
             shutil.rmtree(gitfile)
-        else:
-            gitfile.unlink(missing_ok=True)  # never write through a symlink the agent placed
-        gitfile.write_text(f"gitdir: {self.git_dir}\n")
+        write_new_file(gitfile, f"gitdir: {self.git_dir}\n")
 
     async def _clone(self) -> None:
         self.git_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -187,9 +194,11 @@ class Workspace:
         return Snapshot(head=results["head"], tree=results["tree"], ignored=tuple(results["ignored"]))
 
     async def working_tree(self) -> str:
-        """The whole working state as a tree object, through a throwaway index."""
+        """The whole working state as a tree object, through a throwaway index that starts from
+        HEAD, so a tracked file stays in the tree even where a .gitignore pattern matches it."""
         with tempfile.TemporaryDirectory() as tmp:
             env = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
+            await self.git("read-tree", "HEAD" if await self.head() else "--empty", env=env)
             await self.git("add", "--all", env=env)
             return (await self.git("write-tree", env=env)).strip()
 
