@@ -9,8 +9,11 @@ its own user there.
 from __future__ import annotations
 
 import os
+import pwd
 import re
 import secrets
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,9 +22,11 @@ from console.scripted_model import Text, ToolUse, bash, write
 from tests.support.fake_twilio import Sent
 from tests.support.git_origin import branches, git, show
 from tests.support.pair_harness import pair_stack
+from tests.support.processes import ROOT, child, free_port, wait_healthy
 from tests.support.relay_harness import AUTH_TOKEN, OWNER, OWNER2, PUBLIC_URL, Stack, message_params, signed_form
 from tests.support.servers import wait_for
-from tests.support.worker_harness import GITHUB_TOKEN, WorkerStack, worker_stack
+from tests.support.worker_harness import GITHUB_TOKEN, WorkerStack, open_for_agents, worker_stack
+from vm.sandbox import Sandbox, scrub_environment
 
 pytestmark = pytest.mark.anyio
 STEP = 90.0
@@ -177,3 +182,105 @@ def _pids_with(marker: str) -> list[int]:
             except OSError:
                 pass
     return found
+
+
+# --- the sandbox's own pieces, with real users where the machine allows --------------------
+
+
+def test_the_worker_forgets_every_variable_an_agent_may_not_inherit() -> None:
+    environ = os.environ.copy()
+    fake = {"WORKER_TOKEN": "w", "GITHUB_TOKEN": "g", "TWILIO_AUTH_TOKEN": "t", "AWS_SECRET_ACCESS_KEY": "a",
+            "FLY_API_TOKEN": "f", "ANTHROPIC_API_KEY": "k", "CLAUDE_CODE_OAUTH_TOKEN": "o", "LC_ALL": "C.UTF-8",
+            "PATH": "/usr/bin", "HTTPS_PROXY": "http://proxy"}
+    env = type(os.environ)(dict(fake), lambda k: k, lambda v: v, lambda k: k, lambda v: v)  # a detached copy
+    dropped = scrub_environment(env)
+    assert sorted(env) == ["ANTHROPIC_API_KEY", "CLAUDE_CODE_OAUTH_TOKEN", "HTTPS_PROXY", "LC_ALL", "PATH"]
+    assert set(dropped) == {"WORKER_TOKEN", "GITHUB_TOKEN", "TWILIO_AUTH_TOKEN", "AWS_SECRET_ACCESS_KEY",
+                            "FLY_API_TOKEN"}
+    assert os.environ == environ  # the real environment was not touched
+
+
+@as_root
+async def test_prepare_never_writes_chmods_or_chowns_through_a_link_the_agent_left(tmp_path: Path) -> None:
+    open_for_agents(tmp_path)
+    sandbox = Sandbox(workspace_dir=tmp_path / "ws", state_dir=tmp_path / "ws" / ".textslash",
+                      claude_config_dir="", isolated=True)
+    sandbox.secure_roots(tmp_path / "ws" / ".textslash")
+    space = await sandbox.prepare(OWNER)
+    victim_dir, victim_file = tmp_path / "root-dir", tmp_path / "root-file"
+    victim_dir.mkdir(mode=0o755)
+    victim_file.write_text("root's\n")
+    os.chmod(victim_file, 0o644)
+    # What a hostile agent leaves in its home for the next run's set-up.
+    (space.tmp).rmdir()
+    os.symlink(victim_dir, space.tmp)
+    os.symlink(victim_file, space.home / ".gitconfig.tmp")
+    (space.home / ".gitconfig").unlink()
+    os.symlink(victim_file, space.home / ".gitconfig")
+    os.link(victim_file, space.checkout / "linked")  # a hard link to a file of root's
+
+    again = await sandbox.prepare(OWNER)
+    await sandbox.hand_over(again)
+    assert victim_file.read_text() == "root's\n" and victim_file.stat().st_uid == 0
+    assert victim_file.stat().st_mode & 0o777 == 0o644
+    assert victim_dir.stat().st_uid == 0 and victim_dir.stat().st_mode & 0o777 == 0o755
+    assert not space.tmp.is_symlink() and space.tmp.is_dir() and space.tmp.stat().st_uid == space.uid
+    gitconfig = space.home / ".gitconfig"
+    assert not gitconfig.is_symlink() and "safe" in gitconfig.read_text()
+
+
+@as_root
+async def test_each_owner_gets_a_user_of_its_own_that_keeps_its_uid(tmp_path: Path) -> None:
+    open_for_agents(tmp_path)
+    state = tmp_path / "ws" / ".textslash"
+
+    def sandbox() -> Sandbox:
+        return Sandbox(workspace_dir=tmp_path / "ws", state_dir=state, claude_config_dir=str(tmp_path / "claude"),
+                       isolated=True)
+
+    first = sandbox()
+    first.secure_roots(state)
+    one, two = await first.prepare(OWNER), await first.prepare(OWNER2)
+    assert one.uid != two.uid and one.gid != two.gid and 0 not in (one.uid, two.uid)
+    assert pwd.getpwuid(one.uid).pw_name == f"tsagent{one.uid}"
+    assert OWNER.lstrip("+") not in pwd.getpwuid(one.uid).pw_name  # /etc/passwd names no owner
+    assert (await sandbox().prepare(OWNER)).uid == one.uid  # remembered on the volume
+    for folder in (one.checkout, one.home, one.tmp, one.claude_dir):
+        assert folder.stat().st_uid == one.uid and folder.stat().st_mode & 0o777 == 0o700
+    for root in (tmp_path / "ws", tmp_path / "ws" / ".repos", tmp_path / "ws" / ".homes", tmp_path / "claude"):
+        assert root.stat().st_mode & 0o777 == 0o711
+    assert state.stat().st_mode & 0o777 == 0o700
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run the worker as another user")
+def test_the_worker_refuses_isolation_it_cannot_give(tmp_path: Path) -> None:
+    open_for_agents(tmp_path)
+    env = {"WORKER_TOKEN": "t" * 20, "RELAY_CALLBACK_URL": "http://127.0.0.1:9", "REPO_URL": "file:///none.git",
+           "WORKSPACE_DIR": str(tmp_path / "ws"), "IMAGES_DIR": str(tmp_path / "img"), "PYTHONPATH": str(ROOT),
+           "PATH": os.environ["PATH"]}
+    # Debian's python3 with this checkout's packages: the test's own interpreter may live in
+    # root's home, where nobody else can run it.
+    site = next(Path(p) for p in sys.path if p.endswith("site-packages"))
+    python = Path("/usr/bin/python3")
+    if not (python.exists() and _others_can_run(ROOT / "vm" / "__main__.py") and _others_can_run(site / "uvicorn")):
+        pytest.skip("this checkout's packages are not reachable by other users")
+    env["PYTHONPATH"] = f"{ROOT}:{site}"
+    unprivileged = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"]
+    result = subprocess.run([*unprivileged, str(python), "-m", "vm"], env=env, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and "AGENT_ISOLATION=off" in result.stderr
+
+
+async def test_without_isolation_the_worker_says_so_loudly(tmp_path: Path) -> None:
+    log = tmp_path / "worker.log"
+    env = {"WORKER_TOKEN": "t" * 20, "RELAY_CALLBACK_URL": "http://127.0.0.1:9", "REPO_URL": "file:///none.git",
+           "WORKSPACE_DIR": str(tmp_path / "ws"), "IMAGES_DIR": str(tmp_path / "img"), "AGENT_ISOLATION": "off",
+           "PORT": str(free_port()), "HOST": "127.0.0.1"}
+    with child("vm", env, log) as proc:
+        await wait_healthy(f"http://127.0.0.1:{env['PORT']}", proc)
+    assert "AGENT_ISOLATION=off: THE AGENT RUNS AS THIS WORKER'S OWN USER" in log.read_text()
+
+
+def _others_can_run(path: Path) -> bool:
+    path = path.resolve()
+    return all(p.stat().st_mode & 0o001 for p in path.parents) and path.stat().st_mode & 0o004 == 0o004

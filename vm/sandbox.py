@@ -37,6 +37,7 @@ from vm.workspace import write_new_file
 logger = logging.getLogger(__name__)
 
 AGENT_UID_BASE = 20000
+FLY_API_SOCKET = Path("/.fly/api")
 AGENT_EXEC = Path(__file__).with_name("agent-exec")
 # The agent's environment: what a shell, Claude Code and the model's credential need. Anything
 # else the worker was started with (WORKER_TOKEN, GITHUB_TOKEN, a developer's TWILIO_* or cloud
@@ -114,7 +115,14 @@ class Sandbox:
         return AgentSpace(phone, uid, gid, self.checkout(phone), self.git_dir(phone), home, claude)
 
     def secure_roots(self, *private: Path) -> None:
-        """Reachable-not-listable roots for the agents, private folders for the worker alone."""
+        """Reachable-not-listable roots for the agents, private paths for the worker alone.
+
+        Fly's local API socket (FLY_API_SOCKET) answers without a token to anything that can
+        connect: it can stop or suspend this Machine and mint OIDC tokens for the app. Isolated
+        agents must not connect, so it becomes root's alone, if it is there.
+        """
+        if self.isolated and FLY_API_SOCKET.exists():
+            os.chmod(FLY_API_SOCKET, 0o600)
         for root in (self._workspace, self._workspace / ".repos", self._workspace / ".homes", self._claude_root):
             if root is not None:
                 root.mkdir(parents=True, exist_ok=True)
@@ -241,7 +249,7 @@ class Sandbox:
         if not _others_may(cli, 0o005):
             self._cli = str(self._reachable_copy(cli))
         for path in (space.checkout, space.claude_dir):
-            blocked = next((p for p in path.parents if not _others_may(p, 0o001)), None)
+            blocked = next((p for p in path.parents if not _reachable_by(p, space.uid)), None)
             if blocked is not None:
                 raise SandboxError(f"the agent user cannot reach {path}: {blocked} is not searchable by others")
 
@@ -319,6 +327,14 @@ async def _run(*argv: str, ok_codes: tuple[int, ...] = (0,)) -> None:
     if result.returncode not in ok_codes:
         detail = result.stderr.decode(errors="replace").strip().splitlines()
         raise SandboxError(f"{argv[0]} failed: {detail[-1] if detail else result.returncode}")
+
+
+def _reachable_by(folder: Path, uid: int) -> bool:
+    try:
+        st = folder.stat()
+    except OSError:
+        return False
+    return bool(st.st_mode & 0o100) if st.st_uid == uid else bool(st.st_mode & 0o001)
 
 
 def _others_may(path: Path, bits: int) -> bool:

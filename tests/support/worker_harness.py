@@ -44,6 +44,7 @@ def model_env(anthropic_url: str, tmp: Path) -> dict[str, str]:
 def open_for_agents(path: Path) -> None:
     """Let agent users reach folders below `path` (search, not list): as root, the worker starts
     each owner's agent as its own user, and pytest makes its temporary folders 0700."""
+    path.mkdir(parents=True, exist_ok=True)
     for folder in [path, *path.parents]:
         mode = folder.stat().st_mode
         if not mode & 0o001:
