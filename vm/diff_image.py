@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from html import escape
 
 from vm.browser import BrowserPool
@@ -28,12 +29,12 @@ pre span { display: block; padding: 0 10px; }
 
 def diff_html(changes: Changes, *, max_lines: int = MAX_LINES) -> str:
     files = "".join(
-        f'<div>{escape(f.path)} <span class="add-n">+{f.added}</span> <span class="del-n">−{f.removed}</span></div>'
+        f'<div>{escape(visible(f.path))} <span class="add-n">+{f.added}</span> '
+        f'<span class="del-n">−{f.removed}</span></div>'
         for f in changes.files
     )
-    lines = changes.diff.splitlines()
-    headers = ("index ", "--- ", "+++ ", "new file mode", "deleted file mode")
-    shown = [_line(line) for line in lines[:max_lines] if not line.startswith(headers)]
+    lines = diff_lines(changes.diff)
+    shown = [_line(kind, text) for kind, text in lines[:max_lines]]
     if len(lines) > max_lines:
         shown.append(f'<span class="more">… {len(lines) - max_lines} more lines</span>')
     count = len(changes.files)
@@ -42,12 +43,51 @@ def diff_html(changes: Changes, *, max_lines: int = MAX_LINES) -> str:
             f"<pre>{''.join(shown)}</pre></body></html>")
 
 
-def _line(line: str) -> str:
-    if line.startswith("diff --git"):
-        path = line.split(" b/", 1)[-1]
-        return f'<span class="file">{escape(path)}</span>'
-    css = {"+": "add", "-": "del", "@": "hunk"}.get(line[:1], "")
-    return f'<span class="{css}">{escape(line) or " "}</span>'
+def diff_lines(diff: str) -> list[tuple[str, str]]:
+    """(kind, text) for each line worth showing: "file", "hunk", "add", "del", "ctx" or "note".
+
+    This is what stands between the owner and the commit, so nothing may hide in it: lines are
+    split on "\n" only (as git does; `splitlines` would also split on form feeds and Unicode
+    separators, showing one added line as an added and an unchanged one), header lines are
+    dropped only in a file's header (an added line "++ x" is "+++ x" in the diff), control,
+    format and bidi characters are shown as escapes, and a file whose text holds a NUL byte is
+    named as binary instead of printed.
+    """
+    out: list[tuple[str, str]] = []
+    for section in _sections(diff):
+        header, _, body = section.partition("\n@@")
+        path = header.split("\n", 1)[0].split(" b/", 1)[-1]
+        out.append(("file", visible(path)))
+        notes = [line for line in header.split("\n")[1:] if line.startswith(("Binary files", "new file", "deleted"))]
+        out.extend(("note", visible(line)) for line in notes if not line.startswith(("new file", "deleted")))
+        if not body:
+            continue
+        if "\0" in body:
+            out.append(("note", "(binary content changed)"))
+            continue
+        for line in ("@@" + body).split("\n"):
+            kind = {"+": "add", "-": "del", "@": "hunk", " ": "ctx"}.get(line[:1], "note")
+            if line:
+                out.append((kind, visible(line)))
+    return out
+
+
+def _sections(diff: str) -> list[str]:
+    parts = diff.split("\ndiff --git ")
+    return [p if i == 0 else "diff --git " + p for i, p in enumerate(parts) if p.strip()]
+
+
+def visible(text: str) -> str:
+    """Control, format (bidi, zero-width) and separator characters as escapes; tabs stay."""
+    return "".join(
+        f"\\u{ord(c):04x}" if c != "\t" and unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") else c
+        for c in text
+    )
+
+
+def _line(kind: str, text: str) -> str:
+    css = {"file": "file", "add": "add", "del": "del", "hunk": "hunk", "note": "more"}.get(kind, "")
+    return f'<span class="{css}">{escape(text) or " "}</span>'
 
 
 async def render_diff(browser: BrowserPool, changes: Changes) -> bytes:
@@ -55,14 +95,11 @@ async def render_diff(browser: BrowserPool, changes: Changes) -> bytes:
 
 
 def phone_excerpt(changes: Changes, limit: int = 900) -> str:
-    """The diff cut to fit a phone message: hunks only, headers dropped, cut at a line."""
+    """The diff cut to fit a phone message: file names and hunks, cut at a line."""
     kept: list[str] = []
     size = 0
-    for line in changes.diff.splitlines():
-        if line.startswith(("index ", "--- ", "+++ ", "new file mode", "deleted file mode")):
-            continue
-        if line.startswith("diff --git"):
-            line = "# " + line.split(" b/", 1)[-1]
+    for kind, text in diff_lines(changes.diff):
+        line = f"# {text}" if kind == "file" else text
         if size + len(line) + 1 > limit:
             kept.append("…")
             break

@@ -87,8 +87,16 @@ async def kill_marked(prefix: str, grace_s: float = 1.5) -> int:
 
 
 def _alive(pid: int) -> bool:
+    """A process is alive while any of its threads is: a leader that ended only its own thread
+    shows as a zombie while the others run on."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
     except OSError:
         return False
-    return stat.rsplit(")", 1)[-1].split()[0] != "Z"  # a zombie is dead, only unreaped
+    for task in tasks:
+        try:
+            if (task / "stat").read_text().rsplit(")", 1)[-1].split()[0] != "Z":
+                return True
+        except OSError:
+            continue
+    return False

@@ -114,22 +114,48 @@ class Sandbox:
         claude = self._claude_root / _digits(phone) if self._claude_root else home / ".claude"
         return AgentSpace(phone, uid, gid, self.checkout(phone), self.git_dir(phone), home, claude)
 
-    def secure_roots(self, *private: Path) -> None:
-        """Reachable-not-listable roots for the agents, private paths for the worker alone.
+    async def start(self, *private: Path) -> None:
+        """At boot: reachable-not-listable roots for the agents, private paths for the worker,
+        and no process left of any agent (a worker restarted without its Machine).
 
-        Fly's local API socket (FLY_API_SOCKET) answers without a token to anything that can
-        connect: it can stop or suspend this Machine and mint OIDC tokens for the app. Isolated
-        agents must not connect, so it becomes root's alone, if it is there.
+        Everything else below the roots is made private too: checkouts and Claude folders from
+        before isolation were readable by anyone who knew an owner's number. Fly's local API
+        socket (FLY_API_SOCKET) answers without a token to anything that can connect (it can
+        stop or suspend this Machine and mint the app's OIDC tokens): it becomes root's alone.
         """
-        if self.isolated and FLY_API_SOCKET.exists():
-            os.chmod(FLY_API_SOCKET, 0o600)
-        for root in (self._workspace, self._workspace / ".repos", self._workspace / ".homes", self._claude_root):
+        self._secure_folders(private)
+        if not self.isolated:
+            return
+        try:
+            for phone, uid in self._load_users().items():
+                await self._kill_user(self._space(phone, uid, uid))
+        except SandboxError as exc:  # each owner's next run meets it again, and is told
+            logger.error("could not check for agents' leftover processes: %s", exc)
+
+    def _secure_folders(self, private: tuple[Path, ...]) -> None:
+        roots = [self._workspace, self._workspace / ".repos", self._workspace / ".homes", self._claude_root]
+        for root in roots:
             if root is not None:
                 root.mkdir(parents=True, exist_ok=True)
                 os.chmod(root, 0o711)
         for path in private:
             path.mkdir(parents=True, exist_ok=True)
             os.chmod(path, 0o700)
+        write_new_file(self._agent_gitconfig, AGENT_GITCONFIG, 0o644)
+        if not self.isolated:
+            return
+        if FLY_API_SOCKET.exists():
+            os.chmod(FLY_API_SOCKET, 0o600)
+        shared = {*roots, *private, self._agent_gitconfig, self._workspace / ".bin"}
+        for root in (self._workspace, self._claude_root):
+            for entry in root.iterdir() if root is not None else ():
+                if entry not in shared and not entry.is_symlink():
+                    os.chmod(entry, 0o700 if entry.is_dir() else 0o600)
+
+    @property
+    def _agent_gitconfig(self) -> Path:
+        # Root's, outside the agent's home: the agent cannot make root write through it.
+        return self._workspace / ".agent-gitconfig"
 
     # --- an owner's space ---------------------------------------------------------------
 
@@ -138,15 +164,21 @@ class Sandbox:
         async with self._lock:
             uid, gid = (await self._ensure_user(phone)) if self.isolated else (os.getuid(), os.getgid())
         space = self._space(phone, uid, gid)
-        for folder in (space.home, space.tmp, space.claude_dir, space.checkout):
-            self._own_folder(folder, space)
-        await anyio.to_thread.run_sync(self._adopt_legacy_sessions, space)
-        gitconfig = space.home / ".gitconfig"
-        write_new_file(gitconfig, AGENT_GITCONFIG)
-        self._own(gitconfig, space)
-        if self.isolated:
-            await anyio.to_thread.run_sync(self._check_reachable, space)
+        await self.quiesce(space)  # nothing of the agent's may race what root does next
+        try:
+            for folder in (space.home, space.tmp, space.claude_dir, space.checkout):
+                self._own_folder(folder, space)
+            await anyio.to_thread.run_sync(self._adopt_legacy_sessions, space)
+            if self.isolated:
+                await anyio.to_thread.run_sync(self._check_reachable, space)
+        except OSError as exc:
+            raise SandboxError(f"could not set up the agent's folders ({type(exc).__name__})") from None
         return space
+
+    async def quiesce(self, space: AgentSpace) -> None:
+        """End every process of the owner's agent before root touches its files."""
+        if self.isolated:
+            await self._kill_user(space)
 
     def _adopt_legacy_sessions(self, space: AgentSpace) -> None:
         """Before isolation every owner's Claude sessions shared CLAUDE_CONFIG_DIR; Claude Code
@@ -176,7 +208,7 @@ class Sandbox:
         home, where it may have left a symlink to anywhere: replace it, and change modes and
         owners only through a descriptor opened without following links."""
         if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
-            folder.unlink()
+            folder.unlink()  # (the parent is a real folder of the agent's, or one of root's)
         folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
         try:
@@ -198,7 +230,7 @@ class Sandbox:
     def launch(self, space: AgentSpace) -> tuple[str | None, dict[str, str]]:
         """The CLI to start (None: the SDK's own) and the environment the agent gets on top."""
         env = {"HOME": str(space.home), "TMPDIR": str(space.tmp), "CLAUDE_CONFIG_DIR": str(space.claude_dir),
-               "SHELL": "/bin/bash"}
+               "SHELL": "/bin/bash", "GIT_CONFIG_GLOBAL": str(self._agent_gitconfig)}
         if not self.isolated:
             return None, env
         name = f"tsagent{space.uid}"
@@ -214,25 +246,31 @@ class Sandbox:
         return await kill_pids(lambda: marked_pids(marker))
 
     async def _kill_user(self, space: AgentSpace, grace_s: float = 1.5) -> int:
-        # kill(-1) sent *as the agent user* reaches every process of that user at once, which a
-        # pid list cannot promise against a process that keeps forking.
-        uid = space.uid
-        found = len(user_pids(uid))
-        if not found:
-            return 0
-        as_agent = ["setpriv", f"--reuid={uid}", f"--regid={space.gid}", "--clear-groups", "--", "kill"]
-        await anyio.run_process([*as_agent, "-TERM", "-1"], check=False)
-        with anyio.move_on_after(grace_s):
-            while user_pids(uid):  # noqa: ASYNC110 - no event tells us another process died
-                await anyio.sleep(0.05)
+        """SIGTERM, then SIGKILL, to every process of the agent user.
+
+        kill(-1) sent *as the agent user* reaches all of that user's processes at once, which a
+        list of pids cannot promise against a process that keeps forking or hides its leader;
+        SIGKILL is always sent, whatever a scan of /proc saw.
+        """
+        uid, found = space.uid, len(user_pids(space.uid))
+        if found:
+            await self._kill_as(space, "-TERM")
+            with anyio.move_on_after(grace_s):
+                while user_pids(uid):  # noqa: ASYNC110 - no event tells us another process died
+                    await anyio.sleep(0.05)
         for _ in range(5):
-            if not user_pids(uid):
-                break
-            await anyio.run_process([*as_agent, "-KILL", "-1"], check=False)
+            await self._kill_as(space, "-KILL")
             with anyio.move_on_after(1.0):
                 while user_pids(uid):  # noqa: ASYNC110 - as above
                     await anyio.sleep(0.02)
-        return found
+            if not user_pids(uid):
+                return found
+        raise SandboxError("the agent's processes could not be ended")
+
+    @staticmethod
+    async def _kill_as(space: AgentSpace, signal_flag: str) -> None:
+        as_agent = ["setpriv", f"--reuid={space.uid}", f"--regid={space.gid}", "--clear-groups", "--"]
+        await anyio.run_process([*as_agent, "kill", signal_flag, "-1"], check=False)
 
     def _cli_path(self) -> str:
         if self._cli is None:
@@ -276,7 +314,9 @@ class Sandbox:
         users = self._load_users()
         uid = users.get(phone)
         if uid is None:
-            uid = _free_uid(set(users.values()))
+            # The owner's folders already say whose they are, if the map was lost; otherwise a
+            # uid that neither /etc/passwd nor any folder on the volume knows.
+            uid = self._uid_on_disk(phone) or _free_uid(set(users.values()) | self._uids_on_disk())
             users[phone] = uid
             self._save_users(users)
         name = f"tsagent{uid}"
@@ -284,25 +324,60 @@ class Sandbox:
             existing = pwd.getpwuid(uid)
         except KeyError:
             await _run("groupadd", "--gid", str(uid), name, ok_codes=(0, 4, 9))  # 4/9: that group exists
+            # No home in /etc/passwd: it would name the owner's number to every agent.
             await _run("useradd", "--uid", str(uid), "--gid", str(uid), "--no-create-home", "--no-user-group",
-                       "--home-dir", str(self._space(phone, uid, uid).home), "--shell", "/bin/bash", name)
+                       "--home-dir", "/nonexistent", "--shell", "/bin/bash", name)
             existing = pwd.getpwuid(uid)
         if existing.pw_name != name:
             raise SandboxError(f"uid {uid} already belongs to {existing.pw_name!r}, not to an agent user")
+        if existing.pw_dir != "/nonexistent":  # made by an earlier version, which named the number
+            await _run("usermod", "--home", "/nonexistent", name)
         return uid, existing.pw_gid
+
+    def _uid_on_disk(self, phone: str) -> int | None:
+        for folder in (self.checkout(phone), self._space(phone, 0, 0).home):
+            try:
+                uid = folder.stat().st_uid
+            except OSError:
+                continue
+            if uid >= AGENT_UID_BASE:
+                return uid
+        return None
+
+    def _uids_on_disk(self) -> set[int]:
+        found = set()
+        for root in (self._workspace, self._workspace / ".homes", self._claude_root):
+            for entry in root.iterdir() if root is not None and root.is_dir() else ():
+                try:
+                    found.add(entry.lstat().st_uid)
+                except OSError:
+                    pass
+        return found
 
     def _load_users(self) -> dict[str, int]:
         try:
             data = json.loads(self._users_file.read_text())
+            return {str(k): int(v) for k, v in data.items()}
         except FileNotFoundError:
             return {}
-        return {str(k): int(v) for k, v in data.items()}
+        except (OSError, ValueError, AttributeError) as exc:
+            # Guessing here could hand one owner's files to another: stop and say where.
+            raise SandboxError(f"{self._users_file} is unreadable ({type(exc).__name__}); repair it, or remove "
+                               "it to rebuild it from the owners' folders") from None
 
     def _save_users(self, users: Mapping[str, int]) -> None:
         self._users_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = self._users_file.with_name(f".{self._users_file.name}.tmp")
-        tmp.write_text(json.dumps(dict(users)))
+        with tmp.open("w") as out:
+            out.write(json.dumps(dict(users)))
+            out.flush()
+            os.fsync(out.fileno())
         os.replace(tmp, self._users_file)
+        folder = os.open(self._users_file.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
 
 
 def _digits(phone: str) -> str:

@@ -51,6 +51,9 @@ class Settings:
         repo_url = reader.required("REPO_URL")
         if not re.match(r"^(https://|http://|ssh://|git@|file://|/)", repo_url):
             raise ConfigError("REPO_URL is malformed: expected an https, ssh or file URL")
+        if re.match(r"^[a-z]+://[^/@]*:[^/@]*@", repo_url):
+            # It would sit in the git dir's config, which the owner's agent may read.
+            raise ConfigError("REPO_URL must not hold a password or token: put the token in GITHUB_TOKEN")
         github_repo = env.get("GITHUB_REPO", "").strip() or github_repo_from_url(repo_url)
         if github_repo and not re.fullmatch(r"[\w.-]+/[\w.-]+", github_repo):
             raise ConfigError("GITHUB_REPO is malformed: expected owner/name")

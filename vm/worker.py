@@ -83,7 +83,7 @@ class Worker:
         for scope in self._scopes.values():
             scope.cancel()
         for phone in list(self._scopes):
-            await self.sandbox.reap(self._spaces.get(phone), self._marker(self._owner(phone)))
+            await self._reap(phone, self._owner(phone), keep=True)
 
     def _owner(self, phone: str) -> OwnerState:
         return self._owners.setdefault(phone, OwnerState(phone=phone))
@@ -132,7 +132,7 @@ class Worker:
         self._save(owner)
         if scope := self._scopes.get(phone):
             scope.cancel()
-        await self.sandbox.reap(self._spaces.get(phone), self._marker(owner))
+        await self._reap(phone, owner, keep=True)
         return Reply(202, {"cancelling": True})
 
     def approve(self, phone: str) -> Reply:
@@ -155,6 +155,13 @@ class Worker:
 
     def _marker(self, owner: OwnerState) -> str:
         return f"{self.boot_id}:{owner.run_id}"
+
+    async def _reap(self, phone: str, owner: OwnerState, *, keep: bool = False) -> None:
+        space = self._spaces.get(phone) if keep else self._spaces.pop(phone, None)
+        try:
+            await self.sandbox.reap(space, self._marker(owner))
+        except SandboxError:  # the next prepare tries again, and refuses to go on if it fails
+            logger.exception("could not end every process of run %s", owner.run_id)
 
     async def _run(self, phone: str) -> None:
         owner = self._owner(phone)
@@ -184,7 +191,7 @@ class Worker:
         finally:
             self._scopes.pop(phone, None)
             with anyio.CancelScope(shield=True):  # nothing of this run outlives it
-                await self.sandbox.reap(self._spaces.pop(phone, None), self._marker(owner))
+                await self._reap(phone, owner)
         if self._stopping:
             return  # shutting down: the state file still says "running", and the next boot reports it
         if owner.state == "cancelling":
@@ -199,10 +206,11 @@ class Worker:
 
     async def _prepare(self, phone: str, workspace: Workspace) -> AgentSpace:
         """The owner's agent user and folders, the git dir and checkout, all owned as they should be."""
-        space = await self.sandbox.prepare(phone)
-        if await workspace.ensure_clone():
+        space = await self.sandbox.prepare(phone)  # also ends any process of the agent's
+        if await workspace.ensure_clone(self.settings.state_dir / "legacy-git"):
             await self.sandbox.share_git_dir(space)
             await self.sandbox.hand_over(space)
+            workspace.mark_handed_over()
         self.sandbox.own(space, workspace.path / ".git")
         return space
 
@@ -243,6 +251,9 @@ class Worker:
         owner = self._owner(phone)
         workspace = self.workspace(phone)
         try:
+            await self._prepare(phone, workspace)
+            if not owner.shown_tree:
+                raise GitError("no record of what you were shown; send reject, then the prompt again")
             if not owner.commit:
                 head = Snapshot.from_json(owner.snapshot).head if owner.snapshot else ""
                 owner.commit = await workspace.commit_tree(owner.shown_tree, head, _commit_message(owner.prompt))
@@ -256,10 +267,13 @@ class Worker:
                          f"Prompt:\n\n> {owner.prompt}")
             await workspace.check_out_commit(owner.commit, owner.branch)
             left_out = await workspace.paths_differing(owner.shown_tree)
-        except (GitError, GitHubError) as exc:
+        except Exception as exc:  # the changes stay, and the owner can try again
+            text = str(exc) if isinstance(exc, GitError | GitHubError | SandboxError) else type(exc).__name__
+            if not isinstance(exc, GitError | GitHubError):
+                logger.exception("approve of run %s failed", owner.run_id)
             owner.fire("push_failed")
             self._save(owner)
-            self._report(phone, {"type": "approve_failed", "run_id": owner.run_id, "text": str(exc)})
+            self._report(phone, {"type": "approve_failed", "run_id": owner.run_id, "text": text})
             return
         branch = owner.branch
         owner.fire("pushed")
@@ -270,14 +284,19 @@ class Worker:
 
     async def _roll_back(self, phone: str) -> None:
         owner = self._owner(phone)
+        workspace = self.workspace(phone)
         try:
+            space = await self._prepare(phone, workspace)  # no process of the agent's races the restore
             if owner.snapshot:
-                await self.workspace(phone).restore(Snapshot.from_json(owner.snapshot))
-                await self.sandbox.hand_over(await self.sandbox.prepare(phone))  # restored files are root's
-        except (GitError, SandboxError) as exc:
+                await workspace.restore(Snapshot.from_json(owner.snapshot))
+                await self.sandbox.hand_over(space)  # restored files are root's
+        except Exception as exc:
+            text = str(exc) if isinstance(exc, GitError | SandboxError) else type(exc).__name__
+            if not isinstance(exc, GitError):
+                logger.exception("reject of run %s failed", owner.run_id)
             owner.fire("rollback_failed")
             self._save(owner)
-            self._report(phone, {"type": "reject_failed", "run_id": owner.run_id, "text": str(exc)})
+            self._report(phone, {"type": "reject_failed", "run_id": owner.run_id, "text": text})
             return
         owner.fire("rolled_back")
         owner.snapshot, owner.shown_tree = None, ""
@@ -312,13 +331,6 @@ class Worker:
         if owner.state in ("running", "cancelling"):
             await self._finish(owner, {"type": "error", "run_id": owner.run_id,
                                        "text": "the VM restarted during the run"})
-        elif owner.state == "awaiting_approval" and not owner.shown_tree:
-            # Shown by a version that did not record the tree: show it again, so approve has one.
-            changes = await self._changes(owner)
-            owner.shown_tree = changes.tree
-            self._save(owner)
-            if changes:
-                await self._request_approval(owner, changes)
         elif owner.state == "pushing":
             owner.fire("push_failed")
             self._save(owner)
@@ -329,6 +341,22 @@ class Worker:
             self._save(owner)
             self._report(owner.phone, {"type": "reject_failed", "run_id": owner.run_id,
                                        "text": "the VM restarted while rolling back"})
+        if owner.state == "awaiting_approval" and not owner.shown_tree:
+            await self._show_again(owner)
+
+    async def _show_again(self, owner: OwnerState) -> None:
+        """A change shown by a version that kept no record of the shown tree (before isolation):
+        show it again, so that approve commits what the owner sees now."""
+        try:
+            await self._prepare(owner.phone, self.workspace(owner.phone))
+        except (GitError, SandboxError):
+            logger.exception("could not set up the checkout of run %s", owner.run_id)
+            return  # reject stays possible; approve says why it cannot
+        changes = await self._changes(owner)
+        owner.shown_tree = changes.tree
+        self._save(owner)
+        if changes:
+            await self._request_approval(owner, changes)
 
 
 MAX_LEFT_OUT = 20  # paths named in the message; the count says how many in all

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import shutil
 import tempfile
+import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,15 +34,42 @@ GIT_HARDENING = ("-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false")
 GIT_ENV = {"GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull, "GIT_ATTR_NOSYSTEM": "1",
            "GIT_NO_REPLACE_OBJECTS": "1", "GIT_TERMINAL_PROMPT": "0"}
 EMPTY_TREE = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"
+HANDED_OVER = "textslash-handed-over"  # in the git dir: the agent was given the checkout's files
 # Only the worker writes the git dir; with isolation the owner's group may read it.
 SHARED = "0640"
+
+
+def _set_aside(legacy: Path, target: Path) -> str:
+    """Move a legacy `.git` to root's own folder; returns the branch it had checked out."""
+    branch = _legacy_branch(legacy)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.chmod(target.parent, 0o700)
+    os.replace(legacy, target)
+    return branch
+
+
+def _legacy_branch(legacy: Path) -> str:
+    """The branch a legacy `.git` had checked out, read as plain text and checked, never
+    through git (which would obey whatever that folder holds)."""
+    try:
+        fd = os.open(legacy / "HEAD", os.O_RDONLY | os.O_NOFOLLOW)
+        with os.fdopen(fd) as head:
+            ref = head.read(200).strip()
+    except OSError:
+        return "main"
+    branch = ref.removeprefix("ref: refs/heads/")
+    return branch if ref.startswith("ref: refs/heads/") and re.fullmatch(r"[\w./-]{1,100}", branch) else "main"
 
 
 def write_new_file(path: Path, text: str, mode: int = 0o600) -> None:
     """Replace `path` with a new file, never writing through what stood there: in a folder the
     agent owns, a symlink or a hard link it left could point at any file of root's."""
-    path.unlink(missing_ok=True)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    os.fchmod(fd, mode)  # whatever the umask
     with os.fdopen(fd, "w") as out:
         out.write(text)
 
@@ -94,12 +123,12 @@ class Workspace:
         self._token = github_token
 
     async def git(self, *args: str, check: bool = True, env: dict[str, str] | None = None,
-                  auth: bool = False, cwd: Path | None = None) -> str:
+                  auth: bool = False, cwd: Path | None = None, stdin: str | None = None) -> str:
         """Run git on this checkout. Only `auth=True` calls (clone, push) carry the token."""
         repo = {} if cwd else {"GIT_DIR": str(self.git_dir), "GIT_WORK_TREE": str(self.path)}
         full_env = {**os.environ, **GIT_ENV, **repo, **(self._auth_env() if auth else {}), **(env or {})}
         result = await anyio.run_process(["git", *GIT_IDENTITY, *GIT_HARDENING, *args], cwd=cwd or self.path,
-                                         env=full_env, check=False)
+                                         env=full_env, check=False, input=stdin.encode() if stdin else None)
         if check and result.returncode != 0:
             message = (result.stderr or result.stdout).decode(errors="replace").strip().splitlines()
             detail = message[-1] if message else f"exit {result.returncode}"
@@ -119,24 +148,42 @@ class Workspace:
 
     # --- setting up -----------------------------------------------------------------------
 
-    async def ensure_clone(self) -> bool:
-        """Make sure the git dir and the checkout exist; True if files were written into it."""
-        fresh = wrote = False
+    async def ensure_clone(self, set_aside: Path) -> bool:
+        """Make sure the git dir and the checkout exist. True until `mark_handed_over`: files were
+        written that the agent must be given (a crash before that hands them over next time).
+
+        A checkout from before the git dir moved out keeps its working files, but its `.git`
+        (which an agent could write, and so may hold hooks, config or alternates of its
+        choosing) is never used: it goes to `set_aside`, root's alone, and the git dir is
+        cloned afresh, its HEAD on the same branch if origin has it.
+        """
         if not (self.git_dir / "HEAD").is_file():
-            legacy = self.path / ".git"
+            legacy, branch = self.path / ".git", ""
             if legacy.is_dir() and not legacy.is_symlink():
-                await self._adopt_legacy(legacy)  # a checkout from before the git dir moved out
+                branch = _set_aside(legacy, set_aside / f"{self.path.name}-{time.time_ns()}.git")
+            await self._clone()
+            if branch:
+                await self._check_out_branch(branch)
+        self.path.mkdir(parents=True, exist_ok=True)
+        if not (self.git_dir / "index").exists() and await self.head():
+            if any(p.name != ".git" for p in self.path.iterdir()):
+                await self.git("read-tree", "HEAD")  # files already there stay, shown as changes
             else:
-                await self._clone()
-                fresh = True
-            wrote = True
-        if fresh or not self.path.is_dir():
-            self.path.mkdir(parents=True, exist_ok=True)
-            if await self.head():
                 await self.git("reset", "--quiet", "--hard", "HEAD")
-            wrote = True
         self.write_git_file()
-        return wrote
+        return not (self.git_dir / HANDED_OVER).exists()
+
+    def mark_handed_over(self) -> None:
+        write_new_file(self.git_dir / HANDED_OVER, "")
+
+    async def _check_out_branch(self, branch: str) -> None:
+        """HEAD to origin's copy of `branch` (an approved branch a legacy checkout was on),
+        leaving the working files alone: what differs is shown with the next change."""
+        remote = f"refs/remotes/origin/{branch}"
+        if (await self.git("rev-parse", "--verify", "--quiet", remote, check=False)).strip():
+            await self.check_out_commit(remote, branch)
+        else:
+            await self.git("read-tree", "HEAD")
 
     def write_git_file(self) -> None:
         """Point the agent's git at the worker's git dir (the agent may have removed the file)."""
@@ -156,19 +203,10 @@ class Workspace:
             shutil.rmtree(partial, ignore_errors=True)
         await self._write_config()
 
-    async def _adopt_legacy(self, legacy: Path) -> None:
-        """Move a checkout's own .git out of the agent's reach and forget its config and hooks,
-        which an agent that could write them may have planted."""
-        self.git_dir.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(legacy, self.git_dir)
-        shutil.rmtree(self.git_dir / "hooks", ignore_errors=True)
-        (self.git_dir / "info" / "attributes").unlink(missing_ok=True)
-        await self._write_config()
-
     async def _write_config(self) -> None:
-        (self.git_dir / "config").write_text(
-            "[core]\n\trepositoryformatversion = 0\n\tfilemode = true\n\tbare = false\n"
-            f"\tlogallrefupdates = true\n\tsharedRepository = {SHARED}\n")
+        write_new_file(self.git_dir / "config",
+                       "[core]\n\trepositoryformatversion = 0\n\tfilemode = true\n\tbare = false\n"
+                       f"\tlogallrefupdates = true\n\tsharedRepository = {SHARED}\n")
         await self.git("remote", "add", "origin", self.repo_url)
 
     # --- reading --------------------------------------------------------------------------
@@ -212,13 +250,16 @@ class Workspace:
         if now == snap.tree:
             return Changes((), "", now)
         base = f"{snap.head}^{{tree}}" if snap.head else EMPTY_TREE
-        numstat = await self.git("diff", "--numstat", "--no-renames", "--no-ext-diff", "--no-textconv", base, now)
+        # --text: a .gitattributes of the agent's ("* -diff") must not turn code into "Binary
+        # files differ"; diff_image shows content with NUL bytes as binary itself.
+        flags = ("--no-renames", "--no-ext-diff", "--no-textconv", "--text")
+        numstat = await self.git("diff", "--numstat", *flags, base, now)
         files = []
         for line in numstat.splitlines():
             added, removed, path = line.split("\t", 2)
             # Binary files show "-": count them as one changed line so they are not hidden.
             files.append(FileChange(path, int(added) if added != "-" else 1, int(removed) if removed != "-" else 0))
-        diff = await self.git("diff", "--no-color", "--no-renames", "--no-ext-diff", "--no-textconv", base, now)
+        diff = await self.git("diff", "--no-color", *flags, base, now)
         return Changes(tuple(files), diff[:max_diff_chars], now)
 
     async def paths_differing(self, tree: str) -> list[str]:
@@ -248,7 +289,9 @@ class Workspace:
 
     async def commit_tree(self, tree: str, parent: str, message: str) -> str:
         """A commit of exactly `tree` on `parent` (no index, no working files involved)."""
-        return (await self.git("commit-tree", tree, *(("-p", parent) if parent else ()), "-m", message)).strip()
+        # The message (the owner's prompt) on stdin: argv is readable by every process.
+        return (await self.git("commit-tree", tree, *(("-p", parent) if parent else ()), "-F", "-",
+                               stdin=message)).strip()
 
     async def push(self, commit: str, branch: str) -> None:
         await self.git("push", "--quiet", "origin", f"{commit}:refs/heads/{branch}", auth=True)
@@ -260,7 +303,7 @@ class Workspace:
         await self.git("symbolic-ref", "HEAD", f"refs/heads/{branch}")
         await self.git("read-tree", commit)
 
-    def _remove(self, rel: str) -> None:
+    def _remove(self, rel: str) -> None:  # only while no agent process lives (Sandbox.quiesce)
         """Delete a path the run created, then any folders it leaves empty (git cannot see those)."""
         path = self.path / rel.rstrip("/")
         if path.is_dir() and not path.is_symlink():
