@@ -192,7 +192,8 @@ async def test_a_signed_sms_sender_never_reaches_the_agent(stack: Stack) -> None
     await stack.send("a real prompt")
     await wait_for(lambda: stack.worker.commands(), 10, "the WhatsApp prompt to reach the worker")
     assert [c["text"] for c in stack.worker.commands()] == ["a real prompt"]
-    assert stack.twilio.bodies(OWNER) and all("delete everything" not in b for b in stack.twilio.bodies())
+    await wait_for(lambda: stack.twilio.bodies(OWNER), 10, "the reply to the WhatsApp prompt")
+    assert all("delete everything" not in b for b in stack.twilio.bodies())
 
 
 @pytest.mark.parametrize("url", ["file:///etc/passwd", "FILE:///etc/passwd", "chrome://version",
