@@ -150,7 +150,10 @@ async def run(opts: Options) -> None:
                 await _wait_for_relay(http, relay_url, relay, opts.data / "relay.log")
                 async with serve(chat.app(), opts.host, opts.port), serve(proxy.app(), "127.0.0.1", proxy_port):
                     _banner(opts, chat_url, real_twilio, notes)
-                    await _watch(relay, opts.data / "relay.log")
+                    try:
+                        await _watch(relay, opts.data / "relay.log")
+                    finally:
+                        chat.close()
             finally:
                 # A second Ctrl-C (or uv forwarding the same SIGTERM) must not cut the cleanup short.
                 signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -54,6 +54,7 @@ class Chat:
     messages: list[ChatMessage] = field(default_factory=list)
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     _changed: anyio.Event = field(default_factory=anyio.Event)
+    _closing: bool = False
 
     def app(self) -> Starlette:
         return Starlette(routes=[
@@ -99,6 +100,11 @@ class Chat:
             return JSONResponse({"detail": "relay unreachable"}, status_code=502)
         return JSONResponse({"relay_status": response.status_code})
 
+    def close(self) -> None:
+        """Answer every waiting long poll now, so the server stops without cancelling them."""
+        self._closing = True
+        self._changed.set()
+
     async def _messages(self, request: Request) -> JSONResponse:
         """Long poll: messages after `after`, waiting up to 20 s for one to arrive."""
         try:
@@ -106,7 +112,7 @@ class Chat:
         except ValueError:
             return JSONResponse({"detail": "after must be a number"}, status_code=400)
         with anyio.move_on_after(20):
-            while not any(m.id > after for m in self.messages):
+            while not self._closing and not any(m.id > after for m in self.messages):
                 await self._changed.wait()
         return JSONResponse([asdict(m) for m in self.messages if m.id > after])
 

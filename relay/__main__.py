@@ -10,6 +10,7 @@ import uvicorn
 from dotenv import load_dotenv
 
 from common.config import configure_logging
+from common.serve import serve
 from relay.app import create_app
 from relay.settings import ConfigError, Settings
 
@@ -27,9 +28,9 @@ def main() -> int:
     # SIGTERM: uvicorn stops accepting, finishes requests in flight, then runs the lifespan's
     # shutdown; 4 s + the lifespan's 5 s stays inside the 10 s Fly allows. No access log: the
     # dispatcher logs each event with the number masked.
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", access_log=False,
-                timeout_graceful_shutdown=4, proxy_headers=False)
-    return 0
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info", access_log=False,
+                            timeout_graceful_shutdown=4, proxy_headers=False)
+    return serve(uvicorn.Server(config))
 
 
 if __name__ == "__main__":

@@ -57,5 +57,7 @@ async def test_the_demo_loop_in_a_browser(tmp_path: Path) -> None:
                 await browser.close()
         banner = (tmp_path / "console.log").read_text()
         assert f"agent isolation: {'on' if root else 'OFF'}" in banner
-        proc.send_signal(signal.SIGTERM)
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal: the whole group gets it
         assert await wait_exit(proc, 15) == 0
+        logs = [tmp_path / "console.log", *(tmp_path / "data").glob("*.log")]
+        assert len(logs) == 3 and not [log.name for log in logs if "Traceback" in log.read_text()]

@@ -3,6 +3,7 @@ After each the owner gets every message, in order, once, and is told what happen
 
 from __future__ import annotations
 
+import signal
 import time
 from pathlib import Path
 
@@ -70,3 +71,12 @@ async def test_worker_restarts_while_an_approval_waits(tmp_path: Path) -> None:
         opened = await wait_for(lambda: pair.said("Pull request opened"), STEP, "the PR after the restart")
         assert opened[0].endswith("/pull/1") and len(pair.github.pulls) == 1
         assert len(pair.said("made.txt +1")) == 1
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+async def test_both_processes_exit_0_after_a_graceful_stop(tmp_path: Path, sig: signal.Signals) -> None:
+    async with pair_stack(tmp_path) as pair:
+        await pair.start_relay()
+        await pair.start_worker()
+        assert await pair.kill("relay", sig) == 0 and await pair.kill("worker", sig) == 0
+        assert "Traceback" not in pair.logs()

@@ -11,6 +11,7 @@ import uvicorn
 from dotenv import load_dotenv
 
 from common.config import configure_logging
+from common.serve import serve
 from vm.app import create_app
 from vm.sandbox import scrub_environment
 from vm.settings import ConfigError, Settings
@@ -56,8 +57,7 @@ def main() -> int:
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info", access_log=False,
                             timeout_graceful_shutdown=3, proxy_headers=False)
     server = uvicorn.Server(config)
-    server.run()
-    return 0
+    return serve(server)
 
 
 if __name__ == "__main__":
