@@ -64,7 +64,7 @@ def create_app(settings: Settings, *, sender: TwilioSender | None = None, http: 
         try:
             async with anyio.create_task_group() as tg:
                 await dispatcher.run(tg)
-                tg.start_soon(_prune_images_hourly, settings.images_dir, clock)
+                tg.start_soon(_housekeeping, db, settings, clock)
                 yield
                 # uvicorn has stopped taking requests; give lanes a moment to finish the
                 # send or call in hand (all state is in SQLite, so cutting them loses nothing).
@@ -217,11 +217,18 @@ def prune_images(images_dir: Path, now: float, max_age_s: float = IMAGE_CACHE_TT
     return removed
 
 
-async def _prune_images_hourly(images_dir: Path, clock: Callable[[], float]) -> None:
+async def _housekeeping(db: store.Database, settings: Settings, clock: Callable[[], float]) -> None:
+    """Hourly: cached images past their 48 hours, and finished rows past RETENTION_DAYS."""
     while True:
-        removed = await anyio.to_thread.run_sync(prune_images, images_dir, clock())
+        removed = await anyio.to_thread.run_sync(prune_images, settings.images_dir, clock())
         if removed:
             logger.info("pruned %d cached images", removed)
+        rows, batch = 0, -1
+        while batch != 0:
+            batch = await db.run(store.prune, clock() - settings.retention_s)
+            rows += batch
+        if rows:
+            logger.info("pruned %d finished rows older than %.0f days", rows, settings.retention_s / 86400)
         await anyio.sleep(3600)
 
 

@@ -28,6 +28,7 @@ class Settings:
     wake_timeout_s: float = 30.0
     min_send_interval_s: float = 0.0
     relay_db: Path = Path("var/relay.sqlite3")
+    retention_s: float = 30 * 86400.0
     deployed_sha: str = "dev"
     port: int = 3000
     host: str = "0.0.0.0"
@@ -53,6 +54,7 @@ class Settings:
             wake_timeout_s=reader.millis("WAKE_TIMEOUT_MS", 30_000),
             min_send_interval_s=reader.millis("TWILIO_MIN_SEND_INTERVAL_MS", 0, minimum=0),
             relay_db=Path(env.get("RELAY_DB") or "var/relay.sqlite3"),
+            retention_s=reader.integer("RETENTION_DAYS", 30, minimum=1) * 86400.0,
             deployed_sha=env.get("DEPLOYED_SHA") or "dev",
             port=reader.integer("PORT", 3000, minimum=1, maximum=65535),
             host=env.get("HOST") or "0.0.0.0",

@@ -315,3 +315,25 @@ def phones_with_work(conn: sqlite3.Connection) -> tuple[list[str], list[str]]:
     inbox = [r[0] for r in conn.execute("SELECT DISTINCT phone FROM inbox WHERE handled_at IS NULL")]
     outbox = [r[0] for r in conn.execute("SELECT DISTINCT phone FROM outbox WHERE status = 'pending'")]
     return inbox, outbox
+
+
+# --- housekeeping -----------------------------------------------------------------------
+
+# What is finished and older than the retention: handled events, sent or failed messages,
+# calls that reached an end. Pending work is never touched, whatever its age.
+PRUNABLE = (
+    "DELETE FROM inbox WHERE id IN (SELECT id FROM inbox WHERE handled_at < ? LIMIT ?)",
+    "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE status != 'pending' "
+    "AND coalesce(sent_at, created_at) < ? LIMIT ?)",
+    "DELETE FROM worker_calls WHERE id IN (SELECT id FROM worker_calls WHERE status != 'pending' "
+    "AND created_at < ? LIMIT ?)",
+)
+
+
+def prune(conn: sqlite3.Connection, before: float, limit: int = 2000) -> int:
+    """Delete up to `limit` finished rows per table older than `before`; returns how many went.
+
+    Small batches: this runs on the event loop (see `Database.run`), between webhooks.
+    """
+    with transaction(conn):
+        return sum(conn.execute(sql, (before, limit)).rowcount for sql in PRUNABLE)

@@ -198,3 +198,31 @@ def test_cached_images_are_pruned_after_two_days(tmp_path: Path) -> None:
     os.utime(old, (three_days_ago, three_days_ago))
     assert prune_images(tmp_path, time.time()) == 1
     assert not old.exists() and fresh.exists()
+
+
+def test_finished_rows_are_pruned_after_the_retention_and_pending_work_never(tmp_path: Path) -> None:
+    from relay import store
+
+    db = store.Database(tmp_path / "relay.sqlite3")
+    day, now = 86400.0, 100 * 86400.0
+    old, recent = now - 31 * day, now - 29 * day
+    for i, at in enumerate((old, old, recent)):
+        store.insert_inbox(db.conn, OWNER, f"msg:{i}", {"type": "owner"}, at)
+    store.insert_inbox(db.conn, OWNER, "msg:pending", {"type": "owner"}, old)  # never handled
+    for row_id, at in ((1, old), (2, old), (3, recent)):
+        store.mark_handled(db.conn, row_id, at)
+    store.enqueue_send(db.conn, OWNER, "sent long ago", [], old)
+    store.enqueue_send(db.conn, OWNER, "still to send", [], old)
+    store.mark_sent(db.conn, 1, "SM1", old)
+    store.enqueue_worker_call(db.conn, OWNER, "command", {"message_id": "a"}, old)
+    store.enqueue_worker_call(db.conn, OWNER, "command", {"message_id": "b"}, old)
+    store.finish_worker_call(db.conn, 1, "delivered")
+
+    assert store.prune(db.conn, now - 30 * day, limit=1) == 3  # batches: one row per table at most
+    assert store.prune(db.conn, now - 30 * day) == 1
+    assert store.prune(db.conn, now - 30 * day) == 0
+    keys = [r["dedupe_key"] for r in db.conn.execute("SELECT dedupe_key FROM inbox ORDER BY id")]
+    assert keys == ["msg:2", "msg:pending"]
+    assert [r["body"] for r in db.conn.execute("SELECT body FROM outbox")] == ["still to send"]
+    assert [r["status"] for r in db.conn.execute("SELECT status FROM worker_calls")] == ["pending"]
+    db.close()
