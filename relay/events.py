@@ -76,6 +76,7 @@ class WorkerEvent:
     files: tuple[tuple[str, int, int], ...] = ()
     diff: str = ""
     images: tuple[str, ...] = ()
+    files_count: int = 0  # approval_required: how many files changed (`files` may list fewer)
     left_out: tuple[str, ...] = ()  # pr_opened: paths written after the diff, not committed
     left_out_count: int = 0
 
@@ -86,6 +87,7 @@ WORKER_TYPES = TERMINAL | {
     "progress", "approval_required", "pr_opened", "approve_failed", "reject_failed", "rolled_back", "notice",
     "sleeping",
 }
+MAX_FILES = 100  # of an approval's files, the ones kept; a phone shows fewer (replies.LISTED_FILES)
 IMAGE_NAME = re.compile(r"^[A-Za-z0-9_-]{16,64}\.png$")
 
 
@@ -110,9 +112,11 @@ def worker_event_from_json(data: Any) -> tuple[WorkerEvent, int]:
             cost_usd=_number(data, "cost_usd"),
             duration_ms=None if data.get("duration_ms") is None else int(data["duration_ms"]),
             url=_string(data, "url", 2_000),
-            files=tuple((str(f["path"]), int(f["added"]), int(f["removed"])) for f in data.get("files") or ()),
+            files=tuple((str(f["path"])[:300], int(f["added"]), int(f["removed"]))
+                        for f in (data.get("files") or ())[:MAX_FILES]),
             diff=_string(data, "diff", 50_000),
             images=tuple(data.get("images") or ()),
+            files_count=int(data.get("files_count") or 0),
             left_out=tuple(str(p)[:300] for p in (data.get("left_out") or ())[:50]),
             left_out_count=int(data.get("left_out_count") or 0),
         )

@@ -81,14 +81,31 @@ def _cost(event: WorkerEvent) -> str:
     return f" ({', '.join(parts)})" if parts else ""
 
 
+LISTED_FILES = 30  # a phone message names this many; the count says how many in all
+MESSAGE_LIMIT = 1600  # WhatsApp's, per message (relay/twilio.py splits anything longer)
+
+
 def approval_request(event: WorkerEvent, window_s: float) -> str:
-    files = "\n".join(f"• {path} +{added} −{removed}" for path, added, removed in event.files)
-    diff = f"\n```\n{event.diff.strip()}\n```" if event.diff.strip() else ""
-    return (
-        f"📝 {len(event.files)} file{'s' if len(event.files) != 1 else ''} changed:\n{files}{diff}\n\n"
-        f"Reply *approve* to open a pull request or *reject* to roll back "
-        f"(within {_duration(window_s)})."
-    )
+    """One WhatsApp message, however big the change: the files first (at most LISTED_FILES, and
+    how many more), then as much of the diff excerpt as still fits (the picture has more)."""
+    count = max(event.files_count, len(event.files))
+    listed = event.files[:LISTED_FILES]
+    files = "\n".join(f"• {path} +{added} −{removed}" for path, added, removed in listed)
+    if count > len(listed):
+        files += f"\n• … and {count - len(listed)} more"
+    head = f"📝 {count} file{'s' if count != 1 else ''} changed:\n{files}"
+    tail = f"\n\nReply *approve* to open a pull request or *reject* to roll back (within {_duration(window_s)})."
+    room = MESSAGE_LIMIT - len(head) - len(tail) - len("\n```\n\n```")
+    excerpt = _cut_at_line(event.diff.strip(), room)
+    diff = f"\n```\n{excerpt}\n```" if excerpt else ""
+    return head + diff + tail
+
+
+def _cut_at_line(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    cut = text[: max(limit - 2, 0)].rsplit("\n", 1)[0]
+    return f"{cut}\n…" if cut else ""
 
 
 def applied(event: WorkerEvent) -> str:

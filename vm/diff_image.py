@@ -10,6 +10,7 @@ from vm.workspace import Changes
 
 PHONE_WIDTH = 430  # CSS pixels; rendered at 2x so text stays sharp when zoomed
 MAX_LINES = 160
+MAX_FILES = 30
 
 STYLE = """
 body { margin: 0; background: #0d1117; color: #c9d1d9;
@@ -31,8 +32,10 @@ def diff_html(changes: Changes, *, max_lines: int = MAX_LINES) -> str:
     files = "".join(
         f'<div>{escape(visible(f.path))} <span class="add-n">+{f.added}</span> '
         f'<span class="del-n">−{f.removed}</span></div>'
-        for f in changes.files
+        for f in changes.files[:MAX_FILES]
     )
+    if len(changes.files) > MAX_FILES:
+        files += f'<div class="more">… and {len(changes.files) - MAX_FILES} more files</div>'
     lines = diff_lines(changes.diff)
     shown = [_line(kind, text) for kind, text in lines[:max_lines]]
     if len(lines) > max_lines:

@@ -238,9 +238,13 @@ class Worker:
             images.append(self.images.save(await render_diff(self.browser, changes)))
         except Exception:  # no picture is no reason to hold back the diff itself
             logger.exception("could not render the diff image")
+        # However big the change, the report stays small: the relay shows at most a few dozen
+        # names, and a report it would refuse (256 KiB) would never reach the phone.
         self._report(owner.phone, {
             "type": "approval_required", "run_id": owner.run_id, "diff": phone_excerpt(changes), "images": images,
-            "files": [{"path": f.path, "added": f.added, "removed": f.removed} for f in changes.files],
+            "files": [{"path": f.path[:300], "added": f.added, "removed": f.removed}
+                      for f in changes.files[:REPORTED_FILES]],
+            "files_count": len(changes.files),
         })
 
     # --- approve and reject -----------------------------------------------------------
@@ -360,6 +364,7 @@ class Worker:
 
 
 MAX_LEFT_OUT = 20  # paths named in the message; the count says how many in all
+REPORTED_FILES = 100  # an approval report names this many changed files, and counts them all
 
 
 def _short_id(run_id: str) -> str:

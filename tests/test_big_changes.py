@@ -1,0 +1,31 @@
+"""A change of thousands of files still makes one short approval message, quickly."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from console.scripted_model import Text, bash
+from tests.support.pair_harness import pair_stack
+from tests.support.servers import wait_for
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_two_thousand_changed_files_make_one_short_approval(tmp_path: Path) -> None:
+    async with pair_stack(tmp_path) as pair:
+        pair.model.script("generate fixtures", bash(
+            "mkdir -p fixtures && for i in $(seq 2000); do echo \"case $i\" > fixtures/case$i.txt; done",
+            "generate"), Text("Generated 2000 fixtures."))
+        await pair.start_relay()
+        await pair.start_worker()
+        started = time.monotonic()
+        await pair.text("generate fixtures")
+        approval = await wait_for(lambda: [m for m in pair.twilio.messages if m.media], 60, "the approval")
+        assert time.monotonic() - started < 60
+        body = approval[0].body
+        assert body.startswith("📝 2000 files changed:") and "… and 1970 more" in body
+        assert len(body) <= 1600 and body.count("\n• ") == 31
+        assert len([m for m in pair.twilio.messages if "files changed" in m.body]) == 1
