@@ -73,7 +73,7 @@ class WorkerEvent:
     cost_usd: float | None = None
     duration_ms: int | None = None
     url: str = ""
-    files: tuple[tuple[str, int, int], ...] = ()
+    files: tuple[tuple[str, int, int, bool], ...] = ()  # path, added, removed, binary (content not shown)
     diff: str = ""
     images: tuple[str, ...] = ()
     files_count: int = 0  # approval_required: how many files changed (`files` may list fewer)
@@ -112,7 +112,7 @@ def worker_event_from_json(data: Any) -> tuple[WorkerEvent, int]:
             cost_usd=_number(data, "cost_usd"),
             duration_ms=None if data.get("duration_ms") is None else int(data["duration_ms"]),
             url=_string(data, "url", 2_000),
-            files=tuple((str(f["path"])[:300], int(f["added"]), int(f["removed"]))
+            files=tuple((str(f["path"])[:300], int(f["added"]), int(f["removed"]), f.get("binary") is True)
                         for f in (data.get("files") or ())[:MAX_FILES]),
             diff=_string(data, "diff", 50_000),
             images=tuple(data.get("images") or ()),
@@ -130,7 +130,7 @@ def worker_event_from_json(data: Any) -> tuple[WorkerEvent, int]:
 def worker_event_to_json(event: WorkerEvent) -> dict[str, Any]:
     data = {k: v for k, v in event.__dict__.items() if v not in ("", (), None)}
     data["type"], data["run_id"], data["changes"] = event.type, event.run_id, event.changes
-    data["files"] = [{"path": p, "added": a, "removed": r} for p, a, r in event.files]
+    data["files"] = [{"path": p, "added": a, "removed": r, "binary": b} for p, a, r, b in event.files]
     return data
 
 

@@ -90,7 +90,8 @@ def approval_request(event: WorkerEvent, window_s: float) -> str:
     how many more), then as much of the diff excerpt as still fits (the picture has more)."""
     count = max(event.files_count, len(event.files))
     listed = event.files[:LISTED_FILES]
-    files = "\n".join(f"• {path} +{added} −{removed}" for path, added, removed in listed)
+    files = "\n".join(f"• {path} (binary, not shown)" if binary else f"• {path} +{added} −{removed}"
+                      for path, added, removed, binary in listed)
     if count > len(listed):
         files += f"\n• … and {count - len(listed)} more"
     head = f"📝 {count} file{'s' if count != 1 else ''} changed:\n{files}"

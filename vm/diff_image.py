@@ -30,6 +30,7 @@ pre span { display: block; padding: 0 10px; }
 
 def diff_html(changes: Changes, *, max_lines: int = MAX_LINES) -> str:
     files = "".join(
+        f'<div>{escape(visible(f.path))} <span class="more">(binary, not shown)</span></div>' if f.binary else
         f'<div>{escape(visible(f.path))} <span class="add-n">+{f.added}</span> '
         f'<span class="del-n">−{f.removed}</span></div>'
         for f in changes.files[:MAX_FILES]
@@ -61,12 +62,8 @@ def diff_lines(diff: str) -> list[tuple[str, str]]:
         header, _, body = section.partition("\n@@")
         path = header.split("\n", 1)[0].split(" b/", 1)[-1]
         out.append(("file", visible(path)))
-        notes = [line for line in header.split("\n")[1:] if line.startswith(("Binary files", "new file", "deleted"))]
-        out.extend(("note", visible(line)) for line in notes if not line.startswith(("new file", "deleted")))
+        out.extend(("note", note) for line in header.split("\n")[1:] if (note := _header_note(line)))
         if not body:
-            continue
-        if "\0" in body:
-            out.append(("note", "(binary content changed)"))
             continue
         for line in ("@@" + body).split("\n"):
             kind = {"+": "add", "-": "del", "@": "hunk", " ": "ctx"}.get(line[:1], "note")
@@ -75,15 +72,35 @@ def diff_lines(diff: str) -> list[tuple[str, str]]:
     return out
 
 
+def _header_note(line: str) -> str:
+    """What a file header says that the hunks do not: a mode (a file made executable, a
+    symlink, whose one "line" is where it points), or content git will not show."""
+    kind, _, mode = line.rpartition(" ")
+    if line.startswith("Binary files"):
+        return "(binary, content not shown)"
+    if kind in ("new file mode", "new mode", "old mode", "deleted file mode"):
+        what = {"120000": "symlink", "100755": "executable", "160000": "submodule"}.get(mode, "file")
+        return f"({kind.replace(' file', '').replace('mode', '').strip()}: {what}, mode {mode})"
+    return ""
+
+
 def _sections(diff: str) -> list[str]:
     parts = diff.split("\ndiff --git ")
     return [p if i == 0 else "diff --git " + p for i, p in enumerate(parts) if p.strip()]
 
 
+# Characters that print as nothing, or as a blank, though they are not a space: a name made of
+# one of them, or a payload hidden in a run of them, would not show on a phone.
+INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Cn", "Co", "Cs", "Zl", "Zp", "Zs", "Mn", "Me"})
+INVISIBLE = frozenset({0x115F, 0x1160, 0x3164, 0xFFA0, 0x2800, 0x180E, 0x034F})
+
+
 def visible(text: str) -> str:
-    """Control, format (bidi, zero-width) and separator characters as escapes; tabs stay."""
+    """Control, format (bidi, zero-width), unassigned, combining and blank-looking characters as
+    escapes; plain spaces and tabs stay."""
     return "".join(
-        f"\\u{ord(c):04x}" if c != "\t" and unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") else c
+        f"\\u{ord(c):04x}" if c not in " \t" and (ord(c) in INVISIBLE or unicodedata.category(c)
+                                                    in INVISIBLE_CATEGORIES) else c
         for c in text
     )
 

@@ -67,7 +67,7 @@ class Worker:
     async def start(self, tg: TaskGroup) -> None:
         self._tg = tg
         for owner in list(self._owners.values()):
-            await self._recover(owner)
+            await _logged(self._recover, owner)
 
     @property
     def busy(self) -> bool:
@@ -100,7 +100,7 @@ class Worker:
 
     def _spawn(self, fn: Callable[..., Any], *args: Any) -> None:
         assert self._tg is not None, "worker not started"
-        self._tg.start_soon(fn, *args)
+        self._tg.start_soon(_logged, fn, *args)
 
     # --- routes -----------------------------------------------------------------------
 
@@ -242,7 +242,7 @@ class Worker:
         # names, and a report it would refuse (256 KiB) would never reach the phone.
         self._report(owner.phone, {
             "type": "approval_required", "run_id": owner.run_id, "diff": phone_excerpt(changes), "images": images,
-            "files": [{"path": f.path[:300], "added": f.added, "removed": f.removed}
+            "files": [{"path": f.path[:300], "added": f.added, "removed": f.removed, "binary": f.binary}
                       for f in changes.files[:REPORTED_FILES]],
             "files_count": len(changes.files),
         })
@@ -365,6 +365,15 @@ class Worker:
 
 MAX_LEFT_OUT = 20  # paths named in the message; the count says how many in all
 REPORTED_FILES = 100  # an approval report names this many changed files, and counts them all
+
+
+async def _logged(fn: Callable[..., Any], *args: Any) -> None:
+    """A failure of one owner's task is logged and stays there: it must not cancel the task
+    group, which would take every other owner's work, the callbacks and the idle timer with it."""
+    try:
+        await fn(*args)
+    except Exception:
+        logger.exception("%s failed", getattr(fn, "__name__", "a task"))
 
 
 def _short_id(run_id: str) -> str:

@@ -19,6 +19,7 @@ import base64
 import os
 import re
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Awaitable
@@ -34,9 +35,23 @@ GIT_HARDENING = ("-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false")
 GIT_ENV = {"GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull, "GIT_ATTR_NOSYSTEM": "1",
            "GIT_NO_REPLACE_OBJECTS": "1", "GIT_TERMINAL_PROMPT": "0"}
 EMPTY_TREE = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"
+BIG_FILE = "1m"  # git shows files above this as binary: a huge file must not fill the memory
 HANDED_OVER = "textslash-handed-over"  # in the git dir: the agent was given the checkout's files
 # Only the worker writes the git dir; with isolation the owner's group may read it.
 SHARED = "0640"
+
+
+def _drop_special_files(root: Path) -> None:
+    for _, dirs, files, fd in os.fwalk(root, follow_symlinks=False):
+        if ".git" in dirs:
+            dirs.remove(".git")  # the agent's own, if it made one: not ours to change
+        for name in files:
+            try:
+                mode = os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode
+                if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+                    os.unlink(name, dir_fd=fd)
+            except FileNotFoundError:
+                pass
 
 
 def _set_aside(legacy: Path, target: Path) -> str:
@@ -52,10 +67,12 @@ def _legacy_branch(legacy: Path) -> str:
     """The branch a legacy `.git` had checked out, read as plain text and checked, never
     through git (which would obey whatever that folder holds)."""
     try:
-        fd = os.open(legacy / "HEAD", os.O_RDONLY | os.O_NOFOLLOW)
+        fd = os.open(legacy / "HEAD", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # a pipe must not block
         with os.fdopen(fd) as head:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return "main"
             ref = head.read(200).strip()
-    except OSError:
+    except (OSError, UnicodeDecodeError):
         return "main"
     branch = ref.removeprefix("ref: refs/heads/")
     return branch if ref.startswith("ref: refs/heads/") and re.fullmatch(r"[\w./-]{1,100}", branch) else "main"
@@ -99,6 +116,7 @@ class FileChange:
     path: str
     added: int
     removed: int
+    binary: bool = False  # content not shown: a NUL byte in it, or bigger than BIG_FILE
 
 
 @dataclass(frozen=True)
@@ -125,8 +143,7 @@ class Workspace:
     async def git(self, *args: str, check: bool = True, env: dict[str, str] | None = None,
                   auth: bool = False, cwd: Path | None = None, stdin: str | None = None) -> str:
         """Run git on this checkout. Only `auth=True` calls (clone, push) carry the token."""
-        repo = {} if cwd else {"GIT_DIR": str(self.git_dir), "GIT_WORK_TREE": str(self.path)}
-        full_env = {**os.environ, **GIT_ENV, **repo, **(self._auth_env() if auth else {}), **(env or {})}
+        full_env = self._env(env, auth=auth, repo=cwd is None)
         result = await anyio.run_process(["git", *GIT_IDENTITY, *GIT_HARDENING, *args], cwd=cwd or self.path,
                                          env=full_env, check=False, input=stdin.encode() if stdin else None)
         if check and result.returncode != 0:
@@ -134,6 +151,33 @@ class Workspace:
             detail = message[-1] if message else f"exit {result.returncode}"
             raise GitError(f"git {args[0]} failed: {self._redact(detail)}")
         return result.stdout.decode(errors="replace")
+
+    def _env(self, extra: dict[str, str] | None, *, auth: bool = False, repo: bool = True) -> dict[str, str]:
+        where = {"GIT_DIR": str(self.git_dir), "GIT_WORK_TREE": str(self.path)} if repo else {}
+        return {**os.environ, **GIT_ENV, **where, **(self._auth_env() if auth else {}), **(extra or {})}
+
+    async def compare(self, *args: str, limit: int = 1_000_000) -> str:
+        """`git diff` of two trees in the bare repository, its output cut at `limit` characters.
+
+        Bare, because the work tree's `.gitattributes` (the agent's) would otherwise decide what
+        counts as binary, or fake the line counts; cut while reading, because a diff of a huge
+        file would otherwise fill the worker's memory before any cut could be made.
+        """
+        command = ["git", "--bare", "-c", f"core.bigFileThreshold={BIG_FILE}", *GIT_HARDENING, "diff", *args]
+        env = {**self._env(None, repo=False), "GIT_DIR": str(self.git_dir)}
+        chunks, size = [], 0
+        async with await anyio.open_process(command, cwd=self.git_dir, env=env, stderr=None) as process:
+            assert process.stdout is not None
+            async for chunk in process.stdout:
+                chunks.append(chunk)
+                size += len(chunk)
+                if size >= limit:
+                    process.kill()
+                    break
+            code = await process.wait()
+        if code not in (0, -9):
+            raise GitError(f"git diff failed (exit {code})")
+        return b"".join(chunks).decode(errors="replace")[:limit]
 
     def _auth_env(self) -> dict[str, str]:
         # The token travels in git's environment-only config, never in argv, URLs or logs.
@@ -198,16 +242,17 @@ class Workspace:
         try:
             await self.git("clone", "--quiet", "--no-checkout", f"--separate-git-dir={partial / 'git'}",
                            self.repo_url, str(partial / "tree"), auth=True, cwd=partial)
+            await self._write_config(partial / "git")
             os.replace(partial / "git", self.git_dir)  # a half-finished clone never looks like one
         finally:
             shutil.rmtree(partial, ignore_errors=True)
-        await self._write_config()
 
-    async def _write_config(self) -> None:
-        write_new_file(self.git_dir / "config",
+    async def _write_config(self, git_dir: Path) -> None:
+        """A config of ours alone, the remote included, written before the git dir is published."""
+        write_new_file(git_dir / "config",
                        "[core]\n\trepositoryformatversion = 0\n\tfilemode = true\n\tbare = false\n"
                        f"\tlogallrefupdates = true\n\tsharedRepository = {SHARED}\n")
-        await self.git("remote", "add", "origin", self.repo_url)
+        await self.git("remote", "add", "origin", self.repo_url, cwd=git_dir, env={"GIT_DIR": str(git_dir)})
 
     # --- reading --------------------------------------------------------------------------
 
@@ -225,15 +270,22 @@ class Workspace:
         async def keep(key: str, call: Awaitable[Any]) -> None:
             results[key] = await call
 
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(keep, "head", self.head())
-            tg.start_soon(keep, "tree", self.working_tree())
-            tg.start_soon(keep, "ignored", self._ignored())
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(keep, "head", self.head())
+                tg.start_soon(keep, "tree", self.working_tree())
+                tg.start_soon(keep, "ignored", self._ignored())
+        except* GitError as group:
+            raise group.exceptions[0] from None
         return Snapshot(head=results["head"], tree=results["tree"], ignored=tuple(results["ignored"]))
 
     async def working_tree(self) -> str:
         """The whole working state as a tree object, through a throwaway index that starts from
-        HEAD, so a tracked file stays in the tree even where a .gitignore pattern matches it."""
+        HEAD, so a tracked file stays in the tree even where a .gitignore pattern matches it.
+
+        Pipes, sockets and devices cannot be committed and make `git add` fail: they go first
+        (the agent has no process left by now, see Sandbox.quiesce)."""
+        await anyio.to_thread.run_sync(_drop_special_files, self.path)
         with tempfile.TemporaryDirectory() as tmp:
             env = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
             await self.git("read-tree", "HEAD" if await self.head() else "--empty", env=env)
@@ -250,24 +302,22 @@ class Workspace:
         if now == snap.tree:
             return Changes((), "", now)
         base = f"{snap.head}^{{tree}}" if snap.head else EMPTY_TREE
-        # --text: a .gitattributes of the agent's ("* -diff") must not turn code into "Binary
-        # files differ"; diff_image shows content with NUL bytes as binary itself.
-        flags = ("--no-renames", "--no-ext-diff", "--no-textconv", "--text")
-        numstat = await self.git("diff", "--numstat", *flags, base, now)
+        flags = ("--no-renames", "--no-ext-diff", "--no-textconv", "--no-color")
+        numstat = await self.compare("--numstat", *flags, base, now, limit=50_000_000)
         files = []
         for line in numstat.splitlines():
             added, removed, path = line.split("\t", 2)
-            # Binary files show "-": count them as one changed line so they are not hidden.
-            files.append(FileChange(path, int(added) if added != "-" else 1, int(removed) if removed != "-" else 0))
-        diff = await self.git("diff", "--no-color", *flags, base, now)
-        return Changes(tuple(files), diff[:max_diff_chars], now)
+            binary = added == "-"  # counted as one changed line, and named as binary, never hidden
+            files.append(FileChange(path, 1 if binary else int(added), 0 if binary else int(removed), binary))
+        diff = await self.compare(*flags, base, now, limit=max_diff_chars)
+        return Changes(tuple(files), diff, now)
 
     async def paths_differing(self, tree: str) -> list[str]:
         """Paths where the working state differs from `tree` (what an approve left out)."""
         now = await self.working_tree()
         if now == tree:
             return []
-        out = await self.git("diff", "--name-only", "--no-renames", "-z", tree, now)
+        out = await self.compare("--name-only", "--no-renames", "-z", tree, now, limit=10_000_000)
         return [p for p in out.split("\0") if p]
 
     # --- changing -------------------------------------------------------------------------
