@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from common.visible import clip_path, visible
 from relay.events import WorkerEvent
 
 HELP = (
@@ -86,16 +87,22 @@ MESSAGE_LIMIT = 1600  # WhatsApp's, per message (relay/twilio.py splits anything
 
 
 def approval_request(event: WorkerEvent, window_s: float) -> str:
-    """One WhatsApp message, however big the change: the files first (at most LISTED_FILES, and
-    how many more), then as much of the diff excerpt as still fits (the picture has more)."""
+    """One WhatsApp message, however big the change: the files first (at most LISTED_FILES that
+    fit, names cut to their ends, and how many more), then as much of the diff excerpt as still
+    fits (the picture has more)."""
     count = max(event.files_count, len(event.files))
-    listed = event.files[:LISTED_FILES]
-    files = "\n".join(f"• {path} (binary, not shown)" if binary else f"• {path} +{added} −{removed}"
-                      for path, added, removed, binary in listed)
-    if count > len(listed):
-        files += f"\n• … and {count - len(listed)} more"
-    head = f"📝 {count} file{'s' if count != 1 else ''} changed:\n{files}"
     tail = f"\n\nReply *approve* to open a pull request or *reject* to roll back (within {_duration(window_s)})."
+    lines: list[str] = []
+    budget = MESSAGE_LIMIT - len(tail) - 200  # room for the heading and "… and N more"
+    for path, added, removed, binary in event.files[:LISTED_FILES]:
+        name = clip_path(visible(path))
+        line = f"• {name} (binary or over 1 MB, not shown)" if binary else f"• {name} +{added} −{removed}"
+        if sum(len(x) + 1 for x in lines) + len(line) > budget:
+            break
+        lines.append(line)
+    if count > len(lines):
+        lines.append(f"• … and {count - len(lines)} more")
+    head = f"📝 {count} file{'s' if count != 1 else ''} changed:\n" + "\n".join(lines)
     room = MESSAGE_LIMIT - len(head) - len(tail) - len("\n```\n\n```")
     excerpt = _cut_at_line(event.diff.strip(), room)
     diff = f"\n```\n{excerpt}\n```" if excerpt else ""
@@ -103,10 +110,11 @@ def approval_request(event: WorkerEvent, window_s: float) -> str:
 
 
 def _cut_at_line(text: str, limit: int) -> str:
+    """`text` if it fits, else its whole lines that fit and "…"; never half a line."""
     if len(text) <= limit:
         return text
-    cut = text[: max(limit - 2, 0)].rsplit("\n", 1)[0]
-    return f"{cut}\n…" if cut else ""
+    cut = text[: max(limit - 2, 0)]
+    return f"{cut.rsplit(chr(10), 1)[0]}\n…" if "\n" in cut else ""
 
 
 def applied(event: WorkerEvent) -> str:
@@ -122,7 +130,8 @@ def left_out(event: WorkerEvent) -> str:
     if not count:
         return ""
     more = f" and {count - len(event.left_out)} more" if count > len(event.left_out) else ""
-    return (f"\n⚠️ Left out: {', '.join(event.left_out)}{more} changed after you saw the diff; "
+    names = ", ".join(clip_path(visible(p)) for p in event.left_out)
+    return (f"\n⚠️ Left out: {names}{more} changed after you saw the diff; "
             "committed is exactly what you were shown. They stay in the checkout, uncommitted.")
 
 

@@ -226,3 +226,17 @@ def test_finished_rows_are_pruned_after_the_retention_and_pending_work_never(tmp
     assert [r["body"] for r in db.conn.execute("SELECT body FROM outbox")] == ["still to send"]
     assert [r["status"] for r in db.conn.execute("SELECT status FROM worker_calls")] == ["pending"]
     db.close()
+
+
+def test_an_approval_of_many_long_names_is_one_message_that_keeps_their_ends() -> None:
+    from relay.events import WorkerEvent
+    from relay.replies import approval_request
+
+    files = tuple((f"{'deep/' * 60}file{i}.py", 3, 1, False) for i in range(40))
+    event = WorkerEvent("approval_required", "run-1", files=files, files_count=2000, diff="@@ -1 +1 @@\n" * 200)
+    text = approval_request(event, 1800)
+    assert len(text) <= 1600 and text.startswith("📝 2000 files changed:")
+    assert "file0.py +3 −1" in text and "more" in text and "deep/deep/" in text
+    listed = [line for line in text.splitlines() if line.startswith("• ") and "more" not in line]
+    assert all(line.endswith("+3 −1") and "…" in line for line in listed)
+    assert f"… and {2000 - len(listed)} more" in text and "Reply *approve*" in text

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from vm.agent import ProgressThrottle, describe_tool
-from vm.diff_image import diff_html, diff_lines, phone_excerpt
+from vm.diff_image import DIFF_CUT, diff_html, diff_lines, phone_excerpt
 from vm.images import ImageStore
 from vm.settings import ConfigError, Settings, github_repo_from_url
 from vm.workspace import Changes, FileChange
@@ -115,9 +115,16 @@ def test_what_git_does_not_print_is_said_and_nothing_prints_as_nothing() -> None
     assert diff_lines(diff) == [
         ("file", "run.sh"), ("note", "(old: file, mode 100644)"), ("note", "(new: executable, mode 100755)"),
         ("file", "l"), ("note", "(new: symlink, mode 120000)"), ("hunk", "@@ -0,0 +1 @@"), ("add", "+/etc/x"),
-        ("file", "b.bin"), ("note", "(binary, content not shown)"),
+        ("file", "b.bin"), ("note", "(binary or over 1 MB: content not shown)"),
         ("file", "app.js"), ("hunk", "@@ -1 +1 @@"), ("del", "-x"),
         ("add", "+const { t,\\u3164} = q; exec(\\u3164)\\u0000"),
     ]
     binary = Changes((FileChange("b.bin", 1, 0, binary=True),), "")
-    assert "b.bin <span class=\"more\">(binary, not shown)</span>" in diff_html(binary)
+    assert "b.bin <span class=\"more\">(binary or over 1 MB: content not shown)</span>" in diff_html(binary)
+
+
+def test_a_diff_cut_at_its_cap_says_so() -> None:
+    diff = "diff --git a/a.py b/a.py\nindex 1..2 100644\n--- a/a.py\n+++ b/a.py\n@@ -1 +1 @@\n-x\n+y\n"
+    changes = Changes((FileChange("a.py", 1, 1),), diff, diff_cut=True)
+    assert phone_excerpt(changes).endswith(DIFF_CUT) and DIFF_CUT in diff_html(changes)
+    assert DIFF_CUT not in phone_excerpt(Changes((FileChange("a.py", 1, 1),), diff))

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-import unicodedata
 from html import escape
 
+from common.visible import visible
 from vm.browser import BrowserPool
 from vm.workspace import Changes
 
 PHONE_WIDTH = 430  # CSS pixels; rendered at 2x so text stays sharp when zoomed
 MAX_LINES = 160
 MAX_FILES = 30
+MAX_LINE_CHARS = 400
+NOT_SHOWN = "(binary or over 1 MB: content not shown)"
+DIFF_CUT = "✂ the diff is longer than can be shown: the rest is not here"
 
 STYLE = """
 body { margin: 0; background: #0d1117; color: #c9d1d9;
@@ -30,18 +33,20 @@ pre span { display: block; padding: 0 10px; }
 
 def diff_html(changes: Changes, *, max_lines: int = MAX_LINES) -> str:
     files = "".join(
-        f'<div>{escape(visible(f.path))} <span class="more">(binary, not shown)</span></div>' if f.binary else
+        f'<div>{escape(visible(f.path))} <span class="more">{NOT_SHOWN}</span></div>' if f.binary else
         f'<div>{escape(visible(f.path))} <span class="add-n">+{f.added}</span> '
         f'<span class="del-n">−{f.removed}</span></div>'
         for f in changes.files[:MAX_FILES]
     )
-    if len(changes.files) > MAX_FILES:
-        files += f'<div class="more">… and {len(changes.files) - MAX_FILES} more files</div>'
+    if changes.file_count > MAX_FILES:
+        files += f'<div class="more">… and {changes.file_count - MAX_FILES} more files</div>'
     lines = diff_lines(changes.diff)
-    shown = [_line(kind, text) for kind, text in lines[:max_lines]]
+    shown = [_line(kind, _clip_line(text)) for kind, text in lines[:max_lines]]
     if len(lines) > max_lines:
         shown.append(f'<span class="more">… {len(lines) - max_lines} more lines</span>')
-    count = len(changes.files)
+    elif changes.diff_cut:
+        shown.append(f'<span class="more">{DIFF_CUT}</span>')
+    count = changes.file_count
     return (f"<!doctype html><html><head><meta charset='utf-8'><style>{STYLE}</style></head><body>"
             f"<header><h1>{count} file{'s' if count != 1 else ''} changed</h1>{files}</header>"
             f"<pre>{''.join(shown)}</pre></body></html>")
@@ -77,7 +82,7 @@ def _header_note(line: str) -> str:
     symlink, whose one "line" is where it points), or content git will not show."""
     kind, _, mode = line.rpartition(" ")
     if line.startswith("Binary files"):
-        return "(binary, content not shown)"
+        return NOT_SHOWN
     if kind in ("new file mode", "new mode", "old mode", "deleted file mode"):
         what = {"120000": "symlink", "100755": "executable", "160000": "submodule"}.get(mode, "file")
         return f"({kind.replace(' file', '').replace('mode', '').strip()}: {what}, mode {mode})"
@@ -89,20 +94,8 @@ def _sections(diff: str) -> list[str]:
     return [p if i == 0 else "diff --git " + p for i, p in enumerate(parts) if p.strip()]
 
 
-# Characters that print as nothing, or as a blank, though they are not a space: a name made of
-# one of them, or a payload hidden in a run of them, would not show on a phone.
-INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Cn", "Co", "Cs", "Zl", "Zp", "Zs", "Mn", "Me"})
-INVISIBLE = frozenset({0x115F, 0x1160, 0x3164, 0xFFA0, 0x2800, 0x180E, 0x034F})
-
-
-def visible(text: str) -> str:
-    """Control, format (bidi, zero-width), unassigned, combining and blank-looking characters as
-    escapes; plain spaces and tabs stay."""
-    return "".join(
-        f"\\u{ord(c):04x}" if c not in " \t" and (ord(c) in INVISIBLE or unicodedata.category(c)
-                                                    in INVISIBLE_CATEGORIES) else c
-        for c in text
-    )
+def _clip_line(text: str) -> str:
+    return text if len(text) <= MAX_LINE_CHARS else f"{text[:MAX_LINE_CHARS]}… (+{len(text) - MAX_LINE_CHARS} chars)"
 
 
 def _line(kind: str, text: str) -> str:
@@ -118,11 +111,15 @@ def phone_excerpt(changes: Changes, limit: int = 900) -> str:
     """The diff cut to fit a phone message: file names and hunks, cut at a line."""
     kept: list[str] = []
     size = 0
-    for kind, text in diff_lines(changes.diff):
+    lines = diff_lines(changes.diff)
+    for kind, text in lines:
         line = f"# {text}" if kind == "file" else text
         if size + len(line) + 1 > limit:
             kept.append("…")
             break
         kept.append(line)
         size += len(line) + 1
+    else:
+        if changes.diff_cut:
+            kept.append(DIFF_CUT)
     return "\n".join(kept)

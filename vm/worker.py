@@ -17,6 +17,7 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup
 
+from common.visible import clip_path, visible
 from vm.agent import Agent, RunResult
 from vm.browser import BrowserPool, ScreenshotError
 from vm.callbacks import CallbackSender
@@ -27,7 +28,7 @@ from vm.runs import OwnerState, OwnerStore
 from vm.sandbox import AgentSpace, Sandbox, SandboxError
 from vm.settings import Settings
 from vm.tools import tool_servers
-from vm.workspace import Changes, GitError, Snapshot, Workspace
+from vm.workspace import Changes, FileChange, GitError, Snapshot, Workspace
 
 logger = logging.getLogger(__name__)
 
@@ -224,13 +225,17 @@ class Worker:
             await self._request_approval(owner, changes)
 
     async def _changes(self, owner: OwnerState) -> Changes:
+        """What the run changed. If that cannot be read, the changes are still held for a
+        decision (never silently kept for a later diff): nothing is shown, so approve refuses
+        and says why, and reject restores the snapshot."""
         if not owner.snapshot:
             return Changes((), "")
         try:
             return await self.workspace(owner.phone).changes_since(Snapshot.from_json(owner.snapshot))
-        except GitError:
+        except Exception as exc:
             logger.exception("could not diff the checkout of run %s", owner.run_id)
-            return Changes((), "")
+            reason = str(exc) if isinstance(exc, GitError) else type(exc).__name__
+            return Changes((FileChange(f"(the changes could not be read: {reason}; reply reject)", 0, 0, True),), "")
 
     async def _request_approval(self, owner: OwnerState, changes: Changes) -> None:
         images = []
@@ -242,9 +247,9 @@ class Worker:
         # names, and a report it would refuse (256 KiB) would never reach the phone.
         self._report(owner.phone, {
             "type": "approval_required", "run_id": owner.run_id, "diff": phone_excerpt(changes), "images": images,
-            "files": [{"path": f.path[:300], "added": f.added, "removed": f.removed, "binary": f.binary}
-                      for f in changes.files[:REPORTED_FILES]],
-            "files_count": len(changes.files),
+            "files": [{"path": clip_path(visible(f.path), 300), "added": f.added, "removed": f.removed,
+                       "binary": f.binary} for f in changes.files[:REPORTED_FILES]],
+            "files_count": changes.file_count,
         })
 
     # --- approve and reject -----------------------------------------------------------
@@ -284,7 +289,8 @@ class Worker:
         owner.snapshot, owner.shown_tree, owner.branch, owner.commit = None, "", "", ""
         self._save(owner)
         self._report(phone, {"type": "pr_opened", "run_id": owner.run_id, "url": url, "text": branch,
-                             "left_out": left_out[:MAX_LEFT_OUT], "left_out_count": len(left_out)})
+                             "left_out": [clip_path(visible(p), 300) for p in left_out[:MAX_LEFT_OUT]],
+                             "left_out_count": len(left_out)})
 
     async def _roll_back(self, phone: str) -> None:
         owner = self._owner(phone)

@@ -41,17 +41,15 @@ HANDED_OVER = "textslash-handed-over"  # in the git dir: the agent was given the
 SHARED = "0640"
 
 
-def _drop_special_files(root: Path) -> None:
-    for _, dirs, files, fd in os.fwalk(root, follow_symlinks=False):
-        if ".git" in dirs:
-            dirs.remove(".git")  # the agent's own, if it made one: not ours to change
-        for name in files:
-            try:
-                mode = os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode
-                if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
-                    os.unlink(name, dir_fd=fd)
-            except FileNotFoundError:
-                pass
+async def _drop_special_files(root: Path) -> None:
+    """Pipes, sockets and devices go. GNU find walks any depth without recursion or one
+    descriptor per level, and never follows a symlink (Python's fwalk recurses, and a tree a
+    thousand folders deep stops it)."""
+    result = await anyio.run_process(
+        ["find", str(root), "-xdev", "(", "-type", "p", "-o", "-type", "s", "-o", "-type", "b", "-o", "-type", "c",
+         ")", "-delete"], check=False)
+    if result.returncode != 0:
+        raise GitError("could not read the checkout (find failed)")
 
 
 def _set_aside(legacy: Path, target: Path) -> str:
@@ -126,9 +124,15 @@ class Changes:
     files: tuple[FileChange, ...]
     diff: str
     tree: str = ""
+    count: int = -1  # files changed in all (`files` may list fewer); -1: as many as listed
+    diff_cut: bool = False  # the diff was longer than could be shown
 
     def __bool__(self) -> bool:
         return bool(self.files)
+
+    @property
+    def file_count(self) -> int:
+        return self.count if self.count >= 0 else len(self.files)
 
 
 class Workspace:
@@ -156,12 +160,13 @@ class Workspace:
         where = {"GIT_DIR": str(self.git_dir), "GIT_WORK_TREE": str(self.path)} if repo else {}
         return {**os.environ, **GIT_ENV, **where, **(self._auth_env() if auth else {}), **(extra or {})}
 
-    async def compare(self, *args: str, limit: int = 1_000_000) -> str:
+    async def compare(self, *args: str, limit: int = 1_000_000) -> tuple[str, bool]:
         """`git diff` of two trees in the bare repository, its output cut at `limit` characters.
 
         Bare, because the work tree's `.gitattributes` (the agent's) would otherwise decide what
         counts as binary, or fake the line counts; cut while reading, because a diff of a huge
-        file would otherwise fill the worker's memory before any cut could be made.
+        file would otherwise fill the worker's memory before any cut could be made. Returns the
+        text, cut after its last whole line (or entry) when the cap was hit, and whether it was.
         """
         command = ["git", "--bare", "-c", f"core.bigFileThreshold={BIG_FILE}", *GIT_HARDENING, "diff", *args]
         env = {**self._env(None, repo=False), "GIT_DIR": str(self.git_dir)}
@@ -177,7 +182,11 @@ class Workspace:
             code = await process.wait()
         if code not in (0, -9):
             raise GitError(f"git diff failed (exit {code})")
-        return b"".join(chunks).decode(errors="replace")[:limit]
+        out = b"".join(chunks)
+        if size < limit:
+            return out.decode(errors="replace"), False
+        separator = b"\0" if "-z" in args else b"\n"
+        return out[: out.rfind(separator, 0, limit) + 1].decode(errors="replace"), True
 
     def _auth_env(self) -> dict[str, str]:
         # The token travels in git's environment-only config, never in argv, URLs or logs.
@@ -285,7 +294,7 @@ class Workspace:
 
         Pipes, sockets and devices cannot be committed and make `git add` fail: they go first
         (the agent has no process left by now, see Sandbox.quiesce)."""
-        await anyio.to_thread.run_sync(_drop_special_files, self.path)
+        await _drop_special_files(self.path)
         with tempfile.TemporaryDirectory() as tmp:
             env = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
             await self.git("read-tree", "HEAD" if await self.head() else "--empty", env=env)
@@ -303,21 +312,39 @@ class Workspace:
             return Changes((), "", now)
         base = f"{snap.head}^{{tree}}" if snap.head else EMPTY_TREE
         flags = ("--no-renames", "--no-ext-diff", "--no-textconv", "--no-color")
-        numstat = await self.compare("--numstat", *flags, base, now, limit=50_000_000)
+        numstat, files_cut = await self.compare("--numstat", "-z", *flags, base, now, limit=20_000_000)
         files = []
-        for line in numstat.splitlines():
-            added, removed, path = line.split("\t", 2)
-            binary = added == "-"  # counted as one changed line, and named as binary, never hidden
+        for entry in numstat.split("\0"):
+            added, _, rest = entry.partition("\t")
+            removed, _, path = rest.partition("\t")
+            if not path:
+                continue
+            binary = added == "-"  # counted as one changed line, and named as not shown, never hidden
             files.append(FileChange(path, 1 if binary else int(added), 0 if binary else int(removed), binary))
-        diff = await self.compare(*flags, base, now, limit=max_diff_chars)
-        return Changes(tuple(files), diff, now)
+        count = await self._count_changed(base, now) if files_cut else len(files)
+        diff, diff_cut = await self.compare(*flags, base, now, limit=max_diff_chars)
+        return Changes(tuple(files), diff, now, count=count, diff_cut=diff_cut)
+
+    async def _count_changed(self, base: str, now: str) -> int:
+        """How many files changed in all, when there were too many to list: counted as git
+        streams them, never held."""
+        command = ["git", "--bare", *GIT_HARDENING, "diff", "--name-only", "-z", "--no-renames", base, now]
+        env = {**self._env(None, repo=False), "GIT_DIR": str(self.git_dir)}
+        count = 0
+        async with await anyio.open_process(command, cwd=self.git_dir, env=env, stderr=None) as process:
+            assert process.stdout is not None
+            async for chunk in process.stdout:
+                count += chunk.count(b"\0")
+            if await process.wait() != 0:
+                raise GitError("git diff failed while counting the changed files")
+        return count
 
     async def paths_differing(self, tree: str) -> list[str]:
         """Paths where the working state differs from `tree` (what an approve left out)."""
         now = await self.working_tree()
         if now == tree:
             return []
-        out = await self.compare("--name-only", "--no-renames", "-z", tree, now, limit=10_000_000)
+        out, _ = await self.compare("--name-only", "--no-renames", "-z", tree, now, limit=10_000_000)
         return [p for p in out.split("\0") if p]
 
     # --- changing -------------------------------------------------------------------------
@@ -333,9 +360,9 @@ class Workspace:
         keep = set((await self.git("ls-tree", "-r", "-z", "--name-only", snap.tree)).split("\0"))
         untracked = (await self.git("ls-files", "--others", "--exclude-standard", "-z")).split("\0")
         for rel in [p for p in untracked if p and p not in keep]:
-            self._remove(rel)
+            await self._remove(rel)
         for rel in set(await self._ignored()) - set(snap.ignored):
-            self._remove(rel)
+            await self._remove(rel)
 
     async def commit_tree(self, tree: str, parent: str, message: str) -> str:
         """A commit of exactly `tree` on `parent` (no index, no working files involved)."""
@@ -353,13 +380,14 @@ class Workspace:
         await self.git("symbolic-ref", "HEAD", f"refs/heads/{branch}")
         await self.git("read-tree", commit)
 
-    def _remove(self, rel: str) -> None:  # only while no agent process lives (Sandbox.quiesce)
-        """Delete a path the run created, then any folders it leaves empty (git cannot see those)."""
+    async def _remove(self, rel: str) -> None:  # only while no agent process lives (Sandbox.quiesce)
+        """Delete a path the run created, then any folders it leaves empty (git cannot see those).
+        `rm -rf` removes a tree of any depth (shutil.rmtree recurses) and follows no symlink."""
         path = self.path / rel.rstrip("/")
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
+        await anyio.run_process(["rm", "-rf", "--one-file-system", "--", str(path)], check=False)
+        await anyio.to_thread.run_sync(self._remove_empty_parents, path)
+
+    def _remove_empty_parents(self, path: Path) -> None:
         parent = path.parent
         while parent != self.path and parent.is_dir() and not any(parent.iterdir()):
             parent.rmdir()
