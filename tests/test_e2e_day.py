@@ -66,6 +66,9 @@ async def test_an_owners_day(tmp_path: Path) -> None:
 
         await pair.text(f"screenshot {pair.worker_url}/test-app")
         await wait_for(lambda: len([m for m in twilio.messages if m.media]) == 3, STEP, "the screenshot")
+        await pair.text("screenshot file:///etc/passwd")  # the worker's own files are not pages
+        refused = await wait_for(lambda: pair.said("Could not capture file:///etc/passwd"), STEP, "the refusal")
+        assert "only http:// and https://" in refused[0] and "root:x:0:0" not in "".join(twilio.bodies())
 
         await pair.text("status")
         status = await wait_for(lambda: pair.said("VM:"), STEP, "status")
