@@ -284,7 +284,7 @@ class Sandbox:
         """The agent user must reach Claude Code and its own folders; a checkout below a private
         folder (a 0700 home or temp dir) would fail later with an opaque error, so fail now."""
         cli = Path(self._cli_path())
-        if not _others_may(cli, 0o005):
+        if not (_others_may(cli, 0o005) and all(_others_may(p, 0o001) for p in cli.parents)):
             self._cli = str(self._reachable_copy(cli))
         for path in (space.checkout, space.claude_dir):
             blocked = next((p for p in path.parents if not _reachable_by(p, space.uid)), None)
