@@ -77,6 +77,7 @@ class WorkerEvent:
     diff: str = ""
     images: tuple[str, ...] = ()
     files_count: int = 0  # approval_required: how many files changed (`files` may list fewer)
+    uncovered: tuple[str, ...] = ()  # approval_required: ignored paths reject cannot bring back
     left_out: tuple[str, ...] = ()  # pr_opened: paths written after the diff, not committed
     left_out_count: int = 0
 
@@ -117,6 +118,7 @@ def worker_event_from_json(data: Any) -> tuple[WorkerEvent, int]:
             diff=_string(data, "diff", 50_000),
             images=tuple(data.get("images") or ()),
             files_count=int(data.get("files_count") or 0),
+            uncovered=tuple(str(p)[:300] for p in (data.get("uncovered") or ())[:50]),
             left_out=tuple(str(p)[:300] for p in (data.get("left_out") or ())[:50]),
             left_out_count=int(data.get("left_out_count") or 0),
         )

@@ -92,6 +92,10 @@ def approval_request(event: WorkerEvent, window_s: float) -> str:
     fits (the picture has more)."""
     count = max(event.files_count, len(event.files))
     tail = f"\n\nReply *approve* to open a pull request or *reject* to roll back (within {_duration(window_s)})."
+    if event.uncovered:
+        names = ", ".join(clip_path(visible(p), 40) for p in event.uncovered[:5])
+        more = f" and {len(event.uncovered) - 5} more" if len(event.uncovered) > 5 else ""
+        tail += f"\n⚠️ Reject cannot bring back {names}{more} (ignored by git, too big to keep)."
     lines: list[str] = []
     budget = MESSAGE_LIMIT - len(tail) - 200  # room for the heading and "… and N more"
     for path, added, removed, binary in event.files[:LISTED_FILES]:

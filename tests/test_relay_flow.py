@@ -240,3 +240,15 @@ def test_an_approval_of_many_long_names_is_one_message_that_keeps_their_ends() -
     listed = [line for line in text.splitlines() if line.startswith("• ") and "more" not in line]
     assert all(line.endswith("+3 −1") and "…" in line for line in listed)
     assert f"… and {2000 - len(listed)} more" in text and "Reply *approve*" in text
+
+
+def test_an_approval_names_what_reject_cannot_bring_back() -> None:
+    from relay.events import worker_event_from_json
+    from relay.replies import approval_request
+
+    event, _ = worker_event_from_json({"type": "approval_required", "run_id": "r", "seq": 1, "files_count": 1,
+                                       "files": [{"path": "a.py", "added": 1, "removed": 0}],
+                                       "uncovered": ["node_modules/", ".venv/"]})
+    text = approval_request(event, 1800)
+    assert "⚠️ Reject cannot bring back node_modules/, .venv/" in text and len(text) <= 1600
+    assert "⚠️" not in approval_request(event.__class__("approval_required", "r", files=event.files), 1800)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -106,3 +107,36 @@ async def test_a_run_without_changes_needs_no_approval(worker: WorkerStack) -> N
     answer = await wait_for(lambda: worker.relay.of_type("answer"), RUN_TIMEOUT, "answer")
     assert answer[0]["changes"] is False and answer[0]["text"] == "42"
     assert worker.relay.of_type("approval_required") == []
+
+
+async def test_reject_brings_back_ignored_files_and_names_what_it_cannot(tmp_path: Path) -> None:
+    files = {"README.md": "# demo\n", ".gitignore": ".env\nbuild/\nbig/\n"}
+    async with worker_stack(tmp_path, files=files) as worker:
+        checkout = worker.checkout()
+        worker.anthropic.script("prepare", write(f"{checkout}/notes.txt", "setup\n"), Text("Ready."))
+        await worker.command("prepare")  # the first run clones; its approval is decided at once
+        await wait_for(lambda: worker.relay.of_type("approval_required"), RUN_TIMEOUT, "the first approval")
+        assert (await worker.decide("reject")).status_code == 202
+        await wait_for(lambda: worker.relay.of_type("rolled_back"), RUN_TIMEOUT, "the first rollback")
+        # What a developer has beside the code: secrets, build output, something big.
+        (checkout / ".env").write_text("SECRET=1\n")
+        (checkout / "build").mkdir()
+        (checkout / "build" / "old.o").write_bytes(b"\x7fELF old")
+        (checkout / "big").mkdir()
+        (checkout / "big" / "blob.bin").write_bytes(b"x" * (21 * 1024 * 1024))
+        owner = checkout.stat()
+        for path in (".env", "build", "build/old.o", "big", "big/blob.bin"):
+            os.chown(checkout / path, owner.st_uid, owner.st_gid)  # the agent's, as if it had made them
+        worker.anthropic.script("clean up", bash(
+            "rm .env build/old.o && echo new > build/new.o && echo changed > README.md", "clean"), Text("Cleaned."))
+
+        await worker.command("clean up")
+        approval = await wait_for(lambda: len(worker.relay.of_type("approval_required")) == 2, RUN_TIMEOUT,
+                                  "the approval")
+        assert worker.relay.of_type("approval_required")[1]["uncovered"] == ["big/"] and approval
+        assert (await worker.decide("reject")).status_code == 202
+        await wait_for(lambda: len(worker.relay.of_type("rolled_back")) == 2, RUN_TIMEOUT, "the rollback")
+        assert (checkout / ".env").read_text() == "SECRET=1\n"
+        assert (checkout / "build" / "old.o").read_bytes() == b"\x7fELF old"
+        assert not (checkout / "build" / "new.o").exists() and (checkout / "README.md").read_text() == "# demo\n"
+        assert (checkout / "big" / "blob.bin").stat().st_size == 21 * 1024 * 1024

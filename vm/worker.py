@@ -250,7 +250,12 @@ class Worker:
             "files": [{"path": clip_path(visible(f.path), 300), "added": f.added, "removed": f.removed,
                        "binary": f.binary} for f in changes.files[:REPORTED_FILES]],
             "files_count": changes.file_count,
+            "uncovered": [clip_path(visible(p), 300) for p in self._uncovered(owner)[:MAX_LEFT_OUT]],
         })
+
+    @staticmethod
+    def _uncovered(owner: OwnerState) -> tuple[str, ...]:
+        return Snapshot.from_json(owner.snapshot).uncovered if owner.snapshot else ()
 
     # --- approve and reject -----------------------------------------------------------
 

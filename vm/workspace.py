@@ -52,6 +52,56 @@ async def _drop_special_files(root: Path) -> None:
         raise GitError("could not read the checkout (find failed)")
 
 
+IGNORED_CAP = (20 * 1024 * 1024, 5000)  # bytes and files of ignored content a snapshot keeps
+
+
+def _within_cap(root: Path, entries: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Split ignored entries into those whose files fit in IGNORED_CAP together, and the rest."""
+    budget_bytes, budget_files = IGNORED_CAP
+    covered, uncovered = [], []
+    for entry in entries:
+        size, count = _measure(root / entry.rstrip("/"), budget_bytes, budget_files)
+        if size <= budget_bytes and count <= budget_files:
+            covered.append(entry)
+            budget_bytes, budget_files = budget_bytes - size, budget_files - count
+        else:
+            uncovered.append(entry)
+    return tuple(covered), tuple(uncovered)
+
+
+def _measure(path: Path, max_bytes: int, max_files: int) -> tuple[int, int]:
+    """Bytes and files below `path` (no symlink followed), stopping once past either limit."""
+    size = count = 0
+    stack = [path]
+    while stack and size <= max_bytes and count <= max_files:
+        current = stack.pop()
+        try:
+            st = current.lstat()
+            if stat.S_ISDIR(st.st_mode):
+                stack.extend(Path(e.path) for e in os.scandir(current))
+            else:
+                size, count = size + st.st_size, count + 1
+        except OSError:
+            continue
+    return size, count
+
+
+def _files_below(root: Path, entries: list[str]) -> list[str]:
+    """Every file (or link) below the given entries, relative to `root`, without recursion."""
+    found = []
+    stack = [root / e.rstrip("/") for e in entries]
+    while stack:
+        current = stack.pop()
+        try:
+            if current.is_dir() and not current.is_symlink():
+                stack.extend(Path(e.path) for e in os.scandir(current))
+            elif current.exists() or current.is_symlink():
+                found.append(str(current.relative_to(root)))
+        except OSError:
+            continue
+    return found
+
+
 def _set_aside(legacy: Path, target: Path) -> str:
     """Move a legacy `.git` to root's own folder; returns the branch it had checked out."""
     branch = _legacy_branch(legacy)
@@ -97,16 +147,20 @@ class GitError(RuntimeError):
 class Snapshot:
     head: str
     tree: str
-    ignored: tuple[str, ...]
+    ignored: tuple[str, ...]  # ignored paths as git lists them (a folder stands for all below it)
+    ignored_tree: str = ""  # the contents of the ignored paths small enough to keep
+    uncovered: tuple[str, ...] = ()  # ignored paths too big to keep: reject cannot bring them back
 
     def to_json(self) -> dict[str, object]:
-        return {"head": self.head, "tree": self.tree, "ignored": list(self.ignored)}
+        return {"head": self.head, "tree": self.tree, "ignored": list(self.ignored),
+                "ignored_tree": self.ignored_tree, "uncovered": list(self.uncovered)}
 
     @classmethod
     def from_json(cls, data: dict[str, object]) -> Snapshot:
-        ignored = data.get("ignored") or []
-        assert isinstance(ignored, list)
-        return cls(head=str(data["head"]), tree=str(data["tree"]), ignored=tuple(str(p) for p in ignored))
+        ignored, uncovered = data.get("ignored") or [], data.get("uncovered") or []
+        assert isinstance(ignored, list) and isinstance(uncovered, list)
+        return cls(head=str(data["head"]), tree=str(data["tree"]), ignored=tuple(str(p) for p in ignored),
+                   ignored_tree=str(data.get("ignored_tree") or ""), uncovered=tuple(str(p) for p in uncovered))
 
 
 @dataclass(frozen=True)
@@ -286,7 +340,22 @@ class Workspace:
                 tg.start_soon(keep, "ignored", self._ignored())
         except* GitError as group:
             raise group.exceptions[0] from None
-        return Snapshot(head=results["head"], tree=results["tree"], ignored=tuple(results["ignored"]))
+        ignored = tuple(results["ignored"])
+        ignored_tree, uncovered = await self._keep_ignored(ignored)
+        return Snapshot(results["head"], results["tree"], ignored, ignored_tree, uncovered)
+
+    async def _keep_ignored(self, ignored: tuple[str, ...]) -> tuple[str, tuple[str, ...]]:
+        """Ignored files (`.env`, `build/`) are no part of the diff, but a run may delete or
+        change them, and reject must put them back: their contents go into a tree of their own,
+        as far as IGNORED_CAP allows; the rest (a `node_modules/`) is named, not kept."""
+        covered, uncovered = await anyio.to_thread.run_sync(_within_cap, self.path, ignored)
+        if not covered:
+            return "", uncovered
+        with tempfile.TemporaryDirectory() as tmp:
+            env = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
+            await self.git("add", "--force", "--pathspec-from-file=-", "--pathspec-file-nul", env=env,
+                           stdin="\0".join(covered))
+            return (await self.git("write-tree", env=env)).strip(), uncovered
 
     async def working_tree(self) -> str:
         """The whole working state as a tree object, through a throwaway index that starts from
@@ -363,6 +432,21 @@ class Workspace:
             await self._remove(rel)
         for rel in set(await self._ignored()) - set(snap.ignored):
             await self._remove(rel)
+        if snap.ignored_tree:
+            await self._restore_ignored(snap)
+
+    async def _restore_ignored(self, snap: Snapshot) -> None:
+        """The kept ignored files back as they were, and what the run added among them gone."""
+        with tempfile.TemporaryDirectory() as tmp:
+            env = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
+            await self.git("read-tree", snap.ignored_tree, env=env)
+            await self.git("checkout-index", "--all", "--force", env=env)
+        kept = set((await self.git("ls-tree", "-r", "-z", "--name-only", snap.ignored_tree)).split("\0"))
+        roots = [p for p in snap.ignored if p not in snap.uncovered]
+        added = await anyio.to_thread.run_sync(_files_below, self.path, roots)
+        for rel in added:
+            if rel not in kept:
+                await self._remove(rel)
 
     async def commit_tree(self, tree: str, parent: str, message: str) -> str:
         """A commit of exactly `tree` on `parent` (no index, no working files involved)."""
