@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import anyio
 import pytest
 
 from console.scripted_model import Text, ToolUse, bash, write
@@ -291,9 +292,14 @@ async def test_prepare_never_writes_chmods_or_chowns_through_a_link_the_agent_le
     space.claude_dir.rmdir()
     os.symlink(victim_file, space.claude_dir)
     os.link(victim_file, space.checkout / "linked")  # a hard link to a file of root's
+    deepest = _deep_tree(space.checkout, 1200)  # as a restore might write it, root's
 
     again = await sandbox.prepare(OWNER)
-    await sandbox.hand_over(again)
+    try:
+        await sandbox.hand_over(again)
+        assert _owner_of(space.checkout, deepest) == space.uid  # handed over, however deep
+    finally:  # pytest's own clean-up of old temporary folders recurses, and would fail on it
+        await anyio.run_process(["rm", "-rf", str(space.checkout / "d")])
     assert victim_file.read_text() == "root's\n" and victim_file.stat().st_uid == 0
     assert victim_file.stat().st_mode & 0o777 == 0o644
     assert victim_dir.stat().st_uid == 0 and victim_dir.stat().st_mode & 0o777 == 0o755
@@ -362,6 +368,32 @@ async def test_without_isolation_the_worker_says_so_loudly(tmp_path: Path) -> No
     with child("vm", env, log) as proc:
         await wait_healthy(f"http://127.0.0.1:{env['PORT']}", proc)
     assert "AGENT_ISOLATION=off: THE AGENT RUNS AS THIS WORKER'S OWN USER" in log.read_text()
+
+
+def _deep_tree(root: Path, depth: int) -> str:
+    """Folders `depth` deep with a file at the bottom (made relative to a descriptor: the full
+    path is longer than the kernel takes); returns its path."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(depth):
+        os.mkdir("d", dir_fd=fd)
+        fd, parent = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd), fd
+        os.close(parent)
+    os.close(os.open("x", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))
+    os.close(fd)
+    return "d/" * depth + "x"
+
+
+def _owner_of(root: Path, rel: str) -> int:
+    """The owner of a file below `root`, however deep (walked by descriptors)."""
+    *folders, name = rel.split("/")
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    for folder in folders:
+        fd, parent = os.open(folder, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd), fd
+        os.close(parent)
+    try:
+        return os.stat(name, dir_fd=fd, follow_symlinks=False).st_uid
+    finally:
+        os.close(fd)
 
 
 def _file_facts(path: str) -> tuple[int, int, str]:

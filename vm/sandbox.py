@@ -25,6 +25,7 @@ import pwd
 import re
 import shutil
 import stat
+import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -219,9 +220,6 @@ class Sandbox:
             os.close(fd)
 
     def own(self, space: AgentSpace, path: Path) -> None:
-        self._own(path, space)
-
-    def _own(self, path: Path, space: AgentSpace) -> None:
         if self.isolated:
             os.chown(path, space.uid, space.gid, follow_symlinks=False)
 
@@ -420,21 +418,21 @@ def _others_may(path: Path, bits: int) -> bool:
 
 
 def _chown_tree(root: Path, uid: int, gid: int) -> None:
-    """Hand a tree to the agent without following a symlink anywhere (fd-relative, no races).
+    """Hand a tree to the agent without following a symlink anywhere (`find` never does, and
+    `chown -h` changes a link itself). GNU find walks any depth: Python's fwalk recurses, and a
+    tree a thousand folders deep stops it. No agent process lives meanwhile (Sandbox.quiesce).
 
     A file with more than one link is never handed over: where the kernel allows linking files
     one does not own (fs.protected_hardlinks=0), it could be a link the agent made to a file of
     root's, its own git dir's config for one, and chown would give that file away.
     """
-    os.chown(root, uid, gid, follow_symlinks=False)
-    for _, dirs, files, fd in os.fwalk(root, follow_symlinks=False):
-        for name in dirs + files:
-            try:
-                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-                if (st.st_uid, st.st_gid) != (uid, gid) and (stat.S_ISDIR(st.st_mode) or st.st_nlink == 1):
-                    os.chown(name, uid, gid, dir_fd=fd, follow_symlinks=False)
-            except FileNotFoundError:
-                pass
+    result = subprocess.run(
+        ["find", str(root), "-xdev", "(", "-type", "d", "-o", "-links", "1", ")",
+         "(", "!", "-uid", str(uid), "-o", "!", "-gid", str(gid), ")",
+         "-exec", "chown", "-h", f"{uid}:{gid}", "--", "{}", "+"], capture_output=True, check=False)
+    if result.returncode != 0:
+        detail = result.stderr.decode(errors="replace").strip().splitlines()
+        raise SandboxError(f"could not hand the files over ({detail[-1] if detail else result.returncode})")
 
 
 def _share_tree(root: Path, gid: int) -> None:
