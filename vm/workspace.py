@@ -22,7 +22,7 @@ import shutil
 import stat
 import tempfile
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -222,20 +222,16 @@ class Workspace:
         file would otherwise fill the worker's memory before any cut could be made. Returns the
         text, cut after its last whole line (or entry) when the cap was hit, and whether it was.
         """
-        command = ["git", "--bare", "-c", f"core.bigFileThreshold={BIG_FILE}", *GIT_HARDENING, "diff", *args]
-        env = {**self._env(None, repo=False), "GIT_DIR": str(self.git_dir)}
-        chunks, size = [], 0
-        async with await anyio.open_process(command, cwd=self.git_dir, env=env, stderr=None) as process:
-            assert process.stdout is not None
-            async for chunk in process.stdout:
-                chunks.append(chunk)
-                size += len(chunk)
-                if size >= limit:
-                    process.kill()
-                    break
-            code = await process.wait()
-        if code not in (0, -9):
-            raise GitError(f"git diff failed (exit {code})")
+        chunks: list[bytes] = []
+        size = 0
+
+        def keep(chunk: bytes) -> bool:
+            nonlocal size
+            chunks.append(chunk)
+            size += len(chunk)
+            return size < limit
+
+        await self._stream_diff(args, keep)
         out = b"".join(chunks)
         if size < limit:
             return out.decode(errors="replace"), False
@@ -397,16 +393,30 @@ class Workspace:
     async def _count_changed(self, base: str, now: str) -> int:
         """How many files changed in all, when there were too many to list: counted as git
         streams them, never held."""
-        command = ["git", "--bare", *GIT_HARDENING, "diff", "--name-only", "-z", "--no-renames", base, now]
-        env = {**self._env(None, repo=False), "GIT_DIR": str(self.git_dir)}
         count = 0
+
+        def tally(chunk: bytes) -> bool:
+            nonlocal count
+            count += chunk.count(b"\0")
+            return True
+
+        await self._stream_diff(("--name-only", "-z", "--no-renames", base, now), tally)
+        return count
+
+    async def _stream_diff(self, args: tuple[str, ...], consume: Callable[[bytes], bool]) -> None:
+        """`git diff` in the bare repository, its output handed to `consume` as it comes; git is
+        ended as soon as `consume` says it has had enough."""
+        command = ["git", "--bare", "-c", f"core.bigFileThreshold={BIG_FILE}", *GIT_HARDENING, "diff", *args]
+        env = {**self._env(None, repo=False), "GIT_DIR": str(self.git_dir)}
         async with await anyio.open_process(command, cwd=self.git_dir, env=env, stderr=None) as process:
             assert process.stdout is not None
             async for chunk in process.stdout:
-                count += chunk.count(b"\0")
-            if await process.wait() != 0:
-                raise GitError("git diff failed while counting the changed files")
-        return count
+                if not consume(chunk):
+                    process.kill()
+                    break
+            code = await process.wait()
+        if code not in (0, -9):
+            raise GitError(f"git diff failed (exit {code})")
 
     async def paths_differing(self, tree: str) -> list[str]:
         """Paths where the working state differs from `tree` (what an approve left out)."""
