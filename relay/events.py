@@ -118,8 +118,8 @@ def worker_event_from_json(data: Any) -> tuple[WorkerEvent, int]:
             diff=_string(data, "diff", 50_000),
             images=tuple(data.get("images") or ()),
             files_count=int(data.get("files_count") or 0),
-            uncovered=tuple(str(p)[:300] for p in (data.get("uncovered") or ())[:50]),
-            left_out=tuple(str(p)[:300] for p in (data.get("left_out") or ())[:50]),
+            uncovered=_paths(data, "uncovered"),
+            left_out=_paths(data, "left_out"),
             left_out_count=int(data.get("left_out_count") or 0),
         )
     except (KeyError, TypeError, ValueError) as exc:
@@ -141,6 +141,11 @@ def _string(data: dict[str, Any], key: str, limit: int) -> str:
     if not isinstance(value, str):
         raise ValueError(f"{key} must be a string")
     return value[:limit]
+
+
+def _paths(data: dict[str, Any], key: str, limit: int = 50) -> tuple[str, ...]:
+    """A list of paths, at most `limit` of them, each cut to 300 characters."""
+    return tuple(str(p)[:300] for p in (data.get(key) or ())[:limit])
 
 
 def _number(data: dict[str, Any], key: str) -> float | None:
