@@ -1,10 +1,15 @@
 """The owner's conversation as a transition table.
 
-`TRANSITIONS[state][event kind]` names the handler for every pair that can happen; a pair
-missing from the table raises `IllegalTransition`. Handlers are pure: they take the
-conversation and the event, change the conversation and return the effects to carry out.
-The worker's terminal reports are authoritative in every state, because the worker is the one
-that knows whether a run ended and left changes.
+`TRANSITIONS[state][event kind]` names the handler for a pair and the states it may move to;
+`ANY_STATE` holds the rows that are the same in every state. A pair missing from both raises
+`IllegalTransition`, and a handler that moves anywhere its row does not name raises too.
+Handlers are pure: they take the conversation and the event, change the conversation and
+return the effects to carry out.
+
+The worker is the source of truth for a run. Every report names its run: the relay shows a
+report of the conversation's current run, adopts one of a run it never knew while idle (a fresh
+database), and ignores the rest (runs it already closed). Every answer the worker gives to a
+call says where the owner's run stands, and the conversation moves there (`_adopt`).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
+from common.protocol import Answer, OwnerCall, Report, RunPrompt, RunState, TakeScreenshot
 from relay import replies
 from relay.events import (
     ApprovalExpired,
@@ -25,19 +31,20 @@ from relay.events import (
     ReportStatus,
     Screenshot,
     Send,
+    Stalled,
     Unreachable,
     Word,
-    WorkerEvent,
     event_kind,
 )
 
 State = Literal["idle", "working", "awaiting_approval", "applying"]
 STATES: tuple[State, ...] = ("idle", "working", "awaiting_approval", "applying")
+ENDED_KEPT = 20  # runs remembered as closed, so their late reports change nothing
 
 
 class IllegalTransition(RuntimeError):
-    def __init__(self, state: str, kind: str) -> None:
-        super().__init__(f"no transition for event {kind!r} in state {state!r}")
+    def __init__(self, state: str, kind: str, detail: str = "") -> None:
+        super().__init__(detail or f"no transition for event {kind!r} in state {state!r}")
         self.state, self.kind = state, kind
 
 
@@ -60,14 +67,16 @@ class Conversation:
     kept: Job | None = None  # a prompt the VM never received, kept for `retry`
     fresh_session: bool = False  # the owner said `new`: the next prompt starts a new session
     applying: str = ""  # "approve" or "reject" while the worker applies the decision
+    run: str = ""  # the run the worker holds for this owner: working on it, or its changes
+    ended: list[str] = field(default_factory=list)  # runs the worker's own reports closed
+    check_at: float | None = None  # when to ask the worker, if nothing about the run is heard
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Conversation:
-        job = data.get("job")
-        kept = data.get("kept")
+        job, kept = data.get("job"), data.get("kept")
         return cls(
             phone=data["phone"],
             state=data["state"],
@@ -77,6 +86,10 @@ class Conversation:
             kept=Job(**kept) if kept else None,
             fresh_session=data.get("fresh_session", False),
             applying=data.get("applying", ""),
+            # A conversation saved before runs were named: its job names the run.
+            run=data.get("run", job["message_id"] if job else ""),
+            ended=list(data.get("ended", [])),
+            check_at=data.get("check_at"),
         )
 
 
@@ -84,45 +97,133 @@ class Conversation:
 class Context:
     now: float
     approval_timeout_s: float
+    stall_s: float = 120.0
 
 
 Handler = Callable[[Conversation, Any, Context], list[Effect]]
+Target = State | Literal["same"]  # "same": stays in whatever state it was
+Row = tuple[Handler, tuple[Target, ...]]  # the handler, and every state it may move to
 
 
 def apply(conv: Conversation, event: Event, ctx: Context) -> tuple[Conversation, list[Effect]]:
     """Run one event through the table; returns the new conversation and its effects."""
     kind = event_kind(event)
-    handler = TRANSITIONS[conv.state].get(kind) or ANY_STATE.get(kind)
-    if handler is None:
+    row = TRANSITIONS[conv.state].get(kind) or ANY_STATE.get(kind)
+    if row is None:
         raise IllegalTransition(conv.state, kind)
-    new = replace(conv, queue=list(conv.queue), job=replace(conv.job) if conv.job else None)
+    handler, targets = row
+    new = replace(conv, queue=list(conv.queue), ended=list(conv.ended),
+                  job=replace(conv.job) if conv.job else None)
     effects = handler(new, event, ctx)
+    if new.state not in targets and not ("same" in targets and new.state == conv.state):
+        raise IllegalTransition(conv.state, kind, f"{handler.__name__} moved {conv.state} to {new.state}, "
+                                                  f"which its row does not name")
+    _watch(conv, new, event, ctx)
     return new, effects
+
+
+def _watch(old: Conversation, new: Conversation, event: Event, ctx: Context) -> None:
+    """Keep the stall check: while a delivered run or a decision is under way on the worker,
+    anything heard about it (or a change of run) puts the next check STALL_CHECK_MS away."""
+    watching = new.state == "applying" or (new.state == "working" and new.job is not None and new.job.delivered)
+    if not watching:
+        new.check_at = None
+    elif new.check_at is None or (new.state, new.run) != (old.state, old.run) or not _from_owner(event):
+        new.check_at = ctx.now + ctx.stall_s
+
+
+def _from_owner(event: Event) -> bool:
+    return isinstance(event, Prompt | Screenshot | Word)
 
 
 # --- starting and finishing work ----------------------------------------------------
 
 
 def _start(conv: Conversation, job: Job, ctx: Context) -> list[Effect]:
-    payload: dict[str, Any] = {"phone": conv.phone, "text": job.text, "message_id": job.message_id}
-    if conv.fresh_session:
-        payload["new_session"] = True
-        conv.fresh_session = False
+    command = RunPrompt(conv.phone, job.text, job.message_id, new_session=conv.fresh_session)
+    conv.fresh_session = False
     conv.state, conv.job, conv.kept = "working", replace(job, started_at=ctx.now, delivered=False), None
-    return [CallWorker("command", payload)]
+    conv.run, conv.approval_deadline, conv.applying = job.message_id, None, ""
+    return [CallWorker(command)]
 
 
 def _next_or_idle(conv: Conversation, ctx: Context) -> list[Effect]:
-    conv.state, conv.job, conv.approval_deadline, conv.applying = "idle", None, None, ""
+    conv.state, conv.job, conv.approval_deadline, conv.applying, conv.run = "idle", None, None, "", ""
     if conv.queue:
         job = conv.queue.pop(0)
         return [Send(replies.starting_queued(job.text, len(conv.queue))), *_start(conv, job, ctx)]
     return []
 
 
+def _close_run(conv: Conversation) -> None:
+    """The worker said the run is over: its late reports must change nothing."""
+    if conv.run:
+        conv.ended = [*conv.ended[-(ENDED_KEPT - 1):], conv.run]
+    conv.run = ""
+
+
 def _await_approval(conv: Conversation, ctx: Context) -> None:
     conv.state, conv.job, conv.applying = "awaiting_approval", None, ""
     conv.approval_deadline = ctx.now + ctx.approval_timeout_s
+
+
+def _is_current(conv: Conversation, report: Report) -> bool:
+    return bool(conv.run) and report.run_id == conv.run
+
+
+def _unknown_while_idle(conv: Conversation, report: Report) -> bool:
+    """A run the relay never knew, or let go of without hearing its end (a fresh database, a
+    reconciled state): while idle, the worker's word about it is adopted."""
+    return conv.state == "idle" and report.run_id not in conv.ended
+
+
+# --- the worker's answers: where the run stands, adopted -------------------------------
+
+# The conversation state that mirrors each of the worker's run states.
+MIRROR: dict[RunState, State] = {
+    "idle": "idle", "running": "working", "cancelling": "working",
+    "awaiting_approval": "awaiting_approval", "pushing": "applying", "rolling_back": "applying",
+}
+
+
+def _adopt(conv: Conversation, answer: Answer | None, ctx: Context, *, say: bool = True) -> list[Effect]:
+    """Move to the worker's account of the owner's run, telling the owner (unless `say` is
+    false: the caller already did) when that changes what they were told."""
+    if answer is None:
+        return []
+    told, effects = _move_to(conv, answer, ctx)
+    return [*told, *effects] if say else effects
+
+
+def _move_to(conv: Conversation, answer: Answer, ctx: Context) -> tuple[list[Effect], list[Effect]]:
+    """The move itself: what to tell the owner about it, and any other effects."""
+    target = MIRROR[answer.state]
+    if target == "idle":
+        if conv.state == "idle" or (conv.state == "working" and conv.job and not conv.job.delivered):
+            return [], []  # nothing to undo, or our prompt is still on its way to the worker
+        # Not closed: a report of that run still on its way is shown when it comes.
+        gone = replies.run_gone(conv.state)
+        conv.run = ""
+        return [Send(gone)], _next_or_idle(conv, ctx)
+    if answer.run_id in conv.ended:
+        return [], []  # older than the report that closed that run
+    if conv.run == answer.run_id and conv.state == target:
+        if conv.job is not None:
+            conv.job.delivered, conv.job.cancelling = True, answer.state == "cancelling"
+        return [], []
+    prompt = answer.prompt or "an earlier prompt"
+    conv.run = answer.run_id
+    if target == "working":
+        conv.state, conv.approval_deadline, conv.applying = "working", None, ""
+        conv.job = Job(answer.run_id, prompt, started_at=ctx.now, delivered=True,
+                       cancelling=answer.state == "cancelling")
+        return [Send(replies.adopted_run(prompt))], []
+    if target == "awaiting_approval":
+        _await_approval(conv, ctx)
+        return [Send(replies.adopted_changes(prompt, ctx.approval_timeout_s))], []
+    conv.state, conv.job, conv.approval_deadline = "applying", None, None
+    conv.applying = "approve" if answer.state == "pushing" else "reject"
+    return [Send(replies.APPLYING[conv.applying])], []
 
 
 # --- the owner's words ----------------------------------------------------------------
@@ -131,7 +232,13 @@ def _await_approval(conv: Conversation, ctx: Context) -> None:
 def prompt_when_idle(conv: Conversation, event: Prompt, ctx: Context) -> list[Effect]:
     if not event.text:
         return [Send(replies.EMPTY)]
-    return _start(conv, Job(event.message_id, event.text), ctx)
+    job = Job(event.message_id, event.text)
+    if conv.kept is None and not conv.queue:
+        return _start(conv, job, ctx)
+    # Prompts the VM never received go first, in the order they were sent: this one waits.
+    conv.queue.append(job)
+    first = conv.kept or conv.queue.pop(0)
+    return [Send(replies.sending_kept_first(len(conv.queue))), *_start(conv, first, ctx)]
 
 
 def prompt_queued(conv: Conversation, event: Prompt, ctx: Context) -> list[Effect]:
@@ -143,13 +250,27 @@ def prompt_queued(conv: Conversation, event: Prompt, ctx: Context) -> list[Effec
 
 def screenshot(conv: Conversation, event: Screenshot, ctx: Context) -> list[Effect]:
     # Screenshots do not touch the checkout, so they go straight through in every state.
-    text = f"screenshot {event.url}"
-    return [CallWorker("screenshot", {"phone": conv.phone, "text": text, "message_id": event.message_id})]
+    return [CallWorker(TakeScreenshot(conv.phone, event.url, event.message_id))]
 
 
 def decide(conv: Conversation, event: Word, ctx: Context) -> list[Effect]:
     conv.state, conv.applying, conv.approval_deadline = "applying", event.kind, None
-    return [Send(replies.APPLYING[event.kind]), CallWorker(event.kind, {"phone": conv.phone})]
+    return [Send(replies.APPLYING[event.kind]), CallWorker(OwnerCall(event.kind, conv.phone))]  # type: ignore[arg-type]
+
+
+def ask_worker_to_decide(conv: Conversation, event: Word, ctx: Context) -> list[Effect]:
+    """The relay knows of no changes, but the worker may hold some (a fresh database): it decides.
+    A worker known to be asleep holds none, and is not woken to say so."""
+    return [CallWorker(OwnerCall(event.kind, conv.phone), mode="if_awake")]  # type: ignore[arg-type]
+
+
+def cancel_when_idle(conv: Conversation, event: Word, ctx: Context) -> list[Effect]:
+    dropped = len(conv.queue) + (conv.kept is not None)
+    conv.queue.clear()
+    conv.kept = None
+    effects: list[Effect] = [Send(replies.dropped_waiting(dropped))] if dropped else []
+    # A run the relay does not know of (a fresh database) is stopped too; the answer says.
+    return [*effects, CallWorker(OwnerCall("cancel", conv.phone), mode="if_awake")]
 
 
 def cancel_run(conv: Conversation, event: Word, ctx: Context) -> list[Effect]:
@@ -159,12 +280,18 @@ def cancel_run(conv: Conversation, event: Word, ctx: Context) -> list[Effect]:
     if not conv.job.delivered:
         # The command is still waiting for the VM to wake: withdraw it instead.
         withdrawn = conv.job.message_id
-        conv.state, conv.job = "idle", None
+        conv.state, conv.job, conv.run = "idle", None, ""
         return [DropCommand(withdrawn), Send(replies.cancelled_before_start(dropped))]
-    if conv.job.cancelling:
-        return [Send(replies.ALREADY_CANCELLING)]
+    # Asked again while cancelling: the worker's answer settles it, whatever happened to the
+    # first cancel (a worker that lost the run answers "idle", and the conversation follows).
+    text = replies.ALREADY_CANCELLING if conv.job.cancelling else replies.cancelling(dropped)
     conv.job.cancelling = True
-    return [Send(replies.cancelling(dropped)), CallWorker("cancel", {"phone": conv.phone})]
+    return [Send(text), CallWorker(OwnerCall("cancel", conv.phone))]
+
+
+def check_applying(conv: Conversation, event: Word, ctx: Context) -> list[Effect]:
+    """A push cannot be stopped halfway, but the owner who asks learns where it stands."""
+    return [Send(replies.ALREADY_APPLYING), CallWorker(OwnerCall("status", conv.phone), mode="probe")]
 
 
 def retry(conv: Conversation, event: Word, ctx: Context) -> list[Effect]:
@@ -178,164 +305,221 @@ def new_session(conv: Conversation, event: Word, ctx: Context) -> list[Effect]:
     return [Send(replies.NEW_SESSION)]
 
 
+def status(conv: Conversation, event: Word, ctx: Context) -> list[Effect]:
+    return [ReportStatus()]
+
+
 def reply(text: str) -> Handler:
-    return lambda conv, event, ctx: [Send(text)]
+    def say(conv: Conversation, event: Any, ctx: Context) -> list[Effect]:
+        return [Send(text)]
+
+    say.__name__ = f"say {text[:24]!r}…"
+    return say
 
 
 # --- the worker's reports -------------------------------------------------------------
 
 
-def progress(conv: Conversation, event: WorkerEvent, ctx: Context) -> list[Effect]:
-    return [Send(event.text)] if event.text else []
+def progress(conv: Conversation, event: Report, ctx: Context) -> list[Effect]:
+    if conv.state == "working" and _is_current(conv, event) and event.text:
+        return [Send(event.text)]
+    return []  # a late line from a run that already ended here: nothing to say
 
 
-def stale_progress(conv: Conversation, event: WorkerEvent, ctx: Context) -> list[Effect]:
-    return []  # a late report from a run that already ended on this side: nothing to say
-
-
-def finished(conv: Conversation, event: WorkerEvent, ctx: Context) -> list[Effect]:
+def finished(conv: Conversation, event: Report, ctx: Context) -> list[Effect]:
+    if _is_current(conv, event) and conv.state != "working":
+        return [Send(replies.finished(event, shown=True))]  # the approval request came first
+    if not _is_current(conv, event) and not _unknown_while_idle(conv, event):
+        return []
     if conv.kept is not None and conv.kept.message_id == event.run_id:
         conv.kept = None  # the VM did get it after all: nothing left to retry
-    effects: list[Effect] = [Send(replies.finished(event), event.images)]
-    if event.changes:
+    conv.run = event.run_id
+    effects: list[Effect] = [Send(replies.finished(event, shown=False), event.images)]
+    if event.changes:  # the approval request never came (a worker from before it came first)
         _await_approval(conv, ctx)
         return effects
+    _close_run(conv)
     return effects + _next_or_idle(conv, ctx)
 
 
-def approval_required(conv: Conversation, event: WorkerEvent, ctx: Context) -> list[Effect]:
+def approval_required(conv: Conversation, event: Report, ctx: Context) -> list[Effect]:
+    current = _is_current(conv, event) and conv.state in ("working", "awaiting_approval")
+    if not current and not _unknown_while_idle(conv, event):
+        return []  # a decision is under way, or the run is not this conversation's
     if conv.state != "awaiting_approval":
+        conv.run = event.run_id
         _await_approval(conv, ctx)
     return [Send(replies.approval_request(event, ctx.approval_timeout_s), event.images)]
 
 
-def applied(conv: Conversation, event: WorkerEvent, ctx: Context) -> list[Effect]:
+def applied(conv: Conversation, event: Report, ctx: Context) -> list[Effect]:
+    if not _is_current(conv, event):
+        return []
+    _close_run(conv)
     return [Send(replies.applied(event))] + _next_or_idle(conv, ctx)
 
 
-def approve_failed(conv: Conversation, event: WorkerEvent, ctx: Context) -> list[Effect]:
+def decision_failed(conv: Conversation, event: Report, ctx: Context) -> list[Effect]:
+    if not _is_current(conv, event):
+        return []
     _await_approval(conv, ctx)
     return [Send(replies.decision_failed(event.type, event.text))]
 
 
-def notice(conv: Conversation, event: WorkerEvent, ctx: Context) -> list[Effect]:
-    return [Send(event.text or "📎", event.images)]
+def notice(conv: Conversation, event: Report, ctx: Context) -> list[Effect]:
+    return [Send(event.text or "📎", event.images)]  # screenshots: tied to no run
 
 
 # --- the relay's own events -------------------------------------------------------------
 
 
 def delivered(conv: Conversation, event: Delivered, ctx: Context) -> list[Effect]:
-    if event.route != "command":
+    if event.route == "command":
+        job = conv.job
+        if conv.state == "working" and job is not None and job.message_id == event.message_id:
+            job.delivered = True
+            return [Send(replies.WORKING)]
+        if conv.state == "idle" and not (event.answer and event.answer.state == "idle"):
+            # A prompt withdrawn while the VM woke reached it after all: stop that run.
+            return [CallWorker(OwnerCall("cancel", conv.phone))]
         return []
-    job = conv.job
-    if conv.state == "working" and job is not None and job.message_id == event.message_id:
-        job.delivered = True
-        return [Send(replies.WORKING)]
-    if conv.state == "idle":
-        # A prompt withdrawn while the VM woke reached it after all: stop that run.
-        return [CallWorker("cancel", {"phone": conv.phone})]
-    return []
+    if event.route == "screenshot":
+        return []
+    return _answered(conv, event.route, event.answer, ctx)
 
 
 def unreachable(conv: Conversation, event: Unreachable, ctx: Context) -> list[Effect]:
-    job = conv.job
-    if event.route == "command" and conv.state == "working" and job and job.message_id == event.message_id:
-        conv.state, conv.kept, conv.job = "idle", replace(job, started_at=None), None
-        if event.refused:
-            return [Send(replies.refused(event.reason) + replies.KEPT)]
-        return [Send(replies.never_woke(event.reason, kept=True))]
+    if event.route == "command":
+        return _command_failed(conv, event, ctx)
+    if event.route == "screenshot":
+        return [Send(replies.refused(event.reason) if event.refused else replies.never_woke(event.reason, kept=False))]
+    answer = Answer("idle") if event.asleep else event.answer
+    if answer is not None:  # the worker said where things stand (or sleeps, so holds nothing)
+        return _answered(conv, event.route, answer, ctx, refusal=event.reason if event.refused else "")
+    if event.route == "status":
+        return []  # a probe that found no one: the next check asks again
     if event.route in ("approve", "reject") and conv.state == "applying":
-        if event.refused:  # the worker knows best: nothing waits there, so nothing waits here
+        if event.refused:  # a worker without an account of its state: it says it holds nothing
+            _close_run(conv)
             return [Send(replies.refused(event.reason))] + _next_or_idle(conv, ctx)
         _await_approval(conv, ctx)
         return [Send(replies.never_woke(event.reason, kept=False) + replies.DECIDE_AGAIN)]
     if event.refused:
         return [Send(replies.refused(event.reason))]
-    if event.route == "cancel" and job is not None:
-        job.cancelling = False
+    if event.route == "cancel" and conv.job is not None:
+        conv.job.cancelling = False
     return [Send(replies.never_woke(event.reason, kept=False))]
+
+
+def _answered(conv: Conversation, route: str, answer: Answer | None, ctx: Context, refusal: str = "") -> list[Effect]:
+    """The worker's answer to approve, reject, cancel or status: where the owner's run stands."""
+    if answer is None:
+        return []
+    holds_nothing = conv.state == "idle" or (conv.state == "working" and conv.job is not None
+                                             and not conv.job.delivered)
+    if answer.state == "idle" and holds_nothing:
+        # Asked while the relay knew of no run, and the worker holds none either.
+        if route in ("approve", "reject"):
+            return [Send(replies.NOTHING_WAITING)]
+        return [Send(replies.NOTHING_RUNNING)] if route == "cancel" else []
+    decided = route in ("approve", "reject") and conv.state == "applying"
+    if refusal and decided:
+        return [Send(replies.refused(refusal)), *_adopt(conv, answer, ctx, say=False)]
+    return _adopt(conv, answer, ctx)
+
+
+def _command_failed(conv: Conversation, event: Unreachable, ctx: Context) -> list[Effect]:
+    job = conv.job
+    if conv.state != "working" or job is None or job.message_id != event.message_id:
+        return []
+    answer = event.answer
+    if event.refused and answer is not None and answer.state != "idle":
+        # The worker holds another run or its changes: this prompt waits its turn behind them.
+        conv.queue.insert(0, replace(job, started_at=None, delivered=False))
+        conv.state, conv.job, conv.run = "idle", None, ""
+        return [Send(replies.refused(event.reason) + replies.QUEUED_BEHIND), *_adopt(conv, answer, ctx)]
+    conv.state, conv.kept, conv.job, conv.run = "idle", replace(job, started_at=None), None, ""
+    tail = replies.KEPT + replies.queue_waits(len(conv.queue))
+    if event.refused:
+        return [Send(replies.refused(event.reason) + tail)]
+    return [Send(replies.never_woke(event.reason) + tail)]
 
 
 def approval_expired(conv: Conversation, event: ApprovalExpired, ctx: Context) -> list[Effect]:
     if conv.approval_deadline is None or abs(conv.approval_deadline - event.deadline) > 1e-6:
         return []  # the owner decided, or a newer window opened, before this one closed
     conv.state, conv.applying, conv.approval_deadline = "applying", "reject", None
-    return [Send(replies.approval_expired(ctx.approval_timeout_s)), CallWorker("reject", {"phone": conv.phone})]
+    return [Send(replies.approval_expired(ctx.approval_timeout_s)), CallWorker(OwnerCall("reject", conv.phone))]
 
 
-def status(conv: Conversation, event: Word, ctx: Context) -> list[Effect]:
-    return [ReportStatus()]
+def stalled(conv: Conversation, event: Stalled, ctx: Context) -> list[Effect]:
+    if conv.check_at is None or abs(conv.check_at - event.check_at) > 1e-6:
+        return []  # heard from the worker since: no need to ask
+    return [CallWorker(OwnerCall("status", conv.phone), mode="probe")]
 
 
 def ignore(conv: Conversation, event: Any, ctx: Context) -> list[Effect]:
     return []
 
 
-# Events with the same handler in every state.
-ANY_STATE: dict[str, Handler] = {
-    "status": status,
-    "help": reply(replies.HELP),
-    "new": new_session,
-    "screenshot": screenshot,
-    "answer": finished,
-    "cancelled": finished,
-    "error": finished,
-    "approval_required": approval_required,
-    "notice": notice,
-    "delivered": delivered,
-    "unreachable": unreachable,
-    "approval_expired": approval_expired,
-    "sleeping": ignore,
+# --- the table --------------------------------------------------------------------------
+
+SAME: tuple[Target, ...] = ("same",)
+# A finished run or decision leads to idle, or to the next queued prompt.
+NEXT: tuple[Target, ...] = ("idle", "working", "same")
+# An answer from the worker moves to wherever it says the owner's run stands.
+ANYWHERE: tuple[Target, ...] = STATES
+
+# Rows that are the same in every state.
+ANY_STATE: dict[str, Row] = {
+    "status": (status, SAME),
+    "help": (reply(replies.HELP), SAME),
+    "new": (new_session, SAME),
+    "screenshot": (screenshot, SAME),
+    "progress": (progress, SAME),
+    "answer": (finished, ("awaiting_approval", *NEXT)),
+    "cancelled": (finished, ("awaiting_approval", *NEXT)),
+    "error": (finished, ("awaiting_approval", *NEXT)),
+    "approval_required": (approval_required, ("awaiting_approval", "same")),
+    "pr_opened": (applied, NEXT),
+    "rolled_back": (applied, NEXT),
+    "approve_failed": (decision_failed, ("awaiting_approval", "same")),
+    "reject_failed": (decision_failed, ("awaiting_approval", "same")),
+    "notice": (notice, SAME),
+    "sleeping": (ignore, SAME),
+    "delivered": (delivered, ANYWHERE),
+    "unreachable": (unreachable, ANYWHERE),
+    "approval_expired": (approval_expired, ("applying", "same")),
+    "stalled": (stalled, SAME),
 }
 
-TRANSITIONS: dict[State, dict[str, Handler]] = {
+TRANSITIONS: dict[State, dict[str, Row]] = {
     "idle": {
-        "prompt": prompt_when_idle,
-        "approve": reply(replies.NOTHING_WAITING),
-        "reject": reply(replies.NOTHING_WAITING),
-        "cancel": reply(replies.NOTHING_RUNNING),
-        "retry": retry,
-        "progress": stale_progress,
-        "pr_opened": applied,
-        "rolled_back": applied,
-        "approve_failed": approve_failed,
-        "reject_failed": approve_failed,
+        "prompt": (prompt_when_idle, ("working", "same")),
+        "approve": (ask_worker_to_decide, SAME),
+        "reject": (ask_worker_to_decide, SAME),
+        "cancel": (cancel_when_idle, SAME),
+        "retry": (retry, ("working", "same")),
     },
     "working": {
-        "prompt": prompt_queued,
-        "approve": reply(replies.STILL_WORKING),
-        "reject": reply(replies.STILL_WORKING),
-        "cancel": cancel_run,
-        "retry": reply(replies.STILL_WORKING),
-        "progress": progress,
-        "pr_opened": applied,
-        "rolled_back": applied,
-        "approve_failed": approve_failed,
-        "reject_failed": approve_failed,
+        "prompt": (prompt_queued, SAME),
+        "approve": (reply(replies.STILL_WORKING), SAME),
+        "reject": (reply(replies.STILL_WORKING), SAME),
+        "cancel": (cancel_run, ("idle", "same")),
+        "retry": (reply(replies.STILL_WORKING), SAME),
     },
     "awaiting_approval": {
-        "prompt": prompt_queued,
-        "approve": decide,
-        "reject": decide,
-        "cancel": reply(replies.NOTHING_RUNNING_DECIDE),
-        "retry": reply(replies.DECIDE_FIRST),
-        "progress": stale_progress,
-        "pr_opened": applied,
-        "rolled_back": applied,
-        "approve_failed": approve_failed,
-        "reject_failed": approve_failed,
+        "prompt": (prompt_queued, SAME),
+        "approve": (decide, ("applying",)),
+        "reject": (decide, ("applying",)),
+        "cancel": (reply(replies.NOTHING_RUNNING_DECIDE), SAME),
+        "retry": (reply(replies.DECIDE_FIRST), SAME),
     },
     "applying": {
-        "prompt": prompt_queued,
-        "approve": reply(replies.ALREADY_APPLYING),
-        "reject": reply(replies.ALREADY_APPLYING),
-        "cancel": reply(replies.ALREADY_APPLYING),
-        "retry": reply(replies.ALREADY_APPLYING),
-        "progress": stale_progress,
-        "pr_opened": applied,
-        "rolled_back": applied,
-        "approve_failed": approve_failed,
-        "reject_failed": approve_failed,
+        "prompt": (prompt_queued, SAME),
+        "approve": (reply(replies.ALREADY_APPLYING), SAME),
+        "reject": (reply(replies.ALREADY_APPLYING), SAME),
+        "cancel": (check_applying, SAME),
+        "retry": (reply(replies.ALREADY_APPLYING), SAME),
     },
 }

@@ -21,6 +21,15 @@ from typing import Any
 
 import anyio
 
+from common.protocol import (
+    ProtocolError,
+    decode_answer,
+    decode_command,
+    decode_report,
+    encode_answer,
+    encode_command,
+    message_id_of,
+)
 from relay import replies, store
 from relay.conversation import Context, Conversation, apply
 from relay.events import (
@@ -32,9 +41,9 @@ from relay.events import (
     Event,
     ReportStatus,
     Send,
+    Stalled,
     Unreachable,
     parse_owner_text,
-    worker_event_from_json,
 )
 from relay.lanes import Lanes
 from relay.settings import Settings, mask_phone
@@ -53,13 +62,17 @@ def decode_event(data: dict[str, Any]) -> Event:
     if kind == "owner":
         return parse_owner_text(data["text"], data["message_id"])
     if kind == "delivered":
-        return Delivered(route=data["route"], message_id=data.get("message_id", ""))
+        return Delivered(route=data["route"], message_id=data.get("message_id", ""),
+                         answer=decode_answer(data.get("answer")))
     if kind == "unreachable":
         return Unreachable(route=data["route"], message_id=data.get("message_id", ""), reason=data.get("reason", ""),
-                           refused=bool(data.get("refused")))
+                           refused=bool(data.get("refused")), answer=decode_answer(data.get("answer")),
+                           asleep=bool(data.get("asleep")))
     if kind == "approval_expired":
         return ApprovalExpired(deadline=data["deadline"])
-    return worker_event_from_json(data)[0]
+    if kind == "stalled":
+        return Stalled(check_at=data["check_at"])
+    return decode_report(data)
 
 
 @dataclass
@@ -68,7 +81,7 @@ class Outcome:
     calls: bool = False
 
 
-def process_next(conn: sqlite3.Connection, phone: str, now: float, approval_timeout_s: float) -> Outcome | None:
+def process_next(conn: sqlite3.Connection, phone: str, ctx: Context) -> Outcome | None:
     """Handle the oldest unhandled event of one phone, atomically; None when there is none."""
     with store.transaction(conn):
         item = store.next_inbox(conn, phone)
@@ -78,7 +91,7 @@ def process_next(conn: sqlite3.Connection, phone: str, now: float, approval_time
         conv = store.load_conversation(conn, phone)
         before = conv.state
         try:
-            conv, effects = apply(conv, decode_event(data), Context(now, approval_timeout_s))
+            conv, effects = apply(conv, decode_event(data), ctx)
         except Exception:
             # A poison event must not block the owner's lane forever: log it and move on.
             logger.exception("could not handle inbox event %s of type %r", inbox_id, data.get("type"))
@@ -88,9 +101,9 @@ def process_next(conn: sqlite3.Connection, phone: str, now: float, approval_time
         logger.info("%s: %s, %s -> %s", mask_phone(phone), data.get("type"), before, conv.state)
         outcome = Outcome()
         for effect in effects:
-            _record(conn, conv, effect, now, outcome)
-        store.save_conversation(conn, conv, now)
-        store.mark_handled(conn, inbox_id, now)
+            _record(conn, conv, effect, ctx.now, outcome)
+        store.save_conversation(conn, conv, ctx.now)
+        store.mark_handled(conn, inbox_id, ctx.now)
     return outcome
 
 
@@ -104,7 +117,8 @@ def _record(conn: sqlite3.Connection, conv: Conversation, effect: Effect, now: f
             store.enqueue_send(conn, conv.phone, part, list(effect.media) if i == len(parts) - 1 else [], now)
         outcome.sends = True
     elif isinstance(effect, CallWorker):
-        store.enqueue_worker_call(conn, conv.phone, effect.route, effect.payload, now)
+        command = effect.command
+        store.enqueue_worker_call(conn, conv.phone, command.route, encode_command(command), now, effect.mode)
         outcome.calls = True
     elif isinstance(effect, DropCommand):
         store.drop_command(conn, conv.phone, effect.message_id)
@@ -156,7 +170,7 @@ class Dispatcher:
         for phone in outbox_phones:
             self.outbox.notify(phone)
         self.calls.notify(WORKER_LANE)
-        tg.start_soon(self._approval_timer, name="approval-timer")
+        tg.start_soon(self._timers, name="timers")
 
     @property
     def busy(self) -> bool:
@@ -165,7 +179,8 @@ class Dispatcher:
     # --- inbox ----------------------------------------------------------------------
 
     async def _inbox_step(self, phone: str) -> float | None:
-        outcome = await self.db.run(process_next, phone, self.clock(), self.settings.approval_timeout_s)
+        ctx = Context(self.clock(), self.settings.approval_timeout_s, self.settings.stall_check_s)
+        outcome = await self.db.run(process_next, phone, ctx)
         if outcome is None:
             return None
         if outcome.sends:
@@ -223,15 +238,28 @@ class Dispatcher:
         if not pending:
             return None
         call = pending[0]
-        message_id = call.payload.get("message_id", "")
-        result = None if known_asleep else await self.worker.call(call.route, call.payload)
+        try:
+            command = decode_command(call.route, call.payload)
+        except ProtocolError as exc:  # a row no version of this relay could send: say so, go on
+            await self._call_done(call, Unreachable(call.route, call.payload.get("message_id", ""), str(exc),
+                                                    refused=True))
+            return 0
+        message_id = message_id_of(command)
+        if known_asleep and call.mode != "wake":
+            # The worker said goodnight, so it holds no run for anyone: no need to wake it.
+            await self._call_done(call, Unreachable(call.route, message_id, "asleep", asleep=True))
+            return 0
+        result = None if known_asleep else await self.worker.call(command)
         if result is not None and result.delivered:
             self._failed_while_up = 0
-            await self._call_done(call, Delivered(route=call.route, message_id=message_id))
-        elif result is not None and (not result.asleep or self._failed_while_up >= MAX_FAILS_WHILE_UP):
-            # Refused outright, or the worker answers /health yet keeps failing this call.
+            await self._call_done(call, Delivered(call.route, message_id, result.answer))
+        elif result is not None and (not result.asleep or self._failed_while_up >= MAX_FAILS_WHILE_UP
+                                     or call.mode == "probe"):
+            # Refused outright, a probe that found no one, or a worker that answers /health yet
+            # keeps failing this call.
             self._failed_while_up = 0
-            await self._call_done(call, Unreachable(call.route, message_id, result.reason, refused=not result.asleep))
+            await self._call_done(call, Unreachable(call.route, message_id, result.reason, refused=not result.asleep,
+                                                    answer=result.answer))
         elif not await self._wake(pending, known_asleep=known_asleep):
             return None
         return 0
@@ -257,7 +285,7 @@ class Dispatcher:
             return True
         self._waking = set()
         try:
-            for phone in dict.fromkeys(call.phone for call in pending):
+            for phone in dict.fromkeys(call.phone for call in pending if call.mode != "probe"):
                 await self._tell_waking(phone)
             logger.info("worker unreachable; polling /health for up to %.0f s", self.settings.wake_timeout_s)
             woke = await self.worker.wait_until_healthy(self.settings.wake_timeout_s)
@@ -273,11 +301,16 @@ class Dispatcher:
 
     # --- timers ---------------------------------------------------------------------
 
-    async def _approval_timer(self) -> None:
+    async def _timers(self) -> None:
+        """Approval windows that closed, and runs silent long enough to ask the worker about."""
         while True:
-            for phone, deadline in await self.db.run(store.expired_approvals, self.clock()):
-                event = {"type": "approval_expired", "deadline": deadline}
-                if await self.db.run(store.insert_inbox, phone, f"expire:{phone}:{deadline!r}", event, self.clock()):
+            now = self.clock()
+            due = [(phone, f"expire:{phone}:{deadline!r}", {"type": "approval_expired", "deadline": deadline})
+                   for phone, deadline in await self.db.run(store.expired_approvals, now)]
+            due += [(phone, f"stall:{phone}:{check_at!r}", {"type": "stalled", "check_at": check_at})
+                    for phone, check_at in await self.db.run(store.stalled_runs, now)]
+            for phone, key, event in due:
+                if await self.db.run(store.insert_inbox, phone, key, event, now):
                     self.inbox.notify(phone)
             await anyio.sleep(0.5)
 
@@ -298,8 +331,10 @@ def _finish_call(conn: sqlite3.Connection, call: store.WorkerCall, status: str, 
         if not was_pending and status != "delivered":
             return False
         data: dict[str, Any] = {"type": event.kind, "route": event.route, "message_id": event.message_id}
+        if event.answer is not None:
+            data["answer"] = encode_answer(event.answer)
         if isinstance(event, Unreachable):
-            data["reason"], data["refused"] = event.reason, event.refused
+            data["reason"], data["refused"], data["asleep"] = event.reason, event.refused, event.asleep
         else:
             store.worker_seen(conn, now)
         store.insert_inbox(conn, call.phone, f"call:{call.id}:{status}", data, now)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from common.protocol import Report
 from common.visible import clip_path, visible
-from relay.events import WorkerEvent
 
 HELP = (
     "🤖 *textslash* drives Claude Code on your VM.\n"
@@ -33,6 +33,7 @@ RETRYING = "🔁 Sending your prompt again."
 NEW_SESSION = "🆕 Your next prompt starts a fresh agent session."
 DECIDE_AGAIN = " Your changes are still waiting: *approve* or *reject* again."
 KEPT = " Your prompt is kept: send *retry* to resend it."
+QUEUED_BEHIND = " Your prompt is queued and starts after that."
 APPLYING = {
     "approve": "🚀 Approved: pushing a branch and opening a pull request...",
     "reject": "↩️ Rejected: rolling the changes back...",
@@ -57,11 +58,44 @@ def cancelled_before_start(dropped: int) -> str:
     return "🛑 Cancelled before it reached the VM." + _dropped(dropped)
 
 
+def sending_kept_first(queued_count: int) -> str:
+    return (f"🔁 Sending your kept prompt first; this one is queued (#{queued_count}) "
+            "and starts when the kept one ends.")
+
+
+def dropped_waiting(count: int) -> str:
+    return f"🛑 Dropped {count} prompt{'s' if count != 1 else ''} that never reached the VM."
+
+
+def queue_waits(count: int) -> str:
+    if not count:
+        return ""
+    return f" {count} queued prompt{'s' if count != 1 else ''} wait{'s' if count == 1 else ''} behind it."
+
+
+def run_gone(state: str) -> str:
+    """The worker holds nothing of what the conversation believed (a restart, a lost report)."""
+    if state == "working":
+        return ("⚠️ The VM has no run going for you any more (it may have restarted). "
+                "Send the prompt again if you need it.")
+    return "⚠️ The VM no longer holds those changes; there is nothing to decide."
+
+
+def adopted_run(prompt: str) -> str:
+    return f"🤖 The VM is working on “{_clip(prompt, 80)}”; *cancel* stops it."
+
+
+def adopted_changes(prompt: str, window_s: float) -> str:
+    return (f"📝 Changes from “{_clip(prompt, 80)}” wait on the VM: reply *approve* to open a pull request "
+            f"or *reject* to roll back (within {_duration(window_s)}).")
+
+
 def _dropped(count: int) -> str:
     return f" Dropped {count} queued prompt{'s' if count != 1 else ''}." if count else ""
 
 
-def finished(event: WorkerEvent) -> str:
+def finished(event: Report, *, shown: bool) -> str:
+    """The run's end. `shown`: the approval request for its changes came first."""
     if event.type == "cancelled":
         head = "🛑 Run cancelled."
     elif event.type == "error":
@@ -69,11 +103,13 @@ def finished(event: WorkerEvent) -> str:
     else:
         head = "✅ Done" + _cost(event)
     body = event.text if event.type == "answer" and event.text else ""
-    tail = "\n\nThe run left changes; the diff follows." if event.changes else ""
+    tail = ""
+    if event.changes:
+        tail = "\n\n👆 Its changes are above: *approve* or *reject*." if shown else "\n\nThe run left changes."
     return f"{head}\n\n{body}".strip() + tail
 
 
-def _cost(event: WorkerEvent) -> str:
+def _cost(event: Report) -> str:
     parts = []
     if event.duration_ms is not None:
         parts.append(f"{event.duration_ms / 1000:.1f} s")
@@ -86,7 +122,7 @@ LISTED_FILES = 30  # a phone message names this many; the count says how many in
 MESSAGE_LIMIT = 1600  # WhatsApp's, per message (relay/twilio.py splits anything longer)
 
 
-def approval_request(event: WorkerEvent, window_s: float) -> str:
+def approval_request(event: Report, window_s: float) -> str:
     """One WhatsApp message, however big the change: the files first (at most LISTED_FILES that
     fit, names cut to their ends, and how many more), then as much of the diff excerpt as still
     fits (the picture has more)."""
@@ -121,14 +157,21 @@ def _cut_at_line(text: str, limit: int) -> str:
     return f"{cut.rsplit(chr(10), 1)[0]}\n…" if "\n" in cut else ""
 
 
-def applied(event: WorkerEvent) -> str:
+def applied(event: Report) -> str:
     if event.type == "pr_opened":
         done = f"✅ Pull request opened: {event.url}" if event.url else f"✅ Pushed branch {event.text or ''}".rstrip()
         return done + left_out(event)
-    return "↩️ Rolled back: the checkout is as it was before the run."
+    done = "↩️ Rolled back: the checkout is as it was before the run."
+    count = max(event.left_out_count, len(event.left_out))
+    if not count:
+        return done
+    more = f" and {count - len(event.left_out)} more" if count > len(event.left_out) else ""
+    names = ", ".join(clip_path(visible(p)) for p in event.left_out)
+    return (f"↩️ Rolled back, except {names}{more}: the run left {'it' if count == 1 else 'them'} "
+            "and it could not be removed, even with its permissions fixed.")
 
 
-def left_out(event: WorkerEvent) -> str:
+def left_out(event: Report) -> str:
     """Files that changed after the owner saw the diff: committed as shown, these stayed behind."""
     count = max(event.left_out_count, len(event.left_out))
     if not count:
@@ -149,10 +192,10 @@ def refused(reason: str) -> str:
     return f"⚠️ The VM said no: {reason or 'no reason given'}."
 
 
-def never_woke(reason: str, *, kept: bool) -> str:
+def never_woke(reason: str, *, kept: bool = True) -> str:
     why = f" ({reason})" if reason else ""
     if kept:
-        return f"😴 Your VM did not wake up{why}. Your prompt is kept: send *retry* to resend it."
+        return f"😴 Your VM did not wake up{why}."
     return f"😴 Your VM could not be reached{why}."
 
 

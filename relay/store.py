@@ -54,8 +54,9 @@ CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (phone, id) WHERE status = '
 CREATE TABLE IF NOT EXISTS worker_calls (
     id INTEGER PRIMARY KEY,
     phone TEXT NOT NULL,
-    route TEXT NOT NULL,                  -- command | screenshot | approve | reject | cancel
-    payload TEXT NOT NULL,
+    route TEXT NOT NULL,                  -- command | screenshot | approve | reject | cancel | status
+    payload TEXT NOT NULL,                -- the command as common/protocol.py encodes it
+    mode TEXT NOT NULL DEFAULT 'wake',    -- wake | if_awake | probe (relay/events.py CallWorker)
     status TEXT NOT NULL DEFAULT 'pending',  -- pending | delivered | failed | dropped
     created_at REAL NOT NULL,
     error TEXT
@@ -89,6 +90,7 @@ class Database:
         self.conn.execute("PRAGMA synchronous=NORMAL")
         self.conn.execute("PRAGMA busy_timeout=5000")
         self.conn.executescript(SCHEMA)
+        _migrate(self.conn)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn(conn, *args)` right here, on the event loop, then let others run.
@@ -104,6 +106,13 @@ class Database:
 
     def close(self) -> None:
         self.conn.close()
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Columns added after a database was first made (CREATE TABLE IF NOT EXISTS skips them)."""
+    columns = {row["name"] for row in conn.execute("PRAGMA table_info(worker_calls)")}
+    if "mode" not in columns:
+        conn.execute("ALTER TABLE worker_calls ADD COLUMN mode TEXT NOT NULL DEFAULT 'wake'")
 
 
 @contextmanager
@@ -168,6 +177,15 @@ def save_conversation(conn: sqlite3.Connection, conv: Conversation, now: float) 
         "approval_deadline = excluded.approval_deadline, updated_at = excluded.updated_at",
         (conv.phone, conv.state, json.dumps(conv.to_json()), conv.approval_deadline, now),
     )
+
+
+def stalled_runs(conn: sqlite3.Connection, now: float) -> list[tuple[str, float]]:
+    """Conversations whose run has been silent past its check time (see conversation._watch)."""
+    rows = conn.execute(
+        "SELECT phone, json_extract(data, '$.check_at') AS check_at FROM conversations "
+        "WHERE state IN ('working', 'applying') AND check_at <= ?", (now,)
+    ).fetchall()
+    return [(r["phone"], r["check_at"]) for r in rows]
 
 
 def expired_approvals(conn: sqlite3.Connection, now: float) -> list[tuple[str, float]]:
@@ -251,18 +269,20 @@ class WorkerCall:
     phone: str
     route: str
     payload: dict[str, Any]
+    mode: str = "wake"
 
 
-def enqueue_worker_call(conn: sqlite3.Connection, phone: str, route: str, payload: dict[str, Any], now: float) -> None:
+def enqueue_worker_call(conn: sqlite3.Connection, phone: str, route: str, payload: dict[str, Any], now: float,
+                        mode: str = "wake") -> None:
     conn.execute(
-        "INSERT INTO worker_calls (phone, route, payload, created_at) VALUES (?, ?, ?, ?)",
-        (phone, route, json.dumps(payload), now),
+        "INSERT INTO worker_calls (phone, route, payload, created_at, mode) VALUES (?, ?, ?, ?, ?)",
+        (phone, route, json.dumps(payload), now, mode),
     )
 
 
 def pending_worker_calls(conn: sqlite3.Connection) -> list[WorkerCall]:
     rows = conn.execute("SELECT * FROM worker_calls WHERE status = 'pending' ORDER BY id").fetchall()
-    return [WorkerCall(r["id"], r["phone"], r["route"], json.loads(r["payload"])) for r in rows]
+    return [WorkerCall(r["id"], r["phone"], r["route"], json.loads(r["payload"]), r["mode"]) for r in rows]
 
 
 def finish_worker_call(conn: sqlite3.Connection, call_id: int, status: str, error: str = "") -> bool:

@@ -9,27 +9,27 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
 
 import anyio
 import httpx
 
+from common.protocol import Answer, Command, decode_answer, encode_command
+
 logger = logging.getLogger(__name__)
 
-# Routes the relay calls on the worker; a screenshot travels as a command the worker parses.
-WORKER_PATHS = {"command": "/command", "screenshot": "/command", "approve": "/approve", "reject": "/reject",
-                "cancel": "/cancel"}
 # Statuses that mean "the worker is not there yet" (Fly's proxy while the Machine starts).
 ASLEEP_STATUS = frozenset({502, 503, 504})
 
 
 @dataclass(frozen=True)
 class CallResult:
-    """`delivered`; or `asleep` (try waking it); or neither: the worker refused the call."""
+    """`delivered`; or `asleep` (try waking it); or neither: the worker refused the call.
+    `answer` is where the owner's run stands, when the worker said."""
 
     delivered: bool = False
     asleep: bool = False
     reason: str = ""
+    answer: Answer | None = None
 
 
 class WorkerClient:
@@ -41,17 +41,18 @@ class WorkerClient:
         self._call_timeout = httpx.Timeout(call_timeout, connect=min(1.0, call_timeout))
         self._poll_timeout = httpx.Timeout(poll_timeout)
 
-    async def call(self, route: str, payload: dict[str, Any]) -> CallResult:
+    async def call(self, command: Command) -> CallResult:
         try:
-            response = await self._http.post(self._base + WORKER_PATHS[route], json=payload,
+            response = await self._http.post(f"{self._base}/{command.route}", json=encode_command(command),
                                              headers=self._headers, timeout=self._call_timeout)
         except (httpx.TransportError, OSError) as exc:
             return CallResult(asleep=True, reason=type(exc).__name__)
-        if response.status_code < 300:
-            return CallResult(delivered=True)
         if response.status_code in ASLEEP_STATUS:
             return CallResult(asleep=True, reason=f"HTTP {response.status_code}")
-        return CallResult(reason=_detail(response))
+        answer = decode_answer(_json(response))
+        if response.status_code < 300:
+            return CallResult(delivered=True, answer=answer)
+        return CallResult(reason=_detail(response), answer=answer)
 
     async def healthy(self) -> bool:
         try:
@@ -81,9 +82,14 @@ class WorkerClient:
         return response.content
 
 
-def _detail(response: httpx.Response) -> str:
+def _json(response: httpx.Response) -> object:
     try:
-        detail = response.json().get("detail")
-    except (ValueError, AttributeError):
-        detail = None
+        return response.json()
+    except ValueError:
+        return None
+
+
+def _detail(response: httpx.Response) -> str:
+    body = _json(response)
+    detail = body.get("detail") if isinstance(body, dict) else None
     return str(detail or f"the VM answered HTTP {response.status_code}")[:300]

@@ -42,7 +42,7 @@ async def test_progress_answer_approval_and_pr(stack: Stack) -> None:
 
     await stack.send("Approve")
     await wait_for(lambda: "/approve" in stack.worker.paths(), what="approve call")
-    assert stack.worker.calls[-1].body == {"phone": OWNER}
+    assert stack.worker.calls[-1].body == {"v": 1, "phone": OWNER}
     await stack.report("pr_opened", run_id=run_id, url="https://github.com/o/r/pull/7")
     await wait_for(lambda: any("pull/7" in b for b in stack.twilio.bodies(OWNER)), what="PR link")
 
@@ -92,8 +92,8 @@ async def test_status_says_what_runs_what_waits_and_the_vm(stack: Stack) -> None
 
 async def test_screenshot_goes_to_the_worker_and_the_image_comes_back(stack: Stack) -> None:
     await stack.send("screenshot localhost:8000/app")
-    commands = await wait_for(stack.worker.commands)
-    assert commands[0]["text"] == "screenshot http://localhost:8000/app"
+    calls = await wait_for(lambda: [c.body for c in stack.worker.calls if c.path == "/screenshot"])
+    assert calls[0]["url"] == "http://localhost:8000/app" and not stack.worker.commands()
     stack.worker.images[IMAGE] = PNG
     await stack.report("notice", run_id="shot-1", text="📸 http://localhost:8000/app", images=[IMAGE])
     sent = await wait_for(lambda: [m for m in stack.twilio.messages if m.media])
@@ -133,7 +133,8 @@ async def test_approval_window_expires_into_a_reject(tmp_path: Path) -> None:
 
 async def test_worker_refusing_a_call_is_told_to_the_owner(stack: Stack) -> None:
     stack.worker.answer_status = 409
-    await stack.send("approve")  # idle: nothing to approve, the relay answers itself
+    await stack.send("approve")  # idle: the worker says it holds nothing either
+    await wait_for(lambda: stack.twilio.bodies(OWNER), what="the answer to approve")
     await stack.send("do something")
     await wait_for(lambda: any("scripted refusal" in b for b in stack.twilio.bodies(OWNER)), what="refusal")
     assert stack.twilio.bodies(OWNER)[0] == "Nothing is waiting for approval."
@@ -151,7 +152,6 @@ async def test_callback_needs_the_worker_token(stack: Stack, headers: dict[str, 
 
 
 @pytest.mark.parametrize("body", [
-    pytest.param(b"not json", id="not-json"),
     pytest.param(b"[]", id="array"),
     pytest.param(b'{"type": "explode", "run_id": "r", "seq": 1}', id="unknown-type"),
     pytest.param(b'{"type": "progress", "seq": 1}', id="no-run-id"),
@@ -163,6 +163,12 @@ async def test_malformed_callbacks_get_a_422(stack: Stack, body: bytes) -> None:
     headers = {"Authorization": f"Bearer {WORKER_TOKEN}", "content-type": "application/json"}
     response = await stack.http.post(f"{stack.url}/callback/{OWNER}", content=body, headers=headers)
     assert response.status_code == 422
+
+
+async def test_a_callback_that_is_not_json_gets_a_400(stack: Stack) -> None:
+    headers = {"Authorization": f"Bearer {WORKER_TOKEN}", "content-type": "application/json"}
+    response = await stack.http.post(f"{stack.url}/callback/{OWNER}", content=b"not json", headers=headers)
+    assert response.status_code == 400 and response.json() == {"detail": "body must be JSON"}
 
 
 async def test_repeated_callback_is_shown_once(stack: Stack) -> None:
@@ -189,14 +195,14 @@ def test_cached_images_are_pruned_after_two_days(tmp_path: Path) -> None:
     import os
     import time
 
-    from relay.app import prune_images
+    from relay.images import ImageCache
 
     old, fresh = tmp_path / ("o" * 20 + ".png"), tmp_path / ("f" * 20 + ".png")
     old.write_bytes(PNG)
     fresh.write_bytes(PNG)
     three_days_ago = time.time() - 3 * 24 * 3600
     os.utime(old, (three_days_ago, three_days_ago))
-    assert prune_images(tmp_path, time.time()) == 1
+    assert ImageCache(tmp_path, None).prune(time.time()) == 1  # type: ignore[arg-type]
     assert not old.exists() and fresh.exists()
 
 
@@ -229,11 +235,11 @@ def test_finished_rows_are_pruned_after_the_retention_and_pending_work_never(tmp
 
 
 def test_an_approval_of_many_long_names_is_one_message_that_keeps_their_ends() -> None:
-    from relay.events import WorkerEvent
+    from common.protocol import Report
     from relay.replies import approval_request
 
     files = tuple((f"{'deep/' * 60}file{i}.py", 3, 1, False) for i in range(40))
-    event = WorkerEvent("approval_required", "run-1", files=files, files_count=2000, diff="@@ -1 +1 @@\n" * 200)
+    event = Report("approval_required", "run-1", files=files, files_count=2000, diff="@@ -1 +1 @@\n" * 200)
     text = approval_request(event, 1800)
     assert len(text) <= 1600 and text.startswith("📝 2000 files changed:")
     assert "file0.py +3 −1" in text and "more" in text and "deep/deep/" in text
@@ -243,10 +249,10 @@ def test_an_approval_of_many_long_names_is_one_message_that_keeps_their_ends() -
 
 
 def test_an_approval_names_what_reject_cannot_bring_back() -> None:
-    from relay.events import worker_event_from_json
+    from common.protocol import decode_report
     from relay.replies import approval_request
 
-    event, _ = worker_event_from_json({"type": "approval_required", "run_id": "r", "seq": 1, "files_count": 1,
+    event = decode_report({"type": "approval_required", "run_id": "r", "seq": 1, "files_count": 1,
                                        "files": [{"path": "a.py", "added": 1, "removed": 0}],
                                        "uncovered": ["node_modules/", ".venv/"]})
     text = approval_request(event, 1800)

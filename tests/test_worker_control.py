@@ -50,7 +50,7 @@ async def test_cancel_during_a_long_bash_call_ends_every_process_of_the_run(work
     await wait_for(lambda: len(pids_with(marker)) >= 2, RUN_TIMEOUT, "the long Bash call to start")
     asked = time.monotonic()
     response = await worker.decide("cancel")
-    assert response.status_code == 202 and response.json()["cancelling"] is True
+    assert response.status_code == 202 and response.json()["state"] == "cancelling"
     await wait_for(lambda: not pids_with(marker), 5.0, "every process of the run to end")
     assert time.monotonic() - asked < 5.0
     cancelled = await wait_for(lambda: worker.relay.of_type("cancelled"), 10, "cancelled report")
@@ -59,11 +59,11 @@ async def test_cancel_during_a_long_bash_call_ends_every_process_of_the_run(work
     approval = await wait_for(lambda: worker.relay.of_type("approval_required"), 20, "approval")
     assert [f["path"] for f in approval[0]["files"]] == ["partial.txt"]
     again = await worker.decide("cancel")
-    assert again.status_code == 200 and again.json()["cancelling"] is False
+    assert again.status_code == 200 and again.json()["state"] == "awaiting_approval"
 
 
 async def test_owner_screenshot_of_a_local_page(worker: WorkerStack) -> None:
-    await worker.command(f"screenshot {worker.url}/test-app")
+    await worker.screenshot(f"{worker.url}/test-app")
     notice = await wait_for(lambda: worker.relay.of_type("notice"), 30, "screenshot notice")
     name = notice[0]["images"][0]
     image = await worker.http.get(f"{worker.url}/images/{name}", headers=AUTH)
@@ -72,7 +72,7 @@ async def test_owner_screenshot_of_a_local_page(worker: WorkerStack) -> None:
 
 
 async def test_a_screenshot_that_fails_says_why(worker: WorkerStack) -> None:
-    await worker.command("screenshot http://127.0.0.1:9/nothing-listens-here")
+    await worker.screenshot("http://127.0.0.1:9/nothing-listens-here")
     notice = await wait_for(lambda: worker.relay.of_type("notice"), 30, "failure notice")
     assert "Could not capture" in notice[0]["text"] and not notice[0].get("images")
 
@@ -135,7 +135,7 @@ async def test_a_second_command_with_the_same_message_id_is_a_no_op(worker: Work
     message_id = new_message_id()
     await worker.command("only once", message_id=message_id)
     again = await worker.post("command", {"phone": OWNER, "text": "only once", "message_id": message_id})
-    assert again.status_code == 200 and again.json()["duplicate"] is True
+    assert again.status_code == 200 and again.json()["run_id"] in ("", message_id)
     await wait_for(lambda: worker.relay.of_type("answer"), RUN_TIMEOUT)
     assert len([r for r in worker.anthropic.requests if "only once" in str(r["messages"])]) == 1
 

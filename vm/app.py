@@ -2,22 +2,31 @@
 
 from __future__ import annotations
 
-import hmac
-import json
 import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import anyio
 from starlette.applications import Starlette
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from common.config import E164
+from common.http import Problem, bearer_ok, error, read_json_object
+from common.protocol import (
+    OwnerCall,
+    ProtocolError,
+    Report,
+    RunPrompt,
+    TakeScreenshot,
+    decode_command,
+    encode_answer,
+    encode_report,
+)
 from vm.agent import Agent
 from vm.browser import BrowserPool
 from vm.callbacks import CallbackSender
@@ -25,9 +34,9 @@ from vm.github import GitHub
 from vm.idle import IdleWatch
 from vm.images import ImageStore
 from vm.lazy_http import LazyHTTP
-from vm.runs import IllegalRunTransition
 from vm.sandbox import Sandbox, agent_may_inherit
 from vm.settings import Settings
+from vm.supervisor import Supervisor
 from vm.worker import Reply, Worker
 
 if TYPE_CHECKING:
@@ -46,10 +55,14 @@ li{padding:8px 0;border-bottom:1px solid #eaeef2;list-style:none}.done{color:#57
 <li>Approve the pull request</li></ul><p>textslash took this screenshot with Playwright.</p></main></body></html>"""
 
 
-class BadRequest(Exception):
-    def __init__(self, status: int, detail: str) -> None:
-        super().__init__(detail)
-        self.status, self.detail = status, detail
+@dataclass(frozen=True)
+class Services:
+    """What the lifespan builds and the routes use."""
+
+    worker: Worker
+    watch: IdleWatch
+    images: ImageStore
+    supervisor: Supervisor
 
 
 def create_app(settings: Settings, *, agent: Agent | None = None, http: httpx.AsyncClient | None = None,
@@ -59,9 +72,15 @@ def create_app(settings: Settings, *, agent: Agent | None = None, http: httpx.As
     # `python -m vm` drops every variable the agent may not inherit before this runs; blanking
     # any that are still there keeps an app made some other way (a test) just as safe.
     env = {name: "" for name in os.environ if not agent_may_inherit(name)}
+    services: Services | None = None
+
+    def live() -> Services:
+        assert services is not None, "the lifespan has not started"
+        return services
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        nonlocal services
         client = LazyHTTP(http)
         callbacks = CallbackSender(settings.state_dir / "outbox", settings.relay_callback_url, settings.worker_token,
                                    client)
@@ -84,13 +103,16 @@ def create_app(settings: Settings, *, agent: Agent | None = None, http: httpx.As
                     await result
 
         watch = IdleWatch(settings.idle_timeout_s, busy=lambda: worker.busy, on_idle=idle)
-        app.state.worker, app.state.watch, app.state.images = worker, watch, images
+        supervisor = Supervisor()
+        services = Services(worker, watch, images, supervisor)
         try:
             async with anyio.create_task_group() as tg:
+                # Each loop outlives its failures (vm/supervisor.py): one bad spool file or one
+                # full disk must not leave a worker that answers /health and does nothing else.
                 tg.start_soon(client.build)
-                tg.start_soon(callbacks.run)
-                tg.start_soon(watch.run)
-                tg.start_soon(_expire_images, images)
+                tg.start_soon(supervisor.keep, "the callback sender", callbacks.run)
+                tg.start_soon(supervisor.keep, "the idle timer", watch.run)
+                tg.start_soon(supervisor.keep, "image expiry", lambda: _expire_images(images))
                 browser.start(tg)
                 await worker.start(tg)
                 yield
@@ -103,52 +125,64 @@ def create_app(settings: Settings, *, agent: Agent | None = None, http: httpx.As
                 await client.aclose()
 
     async def health(request: Request) -> JSONResponse:
-        worker: Worker = request.app.state.worker
-        return JSONResponse({"status": "ok", "deployed_sha": settings.deployed_sha,
-                             "uptime_s": round(time.monotonic() - started, 3), "busy": worker.busy})
+        """200 while the worker can serve; 503 while it goes to sleep or something keeps failing,
+        so Fly's checks and the relay see a worker that would not do what it is asked."""
+        running = live()
+        problems = [*running.worker.problems, *running.supervisor.problems]
+        if running.watch.closing:
+            problems.append("going to sleep")
+        body: dict[str, object] = {"status": "failing" if problems else "ok", "deployed_sha": settings.deployed_sha,
+                "uptime_s": round(time.monotonic() - started, 3), "busy": running.worker.busy}
+        if problems:
+            body["problems"] = problems
+        return JSONResponse(body, status_code=503 if problems else 200)
 
-    def authed(handler: Callable[[Request, dict[str, Any]], Awaitable[Reply] | Reply]) -> Any:
+    Endpoint = Callable[[Request], Awaitable[Response]]
+
+    def authed(route: str, handler: Callable[..., Awaitable[Reply] | Reply]) -> Endpoint:
         async def endpoint(request: Request) -> Response:
-            if not _bearer_ok(request, settings.worker_token):
-                return _error(401, "missing or wrong bearer token")
-            request.app.state.watch.touch()
+            if not bearer_ok(request, settings.worker_token):
+                return error(401, "missing or wrong bearer token")
+            running = live()
+            running.watch.touch()
             try:
-                body = await _json_body(request)
-                result = handler(request, body)
+                command = decode_command(route, await read_json_object(request, MAX_BODY))
+                if running.watch.closing:
+                    # Decided to sleep: refuse, so nothing is accepted and then dropped by the exit.
+                    return error(503, "the VM is going to sleep; wake it again")
+                result = handler(command)
                 reply = await result if not isinstance(result, Reply) else result
-            except BadRequest as exc:
-                return _error(exc.status, exc.detail)
-            except IllegalRunTransition as exc:
-                return _error(409, str(exc))
+            except Problem as exc:
+                return error(exc.status, exc.detail)
+            except ProtocolError as exc:
+                return error(422, str(exc))
+            except OSError as exc:  # the state could not be written: nothing was accepted
+                logger.exception("%s could not be recorded", route)
+                return error(503, f"the VM cannot write its state ({exc.strerror or type(exc).__name__})")
             # Instead of uvicorn's access log, which would also print image names (capabilities).
             logger.info("%s %s -> %d", request.method, request.url.path, reply.status)
-            return JSONResponse(reply.body, status_code=reply.status)
+            return JSONResponse(encode_answer(reply.answer), status_code=reply.status)
         return endpoint
 
-    def command(request: Request, body: dict[str, Any]) -> Reply:
-        phone, text, message_id = _phone(body), body.get("text"), body.get("message_id")
-        if not isinstance(text, str) or not text.strip():
-            raise BadRequest(422, "text must be a non-empty string")
-        if not isinstance(message_id, str) or not 0 < len(message_id) <= 100:
-            raise BadRequest(422, "message_id must be a non-empty string")
-        worker: Worker = request.app.state.worker
-        return worker.command(phone, text, message_id, new_session=body.get("new_session") is True)
+    def run(command: RunPrompt) -> Reply:
+        return live().worker.command(command)
 
-    def approve(request: Request, body: dict[str, Any]) -> Reply:
-        return request.app.state.worker.approve(_phone(body))  # type: ignore[no-any-return]
+    def screenshot(command: TakeScreenshot) -> Reply:
+        return live().worker.screenshot(command)
 
-    def reject(request: Request, body: dict[str, Any]) -> Reply:
-        return request.app.state.worker.reject(_phone(body))  # type: ignore[no-any-return]
-
-    async def cancel(request: Request, body: dict[str, Any]) -> Reply:
-        return await request.app.state.worker.cancel(_phone(body))  # type: ignore[no-any-return]
+    def owner_call(command: OwnerCall) -> Awaitable[Reply] | Reply:
+        worker = live().worker
+        calls: dict[str, Callable[[str], Awaitable[Reply] | Reply]] = {
+            "approve": worker.approve, "reject": worker.reject, "cancel": worker.cancel, "status": worker.status,
+        }
+        return calls[command.route](command.phone)
 
     async def image(request: Request) -> Response:
-        if not _bearer_ok(request, settings.worker_token):
-            return _error(401, "missing or wrong bearer token")
-        path = request.app.state.images.resolve(request.path_params["name"])
+        if not bearer_ok(request, settings.worker_token):
+            return error(401, "missing or wrong bearer token")
+        path = live().images.resolve(request.path_params["name"])
         if path is None:
-            return _error(404, "no such image")
+            return error(404, "no such image")
         return FileResponse(path, media_type="image/png")
 
     async def test_app(request: Request) -> Response:
@@ -156,10 +190,10 @@ def create_app(settings: Settings, *, agent: Agent | None = None, http: httpx.As
 
     routes = [
         Route("/health", health, methods=["GET"]),
-        Route("/command", authed(command), methods=["POST"]),
-        Route("/approve", authed(approve), methods=["POST"]),
-        Route("/reject", authed(reject), methods=["POST"]),
-        Route("/cancel", authed(cancel), methods=["POST"]),
+        Route("/command", authed("command", run), methods=["POST"]),
+        Route("/screenshot", authed("screenshot", screenshot), methods=["POST"]),
+        *[Route(f"/{name}", authed(name, owner_call), methods=["POST"])
+          for name in ("approve", "reject", "cancel", "status")],
         Route("/images/{name:path}", image, methods=["GET"]),
     ]
     if settings.enable_test_app:
@@ -167,41 +201,6 @@ def create_app(settings: Settings, *, agent: Agent | None = None, http: httpx.As
     app = Starlette(routes=routes, lifespan=lifespan)
     app.router.redirect_slashes = False  # a path either is a route or is a 404; never a redirect
     return app
-
-
-async def _json_body(request: Request) -> dict[str, Any]:
-    chunks, size = [], 0
-    try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > MAX_BODY:
-                raise BadRequest(413, "body too large")
-            chunks.append(chunk)
-    except ClientDisconnect:
-        raise BadRequest(400, "client disconnected") from None
-    try:
-        data = json.loads(b"".join(chunks).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        raise BadRequest(400, "body must be JSON") from None
-    if not isinstance(data, dict):
-        raise BadRequest(422, "body must be a JSON object")
-    return data
-
-
-def _phone(body: dict[str, Any]) -> str:
-    phone = body.get("phone")
-    if not isinstance(phone, str) or not E164.match(phone):
-        raise BadRequest(422, "phone must be an E.164 number like +15551234567")
-    return phone
-
-
-def _bearer_ok(request: Request, token: str) -> bool:
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(given.encode(), token.encode())
-
-
-def _error(status: int, detail: str) -> JSONResponse:
-    return JSONResponse({"detail": detail}, status_code=status)
 
 
 async def _expire_images(images: ImageStore) -> None:
@@ -222,7 +221,7 @@ async def _say_goodnight(lazy: LazyHTTP, settings: Settings, phones: list[str]) 
     client = await lazy.get()
     headers = {"Authorization": f"Bearer {settings.worker_token}"}
     for phone in phones[:1]:  # the relay keeps one state for the worker: one owner's route is enough
-        event = {"type": "sleeping", "run_id": "idle", "seq": time.time_ns()}
+        event = encode_report(Report("sleeping", "idle", seq=time.time_ns()))
         try:
             await client.post(f"{settings.relay_callback_url}/callback/{phone}", json=event, headers=headers,
                               timeout=2.0)

@@ -4,6 +4,11 @@ Fly's proxy counts only proxied requests as load, so its auto-stop would stop a 
 the middle of a run that outlived its 202. This timer knows better: it waits while a run or
 an approval is pending, and restarts on every authenticated request (not on /health, which
 Fly's checks call all the time).
+
+Going to sleep is a decision, not a race: `closing` turns true in the same step that finds
+the worker idle, with no await in between, and from then on every authenticated call is
+refused with 503 (the relay takes that for sleep and wakes the worker again). A call that
+came before the decision touched the timer, so the decision was not taken.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ class IdleWatch:
                  clock: Callable[[], float] = time.monotonic, tick_s: float = 0.25) -> None:
         self._timeout, self._busy, self._on_idle, self._clock, self._tick = timeout_s, busy, on_idle, clock, tick_s
         self._last = clock()
+        self.closing = False
 
     def touch(self) -> None:
         self._last = self._clock()
@@ -36,6 +42,7 @@ class IdleWatch:
             if self._busy():
                 self.touch()  # the countdown starts when the work ends, not before
             elif self.idle_for >= self._timeout:
+                self.closing = True
                 logger.info("idle for %.0f s with nothing pending: exiting so the Machine stops", self.idle_for)
                 await self._on_idle()
                 return

@@ -7,12 +7,12 @@ event about it is reported: a worker that restarts still knows what waits for ap
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-RunState = Literal["idle", "running", "cancelling", "awaiting_approval", "pushing", "rolling_back"]
+from common.files import set_aside, write_durably
+from common.protocol import RunState
 
 TRANSITIONS: dict[str, dict[str, str]] = {
     "idle": {"start": "running"},
@@ -81,17 +81,21 @@ class OwnerStore:
     def _path(self, phone: str) -> Path:
         return self.root / f"{phone.lstrip('+')}.json"
 
-    def load(self, phone: str) -> OwnerState:
-        path = self._path(phone)
-        if not path.exists():
-            return OwnerState(phone=phone)
-        return OwnerState(**json.loads(path.read_text()))
-
     def save(self, owner: OwnerState) -> None:
-        path = self._path(owner.phone)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(asdict(owner)))
-        os.replace(tmp, path)
+        write_durably(self._path(owner.phone), json.dumps(asdict(owner)).encode())
 
     def all(self) -> list[OwnerState]:
-        return [OwnerState(**json.loads(p.read_text())) for p in sorted(self.root.glob("*.json"))]
+        """Every owner on disk. A file that cannot be read is set aside (that owner starts
+        idle; their checkout is untouched) rather than keeping the worker from starting."""
+        owners = []
+        for path in sorted(self.root.glob("*.json")):
+            try:
+                data = json.loads(path.read_bytes())
+                owner = OwnerState(**data)
+                if owner.state not in TRANSITIONS or self._path(owner.phone) != path:
+                    raise ValueError(f"unexpected state {owner.state!r} or phone")
+            except (OSError, ValueError, TypeError) as exc:
+                set_aside(path, type(exc).__name__, "an owner's state file")
+                continue
+            owners.append(owner)
+        return owners

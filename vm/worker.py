@@ -1,7 +1,9 @@
 """What the worker does for each owner: runs, approval, cancel, screenshots, recovery.
 
 State changes happen on the event loop between awaits, so each is atomic; every one is saved
-to the owner's state file before anything about it is reported.
+to the owner's state file before anything about it is reported. Every task spawned for an
+owner is supervised: if it fails, that owner's run moves to a state they can leave (with
+the changes still offered where there are some) and is reported; nothing else is touched.
 """
 
 from __future__ import annotations
@@ -11,12 +13,13 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup
 
+from common.protocol import Answer, Report, RunPrompt, TakeScreenshot
 from common.visible import clip_path, visible
 from vm.agent import Agent, RunResult
 from vm.browser import BrowserPool, ScreenshotError
@@ -24,7 +27,7 @@ from vm.callbacks import CallbackSender
 from vm.diff_image import phone_excerpt, render_diff
 from vm.github import GitHub, GitHubError
 from vm.images import ImageStore
-from vm.runs import OwnerState, OwnerStore
+from vm.runs import IllegalRunTransition, OwnerState, OwnerStore
 from vm.sandbox import AgentSpace, Sandbox, SandboxError
 from vm.settings import Settings
 from vm.tools import tool_servers
@@ -35,10 +38,11 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Reply:
-    """What a route answers: 202 (accepted), 200 (nothing to do) or 409 (not now, and why)."""
+    """What a route answers: 202 (accepted), 200 (nothing to do) or 409 (not now, and why),
+    always with where the owner's run stands (common/protocol.py Answer)."""
 
     status: int
-    body: dict[str, Any]
+    answer: Answer
 
 
 @dataclass
@@ -58,6 +62,7 @@ class Worker:
     _side_tasks: int = 0
     _stopping: bool = False
     _store: OwnerStore = field(init=False)
+    _write_failure: str = ""  # why the last state or spool write failed; "" once one succeeds
 
     def __post_init__(self) -> None:
         self._store = OwnerStore(self.settings.state_dir / "owners")
@@ -68,7 +73,7 @@ class Worker:
     async def start(self, tg: TaskGroup) -> None:
         self._tg = tg
         for owner in list(self._owners.values()):
-            await _logged(self._recover, owner)
+            await self._supervised(owner.phone, self._recover, owner)
 
     @property
     def busy(self) -> bool:
@@ -89,68 +94,126 @@ class Worker:
     def _owner(self, phone: str) -> OwnerState:
         return self._owners.setdefault(phone, OwnerState(phone=phone))
 
-    def _save(self, owner: OwnerState) -> None:
-        self._store.save(owner)
+    @property
+    def problems(self) -> list[str]:
+        """Why the worker cannot serve right now (for /health); empty when it can."""
+        return [self._write_failure] if self._write_failure else []
 
-    def _report(self, phone: str, event: dict[str, Any]) -> None:
-        self.callbacks.report(phone, event)
+    def _save(self, owner: OwnerState) -> None:
+        self._written(self._store.save, owner)
+
+    def _report(self, phone: str, report: Report) -> None:
+        self._written(self.callbacks.report, phone, report)
+
+    def _written(self, write: Callable[..., None], *args: Any) -> None:
+        try:
+            write(*args)
+        except OSError as exc:  # a full or failing disk: /health says so until a write works again
+            self._write_failure = f"cannot write to the volume ({exc.strerror or type(exc).__name__})"
+            raise
+        self._write_failure = ""
+
+    def _answer(self, owner: OwnerState, status: int, detail: str = "") -> Reply:
+        run = owner.run_id if owner.state != "idle" else ""
+        return Reply(status, Answer(owner.state, run, owner.prompt[:200] if run else "", detail))
 
     def workspace(self, phone: str) -> Workspace:
         return Workspace(self.sandbox.checkout(phone), self.sandbox.git_dir(phone), self.settings.repo_url,
                          github_token=self.settings.github_token)
 
-    def _spawn(self, fn: Callable[..., Any], *args: Any) -> None:
+    def _spawn(self, phone: str, fn: Callable[..., Any], *args: Any) -> None:
         assert self._tg is not None, "worker not started"
-        self._tg.start_soon(_logged, fn, *args)
+        self._tg.start_soon(self._supervised, phone, fn, *args)
+
+    async def _supervised(self, phone: str, fn: Callable[..., Any], *args: Any) -> None:
+        """Run one owner's task. A failure stays with that owner: it is logged, their run moves
+        to a state they can leave, and they are told; the task group never sees it."""
+        try:
+            await fn(*args)
+        except Exception as exc:
+            logger.exception("%s failed", getattr(fn, "__name__", "a task"))
+            try:
+                self._rescue(self._owner(phone), exc)
+            except Exception:  # the disk that failed the task may fail this too: the log has it
+                logger.exception("could not record the failure of %s", getattr(fn, "__name__", "a task"))
+
+    def _rescue(self, owner: OwnerState, exc: Exception) -> None:
+        reason = f"the VM hit an unexpected error ({type(exc).__name__})"
+        if owner.state in ("running", "cancelling"):
+            # What the run wrote is still in the checkout: offered for a decision when a snapshot
+            # can bring it back, so reject restores and nothing is silently kept.
+            held = bool(owner.snapshot)
+            owner.fire("finished_with_changes" if held else "finished")
+            self._save(owner)
+            self._report(owner.phone, Report("error", owner.run_id, text=reason, changes=held))
+        elif owner.state in ("pushing", "rolling_back"):
+            failed = "approve_failed" if owner.state == "pushing" else "reject_failed"
+            owner.fire("push_failed" if owner.state == "pushing" else "rollback_failed")
+            self._save(owner)
+            self._report(owner.phone, Report(failed, owner.run_id, text=reason))
 
     # --- routes -----------------------------------------------------------------------
 
-    def command(self, phone: str, text: str, message_id: str, new_session: bool = False) -> Reply:
-        owner = self._owner(phone)
-        if message_id in owner.seen:
-            return Reply(200, {"duplicate": True})
-        words = text.strip().split(maxsplit=1)
-        if len(words) == 2 and words[0].lower() == "screenshot":
-            owner.remember(message_id)
-            self._save(owner)
-            self._spawn(self._screenshot_for_owner, phone, message_id, words[1])
-            return Reply(202, {"accepted": "screenshot"})
-        owner.fire("start")  # raises IllegalRunTransition -> 409
-        owner.remember(message_id)
-        if new_session:
+    def command(self, command: RunPrompt) -> Reply:
+        owner = self._owner(command.phone)
+        if command.message_id in owner.seen:
+            return self._answer(owner, 200, "already received")
+        try:
+            owner.fire("start")
+        except IllegalRunTransition as exc:
+            return self._answer(owner, 409, str(exc))
+        owner.remember(command.message_id)
+        if command.new_session:
             owner.session_id = None
-        owner.run_id, owner.prompt = message_id, text
+        owner.run_id, owner.prompt = command.message_id, command.text
         owner.snapshot, owner.shown_tree, owner.branch, owner.commit = None, "", "", ""
         self._save(owner)
-        self._spawn(self._run, phone)
-        return Reply(202, {"accepted": "run", "run_id": message_id})
+        self._spawn(command.phone, self._run, command.phone)
+        return self._answer(owner, 202)
+
+    def screenshot(self, command: TakeScreenshot) -> Reply:
+        owner = self._owner(command.phone)
+        if command.message_id not in owner.seen:
+            owner.remember(command.message_id)
+            self._save(owner)
+            self._spawn(command.phone, self._screenshot_for_owner, command.phone, command.message_id, command.url)
+        return self._answer(owner, 202)
+
+    def status(self, phone: str) -> Reply:
+        return self._answer(self._owner(phone), 200)
 
     async def cancel(self, phone: str) -> Reply:
         owner = self._owner(phone)
         if owner.state not in ("running", "cancelling"):
-            return Reply(200, {"cancelling": False, "detail": "nothing is running"})
+            return self._answer(owner, 200, "nothing is running")
         owner.fire("cancel")
         self._save(owner)
         if scope := self._scopes.get(phone):
             scope.cancel()
         await self._reap(phone, owner, keep=True)
-        return Reply(202, {"cancelling": True})
+        return self._answer(owner, 202)
 
     def approve(self, phone: str) -> Reply:
         owner = self._owner(phone)
-        owner.fire("approve")
+        try:
+            owner.fire("approve")
+        except IllegalRunTransition as exc:
+            return self._answer(owner, 409, str(exc))
         if not owner.branch:
             owner.branch = f"textslash/{_short_id(owner.run_id)}"
         self._save(owner)
-        self._spawn(self._push, phone)
-        return Reply(202, {"accepted": "approve", "branch": owner.branch})
+        self._spawn(phone, self._push, phone)
+        return self._answer(owner, 202)
 
     def reject(self, phone: str) -> Reply:
         owner = self._owner(phone)
-        owner.fire("reject")
+        try:
+            owner.fire("reject")
+        except IllegalRunTransition as exc:
+            return self._answer(owner, 409, str(exc))
         self._save(owner)
-        self._spawn(self._roll_back, phone)
-        return Reply(202, {"accepted": "reject"})
+        self._spawn(phone, self._roll_back, phone)
+        return self._answer(owner, 202)
 
     # --- a run ------------------------------------------------------------------------
 
@@ -180,7 +243,7 @@ class Worker:
                 result = await self.agent.run(
                     cwd=workspace.path, prompt=owner.prompt, session_id=owner.session_id, marker=self._marker(owner),
                     cli_path=cli_path, env=env,
-                    on_progress=lambda text: self._report(phone, {"type": "progress", "run_id": run_id, "text": text}),
+                    on_progress=lambda text: self._report(phone, Report("progress", run_id, text=text)),
                     on_session=lambda sid: setattr(owner, "session_id", sid),
                     tool_servers=tool_servers(lambda url: self._capture(phone, run_id, url)),
                 )
@@ -202,8 +265,8 @@ class Worker:
         else:
             outcome, text = "answer", result.text
         duration = result.duration_ms if result else int((time.monotonic() - started) * 1000)
-        await self._finish(owner, {"type": outcome, "run_id": run_id, "text": text, "duration_ms": duration,
-                                   "cost_usd": result.cost_usd if result else None})
+        await self._finish(owner, Report(outcome, run_id, text=text, duration_ms=duration,
+                                         cost_usd=result.cost_usd if result else None))
 
     async def _prepare(self, phone: str, workspace: Workspace) -> AgentSpace:
         """The owner's agent user and folders, the git dir and checkout, all owned as they should be."""
@@ -215,14 +278,17 @@ class Worker:
         self.sandbox.own(space, workspace.path / ".git")
         return space
 
-    async def _finish(self, owner: OwnerState, event: dict[str, Any]) -> None:
+    async def _finish(self, owner: OwnerState, end: Report) -> None:
+        """The run's end. The approval request goes first: by the time the owner reads the
+        answer that ends the run (and may `approve`), the diff it asks about is already there."""
         changes = await self._changes(owner)
+        approval = await self._approval_request(owner, changes) if changes else None
         owner.fire("finished_with_changes" if changes else "finished")
         owner.shown_tree = changes.tree if changes else ""  # approve commits exactly this tree
         self._save(owner)  # the pending approval is on disk before anyone hears of it
-        self._report(owner.phone, {**event, "changes": bool(changes)})
-        if changes:
-            await self._request_approval(owner, changes)
+        if approval is not None:
+            self._report(owner.phone, approval)
+        self._report(owner.phone, replace(end, changes=bool(changes)))
 
     async def _changes(self, owner: OwnerState) -> Changes:
         """What the run changed. If that cannot be read, the changes are still held for a
@@ -237,21 +303,21 @@ class Worker:
             reason = str(exc) if isinstance(exc, GitError) else type(exc).__name__
             return Changes((FileChange(f"(the changes could not be read: {reason}; reply reject)", 0, 0, True),), "")
 
-    async def _request_approval(self, owner: OwnerState, changes: Changes) -> None:
-        images = []
+    async def _approval_request(self, owner: OwnerState, changes: Changes) -> Report:
+        images: tuple[str, ...] = ()
         try:
-            images.append(self.images.save(await render_diff(self.browser, changes)))
+            images = (self.images.save(await render_diff(self.browser, changes)),)
         except Exception:  # no picture is no reason to hold back the diff itself
             logger.exception("could not render the diff image")
         # However big the change, the report stays small: the relay shows at most a few dozen
-        # names, and a report it would refuse (256 KiB) would never reach the phone.
-        self._report(owner.phone, {
-            "type": "approval_required", "run_id": owner.run_id, "diff": phone_excerpt(changes), "images": images,
-            "files": [{"path": clip_path(visible(f.path), 300), "added": f.added, "removed": f.removed,
-                       "binary": f.binary} for f in changes.files[:REPORTED_FILES]],
-            "files_count": changes.file_count,
-            "uncovered": [clip_path(visible(p), 300) for p in self._uncovered(owner)[:MAX_LEFT_OUT]],
-        })
+        # names, and the protocol cuts a report to what the relay always accepts.
+        return Report(
+            "approval_required", owner.run_id, diff=phone_excerpt(changes), images=images,
+            files=tuple((clip_path(visible(f.path), 300), f.added, f.removed, f.binary)
+                        for f in changes.files[:REPORTED_FILES]),
+            files_count=changes.file_count,
+            uncovered=tuple(clip_path(visible(p), 300) for p in self._uncovered(owner)[:MAX_LEFT_OUT]),
+        )
 
     @staticmethod
     def _uncovered(owner: OwnerState) -> tuple[str, ...]:
@@ -287,23 +353,24 @@ class Worker:
                 logger.exception("approve of run %s failed", owner.run_id)
             owner.fire("push_failed")
             self._save(owner)
-            self._report(phone, {"type": "approve_failed", "run_id": owner.run_id, "text": text})
+            self._report(phone, Report("approve_failed", owner.run_id, text=text))
             return
         branch = owner.branch
         owner.fire("pushed")
         owner.snapshot, owner.shown_tree, owner.branch, owner.commit = None, "", "", ""
         self._save(owner)
-        self._report(phone, {"type": "pr_opened", "run_id": owner.run_id, "url": url, "text": branch,
-                             "left_out": [clip_path(visible(p), 300) for p in left_out[:MAX_LEFT_OUT]],
-                             "left_out_count": len(left_out)})
+        self._report(phone, Report("pr_opened", owner.run_id, url=url, text=branch,
+                                   left_out=tuple(clip_path(visible(p), 300) for p in left_out[:MAX_LEFT_OUT]),
+                                   left_out_count=len(left_out)))
 
     async def _roll_back(self, phone: str) -> None:
         owner = self._owner(phone)
         workspace = self.workspace(phone)
+        stuck: list[str] = []
         try:
             space = await self._prepare(phone, workspace)  # no process of the agent's races the restore
             if owner.snapshot:
-                await workspace.restore(Snapshot.from_json(owner.snapshot))
+                stuck = await workspace.restore(Snapshot.from_json(owner.snapshot))
                 await self.sandbox.hand_over(space)  # restored files are root's
         except Exception as exc:
             text = str(exc) if isinstance(exc, GitError | SandboxError) else type(exc).__name__
@@ -311,20 +378,22 @@ class Worker:
                 logger.exception("reject of run %s failed", owner.run_id)
             owner.fire("rollback_failed")
             self._save(owner)
-            self._report(phone, {"type": "reject_failed", "run_id": owner.run_id, "text": text})
+            self._report(phone, Report("reject_failed", owner.run_id, text=text))
             return
         owner.fire("rolled_back")
         owner.snapshot, owner.shown_tree = None, ""
         self._save(owner)
-        self._report(phone, {"type": "rolled_back", "run_id": owner.run_id})
+        # `left_out`: what the run left that could not be removed, even with its permissions fixed.
+        self._report(phone, Report("rolled_back", owner.run_id,
+                                   left_out=tuple(clip_path(visible(p), 300) for p in stuck[:MAX_LEFT_OUT]),
+                                   left_out_count=len(stuck)))
 
     # --- screenshots ------------------------------------------------------------------
 
     async def _capture(self, phone: str, run_id: str, url: str) -> bytes:
         png = await self.browser.screenshot_url(url)
         name = self.images.save(png)
-        self._report(phone, {"type": "notice", "run_id": f"{run_id}:shot:{name[:8]}", "text": f"📸 {url}",
-                             "images": [name]})
+        self._report(phone, Report("notice", f"{run_id}:shot:{name[:8]}", text=f"📸 {url}", images=(name,)))
         return png
 
     async def _screenshot_for_owner(self, phone: str, message_id: str, url: str) -> None:
@@ -332,10 +401,10 @@ class Worker:
         try:
             await self._capture(phone, message_id, url)
         except ScreenshotError as exc:
-            self._report(phone, {"type": "notice", "run_id": message_id, "text": f"📸 Could not capture {url}: {exc}"})
+            self._report(phone, Report("notice", message_id, text=f"📸 Could not capture {url}: {exc}"))
         except Exception:
             logger.exception("screenshot of %s failed", url)
-            self._report(phone, {"type": "notice", "run_id": message_id, "text": f"📸 Could not capture {url}."})
+            self._report(phone, Report("notice", message_id, text=f"📸 Could not capture {url}."))
         finally:
             self._side_tasks -= 1
 
@@ -344,18 +413,16 @@ class Worker:
     async def _recover(self, owner: OwnerState) -> None:
         """Report what a previous process left unfinished; pending approvals simply stay."""
         if owner.state in ("running", "cancelling"):
-            await self._finish(owner, {"type": "error", "run_id": owner.run_id,
-                                       "text": "the VM restarted during the run"})
+            await self._finish(owner, Report("error", owner.run_id, text="the VM restarted during the run"))
         elif owner.state == "pushing":
             owner.fire("push_failed")
             self._save(owner)
-            self._report(owner.phone, {"type": "approve_failed", "run_id": owner.run_id,
-                                       "text": "the VM restarted while pushing"})
+            self._report(owner.phone, Report("approve_failed", owner.run_id, text="the VM restarted while pushing"))
         elif owner.state == "rolling_back":
             owner.fire("rollback_failed")
             self._save(owner)
-            self._report(owner.phone, {"type": "reject_failed", "run_id": owner.run_id,
-                                       "text": "the VM restarted while rolling back"})
+            self._report(owner.phone, Report("reject_failed", owner.run_id,
+                                             text="the VM restarted while rolling back"))
         if owner.state == "awaiting_approval" and not owner.shown_tree:
             await self._show_again(owner)
 
@@ -371,20 +438,11 @@ class Worker:
         owner.shown_tree = changes.tree
         self._save(owner)
         if changes:
-            await self._request_approval(owner, changes)
+            self._report(owner.phone, await self._approval_request(owner, changes))
 
 
 MAX_LEFT_OUT = 20  # paths named in the message; the count says how many in all
 REPORTED_FILES = 100  # an approval report names this many changed files, and counts them all
-
-
-async def _logged(fn: Callable[..., Any], *args: Any) -> None:
-    """A failure of one owner's task is logged and stays there: it must not cancel the task
-    group, which would take every other owner's work, the callbacks and the idle timer with it."""
-    try:
-        await fn(*args)
-    except Exception:
-        logger.exception("%s failed", getattr(fn, "__name__", "a task"))
 
 
 def _short_id(run_id: str) -> str:

@@ -428,24 +428,44 @@ class Workspace:
 
     # --- changing -------------------------------------------------------------------------
 
-    async def restore(self, snap: Snapshot) -> None:
-        """Put the checkout back exactly as the snapshot found it."""
+    async def restore(self, snap: Snapshot) -> list[str]:
+        """Put the checkout back exactly as the snapshot found it. Whatever the run made that
+        cannot be written or deleted gets its permissions fixed and a second try; the paths
+        that still cannot be removed are returned (a file made immutable, a mount)."""
+        try:
+            await self._restore_files(snap)
+        except GitError:
+            await self._fix_permissions()
+            await self._restore_files(snap)
+        stuck = []
+        keep = set((await self.git("ls-tree", "-r", "-z", "--name-only", snap.tree)).split("\0"))
+        untracked = (await self.git("ls-files", "--others", "--exclude-standard", "-z")).split("\0")
+        for rel in [p for p in untracked if p and p not in keep]:
+            if not await self._remove(rel):
+                stuck.append(rel)
+        for rel in sorted(set(await self._ignored()) - set(snap.ignored)):
+            if not await self._remove(rel):
+                stuck.append(rel)
+        if snap.ignored_tree:
+            stuck += await self._restore_ignored(snap)
+        return stuck
+
+    async def _restore_files(self, snap: Snapshot) -> None:
         if snap.head:
             await self.git("reset", "--quiet", "--hard", snap.head)
         await self.git("read-tree", snap.tree)
         await self.git("checkout-index", "--all", "--force")
         if snap.head:
             await self.git("reset", "--quiet", snap.head)  # index back to HEAD; files stay as restored
-        keep = set((await self.git("ls-tree", "-r", "-z", "--name-only", snap.tree)).split("\0"))
-        untracked = (await self.git("ls-files", "--others", "--exclude-standard", "-z")).split("\0")
-        for rel in [p for p in untracked if p and p not in keep]:
-            await self._remove(rel)
-        for rel in set(await self._ignored()) - set(snap.ignored):
-            await self._remove(rel)
-        if snap.ignored_tree:
-            await self._restore_ignored(snap)
 
-    async def _restore_ignored(self, snap: Snapshot) -> None:
+    async def _fix_permissions(self) -> None:
+        """Make every folder and file of the checkout writable by its owner again (a run may
+        leave a read-only folder behind). Links are never followed, and a file with more than
+        one link is left alone: it may be someone else's file."""
+        await anyio.run_process(["find", str(self.path), "-xdev", "(", "-type", "d", "-o", "(", "-type", "f",
+                                 "-links", "1", ")", ")", "-exec", "chmod", "u+rwX", "{}", "+"], check=False)
+
+    async def _restore_ignored(self, snap: Snapshot) -> list[str]:
         """The kept ignored files back as they were, and what the run added among them gone."""
         with tempfile.TemporaryDirectory() as tmp:
             env = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
@@ -454,9 +474,7 @@ class Workspace:
         kept = set((await self.git("ls-tree", "-r", "-z", "--name-only", snap.ignored_tree)).split("\0"))
         roots = [p for p in snap.ignored if p not in snap.uncovered]
         added = await anyio.to_thread.run_sync(_files_below, self.path, roots)
-        for rel in added:
-            if rel not in kept:
-                await self._remove(rel)
+        return [rel for rel in added if rel not in kept and not await self._remove(rel)]
 
     async def commit_tree(self, tree: str, parent: str, message: str) -> str:
         """A commit of exactly `tree` on `parent` (no index, no working files involved)."""
@@ -474,15 +492,25 @@ class Workspace:
         await self.git("symbolic-ref", "HEAD", f"refs/heads/{branch}")
         await self.git("read-tree", commit)
 
-    async def _remove(self, rel: str) -> None:  # only while no agent process lives (Sandbox.quiesce)
-        """Delete a path the run created, then any folders it leaves empty (git cannot see those).
-        `rm -rf` removes a tree of any depth (shutil.rmtree recurses) and follows no symlink."""
+    async def _remove(self, rel: str) -> bool:  # only while no agent process lives (Sandbox.quiesce)
+        """Delete a path the run created, then any folders it leaves empty (git cannot see those);
+        False if it is still there after a second try with permissions fixed. `rm -rf` removes
+        a tree of any depth (shutil.rmtree recurses) and follows no symlink."""
         path = self.path / rel.rstrip("/")
-        await anyio.run_process(["rm", "-rf", "--one-file-system", "--", str(path)], check=False)
+        for attempt in range(2):
+            if attempt:
+                await self._fix_permissions()
+            await anyio.run_process(["rm", "-rf", "--one-file-system", "--", str(path)], check=False)
+            if not await anyio.to_thread.run_sync(os.path.lexists, path):
+                break
         await anyio.to_thread.run_sync(self._remove_empty_parents, path)
+        return not await anyio.to_thread.run_sync(os.path.lexists, path)
 
     def _remove_empty_parents(self, path: Path) -> None:
         parent = path.parent
-        while parent != self.path and parent.is_dir() and not any(parent.iterdir()):
-            parent.rmdir()
-            parent = parent.parent
+        try:
+            while parent != self.path and parent.is_dir() and not any(parent.iterdir()):
+                parent.rmdir()
+                parent = parent.parent
+        except OSError:  # an empty folder left behind changes nothing git shows
+            pass

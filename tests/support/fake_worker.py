@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import httpx
@@ -13,6 +13,21 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+
+from common.protocol import (
+    ROUTES,
+    VERSION,
+    Answer,
+    Command,
+    OwnerCall,
+    ProtocolError,
+    Report,
+    RunPrompt,
+    decode_command,
+    decode_report,
+    encode_answer,
+    encode_report,
+)
 
 PNG = (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x01\x00\x00\x00\x01\x08\x06\x00\x00\x00\x1f\x15\xc4"
        b"\x89\x00\x00\x00\rIDATx\x9cc\xf8\x0f\x00\x00\x01\x01\x00\x05\x18\xd8N\x00\x00\x00\x00IEND\xaeB`\x82")
@@ -34,6 +49,9 @@ class FakeWorker:
     images: dict[str, bytes] = field(default_factory=dict)
     image_requests: list[str] = field(default_factory=list)  # every GET /images/..., authorized or not
     answer_via: str = ""  # a relay URL: answer every prompt at once, as a very fast agent would
+    # What the fake says of each owner's run, as the real worker does in every answer; a test
+    # may set it to play a worker that holds changes or lost its state.
+    states: dict[str, Answer] = field(default_factory=dict)
     _seq: itertools.count[int] = field(default_factory=itertools.count)
     _http: httpx.AsyncClient | None = None
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
@@ -44,8 +62,7 @@ class FakeWorker:
 
     def app(self) -> Starlette:
         routes = [Route("/health", self._health, methods=["GET"]), Route("/images/{name}", self._image)]
-        routes += [Route(f"/{name}", self._call, methods=["POST"])
-                   for name in ("command", "approve", "reject", "cancel")]
+        routes += [Route(f"/{name}", self._call, methods=["POST"]) for name in ROUTES]
         return Starlette(routes=routes)
 
     def paths(self) -> list[str]:
@@ -63,14 +80,37 @@ class FakeWorker:
             return JSONResponse({"detail": "unauthorized"}, status_code=401)
         body = await request.json()
         self.calls.append(Call(request.url.path, body, request.headers["authorization"]))
+        try:
+            command = decode_command(request.url.path.lstrip("/"), body)
+        except ProtocolError as exc:
+            return JSONResponse({"detail": str(exc)}, status_code=422)
+        before = self.states.get(command.phone, Answer("idle"))
         if self.answer_status >= 300:
-            return JSONResponse({"detail": "scripted refusal"}, status_code=self.answer_status)
-        if self.answer_via and request.url.path == "/command":
+            return JSONResponse({**encode_answer(before), "detail": "scripted refusal"}, status_code=self.answer_status)
+        status, after = self._move(command, before)
+        self.states[command.phone] = after
+        if isinstance(command, RunPrompt) and status == 202 and self.answer_via:
             # Like the real worker: the run goes on after the 202, not inside the request.
             task = asyncio.get_running_loop().create_task(self._answer(body))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        return JSONResponse({"accepted": True}, status_code=self.answer_status)
+        return JSONResponse(encode_answer(after), status_code=status)
+
+    def _move(self, command: Command, before: Answer) -> tuple[int, Answer]:
+        """The real worker's answers (vm/worker.py), without its runs: status and new state."""
+        if isinstance(command, RunPrompt):
+            if before.state != "idle":
+                return 409, replace(before, detail="a run is already going or changes wait")
+            return 202, Answer("running", command.message_id, command.text)
+        if not isinstance(command, OwnerCall) or command.route == "status":
+            return (202 if not isinstance(command, OwnerCall) else 200), before
+        if command.route == "cancel":
+            if before.state in ("running", "cancelling"):
+                return 202, replace(before, state="cancelling")
+            return 200, replace(before, detail="nothing is running")
+        if before.state != "awaiting_approval":
+            return 409, replace(before, detail="nothing is waiting for approval")
+        return 202, replace(before, state="pushing" if command.route == "approve" else "rolling_back")
 
     async def _answer(self, command: dict[str, Any]) -> None:
         for _ in range(50):  # the real worker retries its callbacks, so this one does too
@@ -91,7 +131,26 @@ class FakeWorker:
     async def report(self, relay_url: str, phone: str, event_type: str, run_id: str = "run-1",
                      **fields: Any) -> httpx.Response:
         """POST one event to the relay's callback route, as the worker would."""
-        body = {"type": event_type, "run_id": run_id, "seq": next(self._seq), **fields}
+        # Fields in their wire form (lists of dicts), through the protocol's own decoder and encoder.
+        report = decode_report({"v": VERSION, "type": event_type, "run_id": run_id, "seq": next(self._seq), **fields})
+        self._after_report(phone, report)
+        body = encode_report(report)
         self._http = self._http or httpx.AsyncClient()  # one client: making one costs an SSL context
+        return await self._http.post(f"{relay_url}/callback/{phone}", json=body,
+                                     headers={"Authorization": f"Bearer {self.token}"})
+
+    def _after_report(self, phone: str, report: Report) -> None:
+        """Where the real worker's state would be once it reports this."""
+        before = self.states.get(phone, Answer("idle"))
+        if report.type in ("answer", "cancelled", "error") and not report.changes:
+            self.states[phone] = Answer("idle")
+        elif report.type in ("answer", "cancelled", "error", "approval_required", "approve_failed", "reject_failed"):
+            self.states[phone] = Answer("awaiting_approval", report.run_id, before.prompt)
+        elif report.type in ("pr_opened", "rolled_back"):
+            self.states[phone] = Answer("idle")
+
+    async def report_raw(self, relay_url: str, phone: str, body: dict[str, Any]) -> httpx.Response:
+        """POST a body as given: for tests of what the relay refuses."""
+        self._http = self._http or httpx.AsyncClient()
         return await self._http.post(f"{relay_url}/callback/{phone}", json=body,
                                      headers={"Authorization": f"Bearer {self.token}"})

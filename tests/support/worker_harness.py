@@ -93,6 +93,11 @@ class WorkerStack:
         assert response.status_code == 202, response.text
         return message_id
 
+    async def screenshot(self, url: str, *, phone: str = OWNER) -> httpx.Response:
+        response = await self.post("screenshot", {"phone": phone, "url": url, "message_id": new_message_id()})
+        assert response.status_code == 202, response.text
+        return response
+
     async def decide(self, route: str, phone: str = OWNER) -> httpx.Response:
         return await self.post(route, {"phone": phone})
 

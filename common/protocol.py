@@ -1,0 +1,315 @@
+"""The one protocol between the relay and the worker, imported by both halves and the fakes.
+
+Three kinds of message, each a JSON object carrying `v` (VERSION):
+- a **command** the relay sends (`POST /<route>` on the worker, bearer WORKER_TOKEN);
+- the worker's **answer** to it: the HTTP status and the owner's run state as the worker
+  knows it, which the relay adopts (the worker is the source of truth for a run);
+- a **report** the worker sends about a run (`POST /callback/<phone>` on the relay), spooled
+  on the worker until the relay takes it.
+
+Every encoder here makes a message the matching decoder accepts, and a report never grows
+past MAX_REPORT_BYTES, which the relay always accepts.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, ClassVar, Literal, get_args
+
+from common.config import E164
+
+VERSION = 1
+
+
+class ProtocolError(ValueError):
+    """A message that is not well formed; a route answers 422 with this text."""
+
+
+def _check_version(data: dict[str, Any]) -> None:
+    # Spool files written before the protocol had a number carry none: they are version 1.
+    version = data.get("v", 1)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ProtocolError("v must be a positive integer")
+    if version > VERSION:
+        raise ProtocolError(f"protocol version {version} is newer than this side's ({VERSION}); deploy the relay first")
+
+
+def _string(data: dict[str, Any], key: str, limit: int, *, required: bool = False) -> str:
+    value = data.get(key, "")
+    if not isinstance(value, str):
+        raise ProtocolError(f"{key} must be a string")
+    if required and not value.strip():
+        raise ProtocolError(f"{key} must be a non-empty string")
+    return value[:limit]
+
+
+def _phone(data: dict[str, Any]) -> str:
+    phone = data.get("phone")
+    if not isinstance(phone, str) or not E164.match(phone):
+        raise ProtocolError("phone must be an E.164 number like +15551234567")
+    return phone
+
+
+def _message_id(data: dict[str, Any]) -> str:
+    message_id = data.get("message_id")
+    if not isinstance(message_id, str) or not 0 < len(message_id) <= 100:
+        raise ProtocolError("message_id must be a non-empty string of at most 100 characters")
+    return message_id
+
+
+# --- commands: relay -> worker ----------------------------------------------------------
+
+MAX_PROMPT = 20_000
+
+
+@dataclass(frozen=True)
+class RunPrompt:
+    """Start a run of the agent on the owner's checkout."""
+
+    route: ClassVar[str] = "command"
+    phone: str
+    text: str
+    message_id: str
+    new_session: bool = False
+
+
+@dataclass(frozen=True)
+class TakeScreenshot:
+    """A picture of a page, reported as a notice; touches no run."""
+
+    route: ClassVar[str] = "screenshot"
+    phone: str
+    url: str
+    message_id: str
+
+
+OwnerRoute = Literal["approve", "reject", "cancel", "status"]
+OWNER_ROUTES: tuple[str, ...] = get_args(OwnerRoute)
+
+
+@dataclass(frozen=True)
+class OwnerCall:
+    """approve, reject, cancel, or status (where do things stand?), for one owner."""
+
+    route: OwnerRoute
+    phone: str
+
+
+Command = RunPrompt | TakeScreenshot | OwnerCall
+ROUTES: tuple[str, ...] = ("command", "screenshot", *OWNER_ROUTES)
+
+
+def encode_command(command: Command) -> dict[str, Any]:
+    data: dict[str, Any] = {"v": VERSION, "phone": command.phone}
+    if isinstance(command, RunPrompt):
+        data.update(text=command.text, message_id=command.message_id)
+        if command.new_session:
+            data["new_session"] = True
+    elif isinstance(command, TakeScreenshot):
+        data.update(url=command.url, message_id=command.message_id)
+    return data
+
+
+def decode_command(route: str, data: Any) -> Command:
+    if not isinstance(data, dict):
+        raise ProtocolError("body must be a JSON object")
+    _check_version(data)
+    phone = _phone(data)
+    if route == "command":
+        text = _string(data, "text", MAX_PROMPT, required=True)
+        return RunPrompt(phone, text, _message_id(data), new_session=data.get("new_session") is True)
+    if route == "screenshot":
+        return TakeScreenshot(phone, _string(data, "url", 2_000, required=True), _message_id(data))
+    if route in OWNER_ROUTES:
+        return OwnerCall(route, phone)  # type: ignore[arg-type]
+    raise ProtocolError(f"unknown route {route!r}")
+
+
+def message_id_of(command: Command) -> str:
+    return "" if isinstance(command, OwnerCall) else command.message_id
+
+
+# --- answers: the worker's reply to a command -------------------------------------------
+
+RunState = Literal["idle", "running", "cancelling", "awaiting_approval", "pushing", "rolling_back"]
+RUN_STATES: tuple[str, ...] = get_args(RunState)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """Where the owner's run stands on the worker after the command, whatever its status.
+
+    `run_id` names the run the state belongs to ("" when idle); `prompt` is that run's prompt
+    (cut short), so a relay that lost track can say what runs or waits.
+    """
+
+    state: RunState
+    run_id: str = ""
+    prompt: str = ""
+    detail: str = ""
+
+
+def encode_answer(answer: Answer) -> dict[str, Any]:
+    data = {"v": VERSION, "state": answer.state, "run_id": answer.run_id, "prompt": answer.prompt[:200]}
+    if answer.detail:
+        data["detail"] = answer.detail
+    return data
+
+
+def decode_answer(data: Any) -> Answer | None:
+    """The answer in a response body; None when the body is not one (a proxy's 503, an old worker)."""
+    if not isinstance(data, dict) or data.get("state") not in RUN_STATES:
+        return None
+    try:
+        _check_version(data)
+        return Answer(data["state"], _string(data, "run_id", 100), _string(data, "prompt", 200),
+                      _string(data, "detail", 300))
+    except ProtocolError:
+        return None
+
+
+# --- reports: worker -> relay -----------------------------------------------------------
+
+TERMINAL = frozenset({"answer", "cancelled", "error"})  # the run's end, as the worker saw it
+DECISIONS = frozenset({"pr_opened", "rolled_back", "approve_failed", "reject_failed"})
+REPORT_TYPES = TERMINAL | DECISIONS | {"progress", "approval_required", "notice", "sleeping"}
+IMAGE_NAME = re.compile(r"^[A-Za-z0-9_-]{16,64}\.png$")
+
+MAX_TEXT = 20_000
+MAX_DIFF = 50_000
+MAX_FILES = 100  # of an approval's files, the ones reported; `files_count` counts them all
+MAX_PATHS = 50  # of `uncovered` and `left_out`
+MAX_PATH = 300
+MAX_REPORT_BYTES = 200 * 1024  # what `encode_report` never exceeds; the relay takes 256 KiB
+
+
+@dataclass(frozen=True)
+class Report:
+    """A fact the worker reports about a run; the relay decides the wording on the phone."""
+
+    type: str
+    run_id: str
+    text: str = ""
+    changes: bool = False
+    cost_usd: float | None = None
+    duration_ms: int | None = None
+    url: str = ""
+    files: tuple[tuple[str, int, int, bool], ...] = ()  # path, added, removed, binary (content not shown)
+    diff: str = ""
+    images: tuple[str, ...] = ()
+    files_count: int = 0  # approval_required: how many files changed (`files` may list fewer)
+    uncovered: tuple[str, ...] = ()  # approval_required: ignored paths reject cannot bring back
+    left_out: tuple[str, ...] = ()  # pr_opened: paths written after the diff, not committed
+    left_out_count: int = 0
+    seq: int = field(default=0, compare=False)  # unique per report; the relay dedupes on run_id + seq
+
+
+def encode_report(report: Report) -> dict[str, Any]:
+    """A report as JSON, cut to the protocol's limits so the relay always accepts it."""
+    report = _clip(report)
+    data = _report_dict(report)
+    # Each limit alone keeps a report small, but characters outside ASCII may take four bytes
+    # each: if the whole is still too big, the diff excerpt goes first, then the text.
+    for key in ("diff", "text"):
+        over = len(report_bytes(data)) - MAX_REPORT_BYTES
+        if over > 0 and key in data:
+            data[key] = data[key][: max(0, len(data[key]) - over)]
+    return data
+
+
+def report_bytes(data: dict[str, Any]) -> bytes:
+    """The body a report travels as (and the size the relay counts)."""
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def _clip(report: Report) -> Report:
+    return replace(
+        report,
+        text=report.text[:MAX_TEXT], diff=report.diff[:MAX_DIFF], url=report.url[:2_000],
+        files=tuple((p[:MAX_PATH], a, r, b) for p, a, r, b in report.files[:MAX_FILES]),
+        files_count=max(report.files_count, len(report.files)),
+        uncovered=tuple(p[:MAX_PATH] for p in report.uncovered[:MAX_PATHS]),
+        left_out=tuple(p[:MAX_PATH] for p in report.left_out[:MAX_PATHS]),
+        left_out_count=max(report.left_out_count, len(report.left_out)),
+    )
+
+
+def _report_dict(report: Report) -> dict[str, Any]:
+    data: dict[str, Any] = {"v": VERSION}
+    for f in fields(report):
+        value = getattr(report, f.name)
+        if value in ("", (), None, 0) and f.name not in ("type", "run_id", "seq", "changes"):
+            continue
+        data[f.name] = value
+    data["files"] = [{"path": p, "added": a, "removed": r, "binary": b} for p, a, r, b in report.files]
+    data["images"], data["uncovered"], data["left_out"] = (
+        list(report.images), list(report.uncovered), list(report.left_out))
+    return data
+
+
+def decode_report(data: Any) -> Report:
+    """Validate a report; anything malformed raises ProtocolError (the relay answers 422)."""
+    if not isinstance(data, dict):
+        raise ProtocolError("body must be a JSON object")
+    _check_version(data)
+    kind = data.get("type")
+    if kind not in REPORT_TYPES:
+        raise ProtocolError(f"unknown report type {kind!r}")
+    run_id, seq = data.get("run_id"), data.get("seq")
+    if not isinstance(run_id, str) or not 0 < len(run_id) <= 100:
+        raise ProtocolError("run_id must be a non-empty string")
+    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+        raise ProtocolError("seq must be a non-negative integer")
+    try:
+        report = Report(
+            type=kind, run_id=run_id, seq=seq,
+            text=_string(data, "text", MAX_TEXT),
+            changes=data.get("changes", False) is True,
+            cost_usd=_number(data, "cost_usd"),
+            duration_ms=None if data.get("duration_ms") is None else _integer(data, "duration_ms"),
+            url=_string(data, "url", 2_000),
+            files=tuple((_path(f["path"]), int(f["added"]), int(f["removed"]), f.get("binary") is True)
+                        for f in _list(data, "files")[:MAX_FILES]),
+            diff=_string(data, "diff", MAX_DIFF),
+            images=tuple(_list(data, "images")),
+            files_count=_integer(data, "files_count"),
+            uncovered=tuple(_path(p) for p in _list(data, "uncovered")[:MAX_PATHS]),
+            left_out=tuple(_path(p) for p in _list(data, "left_out")[:MAX_PATHS]),
+            left_out_count=_integer(data, "left_out_count"),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ProtocolError(f"malformed field: {exc}") from None
+    if not all(isinstance(name, str) and IMAGE_NAME.match(name) for name in report.images):
+        raise ProtocolError("images must be names like <random>.png")
+    return report
+
+
+def _list(data: dict[str, Any], key: str) -> list[Any]:
+    value = data.get(key) or []
+    if not isinstance(value, list):
+        raise ValueError(f"{key} must be a list")
+    return value
+
+
+def _path(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("a path must be a string")
+    return value[:MAX_PATH]
+
+
+def _integer(data: dict[str, Any], key: str) -> int:
+    value = data.get(key) or 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{key} must be a non-negative integer")
+    return value
+
+
+def _number(data: dict[str, Any], key: str) -> float | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{key} must be a number")
+    return float(value)
