@@ -223,7 +223,7 @@ async def test_a_signed_sms_sender_never_reaches_the_agent(stack: Stack) -> None
                                  "view-source:http://127.0.0.1/", "data:text/html,<h1>x</h1>", "http:///nohost"])
 async def test_screenshots_are_of_web_pages_only(tmp_path: Path, url: str) -> None:
     async with worker_stack(tmp_path) as worker:
-        await worker.command(f"screenshot {url}")
+        await worker.screenshot(url)
         notice = await wait_for(lambda: worker.relay.of_type("notice"), 30, "the refusal")
         assert "only http:// and https://" in notice[0]["text"] and not notice[0].get("images")
         assert not list(worker.settings.images_dir.glob("*.png"))

@@ -36,9 +36,11 @@ def script_edit(stack: WorkerStack, key: str) -> None:
 async def test_a_run_that_edits_files_asks_for_approval_then_opens_a_pr(worker: WorkerStack) -> None:
     script_edit(worker, "add a greeting")
     run_id = await worker.command("add a greeting")
-    approval = await wait_for(lambda: worker.relay.of_type("approval_required"), RUN_TIMEOUT, "approval request")
-    answer = worker.relay.of_type("answer")[0]
-    assert answer["run_id"] == run_id and answer["changes"] is True
+    answer = (await wait_for(lambda: worker.relay.of_type("answer"), RUN_TIMEOUT, "the run's answer"))[0]
+    approval = worker.relay.of_type("approval_required")
+    assert answer["run_id"] == run_id and answer["changes"] is True and approval[0]["run_id"] == run_id
+    # The approval request comes first: an owner who approves on reading the answer has seen the diff.
+    assert worker.relay.types().index("approval_required") < worker.relay.types().index("answer")
     assert "Added hello.py" in answer["text"] and answer["cost_usd"] >= 0 and answer["duration_ms"] > 0
     progress = [e["text"] for e in worker.relay.of_type("progress")]
     assert "✏️ editing hello.py" in progress and "✏️ editing app.py" in progress
