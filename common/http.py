@@ -44,7 +44,7 @@ async def read_json_object(request: Request, limit: int) -> dict[str, Any]:
     body = await read_body(request, limit)
     try:
         data = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: nested too deep
         raise Problem(400, "body must be JSON") from None
     if not isinstance(data, dict):
         raise Problem(422, "body must be a JSON object")

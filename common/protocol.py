@@ -47,7 +47,7 @@ def _string(data: dict[str, Any], key: str, limit: int, *, required: bool = Fals
 
 def _phone(data: dict[str, Any]) -> str:
     phone = data.get("phone")
-    if not isinstance(phone, str) or not E164.match(phone):
+    if not isinstance(phone, str) or not E164.fullmatch(phone):
         raise ProtocolError("phone must be an E.164 number like +15551234567")
     return phone
 
@@ -149,10 +149,14 @@ class Answer:
     run_id: str = ""
     prompt: str = ""
     detail: str = ""
+    # The `seq` of the last report the worker had spooled for the owner when it answered: an
+    # answer older than a report the relay already handled is stale, whatever order they came in.
+    seq: int = 0
 
 
 def encode_answer(answer: Answer) -> dict[str, Any]:
-    data = {"v": VERSION, "state": answer.state, "run_id": answer.run_id, "prompt": answer.prompt[:200]}
+    data = {"v": VERSION, "state": answer.state, "run_id": answer.run_id, "prompt": answer.prompt[:200],
+            "seq": answer.seq}
     if answer.detail:
         data["detail"] = answer.detail
     return data
@@ -165,8 +169,8 @@ def decode_answer(data: Any) -> Answer | None:
     try:
         _check_version(data)
         return Answer(data["state"], _string(data, "run_id", 100), _string(data, "prompt", 200),
-                      _string(data, "detail", 300))
-    except ProtocolError:
+                      _string(data, "detail", 300), _integer(data, "seq"))
+    except (ProtocolError, ValueError):
         return None
 
 
@@ -216,6 +220,11 @@ def encode_report(report: Report) -> dict[str, Any]:
         over = len(report_bytes(data)) - MAX_REPORT_BYTES
         if over > 0 and key in data:
             data[key] = data[key][: max(0, len(data[key]) - over)]
+    # Escapes can swell even the path lists (a control character takes six bytes): drop names
+    # from their ends until it fits; the counts still say how many there were.
+    for key in ("left_out", "uncovered", "files"):
+        while data[key] and len(report_bytes(data)) > MAX_REPORT_BYTES:
+            data[key] = data[key][: len(data[key]) // 2]
     return data
 
 

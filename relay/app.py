@@ -6,7 +6,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from urllib.parse import parse_qsl
 
 import anyio
@@ -129,11 +129,16 @@ def create_app(settings: Settings, *, sender: TwilioSender | None = None, http: 
         if report.type == "sleeping":
             await dispatcher.db.run(store.worker_slept, clock())
             return JSONResponse({"ok": True})
+        kept = []
         for name in report.images:
-            if not await live().images.fetch(name):
+            cached = await live().images.fetch(name)
+            if cached is False:
                 # The worker retries the callback, so the image is fetched while it is awake.
                 # (No name in the answer: the worker logs it, and a name is a capability.)
                 return error(502, "could not fetch an image from the worker")
+            if cached:
+                kept.append(name)  # an image the worker no longer has would hold its spool forever
+        report = replace(report, images=tuple(kept))
         new = await dispatcher.record(phone, f"evt:{report.run_id}:{report.seq}", encode_report(report),
                                       from_worker=True)
         return JSONResponse({"ok": True, "duplicate": not new})

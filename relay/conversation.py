@@ -70,6 +70,7 @@ class Conversation:
     run: str = ""  # the run the worker holds for this owner: working on it, or its changes
     ended: list[str] = field(default_factory=list)  # runs the worker's own reports closed
     check_at: float | None = None  # when to ask the worker, if nothing about the run is heard
+    heard_seq: int = 0  # the newest report handled: a worker answer older than it is stale
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -90,6 +91,7 @@ class Conversation:
             run=data.get("run", job["message_id"] if job else ""),
             ended=list(data.get("ended", [])),
             check_at=data.get("check_at"),
+            heard_seq=data.get("heard_seq", 0),
         )
 
 
@@ -114,6 +116,8 @@ def apply(conv: Conversation, event: Event, ctx: Context) -> tuple[Conversation,
     handler, targets = row
     new = replace(conv, queue=list(conv.queue), ended=list(conv.ended),
                   job=replace(conv.job) if conv.job else None)
+    if isinstance(event, Report):
+        new.heard_seq = max(new.heard_seq, event.seq)
     effects = handler(new, event, ctx)
     if new.state not in targets and not ("same" in targets and new.state == conv.state):
         raise IllegalTransition(conv.state, kind, f"{handler.__name__} moved {conv.state} to {new.state}, "
@@ -168,6 +172,9 @@ def _await_approval(conv: Conversation, ctx: Context) -> None:
 
 
 def _is_current(conv: Conversation, report: Report) -> bool:
+    if not conv.run and conv.state in ("awaiting_approval", "applying"):
+        # Saved before runs were named: whichever run the worker reports on is this one.
+        return report.run_id not in conv.ended
     return bool(conv.run) and report.run_id == conv.run
 
 
@@ -205,8 +212,8 @@ def _move_to(conv: Conversation, answer: Answer, ctx: Context) -> tuple[list[Eff
         gone = replies.run_gone(conv.state)
         conv.run = ""
         return [Send(gone)], _next_or_idle(conv, ctx)
-    if answer.run_id in conv.ended:
-        return [], []  # older than the report that closed that run
+    if answer.run_id in conv.ended or answer.seq < conv.heard_seq:
+        return [], []  # older than a report already handled (the one that closed that run, say)
     if conv.run == answer.run_id and conv.state == target:
         if conv.job is not None:
             conv.job.delivered, conv.job.cancelling = True, answer.state == "cancelling"
@@ -353,15 +360,17 @@ def approval_required(conv: Conversation, event: Report, ctx: Context) -> list[E
 
 
 def applied(conv: Conversation, event: Report, ctx: Context) -> list[Effect]:
-    if not _is_current(conv, event):
+    if not _is_current(conv, event) and not _unknown_while_idle(conv, event):
         return []
+    conv.run = event.run_id
     _close_run(conv)
     return [Send(replies.applied(event))] + _next_or_idle(conv, ctx)
 
 
 def decision_failed(conv: Conversation, event: Report, ctx: Context) -> list[Effect]:
-    if not _is_current(conv, event):
+    if not _is_current(conv, event) and not _unknown_while_idle(conv, event):
         return []
+    conv.run = event.run_id
     _await_approval(conv, ctx)
     return [Send(replies.decision_failed(event.type, event.text))]
 
@@ -379,6 +388,8 @@ def delivered(conv: Conversation, event: Delivered, ctx: Context) -> list[Effect
         if conv.state == "working" and job is not None and job.message_id == event.message_id:
             job.delivered = True
             return [Send(replies.WORKING)]
+        if event.message_id in conv.ended:
+            return []  # its run already reported its end: nothing to stop
         if conv.state == "idle" and not (event.answer and event.answer.state == "idle"):
             # A prompt withdrawn while the VM woke reached it after all: stop that run.
             return [CallWorker(OwnerCall("cancel", conv.phone))]

@@ -32,11 +32,14 @@ class ImageCache:
         path = self.root / name
         return path if IMAGE_NAME.match(name) and path.is_file() else None
 
-    async def fetch(self, name: str) -> bool:
-        """Make sure `name` is cached, fetching it from the worker if needed."""
+    async def fetch(self, name: str) -> bool | None:
+        """Make sure `name` is cached, fetching it from the worker if needed: True when it is,
+        None when the worker no longer has it (the report goes on without it), else False."""
         if self.path(name) is not None:
             return True
         data = await self._worker.fetch_image(name)
+        if data == b"":
+            return None
         if data is None or len(data) > MAX_IMAGE_BYTES:
             return False
         # Write under a temporary name and rename, so a reader never sees half a PNG.

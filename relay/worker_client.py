@@ -72,11 +72,15 @@ class WorkerClient:
         return False
 
     async def fetch_image(self, name: str) -> bytes | None:
+        """The PNG; b"" when the worker says it has no such image (expired: it never will);
+        None when it could not be fetched now."""
         try:
             response = await self._http.get(f"{self._base}/images/{name}", headers=self._headers,
                                             timeout=self._call_timeout)
         except (httpx.TransportError, OSError):
             return None
+        if response.status_code == 404:
+            return b""
         if response.status_code != 200 or response.headers.get("content-type", "").split(";")[0] != "image/png":
             return None
         return response.content

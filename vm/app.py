@@ -96,7 +96,10 @@ def create_app(settings: Settings, *, agent: Agent | None = None, http: httpx.As
         worker = Worker(settings, callbacks, agent or Agent(env), browser, images, github, sandbox)
 
         async def idle() -> None:
-            await _say_goodnight(client, settings, worker.phones)
+            try:
+                await _say_goodnight(client, settings, worker.phones)
+            except Exception:  # refusing calls from here on, the worker must exit, whatever failed
+                logger.exception("could not tell the relay about going to sleep")
             if on_idle is not None:
                 result = on_idle()
                 if result is not None:

@@ -49,6 +49,10 @@ class CallbackSender:
         return sorted(p for p in self.spool.iterdir() if p.suffix == ".json" and not p.name.startswith("."))
 
     @property
+    def last_seq(self) -> int:
+        return self._last_seq
+
+    @property
     def pending(self) -> int:
         return len(self._files())
 

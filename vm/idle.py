@@ -44,5 +44,10 @@ class IdleWatch:
             elif self.idle_for >= self._timeout:
                 self.closing = True
                 logger.info("idle for %.0f s with nothing pending: exiting so the Machine stops", self.idle_for)
-                await self._on_idle()
+                try:
+                    await self._on_idle()
+                except BaseException:
+                    # No exit after all: serve again rather than refuse every call forever.
+                    self.closing = False
+                    raise
                 return

@@ -63,6 +63,8 @@ class Worker:
     _stopping: bool = False
     _store: OwnerStore = field(init=False)
     _write_failure: str = ""  # why the last state or spool write failed; "" once one succeeds
+    _last_seq: dict[str, int] = field(default_factory=dict)  # per owner: the last report spooled
+    _booted_ns: int = field(default_factory=time.time_ns)
 
     def __post_init__(self) -> None:
         self._store = OwnerStore(self.settings.state_dir / "owners")
@@ -104,6 +106,7 @@ class Worker:
 
     def _report(self, phone: str, report: Report) -> None:
         self._written(self.callbacks.report, phone, report)
+        self._last_seq[phone] = self.callbacks.last_seq
 
     def _written(self, write: Callable[..., None], *args: Any) -> None:
         try:
@@ -115,7 +118,9 @@ class Worker:
 
     def _answer(self, owner: OwnerState, status: int, detail: str = "") -> Reply:
         run = owner.run_id if owner.state != "idle" else ""
-        return Reply(status, Answer(owner.state, run, owner.prompt[:200] if run else "", detail))
+        # Everything reported before this boot is older than anything this process says.
+        seq = max(self._last_seq.get(owner.phone, 0), self._booted_ns)
+        return Reply(status, Answer(owner.state, run, owner.prompt[:200] if run else "", detail, seq))
 
     def workspace(self, phone: str) -> Workspace:
         return Workspace(self.sandbox.checkout(phone), self.sandbox.git_dir(phone), self.settings.repo_url,
