@@ -37,20 +37,18 @@ class CallbackSender:
     def __post_init__(self) -> None:
         self.spool.mkdir(parents=True, exist_ok=True)
 
-    def report(self, phone: str, report: Report) -> None:
-        """Spool one report (synchronously, so it is on disk before the caller goes on)."""
+    def report(self, phone: str, report: Report) -> int:
+        """Spool one report (synchronously, so it is on disk before the caller goes on); returns
+        its `seq`."""
         # A clock-based sequence stays unique across restarts; the relay dedupes on run_id + seq.
         self._last_seq = seq = max(time.time_ns(), self._last_seq + 1)
         item = {"phone": phone, "event": encode_report(replace(report, seq=seq))}
         write_durably(self.spool / f"{seq:020d}.json", json.dumps(item).encode())
         self._wakeup.set()
+        return seq
 
     def _files(self) -> list[Path]:
         return sorted(p for p in self.spool.iterdir() if p.suffix == ".json" and not p.name.startswith("."))
-
-    @property
-    def last_seq(self) -> int:
-        return self._last_seq
 
     @property
     def pending(self) -> int:

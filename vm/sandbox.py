@@ -32,6 +32,7 @@ from pathlib import Path
 
 import anyio
 
+from common.files import write_durably
 from vm.reaper import kill_pids, marked_pids, user_pids
 from vm.workspace import write_new_file
 
@@ -365,17 +366,7 @@ class Sandbox:
 
     def _save_users(self, users: Mapping[str, int]) -> None:
         self._users_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self._users_file.with_name(f".{self._users_file.name}.tmp")
-        with tmp.open("w") as out:
-            out.write(json.dumps(dict(users)))
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, self._users_file)
-        folder = os.open(self._users_file.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
+        write_durably(self._users_file, json.dumps(dict(users)).encode())
 
 
 def _digits(phone: str) -> str:

@@ -14,7 +14,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 from anyio.abc import TaskGroup
@@ -34,6 +34,7 @@ from vm.tools import tool_servers
 from vm.workspace import Changes, FileChange, GitError, Snapshot, Workspace
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -105,16 +106,16 @@ class Worker:
         self._written(self._store.save, owner)
 
     def _report(self, phone: str, report: Report) -> None:
-        self._written(self.callbacks.report, phone, report)
-        self._last_seq[phone] = self.callbacks.last_seq
+        self._last_seq[phone] = self._written(self.callbacks.report, phone, report)
 
-    def _written(self, write: Callable[..., None], *args: Any) -> None:
+    def _written(self, write: Callable[..., T], *args: Any) -> T:
         try:
-            write(*args)
+            result = write(*args)
         except OSError as exc:  # a full or failing disk: /health says so until a write works again
             self._write_failure = f"cannot write to the volume ({exc.strerror or type(exc).__name__})"
             raise
         self._write_failure = ""
+        return result
 
     def _answer(self, owner: OwnerState, status: int, detail: str = "") -> Reply:
         run = owner.run_id if owner.state != "idle" else ""
