@@ -42,22 +42,26 @@ def report(path: Path) -> None:
         ref = f"{r['reference']} {r['unit']} ({r['reference_name']})" if "reference" in r else ""
         ratio = f"{r['ratio']}x" if r.get("ratio") is not None else ""
         met = {True: "yes", False: "**no**", None: ""}[r.get("met")]
-        rows.append(f"| {r['bench']} | {r['metric']} | {r['value']} {r['unit']} | {ref} | {ratio} | "
-                    f"{r.get('target', '')} | {met} |")
-    block = "\n".join([
-        "<!-- figures:start -->",
-        f"Measured {time.strftime('%Y-%m-%d', time.gmtime())} on {info['cpu']}, {info['cores']} cores, "
-        f"{info['memory_gb']} GB, Python {info['python']}, everything on 127.0.0.1.",
-        "",
-        *rows,
-        "",
-        "Raw JSON lines of this run:",
-        "",
-        "```",
-        *[json.dumps(r, ensure_ascii=False) for r in RESULTS],
-        "```",
-        "<!-- figures:end -->",
-    ])
+        rows.append(
+            f"| {r['bench']} | {r['metric']} | {r['value']} {r['unit']} | {ref} | {ratio} | "
+            f"{r.get('target', '')} | {met} |"
+        )
+    block = "\n".join(
+        [
+            "<!-- figures:start -->",
+            f"Measured {time.strftime('%Y-%m-%d', time.gmtime())} on {info['cpu']}, {info['cores']} cores, "
+            f"{info['memory_gb']} GB, Python {info['python']}, everything on 127.0.0.1.",
+            "",
+            *rows,
+            "",
+            "Raw JSON lines of this run:",
+            "",
+            "```",
+            *[json.dumps(r, ensure_ascii=False) for r in RESULTS],
+            "```",
+            "<!-- figures:end -->",
+        ]
+    )
     text = path.read_text()
     start, end = text.index("<!-- figures:start -->"), text.index("<!-- figures:end -->") + len("<!-- figures:end -->")
     path.write_text(text[:start] + block + text[end:])

@@ -20,13 +20,26 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS: list[dict[str, Any]] = []
 
 
-def emit(bench: str, metric: str, value: float, unit: str, *, reference: float | None = None,
-         reference_name: str = "", target: str = "", met: bool | None = None, **extra: Any) -> None:
+def emit(
+    bench: str,
+    metric: str,
+    value: float,
+    unit: str,
+    *,
+    reference: float | None = None,
+    reference_name: str = "",
+    target: str = "",
+    met: bool | None = None,
+    **extra: Any,
+) -> None:
     """Print one figure as a JSON line (and keep it for the report)."""
     line: dict[str, Any] = {"bench": bench, "metric": metric, "value": round(value, 3), "unit": unit}
     if reference is not None:
-        line.update(reference=round(reference, 3), reference_name=reference_name,
-                    ratio=round(value / reference, 3) if reference else None)
+        line.update(
+            reference=round(reference, 3),
+            reference_name=reference_name,
+            ratio=round(value / reference, 3) if reference else None,
+        )
     if target:
         line.update(target=target, met=met)
     line.update(extra)
@@ -49,8 +62,14 @@ def process(args: list[str], env: dict[str, str], log: Path) -> Iterator[subproc
     full.update(env)
     full["PYTHONPATH"] = str(ROOT)
     with log.open("ab") as out:
-        proc = subprocess.Popen([sys.executable, *args], env=full, stdout=out, stderr=subprocess.STDOUT,
-                                cwd=log.parent, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, *args],
+            env=full,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=log.parent,
+            start_new_session=True,
+        )
     try:
         yield proc
     finally:
@@ -103,8 +122,18 @@ def tree_rss_kb(pid: int) -> int:
 
 
 def machine() -> dict[str, str]:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "unknown")
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        "unknown",
+    )
     mem = Path("/proc/meminfo").read_text().splitlines()[0].split()[1]
-    return {"cpu": cpu, "cores": str(os.cpu_count()), "memory_gb": f"{int(mem) / 1024 / 1024:.0f}",
-            "python": sys.version.split()[0]}
+    return {
+        "cpu": cpu,
+        "cores": str(os.cpu_count()),
+        "memory_gb": f"{int(mem) / 1024 / 1024:.0f}",
+        "python": sys.version.split()[0],
+    }

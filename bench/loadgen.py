@@ -14,8 +14,15 @@ from urllib.parse import urlencode
 
 def form_request(host: str, path: str, params: dict[str, str], headers: dict[str, str]) -> bytes:
     body = urlencode(params).encode()
-    head = [f"POST {path} HTTP/1.1", f"Host: {host}", "Content-Type: application/x-www-form-urlencoded",
-            f"Content-Length: {len(body)}", *[f"{k}: {v}" for k, v in headers.items()], "", ""]
+    head = [
+        f"POST {path} HTTP/1.1",
+        f"Host: {host}",
+        "Content-Type: application/x-www-form-urlencoded",
+        f"Content-Length: {len(body)}",
+        *[f"{k}: {v}" for k, v in headers.items()],
+        "",
+        "",
+    ]
     return "\r\n".join(head).encode() + body
 
 

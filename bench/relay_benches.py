@@ -20,6 +20,7 @@ from tests.support.servers import reserve_port, reserve_port_at, run_server, url
 
 PHONES = [f"+1555200{i:04d}" for i in range(120)]
 
+
 async def until_healthy_port(port: int, proc: object) -> None:
     """The fake Twilio has no /health: wait until its port accepts connections."""
     with anyio.fail_after(30):
@@ -34,8 +35,16 @@ async def until_healthy_port(port: int, proc: object) -> None:
 
 
 def relay_process_env(tmp: Path, twilio_url: str, worker_url: str, port: int, **extra: str) -> dict[str, str]:
-    return relay_env(tmp / "relay.sqlite3", twilio_url, worker_url, PORT=str(port), HOST="127.0.0.1",
-                     ALLOWED_PHONE_NUMBERS=",".join(PHONES), LOG_LEVEL="WARNING", **extra)
+    return relay_env(
+        tmp / "relay.sqlite3",
+        twilio_url,
+        worker_url,
+        PORT=str(port),
+        HOST="127.0.0.1",
+        ALLOWED_PHONE_NUMBERS=",".join(PHONES),
+        LOG_LEVEL="WARNING",
+        **extra,
+    )
 
 
 def signed_requests(port: int, count: int, body: str = "help", sender: str = "") -> list[bytes]:
@@ -45,8 +54,9 @@ def signed_requests(port: int, count: int, body: str = "help", sender: str = "")
     for i in range(count):
         params = message_params(body, sender=sender or PHONES[i % 20])
         signature = validator.compute_signature(PUBLIC_URL + "/webhook", params)
-        requests.append(loadgen.form_request(f"127.0.0.1:{port}", "/webhook", params,
-                                             {"X-Twilio-Signature": signature}))
+        requests.append(
+            loadgen.form_request(f"127.0.0.1:{port}", "/webhook", params, {"X-Twilio-Signature": signature})
+        )
     return requests
 
 
@@ -65,8 +75,9 @@ async def webhook_and_memory(tmp: Path, count: int = 4000, concurrency: int = 32
         with process(["-m", "bench.bare", str(bare_port)], {}, tmp / "bare.log") as bare:
             await until_healthy(f"http://127.0.0.1:{bare_port}", bare)
             await loadgen.run("127.0.0.1", bare_port, signed_requests(bare_port, 300), concurrency)
-            bare_rps, bare_lat = await loadgen.run("127.0.0.1", bare_port, signed_requests(bare_port, count),
-                                                   concurrency)
+            bare_rps, bare_lat = await loadgen.run(
+                "127.0.0.1", bare_port, signed_requests(bare_port, count), concurrency
+            )
         env = relay_process_env(tmp, f"http://127.0.0.1:{twilio_port}", "http://127.0.0.1:9", relay_port)
         with process(["-m", "relay"], env, tmp / "relay.log") as relay:
             await until_healthy(f"http://127.0.0.1:{relay_port}", relay)
@@ -76,22 +87,67 @@ async def webhook_and_memory(tmp: Path, count: int = 4000, concurrency: int = 32
             peak_kb = rss_kb(relay.pid, "VmHWM")
             # The route alone: a sender outside the allowlist is checked and answered, no more.
             await anyio.sleep(2.0)  # let the replies of the run above drain
-            route_rps, route_lat = await loadgen.run("127.0.0.1", relay_port,
-                                                     signed_requests(relay_port, count, sender="+19990000000"),
-                                                     concurrency)
+            route_rps, route_lat = await loadgen.run(
+                "127.0.0.1", relay_port, signed_requests(relay_port, count, sender="+19990000000"), concurrency
+            )
     p99 = pct(lat, 99) * 1000
-    emit("webhook", "throughput", rps, "req/s", reference=bare_rps, reference_name="bare Starlette form parse",
-         target=">= 0.5x bare", met=rps >= 0.5 * bare_rps, concurrency=concurrency, requests=count)
-    emit("webhook", "p50_latency", pct(lat, 50) * 1000, "ms", reference=pct(bare_lat, 50) * 1000,
-         reference_name="bare Starlette form parse")
-    emit("webhook", "p99_latency", p99, "ms", reference=pct(bare_lat, 99) * 1000,
-         reference_name="bare Starlette form parse", target="< 20 ms", met=p99 < 20)
-    emit("webhook", "route_only_throughput", route_rps, "req/s", reference=bare_rps,
-         reference_name="bare Starlette form parse", note="signature + parse + allowlist, nothing stored or sent")
-    emit("webhook", "route_only_p99_latency", pct(route_lat, 99) * 1000, "ms", reference=pct(bare_lat, 99) * 1000,
-         reference_name="bare Starlette form parse")
-    emit("memory", "relay_peak_rss", peak_kb / 1024, "MB", reference=idle_kb / 1024, reference_name="relay idle",
-         target="< 80 MB", met=peak_kb / 1024 < 80)
+    emit(
+        "webhook",
+        "throughput",
+        rps,
+        "req/s",
+        reference=bare_rps,
+        reference_name="bare Starlette form parse",
+        target=">= 0.5x bare",
+        met=rps >= 0.5 * bare_rps,
+        concurrency=concurrency,
+        requests=count,
+    )
+    emit(
+        "webhook",
+        "p50_latency",
+        pct(lat, 50) * 1000,
+        "ms",
+        reference=pct(bare_lat, 50) * 1000,
+        reference_name="bare Starlette form parse",
+    )
+    emit(
+        "webhook",
+        "p99_latency",
+        p99,
+        "ms",
+        reference=pct(bare_lat, 99) * 1000,
+        reference_name="bare Starlette form parse",
+        target="< 20 ms",
+        met=p99 < 20,
+    )
+    emit(
+        "webhook",
+        "route_only_throughput",
+        route_rps,
+        "req/s",
+        reference=bare_rps,
+        reference_name="bare Starlette form parse",
+        note="signature + parse + allowlist, nothing stored or sent",
+    )
+    emit(
+        "webhook",
+        "route_only_p99_latency",
+        pct(route_lat, 99) * 1000,
+        "ms",
+        reference=pct(bare_lat, 99) * 1000,
+        reference_name="bare Starlette form parse",
+    )
+    emit(
+        "memory",
+        "relay_peak_rss",
+        peak_kb / 1024,
+        "MB",
+        reference=idle_kb / 1024,
+        reference_name="relay idle",
+        target="< 80 MB",
+        met=peak_kb / 1024 < 80,
+    )
 
 
 async def wake_overhead(tmp: Path, trials: int = 20) -> None:
@@ -116,8 +172,11 @@ async def wake_overhead(tmp: Path, trials: int = 20) -> None:
                     worker = TimedWorker(WORKER_TOKEN)
                     params = message_params(f"job {trial}", sender=PHONES[20 + trial])
                     sent = time.monotonic()
-                    await client.post(f"{relay_url}/webhook", data=params, headers={
-                        "X-Twilio-Signature": validator.compute_signature(PUBLIC_URL + "/webhook", params)})
+                    await client.post(
+                        f"{relay_url}/webhook",
+                        data=params,
+                        headers={"X-Twilio-Signature": validator.compute_signature(PUBLIC_URL + "/webhook", params)},
+                    )
                     delay = rng.uniform(0.3, 3.0)
                     boot_delays.append(delay)
                     await anyio.sleep(delay)  # the scenario: the VM boots for a random while
@@ -131,14 +190,38 @@ async def wake_overhead(tmp: Path, trials: int = 20) -> None:
     # A 3 s poller starting at the webhook finds a worker that listens at t on its next tick.
     reference = [math.ceil(t / 3.0) * 3.0 - t for t in boot_delays]
     p95 = pct(overheads, 95) * 1000
-    emit("wake", "overhead_p95", p95, "ms", reference=pct(reference, 95) * 1000, reference_name="3 s poll",
-         target="< 100 ms", met=p95 < 100, trials=trials)
-    emit("wake", "overhead_mean", sum(overheads) / len(overheads) * 1000, "ms",
-         reference=sum(reference) / len(reference) * 1000, reference_name="3 s poll")
-    emit("wake", "overhead_max", max(overheads) * 1000, "ms", reference=max(reference) * 1000,
-         reference_name="3 s poll")
-    emit("wake", "health_polls_per_s", max(poll_rates), "req/s", reference=1 / 3, reference_name="3 s poll",
-         target="< 20 req/s", met=max(poll_rates) < 20)
+    emit(
+        "wake",
+        "overhead_p95",
+        p95,
+        "ms",
+        reference=pct(reference, 95) * 1000,
+        reference_name="3 s poll",
+        target="< 100 ms",
+        met=p95 < 100,
+        trials=trials,
+    )
+    emit(
+        "wake",
+        "overhead_mean",
+        sum(overheads) / len(overheads) * 1000,
+        "ms",
+        reference=sum(reference) / len(reference) * 1000,
+        reference_name="3 s poll",
+    )
+    emit(
+        "wake", "overhead_max", max(overheads) * 1000, "ms", reference=max(reference) * 1000, reference_name="3 s poll"
+    )
+    emit(
+        "wake",
+        "health_polls_per_s",
+        max(poll_rates),
+        "req/s",
+        reference=1 / 3,
+        reference_name="3 s poll",
+        target="< 20 req/s",
+        met=max(poll_rates) < 20,
+    )
 
 
 class TimedWorker(FakeWorker):
@@ -175,7 +258,7 @@ async def first_reply(tmp: Path, trials: int = 30) -> None:
             env = relay_process_env(tmp / state, twilio_url, url_of(worker_sock), relay_port, WAKE_TIMEOUT_MS="600000")
             (tmp / state).mkdir(exist_ok=True)
             times = []
-            async with (run_server(worker.app(), worker_sock) if state == "awake" else _nothing(worker_sock)):
+            async with run_server(worker.app(), worker_sock) if state == "awake" else _nothing(worker_sock):
                 with process(["-m", "relay"], env, tmp / state / "relay.log") as relay:
                     relay_url = f"http://127.0.0.1:{relay_port}"
                     await until_healthy(relay_url, relay)
@@ -183,8 +266,9 @@ async def first_reply(tmp: Path, trials: int = 30) -> None:
                         for trial in range(trials):
                             phone = PHONES[60 + trial]
                             params = message_params(f"job {trial}", sender=phone)
-                            headers = {"X-Twilio-Signature": validator.compute_signature(PUBLIC_URL + "/webhook",
-                                                                                         params)}
+                            headers = {
+                                "X-Twilio-Signature": validator.compute_signature(PUBLIC_URL + "/webhook", params)
+                            }
                             before = len(twilio.bodies(phone))
                             sent = time.monotonic()
                             await client.post(f"{relay_url}/webhook", data=params, headers=headers)
@@ -194,8 +278,16 @@ async def first_reply(tmp: Path, trials: int = 30) -> None:
                             arrived = next(m.at for m in twilio.messages if m.to == f"whatsapp:{phone}")
                             times.append(arrived - sent)
         p95 = pct(times, 95) * 1000
-        emit("first_reply", f"{state}_p95", p95, "ms", target="< 300 ms", met=p95 < 300, trials=trials,
-             p50_ms=round(median(times) * 1000, 1))
+        emit(
+            "first_reply",
+            f"{state}_p95",
+            p95,
+            "ms",
+            target="< 300 ms",
+            met=p95 < 300,
+            trials=trials,
+            p50_ms=round(median(times) * 1000, 1),
+        )
 
 
 class _nothing:

@@ -43,8 +43,15 @@ async def boot(tmp: Path, runs: int = 7) -> None:
     worker_times, bare_times = [], []
     for run in range(runs):
         port = free_port()
-        env = worker_env(tmp / f"boot{run}", relay_url="http://127.0.0.1:9", github_url="http://127.0.0.1:9",
-                         origin=origin, PORT=str(port), HOST="127.0.0.1", LOG_LEVEL="WARNING")
+        env = worker_env(
+            tmp / f"boot{run}",
+            relay_url="http://127.0.0.1:9",
+            github_url="http://127.0.0.1:9",
+            origin=origin,
+            PORT=str(port),
+            HOST="127.0.0.1",
+            LOG_LEVEL="WARNING",
+        )
         started = time.monotonic()
         with process(["-m", "vm"], env, tmp / "boot.log") as proc:
             worker_times.append(await until_healthy(f"http://127.0.0.1:{port}", proc) - started)
@@ -53,8 +60,17 @@ async def boot(tmp: Path, runs: int = 7) -> None:
         with process(["-m", "bench.bare", str(port)], {}, tmp / "bare-boot.log") as proc:
             bare_times.append(await until_healthy(f"http://127.0.0.1:{port}", proc) - started)
     worker_ms, bare_ms = median(worker_times) * 1000, median(bare_times) * 1000
-    emit("worker_boot", "median", worker_ms, "ms", reference=bare_ms, reference_name="bare uvicorn + Starlette",
-         target="< 1.5x bare", met=worker_ms < 1.5 * bare_ms, runs=runs)
+    emit(
+        "worker_boot",
+        "median",
+        worker_ms,
+        "ms",
+        reference=bare_ms,
+        reference_name="bare uvicorn + Starlette",
+        target="< 1.5x bare",
+        met=worker_ms < 1.5 * bare_ms,
+        runs=runs,
+    )
 
 
 async def screenshots_and_memory(tmp: Path, warm_runs: int = 10) -> None:
@@ -63,8 +79,16 @@ async def screenshots_and_memory(tmp: Path, warm_runs: int = 10) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     async with run_server(relay.app()) as relay_url, httpx.AsyncClient(timeout=60) as client:
-        env = worker_env(tmp / "shots", relay_url=relay_url, github_url="http://127.0.0.1:9", origin=origin,
-                         PORT=str(port), HOST="127.0.0.1", LOG_LEVEL="WARNING", CHROMIUM_PATH=CHROMIUM)
+        env = worker_env(
+            tmp / "shots",
+            relay_url=relay_url,
+            github_url="http://127.0.0.1:9",
+            origin=origin,
+            PORT=str(port),
+            HOST="127.0.0.1",
+            LOG_LEVEL="WARNING",
+            CHROMIUM_PATH=CHROMIUM,
+        )
         with process(["-m", "vm"], env, tmp / "shots.log") as proc:
             await until_healthy(url, proc)
             await anyio.sleep(1.0)  # let start-up settle before reading the idle footprint
@@ -83,12 +107,27 @@ async def screenshots_and_memory(tmp: Path, warm_runs: int = 10) -> None:
             after_kb, after_tree_kb = rss_kb(proc.pid), tree_rss_kb(proc.pid)
     warm = times[1:]
     emit("screenshot", "cold", times[0] * 1000, "ms", note="includes launching Chromium")
-    emit("screenshot", "warm_p50", pct(warm, 50) * 1000, "ms", target="< 300 ms", met=pct(warm, 50) < 0.3,
-         runs=warm_runs, p95_ms=round(pct(warm, 95) * 1000, 1))
+    emit(
+        "screenshot",
+        "warm_p50",
+        pct(warm, 50) * 1000,
+        "ms",
+        target="< 300 ms",
+        met=pct(warm, 50) < 0.3,
+        runs=warm_runs,
+        p95_ms=round(pct(warm, 95) * 1000, 1),
+    )
     emit("memory", "worker_idle_rss", idle_kb / 1024, "MB", tree_mb=round(idle_tree_kb / 1024, 1))
-    emit("memory", "worker_rss_after_screenshot", after_kb / 1024, "MB", reference=idle_kb / 1024,
-         reference_name="worker idle", tree_mb=round(after_tree_kb / 1024, 1),
-         note="tree_mb counts Chromium's processes too")
+    emit(
+        "memory",
+        "worker_rss_after_screenshot",
+        after_kb / 1024,
+        "MB",
+        reference=idle_kb / 1024,
+        reference_name="worker idle",
+        tree_mb=round(after_tree_kb / 1024, 1),
+        note="tree_mb counts Chromium's processes too",
+    )
 
 
 async def pair_overhead(tmp: Path, runs: int = 9) -> None:
@@ -101,34 +140,67 @@ async def pair_overhead(tmp: Path, runs: int = 9) -> None:
     relay_url, worker_url = f"http://127.0.0.1:{relay_port}", f"http://127.0.0.1:{worker_port}"
     pair_times: list[float] = []
     cli_times: list[float] = []
-    async with run_server(model.app()) as model_url, run_server(twilio.app()) as twilio_url, \
-            run_server(github.app()) as github_url, httpx.AsyncClient(timeout=60) as client:
-        renv = relay_env(tmp / "pair" / "relay.sqlite3", twilio_url, worker_url, PORT=str(relay_port),
-                         HOST="127.0.0.1", LOG_LEVEL="WARNING")
-        wenv = {**model_env(model_url, tmp / "pair"), **worker_env(
-            tmp / "pair", relay_url=relay_url, github_url=github_url, origin=origin, PORT=str(worker_port),
-            HOST="127.0.0.1", LOG_LEVEL="WARNING", WORKSPACE_DIR=str(tmp / "pair" / "workspace"))}
+    async with (
+        run_server(model.app()) as model_url,
+        run_server(twilio.app()) as twilio_url,
+        run_server(github.app()) as github_url,
+        httpx.AsyncClient(timeout=60) as client,
+    ):
+        renv = relay_env(
+            tmp / "pair" / "relay.sqlite3",
+            twilio_url,
+            worker_url,
+            PORT=str(relay_port),
+            HOST="127.0.0.1",
+            LOG_LEVEL="WARNING",
+        )
+        wenv = {
+            **model_env(model_url, tmp / "pair"),
+            **worker_env(
+                tmp / "pair",
+                relay_url=relay_url,
+                github_url=github_url,
+                origin=origin,
+                PORT=str(worker_port),
+                HOST="127.0.0.1",
+                LOG_LEVEL="WARNING",
+                WORKSPACE_DIR=str(tmp / "pair" / "workspace"),
+            ),
+        }
         (tmp / "pair").mkdir(exist_ok=True)
-        with process(["-m", "relay"], renv, tmp / "pair" / "relay.log") as relay, \
-                process(["-m", "vm"], wenv, tmp / "pair" / "worker.log") as worker:
+        with (
+            process(["-m", "relay"], renv, tmp / "pair" / "relay.log") as relay,
+            process(["-m", "vm"], wenv, tmp / "pair" / "worker.log") as worker,
+        ):
             await until_healthy(relay_url, relay)
             await until_healthy(worker_url, worker)
             for n in range(runs + 1):  # the first run clones the checkout: a warm-up
                 params = message_params(f"question {n}")
                 started = time.monotonic()
-                await client.post(f"{relay_url}/webhook", data=params,
-                                  headers=signed_form(PUBLIC_URL + "/webhook", params))
+                await client.post(
+                    f"{relay_url}/webhook", data=params, headers=signed_form(PUBLIC_URL + "/webhook", params)
+                )
                 with anyio.fail_after(120):
                     while not any(f"answer {n}" in b for b in twilio.bodies(OWNER)):
                         await anyio.sleep(0.002)
                 if n:
                     pair_times.append(time.monotonic() - started)
                     # Interleaved, so both sides see the same machine at the same moment.
-                    cli_times.append(await _sdk_alone(model_url, tmp / "pair" / "workspace" / OWNER.lstrip("+"),
-                                                      tmp, n))
+                    cli_times.append(
+                        await _sdk_alone(model_url, tmp / "pair" / "workspace" / OWNER.lstrip("+"), tmp, n)
+                    )
     pair_ms, cli_ms = median(pair_times) * 1000, median(cli_times) * 1000
-    emit("end_to_end", "pair_overhead", pair_ms - cli_ms, "ms", target="< 150 ms", met=pair_ms - cli_ms < 150,
-         pair_median_ms=round(pair_ms, 1), cli_median_ms=round(cli_ms, 1), runs=runs)
+    emit(
+        "end_to_end",
+        "pair_overhead",
+        pair_ms - cli_ms,
+        "ms",
+        target="< 150 ms",
+        met=pair_ms - cli_ms < 150,
+        pair_median_ms=round(pair_ms, 1),
+        cli_median_ms=round(cli_ms, 1),
+        runs=runs,
+    )
 
 
 async def _sdk_alone(model_url: str, cwd: Path, tmp: Path, n: int) -> float:

@@ -155,8 +155,13 @@ class Answer:
 
 
 def encode_answer(answer: Answer) -> dict[str, Any]:
-    data = {"v": VERSION, "state": answer.state, "run_id": answer.run_id, "prompt": answer.prompt[:200],
-            "seq": answer.seq}
+    data = {
+        "v": VERSION,
+        "state": answer.state,
+        "run_id": answer.run_id,
+        "prompt": answer.prompt[:200],
+        "seq": answer.seq,
+    }
     if answer.detail:
         data["detail"] = answer.detail
     return data
@@ -168,8 +173,13 @@ def decode_answer(data: Any) -> Answer | None:
         return None
     try:
         _check_version(data)
-        return Answer(data["state"], _string(data, "run_id", 100), _string(data, "prompt", 200),
-                      _string(data, "detail", 300), _integer(data, "seq"))
+        return Answer(
+            data["state"],
+            _string(data, "run_id", 100),
+            _string(data, "prompt", 200),
+            _string(data, "detail", 300),
+            _integer(data, "seq"),
+        )
     except (ProtocolError, ValueError):
         return None
 
@@ -236,7 +246,9 @@ def report_bytes(data: dict[str, Any]) -> bytes:
 def _clip(report: Report) -> Report:
     return replace(
         report,
-        text=report.text[:MAX_TEXT], diff=report.diff[:MAX_DIFF], url=report.url[:2_000],
+        text=report.text[:MAX_TEXT],
+        diff=report.diff[:MAX_DIFF],
+        url=report.url[:2_000],
         files=tuple((p[:MAX_PATH], a, r, b) for p, a, r, b in report.files[:MAX_FILES]),
         files_count=max(report.files_count, len(report.files)),
         uncovered=tuple(p[:MAX_PATH] for p in report.uncovered[:MAX_PATHS]),
@@ -254,7 +266,10 @@ def _report_dict(report: Report) -> dict[str, Any]:
         data[f.name] = value
     data["files"] = [{"path": p, "added": a, "removed": r, "binary": b} for p, a, r, b in report.files]
     data["images"], data["uncovered"], data["left_out"] = (
-        list(report.images), list(report.uncovered), list(report.left_out))
+        list(report.images),
+        list(report.uncovered),
+        list(report.left_out),
+    )
     return data
 
 
@@ -273,14 +288,18 @@ def decode_report(data: Any) -> Report:
         raise ProtocolError("seq must be a non-negative integer")
     try:
         report = Report(
-            type=kind, run_id=run_id, seq=seq,
+            type=kind,
+            run_id=run_id,
+            seq=seq,
             text=_string(data, "text", MAX_TEXT),
             changes=data.get("changes", False) is True,
             cost_usd=_number(data, "cost_usd"),
             duration_ms=None if data.get("duration_ms") is None else _integer(data, "duration_ms"),
             url=_string(data, "url", 2_000),
-            files=tuple((_path(f["path"]), int(f["added"]), int(f["removed"]), f.get("binary") is True)
-                        for f in _list(data, "files")[:MAX_FILES]),
+            files=tuple(
+                (_path(f["path"]), int(f["added"]), int(f["removed"]), f.get("binary") is True)
+                for f in _list(data, "files")[:MAX_FILES]
+            ),
             diff=_string(data, "diff", MAX_DIFF),
             images=tuple(_list(data, "images")),
             files_count=_integer(data, "files_count"),

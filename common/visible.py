@@ -14,12 +14,13 @@ def visible(text: str) -> str:
     """Control, format (bidi, zero-width), unassigned, combining and blank-looking characters as
     escapes; plain spaces and tabs stay."""
     return "".join(
-        f"\\u{ord(c):04x}" if c not in " \t" and (ord(c) in INVISIBLE or unicodedata.category(c)
-                                                    in INVISIBLE_CATEGORIES) else c
+        f"\\u{ord(c):04x}"
+        if c not in " \t" and (ord(c) in INVISIBLE or unicodedata.category(c) in INVISIBLE_CATEGORIES)
+        else c
         for c in text
     )
 
 
 def clip_path(path: str, limit: int = 80) -> str:
     """A path that fits, keeping its end (the file's own name), with the cut marked."""
-    return path if len(path) <= limit else "…" + path[-(limit - 1):]
+    return path if len(path) <= limit else "…" + path[-(limit - 1) :]

@@ -69,8 +69,9 @@ def free_port() -> int:
 @asynccontextmanager
 async def serve(app: Any, host: str, port: int) -> AsyncIterator[str]:
     # These small apps hold no resources, so no lifespan; Ctrl-C is handled by the console itself.
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off",
-                                          timeout_graceful_shutdown=1))  # long polls end at once
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off", timeout_graceful_shutdown=1)
+    )  # long polls end at once
     server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
 
     async def run_until_told() -> None:
@@ -92,8 +93,7 @@ async def serve(app: Any, host: str, port: int) -> AsyncIterator[str]:
 def spawn(module: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     # Same process group as the console: whatever ends the console's group ends these too.
     with log.open("ab") as out:
-        return subprocess.Popen([sys.executable, "-m", module], env=env, cwd=ROOT, stdout=out,
-                                stderr=subprocess.STDOUT)
+        return subprocess.Popen([sys.executable, "-m", module], env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
 
 
 def stop(*procs: subprocess.Popen[bytes] | None) -> None:
@@ -125,23 +125,48 @@ async def run(opts: Options) -> None:
 
     async with httpx.AsyncClient() as http, anyio.create_task_group() as tg:
         tg.start_soon(_stop_on_signal, tg.cancel_scope)
-        chat = Chat(relay_url=relay_url, public_url=public_url, account_sid=sid, auth_token=token, owner=owner,
-                    bot_number=env.get("TWILIO_WHATSAPP_NUMBER", SANDBOX_NUMBER), http=http, demo=opts.demo)
-        worker_env = {**env, "WORKER_TOKEN": worker_token, "RELAY_CALLBACK_URL": relay_url, "PORT": str(worker_port),
-                      "HOST": "127.0.0.1", "WORKSPACE_DIR": str(opts.data / "workspace"),
-                      "IMAGES_DIR": str(opts.data / "images"), "ENABLE_TEST_APP": "true",
-                      "IDLE_TIMEOUT_MS": env.get("IDLE_TIMEOUT_MS", "120000" if opts.demo else "300000")}
+        chat = Chat(
+            relay_url=relay_url,
+            public_url=public_url,
+            account_sid=sid,
+            auth_token=token,
+            owner=owner,
+            bot_number=env.get("TWILIO_WHATSAPP_NUMBER", SANDBOX_NUMBER),
+            http=http,
+            demo=opts.demo,
+        )
+        worker_env = {
+            **env,
+            "WORKER_TOKEN": worker_token,
+            "RELAY_CALLBACK_URL": relay_url,
+            "PORT": str(worker_port),
+            "HOST": "127.0.0.1",
+            "WORKSPACE_DIR": str(opts.data / "workspace"),
+            "IMAGES_DIR": str(opts.data / "images"),
+            "ENABLE_TEST_APP": "true",
+            "IDLE_TIMEOUT_MS": env.get("IDLE_TIMEOUT_MS", "120000" if opts.demo else "300000"),
+        }
         if shutil.which("chromium") and not env.get("CHROMIUM_PATH"):
             worker_env["CHROMIUM_PATH"] = shutil.which("chromium") or ""
         worker_env["AGENT_ISOLATION"] = _isolation(env, opts.data)
         async with _stand_ins(opts, env, worker_env, http) as notes:
             notes.append(ISOLATION_NOTES[worker_env["AGENT_ISOLATION"]])
-            proxy = WakeProxy(lambda: spawn("vm", worker_env, opts.data / "worker.log"),
-                              f"http://127.0.0.1:{worker_port}", http)
-            relay_env = {**env, "PUBLIC_URL": public_url, "TWILIO_ACCOUNT_SID": sid, "TWILIO_AUTH_TOKEN": token,
-                         "TWILIO_WHATSAPP_NUMBER": chat.bot_number, "ALLOWED_PHONE_NUMBERS": owner,
-                         "CLAUDE_HOST": f"http://127.0.0.1:{proxy_port}", "WORKER_TOKEN": worker_token,
-                         "RELAY_DB": str(opts.data / "relay.sqlite3"), "PORT": str(relay_port), "HOST": "127.0.0.1"}
+            proxy = WakeProxy(
+                lambda: spawn("vm", worker_env, opts.data / "worker.log"), f"http://127.0.0.1:{worker_port}", http
+            )
+            relay_env = {
+                **env,
+                "PUBLIC_URL": public_url,
+                "TWILIO_ACCOUNT_SID": sid,
+                "TWILIO_AUTH_TOKEN": token,
+                "TWILIO_WHATSAPP_NUMBER": chat.bot_number,
+                "ALLOWED_PHONE_NUMBERS": owner,
+                "CLAUDE_HOST": f"http://127.0.0.1:{proxy_port}",
+                "WORKER_TOKEN": worker_token,
+                "RELAY_DB": str(opts.data / "relay.sqlite3"),
+                "PORT": str(relay_port),
+                "HOST": "127.0.0.1",
+            }
             if not real_twilio:
                 relay_env["TWILIO_API_BASE_URL"] = chat_url
             relay = spawn("relay", relay_env, opts.data / "relay.log")
@@ -163,8 +188,9 @@ async def run(opts: Options) -> None:
 
 
 @asynccontextmanager
-async def _stand_ins(opts: Options, env: dict[str, str], worker_env: dict[str, str],
-                     http: httpx.AsyncClient) -> AsyncIterator[list[str]]:
+async def _stand_ins(
+    opts: Options, env: dict[str, str], worker_env: dict[str, str], http: httpx.AsyncClient
+) -> AsyncIterator[list[str]]:
     """In demo mode (or without a repository or GitHub token), local stand-ins for the outside."""
     notes: list[str] = []
     async with anyio.create_task_group() as tg:
@@ -174,10 +200,14 @@ async def _stand_ins(opts: Options, env: dict[str, str], worker_env: dict[str, s
             servers.append(serve(demo_model().app(), "127.0.0.1", model_port))
             for key in ("ANTHROPIC_AUTH_TOKEN", "CLAUDE_CODE_OAUTH_TOKEN"):
                 worker_env.pop(key, None)
-            worker_env.update({"ANTHROPIC_BASE_URL": f"http://127.0.0.1:{model_port}",
-                               "ANTHROPIC_API_KEY": "demo-key-for-the-scripted-model",
-                               "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
-                               "CLAUDE_CONFIG_DIR": str(opts.data / "claude")})
+            worker_env.update(
+                {
+                    "ANTHROPIC_BASE_URL": f"http://127.0.0.1:{model_port}",
+                    "ANTHROPIC_API_KEY": "demo-key-for-the-scripted-model",
+                    "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+                    "CLAUDE_CONFIG_DIR": str(opts.data / "claude"),
+                }
+            )
             notes.append("model: scripted (demo)")
         if opts.demo or not env.get("REPO_URL"):
             origin = make_demo_repo(opts.data / "origin.git")
@@ -187,8 +217,13 @@ async def _stand_ins(opts: Options, env: dict[str, str], worker_env: dict[str, s
             github_port = free_port()
             github = FakeGitHub(token=secrets.token_hex(16), web_url=f"http://127.0.0.1:{github_port}")
             servers.append(serve(github.app(), "127.0.0.1", github_port))
-            worker_env.update({"GITHUB_TOKEN": github.token, "GITHUB_API_URL": f"http://127.0.0.1:{github_port}",
-                               "GITHUB_REPO": "you/demo-app"})
+            worker_env.update(
+                {
+                    "GITHUB_TOKEN": github.token,
+                    "GITHUB_API_URL": f"http://127.0.0.1:{github_port}",
+                    "GITHUB_REPO": "you/demo-app",
+                }
+            )
             notes.append(f"pull requests: local GitHub stand-in at http://127.0.0.1:{github_port}")
         if not opts.demo and not (env.get("ANTHROPIC_API_KEY") or env.get("CLAUDE_CODE_OAUTH_TOKEN")):
             notes.append("model: your Claude login (set ANTHROPIC_API_KEY, or use --demo, if you have none)")

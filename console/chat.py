@@ -57,13 +57,15 @@ class Chat:
     _closing: bool = False
 
     def app(self) -> Starlette:
-        return Starlette(routes=[
-            Route("/", self._page),
-            Route("/api/info", self._info),
-            Route("/api/send", self._send, methods=["POST"]),
-            Route("/api/messages", self._messages),
-            Route("/2010-04-01/Accounts/{sid}/Messages.json", self._twilio_create, methods=["POST"]),
-        ])
+        return Starlette(
+            routes=[
+                Route("/", self._page),
+                Route("/api/info", self._info),
+                Route("/api/send", self._send, methods=["POST"]),
+                Route("/api/messages", self._messages),
+                Route("/2010-04-01/Accounts/{sid}/Messages.json", self._twilio_create, methods=["POST"]),
+            ]
+        )
 
     def _add(self, sender: str, body: str, media: list[str]) -> ChatMessage:
         message = ChatMessage(next(self._ids), sender, body, media, time.time())
@@ -82,19 +84,24 @@ class Chat:
         try:
             text = str((await request.json())["text"]).strip()
         except (ValueError, KeyError, TypeError):
-            return JSONResponse({"detail": "expected {\"text\": ...}"}, status_code=400)
+            return JSONResponse({"detail": 'expected {"text": ...}'}, status_code=400)
         if not text or len(text) > MAX_TEXT:
             return JSONResponse({"detail": f"a message has 1 to {MAX_TEXT} characters"}, status_code=400)
         self._add("owner", text, [])
         params = {
-            "MessageSid": "SM" + secrets.token_hex(16), "AccountSid": self.account_sid,
-            "From": f"whatsapp:{self.owner}", "To": f"whatsapp:{self.bot_number}", "Body": text,
-            "NumMedia": "0", "ProfileName": "You",
+            "MessageSid": "SM" + secrets.token_hex(16),
+            "AccountSid": self.account_sid,
+            "From": f"whatsapp:{self.owner}",
+            "To": f"whatsapp:{self.bot_number}",
+            "Body": text,
+            "NumMedia": "0",
+            "ProfileName": "You",
         }
         signature = RequestValidator(self.auth_token).compute_signature(f"{self.public_url}/webhook", params)
         try:
-            response = await self.http.post(f"{self.relay_url}/webhook", data=params,
-                                            headers={"X-Twilio-Signature": signature}, timeout=10.0)
+            response = await self.http.post(
+                f"{self.relay_url}/webhook", data=params, headers={"X-Twilio-Signature": signature}, timeout=10.0
+            )
         except httpx.HTTPError as exc:
             self._add("textslash", f"⚠️ The relay is not answering ({type(exc).__name__}).", [])
             return JSONResponse({"detail": "relay unreachable"}, status_code=502)
@@ -126,5 +133,14 @@ class Chat:
         fields: dict[str, Any] = dict(form)
         message = self._add("textslash", fields.get("Body", ""), [v for k, v in form if k == "MediaUrl"])
         sid = f"SM{message.id:032d}"
-        return JSONResponse({"sid": sid, "status": "queued", "to": fields.get("To"), "from": fields.get("From"),
-                             "body": fields.get("Body"), "account_sid": self.account_sid}, status_code=201)
+        return JSONResponse(
+            {
+                "sid": sid,
+                "status": "queued",
+                "to": fields.get("To"),
+                "from": fields.get("From"),
+                "body": fields.get("Body"),
+                "account_sid": self.account_sid,
+            },
+            status_code=201,
+        )

@@ -10,9 +10,11 @@ from console.scripted_model import FakeAnthropic, Text, bash, edit, write
 
 README = "# demo app\n\nA tiny app to try textslash on.\n"
 APP = "def main():\n    print('demo app')\n\n\nif __name__ == '__main__':\n    main()\n"
-HELLO = ('"""Say hello: added from a phone through textslash."""\n\n\n'
-         "def hello(name: str) -> str:\n    return f'Hello, {name}!'\n\n\n"
-         "if __name__ == '__main__':\n    print(hello('phone'))\n")
+HELLO = (
+    '"""Say hello: added from a phone through textslash."""\n\n\n'
+    "def hello(name: str) -> str:\n    return f'Hello, {name}!'\n\n\n"
+    "if __name__ == '__main__':\n    print(hello('phone'))\n"
+)
 
 
 def demo_model() -> FakeAnthropic:
@@ -21,11 +23,16 @@ def demo_model() -> FakeAnthropic:
     model.default = [
         bash("ls", "list the files"),
         write("{cwd}/hello.py", HELLO),
-        edit("{cwd}/README.md", "A tiny app to try textslash on.",
-             "A tiny app to try textslash on.\n\nIt greets you now: `python hello.py`."),
+        edit(
+            "{cwd}/README.md",
+            "A tiny app to try textslash on.",
+            "A tiny app to try textslash on.\n\nIt greets you now: `python hello.py`.",
+        ),
         bash("python3 hello.py", "try it"),
-        Text("Added hello.py, which greets you, and a line about it in the README (this is the scripted demo "
-             "model). Reply *approve* to open a pull request, or *reject* to roll it back."),
+        Text(
+            "Added hello.py, which greets you, and a line about it in the README (this is the scripted demo "
+            "model). Reply *approve* to open a pull request, or *reject* to roll it back."
+        ),
     ]
     return model
 
@@ -41,7 +48,11 @@ def make_demo_repo(origin: Path) -> Path:
         seed = Path(tmp)
         (seed / "README.md").write_text(README)
         (seed / "app.py").write_text(APP)
-        for args in (["init", "--quiet", "--initial-branch=main"], ["add", "--all"],
-                     ["commit", "--quiet", "-m", "A tiny demo app"], ["push", "--quiet", str(origin), "main"]):
+        for args in (
+            ["init", "--quiet", "--initial-branch=main"],
+            ["add", "--all"],
+            ["commit", "--quiet", "-m", "A tiny demo app"],
+            ["push", "--quiet", str(origin), "main"],
+        ):
             subprocess.run(["git", *identity, *args], cwd=seed, check=True, capture_output=True)
     return origin

@@ -24,13 +24,16 @@ class FakeGitHub:
     fail_next: list[int] = field(default_factory=list)
 
     def app(self) -> Starlette:
-        return Starlette(routes=[Route("/repos/{owner}/{repo}/pulls", self._pulls, methods=["GET", "POST"]),
-                                 Route("/{owner}/{repo}/pull/{number:int}", self._page)])
+        return Starlette(
+            routes=[
+                Route("/repos/{owner}/{repo}/pulls", self._pulls, methods=["GET", "POST"]),
+                Route("/{owner}/{repo}/pull/{number:int}", self._page),
+            ]
+        )
 
     async def _page(self, request: Request) -> HTMLResponse:
         repo = f"{request.path_params['owner']}/{request.path_params['repo']}"
-        pull = next((p for p in self.pulls if p["repo"] == repo and p["number"] == request.path_params["number"]),
-                    None)
+        pull = next((p for p in self.pulls if p["repo"] == repo and p["number"] == request.path_params["number"]), None)
         if pull is None:
             return HTMLResponse("<h1>No such pull request</h1>", status_code=404)
         return HTMLResponse(
@@ -38,7 +41,8 @@ class FakeGitHub:
             f"<body style='font-family:sans-serif;max-width:40em;margin:2em auto'>"
             f"<p>Local stand-in for GitHub</p><h1>{escape(pull['title'])} #{pull['number']}</h1>"
             f"<p><code>{escape(pull['head'])}</code> → <code>{escape(pull['base'])}</code></p>"
-            f"<pre style='white-space:pre-wrap'>{escape(pull.get('body') or '')}</pre></body>")
+            f"<pre style='white-space:pre-wrap'>{escape(pull.get('body') or '')}</pre></body>"
+        )
 
     async def _pulls(self, request: Request) -> JSONResponse:
         if request.headers.get("authorization") != f"Bearer {self.token}":

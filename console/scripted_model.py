@@ -61,10 +61,12 @@ class FakeAnthropic:
         self.scripts[key] = list(steps)
 
     def app(self) -> Starlette:
-        return Starlette(routes=[
-            Route("/v1/messages", self._messages, methods=["POST"]),
-            Route("/v1/messages/count_tokens", self._count, methods=["POST"]),
-        ])
+        return Starlette(
+            routes=[
+                Route("/v1/messages", self._messages, methods=["POST"]),
+                Route("/v1/messages/count_tokens", self._count, methods=["POST"]),
+            ]
+        )
 
     def prompts_seen(self) -> list[list[str]]:
         """For each request, the user texts it carried (to check what a session remembers)."""
@@ -82,11 +84,20 @@ class FakeAnthropic:
             await anyio.sleep(self.delay_s)
         blocks, stop = _blocks(step, self._ids)
         if not body.get("stream"):
-            return JSONResponse({"id": f"msg_{self._ids}", "type": "message", "role": "assistant",
-                                 "model": body.get("model"), "content": blocks, "stop_reason": stop,
-                                 "usage": {"input_tokens": 100, "output_tokens": 20}})
-        return StreamingResponse(_sse(_events(blocks, stop, body.get("model", "claude"), self._ids)),
-                                 media_type="text/event-stream")
+            return JSONResponse(
+                {
+                    "id": f"msg_{self._ids}",
+                    "type": "message",
+                    "role": "assistant",
+                    "model": body.get("model"),
+                    "content": blocks,
+                    "stop_reason": stop,
+                    "usage": {"input_tokens": 100, "output_tokens": 20},
+                }
+            )
+        return StreamingResponse(
+            _sse(_events(blocks, stop, body.get("model", "claude"), self._ids)), media_type="text/event-stream"
+        )
 
     def _next_step(self, messages: list[dict[str, Any]]) -> Step:
         for index in range(len(messages) - 1, -1, -1):
@@ -95,11 +106,11 @@ class FakeAnthropic:
             texts = " ".join(_texts(messages[index]))
             for key, steps in self.scripts.items():
                 if key in texts:
-                    done = sum(1 for m in messages[index + 1:] if m.get("role") == "assistant")
+                    done = sum(1 for m in messages[index + 1 :] if m.get("role") == "assistant")
                     return steps[done] if done < len(steps) else Text("Done.")
         if self.default:
             last_prompt = max((i for i, m in enumerate(messages) if m.get("role") == "user" and _texts(m)), default=0)
-            done = sum(1 for m in messages[last_prompt + 1:] if m.get("role") == "assistant")
+            done = sum(1 for m in messages[last_prompt + 1 :] if m.get("role") == "assistant")
             return self.default[done] if done < len(self.default) else Text("Done.")
         return Text("OK.")
 
@@ -133,22 +144,46 @@ def _blocks(step: Step, n: int) -> tuple[list[dict[str, Any]], str]:
 
 
 def _events(blocks: list[dict[str, Any]], stop: str, model: str, n: int) -> list[dict[str, Any]]:
-    events: list[dict[str, Any]] = [{"type": "message_start", "message": {
-        "id": f"msg_{n}", "type": "message", "role": "assistant", "model": model, "content": [],
-        "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 100, "output_tokens": 1}}}]
+    events: list[dict[str, Any]] = [
+        {
+            "type": "message_start",
+            "message": {
+                "id": f"msg_{n}",
+                "type": "message",
+                "role": "assistant",
+                "model": model,
+                "content": [],
+                "stop_reason": None,
+                "stop_sequence": None,
+                "usage": {"input_tokens": 100, "output_tokens": 1},
+            },
+        }
+    ]
     for i, block in enumerate(blocks):
         if block["type"] == "text":
-            events += [{"type": "content_block_start", "index": i, "content_block": {"type": "text", "text": ""}},
-                       {"type": "content_block_delta", "index": i,
-                        "delta": {"type": "text_delta", "text": block["text"]}}]
+            events += [
+                {"type": "content_block_start", "index": i, "content_block": {"type": "text", "text": ""}},
+                {"type": "content_block_delta", "index": i, "delta": {"type": "text_delta", "text": block["text"]}},
+            ]
         else:
             start = {"type": "tool_use", "id": block["id"], "name": block["name"], "input": {}}
-            events += [{"type": "content_block_start", "index": i, "content_block": start},
-                       {"type": "content_block_delta", "index": i,
-                        "delta": {"type": "input_json_delta", "partial_json": json.dumps(block["input"])}}]
+            events += [
+                {"type": "content_block_start", "index": i, "content_block": start},
+                {
+                    "type": "content_block_delta",
+                    "index": i,
+                    "delta": {"type": "input_json_delta", "partial_json": json.dumps(block["input"])},
+                },
+            ]
         events.append({"type": "content_block_stop", "index": i})
-    events += [{"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": None},
-                "usage": {"output_tokens": 20}}, {"type": "message_stop"}]
+    events += [
+        {
+            "type": "message_delta",
+            "delta": {"stop_reason": stop, "stop_sequence": None},
+            "usage": {"output_tokens": 20},
+        },
+        {"type": "message_stop"},
+    ]
     return events
 
 

@@ -24,8 +24,9 @@ HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "upgrade", 
 
 
 class WakeProxy:
-    def __init__(self, start_worker: Callable[[], subprocess.Popen[bytes]], worker_url: str,
-                 http: httpx.AsyncClient) -> None:
+    def __init__(
+        self, start_worker: Callable[[], subprocess.Popen[bytes]], worker_url: str, http: httpx.AsyncClient
+    ) -> None:
         self._start = start_worker
         self._url = worker_url.rstrip("/")
         self._http = http
@@ -48,10 +49,18 @@ class WakeProxy:
             return JSONResponse({"detail": "starting the worker"}, status_code=503)
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
         try:
-            upstream = await self._http.request(request.method, self._url + request.url.path,
-                                                params=request.query_params, headers=headers,
-                                                content=await request.body(), timeout=30.0)
+            upstream = await self._http.request(
+                request.method,
+                self._url + request.url.path,
+                params=request.query_params,
+                headers=headers,
+                content=await request.body(),
+                timeout=30.0,
+            )
         except httpx.TransportError:
             return JSONResponse({"detail": "the worker is starting"}, status_code=503)
-        return Response(upstream.content, status_code=upstream.status_code,
-                        headers={k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP})
+        return Response(
+            upstream.content,
+            status_code=upstream.status_code,
+            headers={k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP},
+        )

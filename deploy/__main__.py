@@ -111,9 +111,14 @@ class Deployer:
             if all(m.healthy for m in machines):
                 return machines
             if self.clock() >= deadline:
-                raise DeployFailed(f"{app.name} is not healthy after {self.wait_s:.0f} s: " + ", ".join(
-                    f"{m.id} {m.state} (checks: {', '.join(f'{n} {s}' for n, s in m.checks) or 'none'})"
-                    for m in machines if not m.healthy))
+                raise DeployFailed(
+                    f"{app.name} is not healthy after {self.wait_s:.0f} s: "
+                    + ", ".join(
+                        f"{m.id} {m.state} (checks: {', '.join(f'{n} {s}' for n, s in m.checks) or 'none'})"
+                        for m in machines
+                        if not m.healthy
+                    )
+                )
             self.sleep(self.poll_s)
 
     # --- 4. the code that runs is the code we deployed ------------------------------------
@@ -123,8 +128,10 @@ class Deployer:
         for machine in self.fly.machines(app.name):
             health = self.fly.health(app.name, machine.id, f"http://127.0.0.1:{app.port}/health")
             if not self.fly.dry_run and health.get("deployed_sha") != sha:
-                raise DeployFailed(f"{app.name} machine {machine.id} runs {health.get('deployed_sha')!r}, "
-                                   f"not {sha[:12]}: old code is still running")
+                raise DeployFailed(
+                    f"{app.name} machine {machine.id} runs {health.get('deployed_sha')!r}, "
+                    f"not {sha[:12]}: old code is still running"
+                )
 
     # --- 5. the worker is reachable only through Flycast ----------------------------------
 
@@ -135,11 +142,15 @@ class Deployer:
             return
         public = [address for kind, address in ips if kind in PUBLIC_IP_TYPES]
         if public:
-            raise DeployFailed(f"{self.worker.name} is reachable from the internet at {', '.join(public)}: "
-                               f"`flyctl ips release <ip> --app {self.worker.name}`")
+            raise DeployFailed(
+                f"{self.worker.name} is reachable from the internet at {', '.join(public)}: "
+                f"`flyctl ips release <ip> --app {self.worker.name}`"
+            )
         if not any(kind == "private_v6" for kind, _ in ips):
-            raise DeployFailed(f"{self.worker.name} has no Flycast address, so the relay cannot wake it: "
-                               f"`flyctl ips allocate-v6 --private --app {self.worker.name}`")
+            raise DeployFailed(
+                f"{self.worker.name} has no Flycast address, so the relay cannot wake it: "
+                f"`flyctl ips allocate-v6 --private --app {self.worker.name}`"
+            )
 
     # --- 6. a stopped worker wakes on a request through Flycast ---------------------------
 
@@ -213,7 +224,9 @@ def main(argv: list[str] | None = None) -> int:
         fly=Fly(binary=args.flyctl, dry_run=args.dry_run),
         worker=App(args.worker_app, "vm/fly.toml", "vm/Dockerfile", 3001),
         relay=App(args.relay_app, "fly.toml", "Dockerfile", 3000),
-        test_command=args.test_command, wait_s=args.wait, poll_s=args.poll,
+        test_command=args.test_command,
+        wait_s=args.wait,
+        poll_s=args.poll,
     )
     try:
         deployer.run()

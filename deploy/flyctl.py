@@ -9,8 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-HEALTH_PROBE = ("python -c \"import urllib.request;"
-                "print(urllib.request.urlopen('{url}', timeout=60).read().decode())\"")
+HEALTH_PROBE = "python -c \"import urllib.request;print(urllib.request.urlopen('{url}', timeout=60).read().decode())\""
 
 
 class FlyError(RuntimeError):
@@ -63,9 +62,12 @@ class Fly:
             self.json("machines", "list", "--app", app)
             return [Machine(id=f"<{app}-machine>", state="started", checks=(), image=f"<{app}-image>")]
         return [
-            Machine(id=m["id"], state=m.get("state", ""),
-                    checks=tuple((c.get("name", ""), c.get("status", "")) for c in m.get("checks") or []),
-                    image=(m.get("config") or {}).get("image", ""))
+            Machine(
+                id=m["id"],
+                state=m.get("state", ""),
+                checks=tuple((c.get("name", ""), c.get("status", "")) for c in m.get("checks") or []),
+                image=(m.get("config") or {}).get("image", ""),
+            )
             for m in self.json("machines", "list", "--app", app) or []
         ]
 
@@ -73,8 +75,19 @@ class Fly:
         return [(ip.get("Type", ""), ip.get("Address", "")) for ip in self.json("ips", "list", "--app", app) or []]
 
     def deploy(self, app: str, config: str, dockerfile: str, sha: str) -> None:
-        self.run("deploy", ".", "--app", app, "--config", config, "--dockerfile", dockerfile,
-                 "--build-arg", f"VERSION_SHA={sha}", "--yes")
+        self.run(
+            "deploy",
+            ".",
+            "--app",
+            app,
+            "--config",
+            config,
+            "--dockerfile",
+            dockerfile,
+            "--build-arg",
+            f"VERSION_SHA={sha}",
+            "--yes",
+        )
 
     def deploy_image(self, app: str, config: str, image: str) -> None:
         self.run("deploy", ".", "--app", app, "--config", config, "--image", image, "--yes")
@@ -86,11 +99,12 @@ class Fly:
             return {}
         try:
             start = out.index("{")
-            data: dict[str, Any] = json.loads(out[start:out.rindex("}") + 1])
+            data: dict[str, Any] = json.loads(out[start : out.rindex("}") + 1])
             return data
         except ValueError:
-            raise FlyError(f"/health from {app} machine {machine_id} did not answer JSON: {out.strip()[:200]}"
-                           ) from None
+            raise FlyError(
+                f"/health from {app} machine {machine_id} did not answer JSON: {out.strip()[:200]}"
+            ) from None
 
     def stop(self, app: str, machine_id: str) -> None:
         self.run("machine", "stop", machine_id, "--app", app)

@@ -28,8 +28,15 @@ def main() -> int:
     # SIGTERM: uvicorn stops accepting, finishes requests in flight, then runs the lifespan's
     # shutdown; 4 s + the lifespan's 5 s stays inside the 10 s Fly allows. No access log: the
     # dispatcher logs each event with the number masked.
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info", access_log=False,
-                            timeout_graceful_shutdown=4, proxy_headers=False)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level="info",
+        access_log=False,
+        timeout_graceful_shutdown=4,
+        proxy_headers=False,
+    )
     return serve(uvicorn.Server(config))
 
 

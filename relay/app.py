@@ -41,8 +41,13 @@ class Services:
     images: ImageCache
 
 
-def create_app(settings: Settings, *, sender: TwilioSender | None = None, http: httpx.AsyncClient | None = None,
-               clock: Callable[[], float] = time.time) -> Starlette:
+def create_app(
+    settings: Settings,
+    *,
+    sender: TwilioSender | None = None,
+    http: httpx.AsyncClient | None = None,
+    clock: Callable[[], float] = time.time,
+) -> Starlette:
     """Build the relay. Tests pass their own `sender` (pointed at a fake) or `http` client."""
     started = time.monotonic()
     services: Services | None = None
@@ -57,8 +62,10 @@ def create_app(settings: Settings, *, sender: TwilioSender | None = None, http: 
         db = store.Database(settings.relay_db)
         client = http or httpx.AsyncClient()
         twilio = sender or TwilioSender(
-            account_sid=settings.twilio_account_sid, auth_token=settings.twilio_auth_token,
-            from_number=settings.twilio_whatsapp_number, base_url=settings.twilio_api_base_url,
+            account_sid=settings.twilio_account_sid,
+            auth_token=settings.twilio_auth_token,
+            from_number=settings.twilio_whatsapp_number,
+            base_url=settings.twilio_api_base_url,
             media_base_url=f"{settings.public_url}/images",
         )
         worker = WorkerClient(client, base_url=settings.claude_host, token=settings.worker_token)
@@ -81,8 +88,9 @@ def create_app(settings: Settings, *, sender: TwilioSender | None = None, http: 
             db.close()
 
     async def health(request: Request) -> JSONResponse:
-        return JSONResponse({"status": "ok", "deployed_sha": settings.deployed_sha,
-                             "uptime_s": round(time.monotonic() - started, 3)})
+        return JSONResponse(
+            {"status": "ok", "deployed_sha": settings.deployed_sha, "uptime_s": round(time.monotonic() - started, 3)}
+        )
 
     async def webhook(request: Request) -> Response:
         if request.headers.get("content-type", "").split(";")[0].strip() != "application/x-www-form-urlencoded":
@@ -139,8 +147,9 @@ def create_app(settings: Settings, *, sender: TwilioSender | None = None, http: 
             if cached:
                 kept.append(name)  # an image the worker no longer has would hold its spool forever
         report = replace(report, images=tuple(kept))
-        new = await dispatcher.record(phone, f"evt:{report.run_id}:{report.seq}", encode_report(report),
-                                      from_worker=True)
+        new = await dispatcher.record(
+            phone, f"evt:{report.run_id}:{report.seq}", encode_report(report), from_worker=True
+        )
         return JSONResponse({"ok": True, "duplicate": not new})
 
     async def image(request: Request) -> Response:
@@ -168,8 +177,7 @@ def _parse_form(body: bytes) -> ImmutableMultiDict[str, str]:
     return ImmutableMultiDict(parse_qsl(text, keep_blank_values=True, errors="strict"))
 
 
-async def _housekeeping(db: store.Database, images: ImageCache, settings: Settings,
-                        clock: Callable[[], float]) -> None:
+async def _housekeeping(db: store.Database, images: ImageCache, settings: Settings, clock: Callable[[], float]) -> None:
     """Hourly: cached images past their 48 hours, and finished rows past RETENTION_DAYS."""
     while True:
         removed = await anyio.to_thread.run_sync(images.prune, clock())

@@ -114,14 +114,14 @@ def apply(conv: Conversation, event: Event, ctx: Context) -> tuple[Conversation,
     if row is None:
         raise IllegalTransition(conv.state, kind)
     handler, targets = row
-    new = replace(conv, queue=list(conv.queue), ended=list(conv.ended),
-                  job=replace(conv.job) if conv.job else None)
+    new = replace(conv, queue=list(conv.queue), ended=list(conv.ended), job=replace(conv.job) if conv.job else None)
     if isinstance(event, Report):
         new.heard_seq = max(new.heard_seq, event.seq)
     effects = handler(new, event, ctx)
     if new.state not in targets and not ("same" in targets and new.state == conv.state):
-        raise IllegalTransition(conv.state, kind, f"{handler.__name__} moved {conv.state} to {new.state}, "
-                                                  f"which its row does not name")
+        raise IllegalTransition(
+            conv.state, kind, f"{handler.__name__} moved {conv.state} to {new.state}, which its row does not name"
+        )
     _watch(conv, new, event, ctx)
     return new, effects
 
@@ -162,7 +162,7 @@ def _next_or_idle(conv: Conversation, ctx: Context) -> list[Effect]:
 def _close_run(conv: Conversation) -> None:
     """The worker said the run is over: its late reports must change nothing."""
     if conv.run:
-        conv.ended = [*conv.ended[-(ENDED_KEPT - 1):], conv.run]
+        conv.ended = [*conv.ended[-(ENDED_KEPT - 1) :], conv.run]
     conv.run = ""
 
 
@@ -188,8 +188,12 @@ def _unknown_while_idle(conv: Conversation, report: Report) -> bool:
 
 # The conversation state that mirrors each of the worker's run states.
 MIRROR: dict[RunState, State] = {
-    "idle": "idle", "running": "working", "cancelling": "working",
-    "awaiting_approval": "awaiting_approval", "pushing": "applying", "rolling_back": "applying",
+    "idle": "idle",
+    "running": "working",
+    "cancelling": "working",
+    "awaiting_approval": "awaiting_approval",
+    "pushing": "applying",
+    "rolling_back": "applying",
 }
 
 
@@ -222,8 +226,9 @@ def _move_to(conv: Conversation, answer: Answer, ctx: Context) -> tuple[list[Eff
     conv.run = answer.run_id
     if target == "working":
         conv.state, conv.approval_deadline, conv.applying = "working", None, ""
-        conv.job = Job(answer.run_id, prompt, started_at=ctx.now, delivered=True,
-                       cancelling=answer.state == "cancelling")
+        conv.job = Job(
+            answer.run_id, prompt, started_at=ctx.now, delivered=True, cancelling=answer.state == "cancelling"
+        )
         return [Send(replies.adopted_run(prompt))], []
     if target == "awaiting_approval":
         _await_approval(conv, ctx)
@@ -426,8 +431,9 @@ def _answered(conv: Conversation, route: str, answer: Answer | None, ctx: Contex
     """The worker's answer to approve, reject, cancel or status: where the owner's run stands."""
     if answer is None:
         return []
-    holds_nothing = conv.state == "idle" or (conv.state == "working" and conv.job is not None
-                                             and not conv.job.delivered)
+    holds_nothing = conv.state == "idle" or (
+        conv.state == "working" and conv.job is not None and not conv.job.delivered
+    )
     if answer.state == "idle" and holds_nothing:
         # Asked while the relay knew of no run, and the worker holds none either.
         if route in ("approve", "reject"):

@@ -62,12 +62,18 @@ def decode_event(data: dict[str, Any]) -> Event:
     if kind == "owner":
         return parse_owner_text(data["text"], data["message_id"])
     if kind == "delivered":
-        return Delivered(route=data["route"], message_id=data.get("message_id", ""),
-                         answer=decode_answer(data.get("answer")))
+        return Delivered(
+            route=data["route"], message_id=data.get("message_id", ""), answer=decode_answer(data.get("answer"))
+        )
     if kind == "unreachable":
-        return Unreachable(route=data["route"], message_id=data.get("message_id", ""), reason=data.get("reason", ""),
-                           refused=bool(data.get("refused")), answer=decode_answer(data.get("answer")),
-                           asleep=bool(data.get("asleep")))
+        return Unreachable(
+            route=data["route"],
+            message_id=data.get("message_id", ""),
+            reason=data.get("reason", ""),
+            refused=bool(data.get("refused")),
+            answer=decode_answer(data.get("answer")),
+            asleep=bool(data.get("asleep")),
+        )
     if kind == "approval_expired":
         return ApprovalExpired(deadline=data["deadline"])
     if kind == "stalled":
@@ -131,12 +137,21 @@ def _status_text(conn: sqlite3.Connection, conv: Conversation, now: float) -> st
         last_seen_at=row["last_seen_at"] if row else None,
         slept_at=row["slept_at"] if row else None,
     )
-    failures = [replies.FailedSend(r["error_code"], r["error"] or "", r["sent_at"] or now)
-                for r in store.recent_failures(conn, conv.phone)]
+    failures = [
+        replies.FailedSend(r["error_code"], r["error"] or "", r["sent_at"] or now)
+        for r in store.recent_failures(conn, conv.phone)
+    ]
     job = conv.job
     return replies.status(
-        conv.state, job.text if job else None, job.started_at if job else None, [j.text for j in conv.queue],
-        conv.approval_deadline, conv.kept.text if conv.kept else None, worker, failures, now,
+        conv.state,
+        job.text if job else None,
+        job.started_at if job else None,
+        [j.text for j in conv.queue],
+        conv.approval_deadline,
+        conv.kept.text if conv.kept else None,
+        worker,
+        failures,
+        now,
     )
 
 
@@ -192,8 +207,9 @@ class Dispatcher:
 
     async def record(self, phone: str, dedupe_key: str, event: dict[str, Any], *, from_worker: bool = False) -> bool:
         """Record an event durably (it is acknowledged right after), then wake the phone's lane."""
-        new = await self.db.run(partial(store.record_durably, from_worker=from_worker), phone, dedupe_key, event,
-                                self.clock())
+        new = await self.db.run(
+            partial(store.record_durably, from_worker=from_worker), phone, dedupe_key, event, self.clock()
+        )
         if new:
             self.inbox.notify(phone)
         return new
@@ -213,8 +229,9 @@ class Dispatcher:
             return wait
         # The SDK's client is synchronous: it runs on a thread, a few at a time, so a burst of
         # sends does not crowd the event loop out of the GIL.
-        result = await anyio.to_thread.run_sync(self.sender.send, phone, row.body, row.media,
-                                                limiter=self._send_limiter)
+        result = await anyio.to_thread.run_sync(
+            self.sender.send, phone, row.body, row.media, limiter=self._send_limiter
+        )
         await self._record_send(row, result)
         return 0
 
@@ -224,7 +241,7 @@ class Dispatcher:
             self._last_sent[row.phone] = now
             await self.db.run(store.mark_sent, row.id, result.sid, now)
         elif result.retryable and now - row.created_at < MAX_SEND_AGE_S:
-            backoff = min(0.25 * 2 ** row.attempts, 30.0)
+            backoff = min(0.25 * 2**row.attempts, 30.0)
             logger.info("send %s failed (%s); retrying in %.2f s", row.id, result.error, backoff)
             await self.db.run(store.mark_retry, row.id, now + backoff, result.error)
         else:
@@ -241,8 +258,9 @@ class Dispatcher:
         try:
             command = decode_command(call.route, call.payload)
         except ProtocolError as exc:  # a row no version of this relay could send: say so, go on
-            await self._call_done(call, Unreachable(call.route, call.payload.get("message_id", ""), str(exc),
-                                                    refused=True))
+            await self._call_done(
+                call, Unreachable(call.route, call.payload.get("message_id", ""), str(exc), refused=True)
+            )
             return 0
         message_id = message_id_of(command)
         if known_asleep and call.mode != "wake":
@@ -253,19 +271,22 @@ class Dispatcher:
         if result is not None and result.delivered:
             self._failed_while_up = 0
             await self._call_done(call, Delivered(call.route, message_id, result.answer))
-        elif result is not None and (not result.asleep or self._failed_while_up >= MAX_FAILS_WHILE_UP
-                                     or call.mode == "probe"):
+        elif result is not None and (
+            not result.asleep or self._failed_while_up >= MAX_FAILS_WHILE_UP or call.mode == "probe"
+        ):
             # Refused outright, a probe that found no one, or a worker that answers /health yet
             # keeps failing this call.
             self._failed_while_up = 0
-            await self._call_done(call, Unreachable(call.route, message_id, result.reason, refused=not result.asleep,
-                                                    answer=result.answer))
+            await self._call_done(
+                call,
+                Unreachable(call.route, message_id, result.reason, refused=not result.asleep, answer=result.answer),
+            )
         elif not await self._wake(pending, known_asleep=known_asleep):
             return None
         return 0
 
     async def _tell_waking(self, phone: str) -> None:
-        """"⏳ Waking up your VM..." once per owner and wake-up, also to owners who write meanwhile."""
+        """ "⏳ Waking up your VM..." once per owner and wake-up, also to owners who write meanwhile."""
         if self._waking is None or phone in self._waking:
             return
         self._waking.add(phone)
@@ -305,10 +326,14 @@ class Dispatcher:
         """Approval windows that closed, and runs silent long enough to ask the worker about."""
         while True:
             now = self.clock()
-            due = [(phone, f"expire:{phone}:{deadline!r}", {"type": "approval_expired", "deadline": deadline})
-                   for phone, deadline in await self.db.run(store.expired_approvals, now)]
-            due += [(phone, f"stall:{phone}:{check_at!r}", {"type": "stalled", "check_at": check_at})
-                    for phone, check_at in await self.db.run(store.stalled_runs, now)]
+            due = [
+                (phone, f"expire:{phone}:{deadline!r}", {"type": "approval_expired", "deadline": deadline})
+                for phone, deadline in await self.db.run(store.expired_approvals, now)
+            ]
+            due += [
+                (phone, f"stall:{phone}:{check_at!r}", {"type": "stalled", "check_at": check_at})
+                for phone, check_at in await self.db.run(store.stalled_runs, now)
+            ]
             for phone, key, event in due:
                 if await self.db.run(store.insert_inbox, phone, key, event, now):
                     self.inbox.notify(phone)
@@ -321,8 +346,9 @@ def _pending_calls(conn: sqlite3.Connection) -> tuple[list[store.WorkerCall], bo
     return store.pending_worker_calls(conn), row is not None and row["awake"] == 0
 
 
-def _finish_call(conn: sqlite3.Connection, call: store.WorkerCall, status: str, event: Delivered | Unreachable,
-                 now: float) -> bool:
+def _finish_call(
+    conn: sqlite3.Connection, call: store.WorkerCall, status: str, event: Delivered | Unreachable, now: float
+) -> bool:
     """Close the call and record what happened, together; False if it was withdrawn meanwhile."""
     with store.transaction(conn):
         was_pending = store.finish_worker_call(conn, call.id, status, getattr(event, "reason", ""))

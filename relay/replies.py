@@ -59,8 +59,7 @@ def cancelled_before_start(dropped: int) -> str:
 
 
 def sending_kept_first(queued_count: int) -> str:
-    return (f"🔁 Sending your kept prompt first; this one is queued (#{queued_count}) "
-            "and starts when the kept one ends.")
+    return f"🔁 Sending your kept prompt first; this one is queued (#{queued_count}) and starts when the kept one ends."
 
 
 def dropped_waiting(count: int) -> str:
@@ -76,8 +75,9 @@ def queue_waits(count: int) -> str:
 def run_gone(state: str) -> str:
     """The worker holds nothing of what the conversation believed (a restart, a lost report)."""
     if state == "working":
-        return ("⚠️ The VM has no run going for you any more (it may have restarted). "
-                "Send the prompt again if you need it.")
+        return (
+            "⚠️ The VM has no run going for you any more (it may have restarted). Send the prompt again if you need it."
+        )
     return "⚠️ The VM no longer holds those changes; there is nothing to decide."
 
 
@@ -86,8 +86,10 @@ def adopted_run(prompt: str) -> str:
 
 
 def adopted_changes(prompt: str, window_s: float) -> str:
-    return (f"📝 Changes from “{_clip(prompt, 80)}” wait on the VM: reply *approve* to open a pull request "
-            f"or *reject* to roll back (within {_duration(window_s)}).")
+    return (
+        f"📝 Changes from “{_clip(prompt, 80)}” wait on the VM: reply *approve* to open a pull request "
+        f"or *reject* to roll back (within {_duration(window_s)})."
+    )
 
 
 def _dropped(count: int) -> str:
@@ -167,8 +169,10 @@ def applied(event: Report) -> str:
         return done
     more = f" and {count - len(event.left_out)} more" if count > len(event.left_out) else ""
     names = ", ".join(clip_path(visible(p)) for p in event.left_out)
-    return (f"↩️ Rolled back, except {names}{more}: the run left {'it' if count == 1 else 'them'} "
-            "and it could not be removed, even with its permissions fixed.")
+    return (
+        f"↩️ Rolled back, except {names}{more}: the run left {'it' if count == 1 else 'them'} "
+        "and it could not be removed, even with its permissions fixed."
+    )
 
 
 def left_out(event: Report) -> str:
@@ -178,14 +182,15 @@ def left_out(event: Report) -> str:
         return ""
     more = f" and {count - len(event.left_out)} more" if count > len(event.left_out) else ""
     names = ", ".join(clip_path(visible(p)) for p in event.left_out)
-    return (f"\n⚠️ Left out: {names}{more} changed after you saw the diff; "
-            "committed is exactly what you were shown. They stay in the checkout, uncommitted.")
+    return (
+        f"\n⚠️ Left out: {names}{more} changed after you saw the diff; "
+        "committed is exactly what you were shown. They stay in the checkout, uncommitted."
+    )
 
 
 def decision_failed(kind: str, reason: str) -> str:
     what = "open the pull request" if kind == "approve_failed" else "roll the changes back"
-    return (f"❌ Could not {what}: {reason or 'no reason given'}\n"
-            "The changes are kept: *approve* or *reject* again.")
+    return f"❌ Could not {what}: {reason or 'no reason given'}\nThe changes are kept: *approve* or *reject* again."
 
 
 def refused(reason: str) -> str:
@@ -217,8 +222,17 @@ class FailedSend:
     at: float
 
 
-def status(conv_state: str, job_text: str | None, job_started: float | None, queue: list[str], deadline: float | None,
-           kept: str | None, worker: WorkerInfo, failures: list[FailedSend], now: float) -> str:
+def status(
+    conv_state: str,
+    job_text: str | None,
+    job_started: float | None,
+    queue: list[str],
+    deadline: float | None,
+    kept: str | None,
+    worker: WorkerInfo,
+    failures: list[FailedSend],
+    now: float,
+) -> str:
     lines = [_state_line(conv_state, job_text, job_started, deadline, now)]
     if queue:
         lines.append(f"📥 Queued: {len(queue)} (next: “{_clip(queue[0], 60)}”)")

@@ -138,8 +138,15 @@ def insert_inbox(conn: sqlite3.Connection, phone: str, dedupe_key: str, event: d
     return cur.rowcount == 1
 
 
-def record_durably(conn: sqlite3.Connection, phone: str, dedupe_key: str, event: dict[str, Any], now: float,
-                   *, from_worker: bool = False) -> bool:
+def record_durably(
+    conn: sqlite3.Connection,
+    phone: str,
+    dedupe_key: str,
+    event: dict[str, Any],
+    now: float,
+    *,
+    from_worker: bool = False,
+) -> bool:
     """Record an event from outside, synced to disk before the caller acknowledges it."""
     conn.execute("PRAGMA synchronous=FULL")
     try:
@@ -183,7 +190,8 @@ def stalled_runs(conn: sqlite3.Connection, now: float) -> list[tuple[str, float]
     """Conversations whose run has been silent past its check time (see conversation._watch)."""
     rows = conn.execute(
         "SELECT phone, json_extract(data, '$.check_at') AS check_at FROM conversations "
-        "WHERE state IN ('working', 'applying') AND check_at <= ?", (now,)
+        "WHERE state IN ('working', 'applying') AND check_at <= ?",
+        (now,),
     ).fetchall()
     return [(r["phone"], r["check_at"]) for r in rows]
 
@@ -223,8 +231,13 @@ def next_outbound(conn: sqlite3.Connection, phone: str) -> Outbound | None:
     if row is None:
         return None
     return Outbound(
-        id=row["id"], phone=row["phone"], body=row["body"], media=json.loads(row["media"]),
-        attempts=row["attempts"], created_at=row["created_at"], next_attempt_at=row["next_attempt_at"],
+        id=row["id"],
+        phone=row["phone"],
+        body=row["body"],
+        media=json.loads(row["media"]),
+        attempts=row["attempts"],
+        created_at=row["created_at"],
+        next_attempt_at=row["next_attempt_at"],
     )
 
 
@@ -254,8 +267,7 @@ def mark_failed(conn: sqlite3.Connection, outbound_id: int, code: int | None, er
 
 def recent_failures(conn: sqlite3.Connection, phone: str, limit: int = 3) -> list[sqlite3.Row]:
     return conn.execute(
-        "SELECT error_code, error, sent_at FROM outbox WHERE phone = ? AND status = 'failed' "
-        "ORDER BY id DESC LIMIT ?",
+        "SELECT error_code, error, sent_at FROM outbox WHERE phone = ? AND status = 'failed' ORDER BY id DESC LIMIT ?",
         (phone, limit),
     ).fetchall()
 
@@ -272,8 +284,9 @@ class WorkerCall:
     mode: str = "wake"
 
 
-def enqueue_worker_call(conn: sqlite3.Connection, phone: str, route: str, payload: dict[str, Any], now: float,
-                        mode: str = "wake") -> None:
+def enqueue_worker_call(
+    conn: sqlite3.Connection, phone: str, route: str, payload: dict[str, Any], now: float, mode: str = "wake"
+) -> None:
     conn.execute(
         "INSERT INTO worker_calls (phone, route, payload, created_at, mode) VALUES (?, ?, ?, ?, ?)",
         (phone, route, json.dumps(payload), now, mode),

@@ -84,15 +84,23 @@ class _BaseUrlHttpClient(TwilioHttpClient):
 
     def request(self, method: str, url: str, *args: Any, **kwargs: Any) -> Response:
         if url.startswith(TWILIO_API):
-            url = self.base_url + url[len(TWILIO_API):]
+            url = self.base_url + url[len(TWILIO_API) :]
         return super().request(method, url, *args, **kwargs)
 
 
 class TwilioSender:
     """Sends one WhatsApp message per call, synchronously (run it on a worker thread)."""
 
-    def __init__(self, *, account_sid: str, auth_token: str, from_number: str, base_url: str,
-                 media_base_url: str, timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        *,
+        account_sid: str,
+        auth_token: str,
+        from_number: str,
+        base_url: str,
+        media_base_url: str,
+        timeout: float = 10.0,
+    ) -> None:
         client = Client(account_sid, auth_token, http_client=_BaseUrlHttpClient(base_url, timeout))
         # `client.messages` walks the SDK's lazily imported domains (under Python's import lock)
         # on every access; profiled, that was the relay's largest cost per send. Resolve it once.

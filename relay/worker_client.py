@@ -33,8 +33,15 @@ class CallResult:
 
 
 class WorkerClient:
-    def __init__(self, http: httpx.AsyncClient, *, base_url: str, token: str,
-                 call_timeout: float = 3.0, poll_timeout: float = 1.0) -> None:
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        *,
+        base_url: str,
+        token: str,
+        call_timeout: float = 3.0,
+        poll_timeout: float = 1.0,
+    ) -> None:
         self._http = http
         self._base = base_url.rstrip("/")
         self._headers = {"Authorization": f"Bearer {token}"}
@@ -43,8 +50,12 @@ class WorkerClient:
 
     async def call(self, command: Command) -> CallResult:
         try:
-            response = await self._http.post(f"{self._base}/{command.route}", json=encode_command(command),
-                                             headers=self._headers, timeout=self._call_timeout)
+            response = await self._http.post(
+                f"{self._base}/{command.route}",
+                json=encode_command(command),
+                headers=self._headers,
+                timeout=self._call_timeout,
+            )
         except (httpx.TransportError, OSError) as exc:
             return CallResult(asleep=True, reason=type(exc).__name__)
         if response.status_code in ASLEEP_STATUS:
@@ -75,8 +86,9 @@ class WorkerClient:
         """The PNG; b"" when the worker says it has no such image (expired: it never will);
         None when it could not be fetched now."""
         try:
-            response = await self._http.get(f"{self._base}/images/{name}", headers=self._headers,
-                                            timeout=self._call_timeout)
+            response = await self._http.get(
+                f"{self._base}/images/{name}", headers=self._headers, timeout=self._call_timeout
+            )
         except (httpx.TransportError, OSError):
             return None
         if response.status_code == 404:

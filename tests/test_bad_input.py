@@ -21,8 +21,14 @@ from tests.support.processes import child, free_port
 from tests.support.relay_harness import OWNER, PUBLIC_URL, WORKER_TOKEN, message_params, relay_env, signed_form
 
 EXAMPLES = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-CONTENT_TYPES = ["application/x-www-form-urlencoded", "application/json", "text/plain", "multipart/form-data",
-                 "application/x-www-form-urlencoded; charset=latin-1", ""]
+CONTENT_TYPES = [
+    "application/x-www-form-urlencoded",
+    "application/json",
+    "text/plain",
+    "multipart/form-data",
+    "application/x-www-form-urlencoded; charset=latin-1",
+    "",
+]
 
 
 @dataclass
@@ -54,8 +60,14 @@ def relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
     tmp = tmp_path_factory.mktemp("relay")
     port = free_port()
     # Nothing listens at the worker or Twilio addresses: a forwarded message would show in the inbox.
-    env = relay_env(tmp / "relay.sqlite3", "http://127.0.0.1:9", "http://127.0.0.1:9", PORT=str(port),
-                    HOST="127.0.0.1", WAKE_TIMEOUT_MS="1000")
+    env = relay_env(
+        tmp / "relay.sqlite3",
+        "http://127.0.0.1:9",
+        "http://127.0.0.1:9",
+        PORT=str(port),
+        HOST="127.0.0.1",
+        WAKE_TIMEOUT_MS="1000",
+    )
     with child("relay", env, tmp / "relay.log") as proc, httpx.Client(timeout=10) as http:
         url = f"http://127.0.0.1:{port}"
         wait_up(url, proc)
@@ -87,10 +99,19 @@ def test_random_forms_signed_or_not_are_never_forwarded(relay: Target, form: dic
         assert response.status_code in (403, 415)  # an empty form goes without a content type
 
 
-@given(body=st.one_of(st.binary(max_size=2048), st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=50),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=5),
-    max_leaves=20).map(lambda v: __import__("json").dumps(v).encode())), token=st.sampled_from(["", "wrong", None]))
+@given(
+    body=st.one_of(
+        st.binary(max_size=2048),
+        st.recursive(
+            st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=50),
+            lambda children: (
+                st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=5)
+            ),
+            max_leaves=20,
+        ).map(lambda v: __import__("json").dumps(v).encode()),
+    ),
+    token=st.sampled_from(["", "wrong", None]),
+)
 @EXAMPLES
 def test_random_callbacks(relay: Target, body: bytes, token: str | None) -> None:
     headers = {"content-type": "application/json"}
@@ -111,20 +132,31 @@ def test_random_image_paths(relay: Target, name: str, raw: bool) -> None:
     assert response.status_code in (400, 404, 405)
 
 
-@pytest.mark.parametrize("path", [
-    "/images/..%2F..%2Fetc%2Fpasswd", "/images/%2e%2e%2frelay.sqlite3", "/images/relay.sqlite3",
-    "/images/../relay.sqlite3", "/images//etc/passwd", "/images/%00.png", "/images/" + "a" * 5000 + ".png",
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/images/..%2F..%2Fetc%2Fpasswd",
+        "/images/%2e%2e%2frelay.sqlite3",
+        "/images/relay.sqlite3",
+        "/images/../relay.sqlite3",
+        "/images//etc/passwd",
+        "/images/%00.png",
+        "/images/" + "a" * 5000 + ".png",
+    ],
+)
 def test_image_escapes(relay: Target, path: str) -> None:
     response = relay.http.get(relay.url + path)
     assert response.status_code in (400, 404) and b"SQLite" not in response.content
 
 
-@pytest.mark.parametrize(("headers", "body"), [
-    pytest.param({"content-type": "application/x-www-form-urlencoded"}, b"Body=" + b"\xc3\x28" * 10, id="bad-utf8"),
-    pytest.param({"content-type": "application/x-www-form-urlencoded"}, b"&&&===&&&", id="empty-pairs"),
-    pytest.param({"content-type": "application/x-www-form-urlencoded"}, b"x" * 200_000, id="huge"),
-])
+@pytest.mark.parametrize(
+    ("headers", "body"),
+    [
+        pytest.param({"content-type": "application/x-www-form-urlencoded"}, b"Body=" + b"\xc3\x28" * 10, id="bad-utf8"),
+        pytest.param({"content-type": "application/x-www-form-urlencoded"}, b"&&&===&&&", id="empty-pairs"),
+        pytest.param({"content-type": "application/x-www-form-urlencoded"}, b"x" * 200_000, id="huge"),
+    ],
+)
 def test_hand_picked_webhooks(relay: Target, headers: dict[str, str], body: bytes) -> None:
     try:
         response = relay.http.post(f"{relay.url}/webhook", content=body, headers=headers)
@@ -133,14 +165,23 @@ def test_hand_picked_webhooks(relay: Target, headers: dict[str, str], body: byte
     assert 400 <= response.status_code < 500
 
 
-@pytest.mark.parametrize("request_bytes", [
-    pytest.param(b"POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n"
-                 b"Content-Length: 999999999\r\n\r\na=b", id="lying-content-length"),
-    pytest.param(b"POST /webhook HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
-                 b"Content-Type: application/x-www-form-urlencoded\r\n\r\nzz\r\n", id="broken-chunks"),
-    pytest.param(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", id="tls-hello"),
-    pytest.param(b"GARBAGE / HTTP/9\r\n\r\n", id="not-http"),
-])
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        pytest.param(
+            b"POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+            b"Content-Length: 999999999\r\n\r\na=b",
+            id="lying-content-length",
+        ),
+        pytest.param(
+            b"POST /webhook HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+            b"Content-Type: application/x-www-form-urlencoded\r\n\r\nzz\r\n",
+            id="broken-chunks",
+        ),
+        pytest.param(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", id="tls-hello"),
+        pytest.param(b"GARBAGE / HTTP/9\r\n\r\n", id="not-http"),
+    ],
+)
 def test_broken_http_does_not_hurt(relay: Target, request_bytes: bytes) -> None:
     host, port = relay.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=5) as sock:
@@ -154,6 +195,7 @@ def test_broken_http_does_not_hurt(relay: Target, request_bytes: bytes) -> None:
 def test_replayed_signature_on_another_body(relay: Target) -> None:
     params = message_params("hello")
     headers = signed_form(PUBLIC_URL + "/webhook", params)
-    response = relay.http.post(f"{relay.url}/webhook", data={**params, "From": "whatsapp:+15550001111x"},
-                               headers=headers)
+    response = relay.http.post(
+        f"{relay.url}/webhook", data={**params, "From": "whatsapp:+15550001111x"}, headers=headers
+    )
     assert response.status_code == 403

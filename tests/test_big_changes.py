@@ -16,9 +16,13 @@ pytestmark = pytest.mark.anyio
 
 async def test_two_thousand_changed_files_make_one_short_approval(tmp_path: Path) -> None:
     async with pair_stack(tmp_path) as pair:
-        pair.model.script("generate fixtures", bash(
-            "mkdir -p fixtures && for i in $(seq 2000); do echo \"case $i\" > fixtures/case$i.txt; done",
-            "generate"), Text("Generated 2000 fixtures."))
+        pair.model.script(
+            "generate fixtures",
+            bash(
+                'mkdir -p fixtures && for i in $(seq 2000); do echo "case $i" > fixtures/case$i.txt; done', "generate"
+            ),
+            Text("Generated 2000 fixtures."),
+        )
         await pair.start_relay()
         await pair.start_worker()
         started = time.monotonic()

@@ -28,12 +28,14 @@ async def test_the_demo_loop_in_a_browser(tmp_path: Path) -> None:
     root = os.geteuid() == 0
     if root:
         open_for_agents(tmp_path)  # the agent users must reach the demo's checkouts
-    with child("console", env, tmp_path / "console.log", "--demo", "--port", str(port),
-               "--data", str(tmp_path / "data")) as proc:
+    with child(
+        "console", env, tmp_path / "console.log", "--demo", "--port", str(port), "--data", str(tmp_path / "data")
+    ) as proc:
         await wait_healthy(url, proc, path="/api/info")  # the chat page has no /health
         async with async_playwright() as pw:
-            browser = await pw.chromium.launch(executable_path=CHROMIUM,
-                                               args=["--disable-background-networking", "--disable-component-update"])
+            browser = await pw.chromium.launch(
+                executable_path=CHROMIUM, args=["--disable-background-networking", "--disable-component-update"]
+            )
             try:
                 page = await browser.new_page(viewport={"width": 420, "height": 860})
                 await page.goto(url)

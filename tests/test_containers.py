@@ -70,8 +70,9 @@ def test_exec_form_cmd_no_entrypoint_script_least_privilege_and_sha(half: str) -
 
 def test_no_crlf_anywhere_in_the_tree() -> None:
     files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout.split(b"\0")
-    offenders = [f.decode() for f in files if f and (ROOT / f.decode()).is_file()
-                 and b"\r\n" in (ROOT / f.decode()).read_bytes()]
+    offenders = [
+        f.decode() for f in files if f and (ROOT / f.decode()).is_file() and b"\r\n" in (ROOT / f.decode()).read_bytes()
+    ]
     assert offenders == []
     assert "eol=lf" in (ROOT / ".gitattributes").read_text()
 
@@ -111,9 +112,13 @@ def isolated(app: Path, venv: Path, module: str, env: dict[str, str]) -> Iterato
     if module == "vm" and os.geteuid() != 0:
         command, env = [python, "-m", "vm"], {**env, "AGENT_ISOLATION": "off"}
     with (app / "out.log").open("wb") as log:
-        proc = subprocess.Popen(command, cwd=app, stdout=log,
-                                stderr=subprocess.STDOUT,
-                                env={"PATH": f"{venv}/bin:/usr/bin:/bin", "HOME": str(app), **env})
+        proc = subprocess.Popen(
+            command,
+            cwd=app,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={"PATH": f"{venv}/bin:/usr/bin:/bin", "HOME": str(app), **env},
+        )
     try:
         yield proc
     finally:
@@ -144,9 +149,14 @@ async def test_the_worker_image_starts_from_its_own_dependency_set(tmp_path: Pat
     venv = tmp_path / "venv"
     packages = installed(venv)
     assert "claude_agent_sdk" in packages and "playwright" in packages and "twilio" not in packages
-    env = {"WORKER_TOKEN": "worker-token-for-tests", "RELAY_CALLBACK_URL": "http://127.0.0.1:9",
-           "REPO_URL": "file:///nonexistent.git", "WORKSPACE_DIR": str(tmp_path / "ws"),
-           "IMAGES_DIR": str(tmp_path / "img"), "DEPLOYED_SHA": "image-test"}
+    env = {
+        "WORKER_TOKEN": "worker-token-for-tests",
+        "RELAY_CALLBACK_URL": "http://127.0.0.1:9",
+        "REPO_URL": "file:///nonexistent.git",
+        "WORKSPACE_DIR": str(tmp_path / "ws"),
+        "IMAGES_DIR": str(tmp_path / "img"),
+        "DEPLOYED_SHA": "image-test",
+    }
     await start_and_check(app, venv, "vm", env)
 
 

@@ -44,16 +44,38 @@ def sends(effects: list[Any]) -> list[str]:
 
 
 ALL_EVENTS: list[Any] = [
-    Prompt("hi", "m9"), Screenshot("http://x", "m8"), *[Word(w) for w in ("approve", "reject", "cancel", "status",
-                                                                         "help", "new", "retry")],
-    *[Report(t, run) for t in ("progress", "answer", "cancelled", "error", "approval_required", "pr_opened",
-                               "approve_failed", "reject_failed", "rolled_back", "notice", "sleeping")
-      for run in ("m1", "other")],
-    Delivered("command", "m1"), Unreachable("command", "m1"), Unreachable("approve", refused=True),
-    *[Delivered(route, answer=Answer(state, "m1" if state != "idle" else "", "p")) for route in ("cancel", "status")
-      for state in ("idle", "running", "cancelling", "awaiting_approval", "pushing", "rolling_back")],
-    Unreachable("status", asleep=True), Unreachable("cancel", reason="timeout"),
-    ApprovalExpired(1060.0), Stalled(1120.0),
+    Prompt("hi", "m9"),
+    Screenshot("http://x", "m8"),
+    *[Word(w) for w in ("approve", "reject", "cancel", "status", "help", "new", "retry")],
+    *[
+        Report(t, run)
+        for t in (
+            "progress",
+            "answer",
+            "cancelled",
+            "error",
+            "approval_required",
+            "pr_opened",
+            "approve_failed",
+            "reject_failed",
+            "rolled_back",
+            "notice",
+            "sleeping",
+        )
+        for run in ("m1", "other")
+    ],
+    Delivered("command", "m1"),
+    Unreachable("command", "m1"),
+    Unreachable("approve", refused=True),
+    *[
+        Delivered(route, answer=Answer(state, "m1" if state != "idle" else "", "p"))
+        for route in ("cancel", "status")
+        for state in ("idle", "running", "cancelling", "awaiting_approval", "pushing", "rolling_back")
+    ],
+    Unreachable("status", asleep=True),
+    Unreachable("cancel", reason="timeout"),
+    ApprovalExpired(1060.0),
+    Stalled(1120.0),
 ]
 
 
@@ -70,15 +92,20 @@ def test_a_missing_pair_raises_the_named_error() -> None:
         apply(conv(), Word("nonsense"), CTX)
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    pytest.param("  APPROVE ", Word("approve"), id="approve-any-case"),
-    pytest.param("Cancel!", Word("cancel"), id="cancel-punctuated"),
-    pytest.param("status", Word("status"), id="status"),
-    pytest.param("screenshot example.com", Screenshot("http://example.com", "s"), id="screenshot-bare-host"),
-    pytest.param("Screenshot https://a.b/c?d=1", Screenshot("https://a.b/c?d=1", "s"), id="screenshot-url"),
-    pytest.param("approve the plan and build it", Prompt("approve the plan and build it", "s"), id="prompt-with-word"),
-    pytest.param(" fix the bug ", Prompt("fix the bug", "s"), id="prompt-trimmed"),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param("  APPROVE ", Word("approve"), id="approve-any-case"),
+        pytest.param("Cancel!", Word("cancel"), id="cancel-punctuated"),
+        pytest.param("status", Word("status"), id="status"),
+        pytest.param("screenshot example.com", Screenshot("http://example.com", "s"), id="screenshot-bare-host"),
+        pytest.param("Screenshot https://a.b/c?d=1", Screenshot("https://a.b/c?d=1", "s"), id="screenshot-url"),
+        pytest.param(
+            "approve the plan and build it", Prompt("approve the plan and build it", "s"), id="prompt-with-word"
+        ),
+        pytest.param(" fix the bug ", Prompt("fix the bug", "s"), id="prompt-trimmed"),
+    ],
+)
 def test_owner_words(text: str, expected: Any) -> None:
     assert parse_owner_text(text, "s") == expected
 
@@ -171,8 +198,10 @@ def test_a_refused_decision_trusts_the_worker() -> None:
 # --- reports name their run; the worker's answers are adopted ---------------------------
 
 
-@pytest.mark.parametrize("kind", ["progress", "answer", "error", "approval_required", "pr_opened", "rolled_back",
-                                  "approve_failed", "reject_failed"])
+@pytest.mark.parametrize(
+    "kind",
+    ["progress", "answer", "error", "approval_required", "pr_opened", "rolled_back", "approve_failed", "reject_failed"],
+)
 @pytest.mark.parametrize("state", ["working", "awaiting_approval", "applying"])
 def test_a_report_of_another_run_changes_nothing(kind: str, state: str) -> None:
     before = conv(state, run="m1", ended=["m0"])
@@ -220,8 +249,9 @@ def test_approve_while_idle_reaches_a_worker_that_holds_changes() -> None:
     assert done.state == "idle" and "pull/1" in sends(effects)[0] and done.ended == ["w1"]
 
 
-@pytest.mark.parametrize("event", [Unreachable("approve", asleep=True),
-                                   Unreachable("approve", refused=True, answer=Answer("idle"))])
+@pytest.mark.parametrize(
+    "event", [Unreachable("approve", asleep=True), Unreachable("approve", refused=True, answer=Answer("idle"))]
+)
 def test_approve_while_idle_with_nothing_on_the_worker_says_so(event: Unreachable) -> None:
     new, effects = apply(conv("idle"), event, CTX)
     assert new.state == "idle" and sends(effects) == [replies.NOTHING_WAITING]

@@ -16,13 +16,19 @@ from tests.support.git_origin import git
 from tests.support.processes import ROOT
 
 FAKE = ROOT / "tests" / "support" / "fake_flyctl.py"
-OLD = {"textslash-vm": "registry.fly.io/textslash-vm:deployment-old",
-       "textslash-relay": "registry.fly.io/textslash-relay:deployment-old"}
+OLD = {
+    "textslash-vm": "registry.fly.io/textslash-vm:deployment-old",
+    "textslash-relay": "registry.fly.io/textslash-relay:deployment-old",
+}
 
 
 def machine(mid: str, image: str) -> dict[str, Any]:
-    return {"id": mid, "state": "started", "checks": [{"name": "servicecheck-00-http", "status": "passing"}],
-            "config": {"image": image}}
+    return {
+        "id": mid,
+        "state": "started",
+        "checks": [{"name": "servicecheck-00-http", "status": "passing"}],
+        "config": {"image": image},
+    }
 
 
 @dataclass
@@ -39,8 +45,13 @@ class Deploy:
         return [c[c.index("--app") + 1] for c in self.called("deploy") if "--image" in c]
 
 
-def run_deploy(tmp: Path, scenario: dict[str, Any] | None = None, *extra: str, dirty: bool = False,
-               ips: list[dict[str, str]] | None = None) -> Deploy:
+def run_deploy(
+    tmp: Path,
+    scenario: dict[str, Any] | None = None,
+    *extra: str,
+    dirty: bool = False,
+    ips: list[dict[str, str]] | None = None,
+) -> Deploy:
     repo = tmp / "repo"
     repo.mkdir()
     git(repo, "init", "--quiet")
@@ -50,27 +61,44 @@ def run_deploy(tmp: Path, scenario: dict[str, Any] | None = None, *extra: str, d
     if dirty:
         (repo / "README.md").write_text("changed\n")
     state = {
-        "scenario": scenario or {}, "images": {OLD["textslash-vm"]: "old-sha", OLD["textslash-relay"]: "old-sha"},
+        "scenario": scenario or {},
+        "images": {OLD["textslash-vm"]: "old-sha", OLD["textslash-relay"]: "old-sha"},
         "apps": {
-            "textslash-vm": {"sha": "old-sha", "machines": [machine("vm1", OLD["textslash-vm"])],
-                             "ips": ips if ips is not None else [{"Type": "private_v6", "Address": "fdaa::3"}]},
-            "textslash-relay": {"sha": "old-sha", "machines": [machine("r1", OLD["textslash-relay"])],
-                                "ips": [{"Type": "v4", "Address": "1.2.3.4"}]},
+            "textslash-vm": {
+                "sha": "old-sha",
+                "machines": [machine("vm1", OLD["textslash-vm"])],
+                "ips": ips if ips is not None else [{"Type": "private_v6", "Address": "fdaa::3"}],
+            },
+            "textslash-relay": {
+                "sha": "old-sha",
+                "machines": [machine("r1", OLD["textslash-relay"])],
+                "ips": [{"Type": "v4", "Address": "1.2.3.4"}],
+            },
         },
     }
     (tmp / "state.json").write_text(json.dumps(state))
     bin_dir = tmp / "bin"
     bin_dir.mkdir()
-    (bin_dir / "flyctl").write_text(f"#!/bin/sh\nexec {sys.executable} {FAKE} \"$@\"\n")
+    (bin_dir / "flyctl").write_text(f'#!/bin/sh\nexec {sys.executable} {FAKE} "$@"\n')
     (bin_dir / "flyctl").chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONPATH": str(ROOT),
-           "FAKE_FLY_STATE": str(tmp / "state.json"), "FAKE_FLY_LOG": str(tmp / "calls.log")}
-    result = subprocess.run([sys.executable, "-m", "deploy", "--test-command", "true", "--wait", "1",
-                             "--poll", "0.05", *extra], cwd=repo, env=env, capture_output=True, text=True, timeout=60)
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "PYTHONPATH": str(ROOT),
+        "FAKE_FLY_STATE": str(tmp / "state.json"),
+        "FAKE_FLY_LOG": str(tmp / "calls.log"),
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "deploy", "--test-command", "true", "--wait", "1", "--poll", "0.05", *extra],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     log = tmp / "calls.log"
     calls = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
-    return Deploy(result.returncode, result.stdout + result.stderr, calls,
-                  json.loads((tmp / "state.json").read_text()))
+    return Deploy(result.returncode, result.stdout + result.stderr, calls, json.loads((tmp / "state.json").read_text()))
 
 
 def head(tmp: Path) -> str:
@@ -116,18 +144,33 @@ def test_machines_left_stopped_by_the_deploy_are_started(tmp_path: Path) -> None
     assert result.called("machine", "start", "vm1")
 
 
-@pytest.mark.parametrize(("scenario", "message", "rolled_back"), [
-    pytest.param({"after_deploy": {"textslash-vm": "replacing"}}, "vm1 replacing", ["textslash-vm"], id="replacing"),
-    pytest.param({"checks": {"textslash-relay": "critical"}}, "servicecheck-00-http critical",
-                 ["textslash-relay", "textslash-vm"], id="failing-checks"),
-    pytest.param({"stale_sha": ["textslash-relay"]}, "old code is still running",
-                 ["textslash-relay", "textslash-vm"], id="stale-sha"),
-    pytest.param({"wakes": False}, "request timed out", ["textslash-relay", "textslash-vm"], id="never-wakes"),
-    pytest.param({"stuck_stop": ["textslash-vm"]}, "did not stop", ["textslash-relay", "textslash-vm"],
-                 id="will-not-stop"),
-])
-def test_each_failure_stops_the_deploy_and_rolls_back(tmp_path: Path, scenario: dict[str, Any], message: str,
-                                                      rolled_back: list[str]) -> None:
+@pytest.mark.parametrize(
+    ("scenario", "message", "rolled_back"),
+    [
+        pytest.param(
+            {"after_deploy": {"textslash-vm": "replacing"}}, "vm1 replacing", ["textslash-vm"], id="replacing"
+        ),
+        pytest.param(
+            {"checks": {"textslash-relay": "critical"}},
+            "servicecheck-00-http critical",
+            ["textslash-relay", "textslash-vm"],
+            id="failing-checks",
+        ),
+        pytest.param(
+            {"stale_sha": ["textslash-relay"]},
+            "old code is still running",
+            ["textslash-relay", "textslash-vm"],
+            id="stale-sha",
+        ),
+        pytest.param({"wakes": False}, "request timed out", ["textslash-relay", "textslash-vm"], id="never-wakes"),
+        pytest.param(
+            {"stuck_stop": ["textslash-vm"]}, "did not stop", ["textslash-relay", "textslash-vm"], id="will-not-stop"
+        ),
+    ],
+)
+def test_each_failure_stops_the_deploy_and_rolls_back(
+    tmp_path: Path, scenario: dict[str, Any], message: str, rolled_back: list[str]
+) -> None:
     result = run_deploy(tmp_path, scenario)
     assert result.code == 1
     assert "FAILED" in result.output and message in result.output, result.output
@@ -136,13 +179,20 @@ def test_each_failure_stops_the_deploy_and_rolls_back(tmp_path: Path, scenario: 
         assert result.state["apps"][app]["machines"][0]["config"]["image"] == OLD[app]
 
 
-@pytest.mark.parametrize(("ips", "message"), [
-    pytest.param([{"Type": "v4", "Address": "1.2.3.4"}, {"Type": "private_v6", "Address": "fdaa::3"}],
-                 "reachable from the internet at 1.2.3.4", id="public-ip"),
-    pytest.param([], "no Flycast address", id="no-flycast"),
-])
-def test_a_worker_that_is_public_or_unwakeable_is_refused(tmp_path: Path, ips: list[dict[str, str]],
-                                                          message: str) -> None:
+@pytest.mark.parametrize(
+    ("ips", "message"),
+    [
+        pytest.param(
+            [{"Type": "v4", "Address": "1.2.3.4"}, {"Type": "private_v6", "Address": "fdaa::3"}],
+            "reachable from the internet at 1.2.3.4",
+            id="public-ip",
+        ),
+        pytest.param([], "no Flycast address", id="no-flycast"),
+    ],
+)
+def test_a_worker_that_is_public_or_unwakeable_is_refused(
+    tmp_path: Path, ips: list[dict[str, str]], message: str
+) -> None:
     result = run_deploy(tmp_path, None, ips=ips)
     assert result.code == 1 and message in result.output
     assert result.rolled_back() == ["textslash-relay", "textslash-vm"]

@@ -86,8 +86,12 @@ async def test_an_owners_day(tmp_path: Path) -> None:
         logs = pair.logs()
         assert "Application startup complete" in logs  # the logs are really there
         sent = "\n".join(twilio.bodies())
-        secrets = {"TWILIO_AUTH_TOKEN": AUTH_TOKEN, "WORKER_TOKEN": pair.relay_env["WORKER_TOKEN"],
-                   "GITHUB_TOKEN": GITHUB_TOKEN, "ANTHROPIC_API_KEY": pair.worker_env["ANTHROPIC_API_KEY"]}
+        secrets = {
+            "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
+            "WORKER_TOKEN": pair.relay_env["WORKER_TOKEN"],
+            "GITHUB_TOKEN": GITHUB_TOKEN,
+            "ANTHROPIC_API_KEY": pair.worker_env["ANTHROPIC_API_KEY"],
+        }
         for name, value in secrets.items():
             assert value not in logs, f"{name} leaked into a log"
             assert value not in sent, f"{name} leaked into a message"

@@ -21,8 +21,12 @@ STEP = 60.0
 async def test_worker_killed_in_the_middle_of_a_run(tmp_path: Path) -> None:
     async with pair_stack(tmp_path) as pair:
         marker = f"textslash-kill-{time.time_ns()}"
-        pair.model.script("risky job", write(f"{pair.checkout}/half.txt", "half\n"),
-                          bash(f"python3 -c 'import time; time.sleep(120)' {marker}"), Text("never"))
+        pair.model.script(
+            "risky job",
+            write(f"{pair.checkout}/half.txt", "half\n"),
+            bash(f"python3 -c 'import time; time.sleep(120)' {marker}"),
+            Text("never"),
+        )
         await pair.start_relay()
         await pair.start_worker()
         await pair.text("risky job")

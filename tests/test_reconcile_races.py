@@ -1,4 +1,5 @@
 """Races between the worker's answers and its reports, found by attacking issue 10: each asserts the right outcome."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -26,9 +27,13 @@ def texts(effs: list[Any]) -> list[str]:
 def test_approve_answer_after_approve_failed() -> None:
     c = Conversation(P, state="awaiting_approval", run="X", approval_deadline=1060.0)
     # owner approves; the push fails at once: the report lands before the 202's answer is recorded
-    c, _ = run(c, Word("approve"), Report("approve_failed", "X", text="push refused", seq=5),
-               Delivered("approve", answer=Answer("pushing", "X", "p")))
-    assert c.state == "awaiting_approval", c.state   # worker holds changes awaiting approval
+    c, _ = run(
+        c,
+        Word("approve"),
+        Report("approve_failed", "X", text="push refused", seq=5),
+        Delivered("approve", answer=Answer("pushing", "X", "p")),
+    )
+    assert c.state == "awaiting_approval", c.state  # worker holds changes awaiting approval
     c, (eff,) = run(c, Word("approve"))
     assert any(isinstance(e, CallWorker) for e in eff), texts(eff)
 
@@ -36,9 +41,13 @@ def test_approve_answer_after_approve_failed() -> None:
 def test_cancel_answer_after_approval_and_cancelled() -> None:
     job = Job("X", "p", started_at=990.0, delivered=True)
     c = Conversation(P, state="working", job=job, run="X")
-    c, outs = run(c, Word("cancel"), Report("approval_required", "X", seq=1),
-                  Report("cancelled", "X", changes=True, seq=2),
-                  Delivered("cancel", answer=Answer("cancelling", "X", "p")))
+    c, outs = run(
+        c,
+        Word("cancel"),
+        Report("approval_required", "X", seq=1),
+        Report("cancelled", "X", changes=True, seq=2),
+        Delivered("cancel", answer=Answer("cancelling", "X", "p")),
+    )
     assert c.state == "awaiting_approval", (c.state, texts(outs[-1]))
 
 
@@ -46,8 +55,13 @@ def test_status_probe_answer_after_approval_required() -> None:
     job = Job("X", "p", started_at=990.0, delivered=True)
     c = Conversation(P, state="working", job=job, run="X", check_at=1000.0)
     from relay.events import Stalled
-    c, outs = run(c, Stalled(1000.0), Report("approval_required", "X", seq=1),
-                  Delivered("status", answer=Answer("running", "X", "p")))
+
+    c, outs = run(
+        c,
+        Stalled(1000.0),
+        Report("approval_required", "X", seq=1),
+        Delivered("status", answer=Answer("running", "X", "p")),
+    )
     assert c.state == "awaiting_approval", (c.state, texts(outs[-1]))
 
 
@@ -55,8 +69,12 @@ def test_pr_opened_before_adopting_approve_answer_while_idle() -> None:
     # fresh relay database: idle; the worker holds changes of X. approve goes if_awake,
     # the push is quick and pr_opened arrives before the 202's answer is recorded.
     c = Conversation(P)
-    c, outs = run(c, Word("approve"), Report("pr_opened", "X", url="https://gh/pr/1", seq=9),
-                  Delivered("approve", answer=Answer("pushing", "X", "p")))
+    c, outs = run(
+        c,
+        Word("approve"),
+        Report("pr_opened", "X", url="https://gh/pr/1", seq=9),
+        Delivered("approve", answer=Answer("pushing", "X", "p")),
+    )
     assert any("https://gh/pr/1" in t for o in outs for t in texts(o)), [texts(o) for o in outs]
     assert c.state == "idle", c.state
 
@@ -64,14 +82,25 @@ def test_pr_opened_before_adopting_approve_answer_while_idle() -> None:
 def test_late_command_answer_after_run_end() -> None:
     job = Job("X", "p", started_at=990.0, delivered=False)
     c = Conversation(P, state="working", job=job, run="X")
-    c, outs = run(c, Report("error", "X", text="clone failed", seq=1),
-                  Delivered("command", "X", answer=Answer("running", "X", "p")))
+    c, outs = run(
+        c,
+        Report("error", "X", text="clone failed", seq=1),
+        Delivered("command", "X", answer=Answer("running", "X", "p")),
+    )
     assert not any(isinstance(e, CallWorker) for e in outs[-1]), outs[-1]
 
 
 def test_old_applying_conversation_shows_pr() -> None:
-    old: dict[str, Any] = {"phone": P, "state": "applying", "job": None, "queue": [], "approval_deadline": None,
-           "kept": None, "fresh_session": False, "applying": "approve"}
+    old: dict[str, Any] = {
+        "phone": P,
+        "state": "applying",
+        "job": None,
+        "queue": [],
+        "approval_deadline": None,
+        "kept": None,
+        "fresh_session": False,
+        "applying": "approve",
+    }
     c = Conversation.from_json(old)
     c, outs = run(c, Report("pr_opened", "X", url="https://gh/pr/1", seq=9))
     assert c.state == "idle" and texts(outs[-1]), (c.state, outs)
@@ -80,9 +109,15 @@ def test_old_applying_conversation_shows_pr() -> None:
 def test_a_report_stays_within_what_the_relay_takes_whatever_its_characters() -> None:
     from common.protocol import MAX_REPORT_BYTES, encode_report, report_bytes
 
-    ugly = "\x01\\\"😀" * 75  # six, two, two and four bytes each once encoded
-    report = Report("approval_required", "X", text=ugly * 80, diff=ugly * 200,
-                    files=tuple((ugly, 1, 1, False) for _ in range(100)), uncovered=(ugly,) * 50)
+    ugly = '\x01\\"😀' * 75  # six, two, two and four bytes each once encoded
+    report = Report(
+        "approval_required",
+        "X",
+        text=ugly * 80,
+        diff=ugly * 200,
+        files=tuple((ugly, 1, 1, False) for _ in range(100)),
+        uncovered=(ugly,) * 50,
+    )
     data = encode_report(report)
     assert len(report_bytes(data)) <= MAX_REPORT_BYTES and data["files_count"] == 100
 

@@ -27,8 +27,13 @@ async def test_progress_answer_approval_and_pr(stack: Stack) -> None:
     stack.worker.images[IMAGE] = PNG
     await stack.report("progress", run_id=run_id, text="✏️ editing app.py")
     await stack.report("answer", run_id=run_id, text="Added /login.", cost_usd=0.0123, duration_ms=4200, changes=True)
-    await stack.report("approval_required", run_id=run_id, files=[{"path": "app.py", "added": 3, "removed": 1}],
-                       diff="+def login():\n+    pass", images=[IMAGE])
+    await stack.report(
+        "approval_required",
+        run_id=run_id,
+        files=[{"path": "app.py", "added": 3, "removed": 1}],
+        diff="+def login():\n+    pass",
+        images=[IMAGE],
+    )
     approval = await wait_for(lambda: [m for m in stack.twilio.messages if m.media], what="approval with image")
     bodies = stack.twilio.bodies(OWNER)
     assert "✏️ editing app.py" in bodies
@@ -140,25 +145,31 @@ async def test_worker_refusing_a_call_is_told_to_the_owner(stack: Stack) -> None
     assert stack.twilio.bodies(OWNER)[0] == "Nothing is waiting for approval."
 
 
-@pytest.mark.parametrize(("headers", "status"), [
-    pytest.param({}, 401, id="no-token"),
-    pytest.param({"Authorization": "Bearer wrong-token"}, 401, id="wrong-token"),
-    pytest.param({"Authorization": f"Basic {WORKER_TOKEN}"}, 401, id="wrong-scheme"),
-])
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        pytest.param({}, 401, id="no-token"),
+        pytest.param({"Authorization": "Bearer wrong-token"}, 401, id="wrong-token"),
+        pytest.param({"Authorization": f"Basic {WORKER_TOKEN}"}, 401, id="wrong-scheme"),
+    ],
+)
 async def test_callback_needs_the_worker_token(stack: Stack, headers: dict[str, str], status: int) -> None:
     body = {"type": "progress", "run_id": "r", "seq": 1, "text": "hi"}
     response = await stack.http.post(f"{stack.url}/callback/{OWNER}", json=body, headers=headers)
     assert response.status_code == status
 
 
-@pytest.mark.parametrize("body", [
-    pytest.param(b"[]", id="array"),
-    pytest.param(b'{"type": "explode", "run_id": "r", "seq": 1}', id="unknown-type"),
-    pytest.param(b'{"type": "progress", "seq": 1}', id="no-run-id"),
-    pytest.param(b'{"type": "progress", "run_id": "r", "seq": -1}', id="negative-seq"),
-    pytest.param(b'{"type": "answer", "run_id": "r", "seq": 1, "cost_usd": "free"}', id="bad-cost"),
-    pytest.param(b'{"type": "notice", "run_id": "r", "seq": 1, "images": ["../../etc/passwd"]}', id="image-escape"),
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(b"[]", id="array"),
+        pytest.param(b'{"type": "explode", "run_id": "r", "seq": 1}', id="unknown-type"),
+        pytest.param(b'{"type": "progress", "seq": 1}', id="no-run-id"),
+        pytest.param(b'{"type": "progress", "run_id": "r", "seq": -1}', id="negative-seq"),
+        pytest.param(b'{"type": "answer", "run_id": "r", "seq": 1, "cost_usd": "free"}', id="bad-cost"),
+        pytest.param(b'{"type": "notice", "run_id": "r", "seq": 1, "images": ["../../etc/passwd"]}', id="image-escape"),
+    ],
+)
 async def test_malformed_callbacks_get_a_422(stack: Stack, body: bytes) -> None:
     headers = {"Authorization": f"Bearer {WORKER_TOKEN}", "content-type": "application/json"}
     response = await stack.http.post(f"{stack.url}/callback/{OWNER}", content=body, headers=headers)
@@ -182,10 +193,20 @@ async def test_repeated_callback_is_shown_once(stack: Stack) -> None:
     assert stack.twilio.bodies(OWNER).count("▶️ running pytest") == 1
 
 
-@pytest.mark.parametrize("name", [
-    "..%2F..%2Fetc%2Fpasswd", "%2e%2e%2frelay.sqlite3", "relay.sqlite3", "short.png", "/etc/passwd",
-    "..", "%2e%2e", "a" * 20 + ".png/..", "a" * 20 + ".PNG",
-])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "..%2F..%2Fetc%2Fpasswd",
+        "%2e%2e%2frelay.sqlite3",
+        "relay.sqlite3",
+        "short.png",
+        "/etc/passwd",
+        "..",
+        "%2e%2e",
+        "a" * 20 + ".png/..",
+        "a" * 20 + ".PNG",
+    ],
+)
 async def test_image_route_reaches_nothing_outside_the_cache(stack: Stack, name: str) -> None:
     response = await stack.http.get(f"{stack.url}/images/{name}")
     assert response.status_code == 404
@@ -252,9 +273,16 @@ def test_an_approval_names_what_reject_cannot_bring_back() -> None:
     from common.protocol import decode_report
     from relay.replies import approval_request
 
-    event = decode_report({"type": "approval_required", "run_id": "r", "seq": 1, "files_count": 1,
-                                       "files": [{"path": "a.py", "added": 1, "removed": 0}],
-                                       "uncovered": ["node_modules/", ".venv/"]})
+    event = decode_report(
+        {
+            "type": "approval_required",
+            "run_id": "r",
+            "seq": 1,
+            "files_count": 1,
+            "files": [{"path": "a.py", "added": 1, "removed": 0}],
+            "uncovered": ["node_modules/", ".venv/"],
+        }
+    )
     text = approval_request(event, 1800)
     assert "⚠️ Reject cannot bring back node_modules/, .venv/" in text and len(text) <= 1600
     assert "⚠️" not in approval_request(event.__class__("approval_required", "r", files=event.files), 1800)

@@ -24,8 +24,9 @@ async def test_a_5000_character_reply_arrives_split_in_order(stack: Stack) -> No
     await stack.send("explain")
     commands = await wait_for(stack.worker.commands)
     await stack.report("answer", run_id=commands[0]["message_id"], text=text)
-    parts = await wait_for(lambda: [b for b in stack.twilio.bodies(OWNER) if re.match(r"\(\d/\d\) ", b)],
-                           what="numbered parts")
+    parts = await wait_for(
+        lambda: [b for b in stack.twilio.bodies(OWNER) if re.match(r"\(\d/\d\) ", b)], what="numbered parts"
+    )
     await wait_for(lambda: len([b for b in stack.twilio.bodies(OWNER) if re.match(r"\(\d/\d\) ", b)]) == 4)
     parts = [b for b in stack.twilio.bodies(OWNER) if re.match(r"\(\d/\d\) ", b)]
     assert [p[:5] for p in parts] == ["(1/4)", "(2/4)", "(3/4)", "(4/4)"]

@@ -24,13 +24,25 @@ def test_defaults() -> None:
     assert "twilio-auth-token" not in repr(settings) and "worker-token" not in repr(settings)
 
 
-@pytest.mark.parametrize(("name", "value"), [
-    ("PUBLIC_URL", ""), ("PUBLIC_URL", "relay.example.com"), ("PUBLIC_URL", "https://x.test/?a=1"),
-    ("TWILIO_ACCOUNT_SID", "not-a-sid"), ("TWILIO_AUTH_TOKEN", ""), ("TWILIO_AUTH_TOKEN", "short"),
-    ("TWILIO_WHATSAPP_NUMBER", "4155238886"), ("ALLOWED_PHONE_NUMBERS", "+1555000111,oops"),
-    ("CLAUDE_HOST", "textslash-vm.flycast:3001"), ("WORKER_TOKEN", ""), ("APPROVAL_TIMEOUT_MS", "soon"),
-    ("WAKE_TIMEOUT_MS", "0"), ("TWILIO_MIN_SEND_INTERVAL_MS", "-1"), ("PORT", "99999"),
-])
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("PUBLIC_URL", ""),
+        ("PUBLIC_URL", "relay.example.com"),
+        ("PUBLIC_URL", "https://x.test/?a=1"),
+        ("TWILIO_ACCOUNT_SID", "not-a-sid"),
+        ("TWILIO_AUTH_TOKEN", ""),
+        ("TWILIO_AUTH_TOKEN", "short"),
+        ("TWILIO_WHATSAPP_NUMBER", "4155238886"),
+        ("ALLOWED_PHONE_NUMBERS", "+1555000111,oops"),
+        ("CLAUDE_HOST", "textslash-vm.flycast:3001"),
+        ("WORKER_TOKEN", ""),
+        ("APPROVAL_TIMEOUT_MS", "soon"),
+        ("WAKE_TIMEOUT_MS", "0"),
+        ("TWILIO_MIN_SEND_INTERVAL_MS", "-1"),
+        ("PORT", "99999"),
+    ],
+)
 def test_bad_values_name_the_variable(name: str, value: str) -> None:
     with pytest.raises(ConfigError, match=name):
         Settings.from_env({**BASE, name: value})
@@ -45,8 +57,9 @@ def test_a_short_secret_is_not_echoed() -> None:
 def test_python_m_relay_stops_with_a_message_naming_the_variable(tmp_path: Path) -> None:
     env = {k: v for k, v in BASE.items() if k != "CLAUDE_HOST"}
     env["PYTHONPATH"] = str(ROOT)
-    result = subprocess.run([sys.executable, "-m", "relay"], env=env, cwd=tmp_path, capture_output=True,
-                            text=True, timeout=30)
+    result = subprocess.run(
+        [sys.executable, "-m", "relay"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=30
+    )
     assert result.returncode == 2
     assert "CLAUDE_HOST is required" in result.stderr
     assert BASE["TWILIO_AUTH_TOKEN"] not in result.stderr + result.stdout

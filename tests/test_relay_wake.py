@@ -95,8 +95,9 @@ async def test_relay_killed_between_webhook_and_send_loses_nothing(tmp_path: Pat
             await wait_healthy(relay_url, proc)
             for body in ("help", "build the thing"):
                 params = message_params(body)
-                response = await http.post(f"{relay_url}/webhook", data=params,
-                                           headers=signed_form(PUBLIC_URL + "/webhook", params))
+                response = await http.post(
+                    f"{relay_url}/webhook", data=params, headers=signed_form(PUBLIC_URL + "/webhook", params)
+                )
                 assert response.status_code == 200
             await wait_for(lambda: twilio.attempts >= 1, what="a failed send attempt")
             proc.send_signal(signal.SIGKILL)

@@ -27,14 +27,19 @@ async def test_allowed_message_is_acknowledged_with_empty_twiml_and_reaches_the_
 Signer = Callable[[dict[str, str]], dict[str, str]]
 
 
-@pytest.mark.parametrize("sign", [
-    pytest.param(lambda p: {}, id="missing"),
-    pytest.param(lambda p: {"X-Twilio-Signature": ""}, id="empty"),
-    pytest.param(lambda p: {"X-Twilio-Signature": "bm90IGEgc2lnbmF0dXJl"}, id="forged"),
-    pytest.param(lambda p: signed_form(PUBLIC_URL + "/webhook", p, token="another-accounts-token"), id="wrong-token"),
-    pytest.param(lambda p: signed_form("http://127.0.0.1/webhook", p), id="signed-for-internal-url"),
-    pytest.param(lambda p: signed_form(PUBLIC_URL + "/other", p), id="signed-for-other-path"),
-])
+@pytest.mark.parametrize(
+    "sign",
+    [
+        pytest.param(lambda p: {}, id="missing"),
+        pytest.param(lambda p: {"X-Twilio-Signature": ""}, id="empty"),
+        pytest.param(lambda p: {"X-Twilio-Signature": "bm90IGEgc2lnbmF0dXJl"}, id="forged"),
+        pytest.param(
+            lambda p: signed_form(PUBLIC_URL + "/webhook", p, token="another-accounts-token"), id="wrong-token"
+        ),
+        pytest.param(lambda p: signed_form("http://127.0.0.1/webhook", p), id="signed-for-internal-url"),
+        pytest.param(lambda p: signed_form(PUBLIC_URL + "/other", p), id="signed-for-other-path"),
+    ],
+)
 async def test_bad_signature_is_refused_and_nothing_is_recorded(stack: Stack, sign: Signer) -> None:
     params = message_params("rm -rf /")
     response = await stack.post_form(params, headers=sign(params))
@@ -88,14 +93,17 @@ async def test_duplicate_message_sid_is_processed_once(stack: Stack) -> None:
     assert len(stack.worker.commands()) == 1
 
 
-@pytest.mark.parametrize(("content_type", "body", "status"), [
-    pytest.param("application/json", b'{"Body": "hi"}', 415, id="json"),
-    pytest.param("text/plain", b"hello", 415, id="text"),
-    pytest.param("application/x-www-form-urlencoded", b"Body=%ff%fe", 400, id="bad-utf8-escape"),
-    pytest.param("application/x-www-form-urlencoded", b"\xff\xfe\x00", 400, id="bad-utf8-bytes"),
-    pytest.param("application/x-www-form-urlencoded", b"Body=" + b"a" * 70_000, 413, id="huge"),
-    pytest.param("application/x-www-form-urlencoded", b"", 403, id="empty-unsigned"),
-])
+@pytest.mark.parametrize(
+    ("content_type", "body", "status"),
+    [
+        pytest.param("application/json", b'{"Body": "hi"}', 415, id="json"),
+        pytest.param("text/plain", b"hello", 415, id="text"),
+        pytest.param("application/x-www-form-urlencoded", b"Body=%ff%fe", 400, id="bad-utf8-escape"),
+        pytest.param("application/x-www-form-urlencoded", b"\xff\xfe\x00", 400, id="bad-utf8-bytes"),
+        pytest.param("application/x-www-form-urlencoded", b"Body=" + b"a" * 70_000, 413, id="huge"),
+        pytest.param("application/x-www-form-urlencoded", b"", 403, id="empty-unsigned"),
+    ],
+)
 async def test_malformed_bodies_get_a_4xx(stack: Stack, content_type: str, body: bytes, status: int) -> None:
     response = await stack.http.post(f"{stack.url}/webhook", content=body, headers={"content-type": content_type})
     assert response.status_code == status

@@ -104,15 +104,15 @@ async def test_a_garbled_spool_and_an_undeletable_file_leave_a_worker_that_serve
 
 async def post_command(http: httpx.AsyncClient, url: str, text: str) -> str:
     message_id = new_message_id()
-    response = await http.post(f"{url}/command", json={"phone": OWNER, "text": text, "message_id": message_id},
-                               headers=AUTH)
+    response = await http.post(
+        f"{url}/command", json={"phone": OWNER, "text": text, "message_id": message_id}, headers=AUTH
+    )
     assert response.status_code == 202, response.text
     return message_id
 
 
 @pytest.mark.parametrize("offset_s", [0.9, 0.98, 1.0, 1.02, 1.1, 1.4])
-async def test_a_command_across_the_idle_exit_is_run_or_refused_never_dropped(tmp_path: Path,
-                                                                               offset_s: float) -> None:
+async def test_a_command_across_the_idle_exit_is_run_or_refused_never_dropped(tmp_path: Path, offset_s: float) -> None:
     async with fakes(tmp_path, IDLE_TIMEOUT_MS="1000") as f, httpx.AsyncClient(timeout=30) as http:
         f.anthropic.script("at the edge", Text("made it"))
         with child("vm", f.env, f.log) as proc:
@@ -124,8 +124,11 @@ async def test_a_command_across_the_idle_exit_is_run_or_refused_never_dropped(tm
             await anyio.sleep(offset_s)
             message_id = new_message_id()
             try:
-                response = await http.post(f"{f.url}/command", headers=AUTH,
-                                           json={"phone": OWNER, "text": "at the edge", "message_id": message_id})
+                response = await http.post(
+                    f"{f.url}/command",
+                    headers=AUTH,
+                    json={"phone": OWNER, "text": "at the edge", "message_id": message_id},
+                )
             except httpx.TransportError:
                 response = None  # already gone: the relay would wake it again
             assert await wait_exit(proc, 60) == 0
@@ -156,7 +159,7 @@ async def test_reports_of_an_old_run_change_nothing(tmp_path: Path) -> None:
             assert response.status_code == 200 and response.json()["duplicate"] is False
         second = await start_run(stack, "second")  # started at once: nothing waits
         assert second != run and not said(stack, "Queued") and not said(stack, "b.py")
-        assert stack.twilio.bodies(OWNER)[len(before):] == ["🤖 Working on it..."]
+        assert stack.twilio.bodies(OWNER)[len(before) :] == ["🤖 Working on it..."]
 
 
 async def test_a_silent_run_the_worker_lost_is_checked_and_ended(tmp_path: Path) -> None:
@@ -188,4 +191,3 @@ async def test_both_halves_speak_one_protocol_version() -> None:
     future = {"v": 2, "type": "answer", "run_id": "r", "seq": 1}
     with pytest.raises(protocol.ProtocolError, match="deploy the relay first"):
         protocol.decode_report(future)
-

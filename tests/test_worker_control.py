@@ -42,10 +42,14 @@ async def test_cancel_during_a_long_bash_call_ends_every_process_of_the_run(work
     marker = f"textslash-long-{time.time_ns()}"
     checkout = worker.checkout()
     worker.anthropic.script(
-        "long job", write(f"{checkout}/partial.txt", "half done\n"),
-        bash(f"python3 -c 'import time; time.sleep(120)' {marker} & python3 -c 'import time; time.sleep(120)' "
-             f"{marker}", "wait a long time"),
-        Text("never reached"))
+        "long job",
+        write(f"{checkout}/partial.txt", "half done\n"),
+        bash(
+            f"python3 -c 'import time; time.sleep(120)' {marker} & python3 -c 'import time; time.sleep(120)' {marker}",
+            "wait a long time",
+        ),
+        Text("never reached"),
+    )
     await worker.command("long job")
     await wait_for(lambda: len(pids_with(marker)) >= 2, RUN_TIMEOUT, "the long Bash call to start")
     asked = time.monotonic()
@@ -78,24 +82,46 @@ async def test_a_screenshot_that_fails_says_why(worker: WorkerStack) -> None:
 
 
 async def test_claude_uses_the_screenshot_tool_and_sees_the_picture(worker: WorkerStack) -> None:
-    worker.anthropic.script("look at the app", ToolUse("mcp__textslash__screenshot", {"url": f"{worker.url}/test-app"}),
-                            Text("It shows a greeting."))
+    worker.anthropic.script(
+        "look at the app",
+        ToolUse("mcp__textslash__screenshot", {"url": f"{worker.url}/test-app"}),
+        Text("It shows a greeting."),
+    )
     await worker.command("look at the app")
     await wait_for(lambda: worker.relay.of_type("answer"), RUN_TIMEOUT, "answer")
     notice = worker.relay.of_type("notice")
     assert notice and notice[0]["images"]
     assert "📸 screenshot of" in " ".join(e["text"] for e in worker.relay.of_type("progress"))
-    results = [b for r in worker.anthropic.requests for m in r["messages"] if isinstance(m["content"], list)
-               for b in m["content"] if b.get("type") == "tool_result"]
-    assert any(isinstance(r.get("content"), list) and any(c.get("type") == "image" for c in r["content"])
-               for r in results)
+    results = [
+        b
+        for r in worker.anthropic.requests
+        for m in r["messages"]
+        if isinstance(m["content"], list)
+        for b in m["content"]
+        if b.get("type") == "tool_result"
+    ]
+    assert any(
+        isinstance(r.get("content"), list) and any(c.get("type") == "image" for c in r["content"]) for r in results
+    )
 
 
-@pytest.mark.parametrize("name", [
-    "../../etc/passwd", "..%2F..%2Fetc%2Fpasswd", "%2e%2e/%2e%2e/etc/passwd", "%2E%2E%2Fsecret.png",
-    "/etc/passwd", "%2Fetc%2Fpasswd", "....//....//etc/passwd", "link0123456789abcdef.png", "..", ".",
-    "abcdefghijklmnopqrstuv.png/../../x", "abcdefghijklmnop%00.png",
-])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "../../etc/passwd",
+        "..%2F..%2Fetc%2Fpasswd",
+        "%2e%2e/%2e%2e/etc/passwd",
+        "%2E%2E%2Fsecret.png",
+        "/etc/passwd",
+        "%2Fetc%2Fpasswd",
+        "....//....//etc/passwd",
+        "link0123456789abcdef.png",
+        "..",
+        ".",
+        "abcdefghijklmnopqrstuv.png/../../x",
+        "abcdefghijklmnop%00.png",
+    ],
+)
 async def test_images_route_refuses_every_way_out(worker: WorkerStack, name: str, tmp_path: Path) -> None:
     secret = tmp_path / "secret.png"
     secret.write_bytes(PNG)
@@ -116,17 +142,21 @@ async def test_every_route_but_health_needs_the_token(worker: WorkerStack, route
     assert (await worker.http.get(f"{worker.url}/images/abcdefghijklmnopqrstuv.png")).status_code == 401
 
 
-@pytest.mark.parametrize(("body", "status"), [
-    pytest.param(b"not json", 400, id="not-json"),
-    pytest.param(b"[1, 2]", 422, id="array"),
-    pytest.param(b'{"phone": "12345", "text": "hi", "message_id": "m"}', 422, id="bad-phone"),
-    pytest.param(b'{"phone": "+15550001111", "text": "", "message_id": "m"}', 422, id="empty-text"),
-    pytest.param(b'{"phone": "+15550001111", "text": "hi"}', 422, id="no-message-id"),
-    pytest.param(b'{"phone": "+15550001111", "text": "hi", "message_id": 7}', 422, id="numeric-message-id"),
-])
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        pytest.param(b"not json", 400, id="not-json"),
+        pytest.param(b"[1, 2]", 422, id="array"),
+        pytest.param(b'{"phone": "12345", "text": "hi", "message_id": "m"}', 422, id="bad-phone"),
+        pytest.param(b'{"phone": "+15550001111", "text": "", "message_id": "m"}', 422, id="empty-text"),
+        pytest.param(b'{"phone": "+15550001111", "text": "hi"}', 422, id="no-message-id"),
+        pytest.param(b'{"phone": "+15550001111", "text": "hi", "message_id": 7}', 422, id="numeric-message-id"),
+    ],
+)
 async def test_malformed_commands_get_a_4xx(worker: WorkerStack, body: bytes, status: int) -> None:
-    response = await worker.http.post(f"{worker.url}/command", content=body,
-                                      headers={**AUTH, "content-type": "application/json"})
+    response = await worker.http.post(
+        f"{worker.url}/command", content=body, headers={**AUTH, "content-type": "application/json"}
+    )
     assert response.status_code == status
 
 

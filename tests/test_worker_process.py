@@ -46,9 +46,13 @@ async def fakes(tmp: Path, **overrides: str) -> AsyncIterator[Fakes]:
         anthropic_url = await stack.enter_async_context(run_server(anthropic.app()))
         relay_url = await stack.enter_async_context(run_server(relay.app()))
         github_url = await stack.enter_async_context(run_server(github.app()))
-        env = {**model_env(anthropic_url, tmp),
-               **worker_env(tmp, relay_url=relay_url, github_url=github_url, origin=origin),
-               "PORT": str(port), "HOST": "127.0.0.1", **overrides}
+        env = {
+            **model_env(anthropic_url, tmp),
+            **worker_env(tmp, relay_url=relay_url, github_url=github_url, origin=origin),
+            "PORT": str(port),
+            "HOST": "127.0.0.1",
+            **overrides,
+        }
         yield Fakes(anthropic, relay, github, env, f"http://127.0.0.1:{port}", tmp / "worker.log")
 
 
@@ -97,8 +101,12 @@ async def test_sigterm_ends_the_run_keeps_its_state_and_exits_quickly(tmp_path: 
     marker = f"textslash-term-{time.time_ns()}"
     async with fakes(tmp_path) as f, httpx.AsyncClient(timeout=30) as http:
         checkout = Path(f.env["WORKSPACE_DIR"]) / OWNER.lstrip("+")
-        f.anthropic.script("slow work", write(f"{checkout}/started.txt", "1\n"),
-                           bash(f"python3 -c 'import time; time.sleep(120)' {marker}"), Text("never"))
+        f.anthropic.script(
+            "slow work",
+            write(f"{checkout}/started.txt", "1\n"),
+            bash(f"python3 -c 'import time; time.sleep(120)' {marker}"),
+            Text("never"),
+        )
         with child("vm", f.env, f.log) as proc:
             await wait_healthy(f.url, proc)
             await command(http, f.url, "slow work")

@@ -47,8 +47,9 @@ async def test_a_run_that_edits_files_asks_for_approval_then_opens_a_pr(worker: 
     files = {f["path"]: (f["added"], f["removed"]) for f in approval[0]["files"]}
     assert files == {"hello.py": (1, 0), "app.py": (1, 1)}
     assert "+    return 'hello'" in approval[0]["diff"]
-    image = await worker.http.get(f"{worker.url}/images/{approval[0]['images'][0]}",
-                                  headers={"Authorization": "Bearer worker-token-for-tests"})
+    image = await worker.http.get(
+        f"{worker.url}/images/{approval[0]['images'][0]}", headers={"Authorization": "Bearer worker-token-for-tests"}
+    )
     assert image.status_code == 200 and image.content.startswith(b"\x89PNG")
 
     assert (await worker.decide("approve")).status_code == 202
@@ -72,9 +73,12 @@ async def test_reject_restores_tracked_and_untracked_files(worker: WorkerStack) 
     (checkout / "notes.txt").write_text("mine\n")
     (checkout / "README.md").write_text("# demo, edited by hand\n")
     worker.anthropic.script(
-        "rewrite", write(f"{checkout}/README.md", "# replaced\n"), write(f"{checkout}/new.py", "x = 1\n"),
+        "rewrite",
+        write(f"{checkout}/README.md", "# replaced\n"),
+        write(f"{checkout}/new.py", "x = 1\n"),
         bash(f"rm {checkout}/notes.txt && mkdir -p {checkout}/build && touch {checkout}/build/out"),
-        Text("Rewrote things."))
+        Text("Rewrote things."),
+    )
     await worker.command("rewrite")
     await wait_for(lambda: worker.relay.of_type("approval_required"), RUN_TIMEOUT, "approval request")
     assert (await worker.decide("reject")).status_code == 202
@@ -129,12 +133,16 @@ async def test_reject_brings_back_ignored_files_and_names_what_it_cannot(tmp_pat
         owner = checkout.stat()
         for path in (".env", "build", "build/old.o", "big", "big/blob.bin"):
             os.chown(checkout / path, owner.st_uid, owner.st_gid)  # the agent's, as if it had made them
-        worker.anthropic.script("clean up", bash(
-            "rm .env build/old.o && echo new > build/new.o && echo changed > README.md", "clean"), Text("Cleaned."))
+        worker.anthropic.script(
+            "clean up",
+            bash("rm .env build/old.o && echo new > build/new.o && echo changed > README.md", "clean"),
+            Text("Cleaned."),
+        )
 
         await worker.command("clean up")
-        approval = await wait_for(lambda: len(worker.relay.of_type("approval_required")) == 2, RUN_TIMEOUT,
-                                  "the approval")
+        approval = await wait_for(
+            lambda: len(worker.relay.of_type("approval_required")) == 2, RUN_TIMEOUT, "the approval"
+        )
         assert worker.relay.of_type("approval_required")[1]["uncovered"] == ["big/"] and approval
         assert (await worker.decide("reject")).status_code == 202
         await wait_for(lambda: len(worker.relay.of_type("rolled_back")) == 2, RUN_TIMEOUT, "the rollback")

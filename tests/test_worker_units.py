@@ -15,18 +15,24 @@ from vm.images import ImageStore
 from vm.settings import ConfigError, Settings, github_repo_from_url
 from vm.workspace import Changes, FileChange
 
-BASE = {"WORKER_TOKEN": "worker-token-for-tests", "RELAY_CALLBACK_URL": "http://127.0.0.1:3000",
-        "REPO_URL": "https://github.com/acme/widgets.git"}
+BASE = {
+    "WORKER_TOKEN": "worker-token-for-tests",
+    "RELAY_CALLBACK_URL": "http://127.0.0.1:3000",
+    "REPO_URL": "https://github.com/acme/widgets.git",
+}
 
 
-@pytest.mark.parametrize(("url", "repo"), [
-    ("https://github.com/acme/widgets.git", "acme/widgets"),
-    ("https://github.com/acme/widgets", "acme/widgets"),
-    ("git@github.com:acme/widgets.git", "acme/widgets"),
-    ("ssh://git@github.com/acme/wid.gets.git", "acme/wid.gets"),
-    ("https://gitlab.com/acme/widgets.git", ""),
-    ("file:///srv/origin.git", ""),
-])
+@pytest.mark.parametrize(
+    ("url", "repo"),
+    [
+        ("https://github.com/acme/widgets.git", "acme/widgets"),
+        ("https://github.com/acme/widgets", "acme/widgets"),
+        ("git@github.com:acme/widgets.git", "acme/widgets"),
+        ("ssh://git@github.com/acme/wid.gets.git", "acme/wid.gets"),
+        ("https://gitlab.com/acme/widgets.git", ""),
+        ("file:///srv/origin.git", ""),
+    ],
+)
 def test_github_repo_from_url(url: str, repo: str) -> None:
     assert github_repo_from_url(url) == repo
 
@@ -40,26 +46,39 @@ def test_worker_defaults() -> None:
     assert "worker-token-for-tests" not in repr(settings)
 
 
-@pytest.mark.parametrize(("name", "value"), [
-    ("WORKER_TOKEN", ""), ("WORKER_TOKEN", "short"), ("RELAY_CALLBACK_URL", "relay:3000"), ("REPO_URL", ""),
-    ("REPO_URL", "ftp://x/y"), ("GITHUB_REPO", "not a repo"), ("IDLE_TIMEOUT_MS", "later"),
-    ("IMAGE_TTL_HOURS", "0"), ("ENABLE_TEST_APP", "maybe"), ("PORT", "0"),
-])
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("WORKER_TOKEN", ""),
+        ("WORKER_TOKEN", "short"),
+        ("RELAY_CALLBACK_URL", "relay:3000"),
+        ("REPO_URL", ""),
+        ("REPO_URL", "ftp://x/y"),
+        ("GITHUB_REPO", "not a repo"),
+        ("IDLE_TIMEOUT_MS", "later"),
+        ("IMAGE_TTL_HOURS", "0"),
+        ("ENABLE_TEST_APP", "maybe"),
+        ("PORT", "0"),
+    ],
+)
 def test_bad_worker_settings_name_the_variable(name: str, value: str) -> None:
     with pytest.raises(ConfigError, match=name):
         Settings.from_env({**BASE, name: value})
 
 
-@pytest.mark.parametrize(("tool", "args", "text"), [
-    ("Write", {"file_path": "/repo/src/app.py"}, "✏️ editing src/app.py"),
-    ("Edit", {"file_path": "/elsewhere/x.py"}, "✏️ editing x.py"),
-    ("Read", {"file_path": "/repo/README.md"}, "📖 reading README.md"),
-    ("Bash", {"command": "python -m   pytest -q"}, "▶️ running python -m pytest -q"),
-    ("Bash", {"command": "x" * 100}, "▶️ running " + "x" * 47 + "…"),
-    ("Grep", {"pattern": "TODO"}, "🔎 searching TODO"),
-    ("mcp__textslash__screenshot", {"url": "http://localhost:8000"}, "📸 screenshot of http://localhost:8000"),
-    ("SomethingNew", {}, "🔧 SomethingNew"),
-])
+@pytest.mark.parametrize(
+    ("tool", "args", "text"),
+    [
+        ("Write", {"file_path": "/repo/src/app.py"}, "✏️ editing src/app.py"),
+        ("Edit", {"file_path": "/elsewhere/x.py"}, "✏️ editing x.py"),
+        ("Read", {"file_path": "/repo/README.md"}, "📖 reading README.md"),
+        ("Bash", {"command": "python -m   pytest -q"}, "▶️ running python -m pytest -q"),
+        ("Bash", {"command": "x" * 100}, "▶️ running " + "x" * 47 + "…"),
+        ("Grep", {"pattern": "TODO"}, "🔎 searching TODO"),
+        ("mcp__textslash__screenshot", {"url": "http://localhost:8000"}, "📸 screenshot of http://localhost:8000"),
+        ("SomethingNew", {}, "🔧 SomethingNew"),
+    ],
+)
 def test_tool_calls_in_a_few_words(tool: str, args: dict[str, str], text: str) -> None:
     assert describe_tool(tool, args, Path("/repo")) == text
 
@@ -91,15 +110,22 @@ def test_images_expire_after_their_ttl(tmp_path: Path) -> None:
     assert store.resolve(old) is None and store.resolve(new) is not None
 
 
-@pytest.mark.parametrize(("added", "shown"), [
-    pytest.param("++ __import__('os').system('x')", "+++ __import__('os').system('x')", id="looks like +++"),
-    pytest.param("DEBUG = False;\x0c    os.system('x')", "+DEBUG = False;\\u000c    os.system('x')", id="form feed"),
-    pytest.param("ok = 1  # \u202e)'x'(metsys.so", "+ok = 1  # \\u202e)'x'(metsys.so", id="bidi override"),
-    pytest.param("a\u2028os.system('x')", "+a\\u2028os.system('x')", id="line separator"),
-])
+@pytest.mark.parametrize(
+    ("added", "shown"),
+    [
+        pytest.param("++ __import__('os').system('x')", "+++ __import__('os').system('x')", id="looks like +++"),
+        pytest.param(
+            "DEBUG = False;\x0c    os.system('x')", "+DEBUG = False;\\u000c    os.system('x')", id="form feed"
+        ),
+        pytest.param("ok = 1  # \u202e)'x'(metsys.so", "+ok = 1  # \\u202e)'x'(metsys.so", id="bidi override"),
+        pytest.param("a\u2028os.system('x')", "+a\\u2028os.system('x')", id="line separator"),
+    ],
+)
 def test_nothing_hides_in_the_diff_the_owner_sees(added: str, shown: str) -> None:
-    diff = ("diff --git a/app.py b/app.py\nindex 1111111..2222222 100644\n--- a/app.py\n+++ b/app.py\n"
-            f"@@ -1 +1,2 @@\n x = 1\n+{added}\n")
+    diff = (
+        "diff --git a/app.py b/app.py\nindex 1111111..2222222 100644\n--- a/app.py\n+++ b/app.py\n"
+        f"@@ -1 +1,2 @@\n x = 1\n+{added}\n"
+    )
     changes = Changes((FileChange("app.py", 1, 0),), diff)
     assert shown in phone_excerpt(changes).split("\n")
     assert escape(shown) in diff_html(changes)
@@ -107,20 +133,30 @@ def test_nothing_hides_in_the_diff_the_owner_sees(added: str, shown: str) -> Non
 
 
 def test_what_git_does_not_print_is_said_and_nothing_prints_as_nothing() -> None:
-    diff = ("diff --git a/run.sh b/run.sh\nold mode 100644\nnew mode 100755\n"
-            "diff --git a/l b/l\nnew file mode 120000\nindex 0..1\n--- /dev/null\n+++ b/l\n@@ -0,0 +1 @@\n+/etc/x\n"
-            "diff --git a/b.bin b/b.bin\nindex 1..2 100644\nBinary files a/b.bin and b/b.bin differ\n"
-            "diff --git a/app.js b/app.js\nindex 1..2 100644\n--- a/app.js\n+++ b/app.js\n@@ -1 +1 @@\n"
-            "-x\n+const { t,\u3164} = q; exec(\u3164)\x00\n")
+    diff = (
+        "diff --git a/run.sh b/run.sh\nold mode 100644\nnew mode 100755\n"
+        "diff --git a/l b/l\nnew file mode 120000\nindex 0..1\n--- /dev/null\n+++ b/l\n@@ -0,0 +1 @@\n+/etc/x\n"
+        "diff --git a/b.bin b/b.bin\nindex 1..2 100644\nBinary files a/b.bin and b/b.bin differ\n"
+        "diff --git a/app.js b/app.js\nindex 1..2 100644\n--- a/app.js\n+++ b/app.js\n@@ -1 +1 @@\n"
+        "-x\n+const { t,\u3164} = q; exec(\u3164)\x00\n"
+    )
     assert diff_lines(diff) == [
-        ("file", "run.sh"), ("note", "(old: file, mode 100644)"), ("note", "(new: executable, mode 100755)"),
-        ("file", "l"), ("note", "(new: symlink, mode 120000)"), ("hunk", "@@ -0,0 +1 @@"), ("add", "+/etc/x"),
-        ("file", "b.bin"), ("note", "(binary or over 1 MB: content not shown)"),
-        ("file", "app.js"), ("hunk", "@@ -1 +1 @@"), ("del", "-x"),
+        ("file", "run.sh"),
+        ("note", "(old: file, mode 100644)"),
+        ("note", "(new: executable, mode 100755)"),
+        ("file", "l"),
+        ("note", "(new: symlink, mode 120000)"),
+        ("hunk", "@@ -0,0 +1 @@"),
+        ("add", "+/etc/x"),
+        ("file", "b.bin"),
+        ("note", "(binary or over 1 MB: content not shown)"),
+        ("file", "app.js"),
+        ("hunk", "@@ -1 +1 @@"),
+        ("del", "-x"),
         ("add", "+const { t,\\u3164} = q; exec(\\u3164)\\u0000"),
     ]
     binary = Changes((FileChange("b.bin", 1, 0, binary=True),), "")
-    assert "b.bin <span class=\"more\">(binary or over 1 MB: content not shown)</span>" in diff_html(binary)
+    assert 'b.bin <span class="more">(binary or over 1 MB: content not shown)</span>' in diff_html(binary)
 
 
 def test_a_diff_cut_at_its_cap_says_so() -> None:

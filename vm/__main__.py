@@ -54,8 +54,15 @@ def main() -> int:
     app = create_app(settings, on_idle=stop_when_idle)
     # SIGTERM: uvicorn finishes requests (3 s at most), then the lifespan ends every run's
     # processes (6 s at most) with their state kept on disk: inside Fly's 10 s.
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info", access_log=False,
-                            timeout_graceful_shutdown=3, proxy_headers=False)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level="info",
+        access_log=False,
+        timeout_graceful_shutdown=3,
+        proxy_headers=False,
+    )
     server = uvicorn.Server(config)
     return serve(server)
 

@@ -47,6 +47,7 @@ ToolServers = Callable[[], dict[str, Any]]
 
 def describe_tool(name: str, args: Mapping[str, Any], cwd: Path) -> str:
     """A few words a person wants on a phone for one tool call."""
+
     def rel(key: str) -> str:
         raw = str(args.get(key) or "")
         try:
@@ -112,9 +113,19 @@ class Agent:
         self._interval = progress_interval_s
         self._max_turns = max_turns
 
-    async def run(self, *, cwd: Path, prompt: str, session_id: str | None, marker: str, on_progress: Progress,
-                  on_session: Callable[[str], None], tool_servers: dict[str, Any], cli_path: str | None = None,
-                  env: Mapping[str, str] | None = None) -> RunResult:
+    async def run(
+        self,
+        *,
+        cwd: Path,
+        prompt: str,
+        session_id: str | None,
+        marker: str,
+        on_progress: Progress,
+        on_session: Callable[[str], None],
+        tool_servers: dict[str, Any],
+        cli_path: str | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> RunResult:
         """One prompt on the owner's session. `cli_path` and `env` come from the sandbox: the
         launcher that starts the CLI as the owner's agent user, and that user's HOME and folders."""
         from claude_agent_sdk import (
@@ -135,10 +146,15 @@ class Agent:
             return PermissionResultAllow()
 
         options = ClaudeAgentOptions(
-            cwd=str(cwd), resume=session_id, can_use_tool=allow, mcp_servers=tool_servers,
-            disallowed_tools=DISALLOWED, max_turns=self._max_turns,
+            cwd=str(cwd),
+            resume=session_id,
+            can_use_tool=allow,
+            mcp_servers=tool_servers,
+            disallowed_tools=DISALLOWED,
+            max_turns=self._max_turns,
             system_prompt={"type": "preset", "preset": "claude_code", "append": SYSTEM_APPEND},
-            env={**self._env, **(env or {}), MARKER_VAR: marker}, cli_path=cli_path,
+            env={**self._env, **(env or {}), MARKER_VAR: marker},
+            cli_path=cli_path,
         )
         throttle = ProgressThrottle(on_progress, self._interval)
         texts: list[str] = []
@@ -163,11 +179,17 @@ class Agent:
                         result = message
             tg.cancel_scope.cancel()
         if result is None:
-            return RunResult("The agent stopped without a result.", True, None,
-                             int((time.monotonic() - started) * 1000), session_id)
+            return RunResult(
+                "The agent stopped without a result.", True, None, int((time.monotonic() - started) * 1000), session_id
+            )
         text = (result.result or (texts[-1] if texts else "")).strip()
-        return RunResult(text=text, is_error=bool(result.is_error), cost_usd=result.total_cost_usd,
-                         duration_ms=int(result.duration_ms), session_id=result.session_id or session_id)
+        return RunResult(
+            text=text,
+            is_error=bool(result.is_error),
+            cost_usd=result.total_cost_usd,
+            duration_ms=int(result.duration_ms),
+            session_id=result.session_id or session_id,
+        )
 
 
 async def _flush_loop(throttle: ProgressThrottle) -> None:

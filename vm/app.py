@@ -65,8 +65,13 @@ class Services:
     supervisor: Supervisor
 
 
-def create_app(settings: Settings, *, agent: Agent | None = None, http: httpx.AsyncClient | None = None,
-               on_idle: Callable[[], Awaitable[None] | None] | None = None) -> Starlette:
+def create_app(
+    settings: Settings,
+    *,
+    agent: Agent | None = None,
+    http: httpx.AsyncClient | None = None,
+    on_idle: Callable[[], Awaitable[None] | None] | None = None,
+) -> Starlette:
     """Build the worker. `on_idle` is called once when the idle timer fires (the CLI stops uvicorn)."""
     started = time.monotonic()
     # `python -m vm` drops every variable the agent may not inherit before this runs; blanking
@@ -82,16 +87,22 @@ def create_app(settings: Settings, *, agent: Agent | None = None, http: httpx.As
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         nonlocal services
         client = LazyHTTP(http)
-        callbacks = CallbackSender(settings.state_dir / "outbox", settings.relay_callback_url, settings.worker_token,
-                                   client)
+        callbacks = CallbackSender(
+            settings.state_dir / "outbox", settings.relay_callback_url, settings.worker_token, client
+        )
         github = None
         if settings.github_token and settings.github_repo:
-            github = GitHub(client, api_url=settings.github_api_url, token=settings.github_token,
-                            repo=settings.github_repo)
+            github = GitHub(
+                client, api_url=settings.github_api_url, token=settings.github_token, repo=settings.github_repo
+            )
         browser = BrowserPool(settings.chromium_path)
         images = ImageStore(settings.images_dir, settings.image_ttl_s)
-        sandbox = Sandbox(workspace_dir=settings.workspace_dir, state_dir=settings.state_dir,
-                          claude_config_dir=settings.claude_config_dir, isolated=settings.agent_isolation)
+        sandbox = Sandbox(
+            workspace_dir=settings.workspace_dir,
+            state_dir=settings.state_dir,
+            claude_config_dir=settings.claude_config_dir,
+            isolated=settings.agent_isolation,
+        )
         await sandbox.start(settings.state_dir, settings.images_dir)
         worker = Worker(settings, callbacks, agent or Agent(env), browser, images, github, sandbox)
 
@@ -134,8 +145,12 @@ def create_app(settings: Settings, *, agent: Agent | None = None, http: httpx.As
         problems = [*running.worker.problems, *running.supervisor.problems]
         if running.watch.closing:
             problems.append("going to sleep")
-        body: dict[str, object] = {"status": "failing" if problems else "ok", "deployed_sha": settings.deployed_sha,
-                "uptime_s": round(time.monotonic() - started, 3), "busy": running.worker.busy}
+        body: dict[str, object] = {
+            "status": "failing" if problems else "ok",
+            "deployed_sha": settings.deployed_sha,
+            "uptime_s": round(time.monotonic() - started, 3),
+            "busy": running.worker.busy,
+        }
         if problems:
             body["problems"] = problems
         return JSONResponse(body, status_code=503 if problems else 200)
@@ -165,6 +180,7 @@ def create_app(settings: Settings, *, agent: Agent | None = None, http: httpx.As
             # Instead of uvicorn's access log, which would also print image names (capabilities).
             logger.info("%s %s -> %d", request.method, request.url.path, reply.status)
             return JSONResponse(encode_answer(reply.answer), status_code=reply.status)
+
         return endpoint
 
     def run(command: RunPrompt) -> Reply:
@@ -176,7 +192,10 @@ def create_app(settings: Settings, *, agent: Agent | None = None, http: httpx.As
     def owner_call(command: OwnerCall) -> Awaitable[Reply] | Reply:
         worker = live().worker
         calls: dict[str, Callable[[str], Awaitable[Reply] | Reply]] = {
-            "approve": worker.approve, "reject": worker.reject, "cancel": worker.cancel, "status": worker.status,
+            "approve": worker.approve,
+            "reject": worker.reject,
+            "cancel": worker.cancel,
+            "status": worker.status,
         }
         return calls[command.route](command.phone)
 
@@ -195,8 +214,10 @@ def create_app(settings: Settings, *, agent: Agent | None = None, http: httpx.As
         Route("/health", health, methods=["GET"]),
         Route("/command", authed("command", run), methods=["POST"]),
         Route("/screenshot", authed("screenshot", screenshot), methods=["POST"]),
-        *[Route(f"/{name}", authed(name, owner_call), methods=["POST"])
-          for name in ("approve", "reject", "cancel", "status")],
+        *[
+            Route(f"/{name}", authed(name, owner_call), methods=["POST"])
+            for name in ("approve", "reject", "cancel", "status")
+        ],
         Route("/images/{name:path}", image, methods=["GET"]),
     ]
     if settings.enable_test_app:
@@ -226,7 +247,8 @@ async def _say_goodnight(lazy: LazyHTTP, settings: Settings, phones: list[str]) 
     for phone in phones[:1]:  # the relay keeps one state for the worker: one owner's route is enough
         event = encode_report(Report("sleeping", "idle", seq=time.time_ns()))
         try:
-            await client.post(f"{settings.relay_callback_url}/callback/{phone}", json=event, headers=headers,
-                              timeout=2.0)
+            await client.post(
+                f"{settings.relay_callback_url}/callback/{phone}", json=event, headers=headers, timeout=2.0
+            )
         except httpx.HTTPError:
             logger.info("could not tell the relay about going to sleep")

@@ -19,8 +19,14 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 # Without these Chromium keeps dialling Google's services, which a closed network refuses.
-CHROMIUM_ARGS = ["--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--no-first-run", "--disable-gpu", "--disable-quic"]
+CHROMIUM_ARGS = [
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-gpu",
+    "--disable-quic",
+]
 
 
 class ScreenshotError(RuntimeError):
@@ -58,7 +64,8 @@ class BrowserPool:
                 if self._playwright is None:
                     self._playwright = await async_playwright().start()
                 self._browser = await self._playwright.chromium.launch(
-                    executable_path=self._executable, args=CHROMIUM_ARGS, headless=True)
+                    executable_path=self._executable, args=CHROMIUM_ARGS, headless=True
+                )
             return self._browser
 
     async def screenshot_url(self, url: str, *, full_page: bool = False, timeout_s: float = 20.0) -> bytes:
@@ -94,6 +101,7 @@ class BrowserPool:
             await page.set_content(html, wait_until="load")
             data: bytes = await page.screenshot(full_page=True, type="png")
             return data
+
         return await self._with_page(width, 100, shoot, scale=scale)
 
     async def _with_page(self, width: int, height: int, action: Any, scale: float = 1.0) -> bytes:

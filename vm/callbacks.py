@@ -77,8 +77,9 @@ class CallbackSender:
         client = await self.http.get()
         headers = {"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"}
         try:
-            response = await client.post(f"{self.relay_url}/callback/{phone}", content=report_bytes(event),
-                                         headers=headers, timeout=10.0)
+            response = await client.post(
+                f"{self.relay_url}/callback/{phone}", content=report_bytes(event), headers=headers, timeout=10.0
+            )
         except httpx.HTTPError as exc:
             logger.warning("callback %s failed (%s); will retry", event.get("type"), type(exc).__name__)
             return False
@@ -86,8 +87,12 @@ class CallbackSender:
             return True
         if 400 <= response.status_code < 500 and response.status_code not in (401, 408, 429):
             # The relay will never take this one (malformed); holding it would block every later report.
-            logger.error("relay refused a %s report for good: HTTP %s %s", event.get("type"),
-                         response.status_code, response.text[:200])
+            logger.error(
+                "relay refused a %s report for good: HTTP %s %s",
+                event.get("type"),
+                response.status_code,
+                response.text[:200],
+            )
             return True
         logger.warning("callback %s got HTTP %s; will retry", event.get("type"), response.status_code)
         return False

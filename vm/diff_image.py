@@ -33,8 +33,9 @@ pre span { display: block; padding: 0 10px; }
 
 def diff_html(changes: Changes, *, max_lines: int = MAX_LINES) -> str:
     files = "".join(
-        f'<div>{escape(visible(f.path))} <span class="more">{NOT_SHOWN}</span></div>' if f.binary else
-        f'<div>{escape(visible(f.path))} <span class="add-n">+{f.added}</span> '
+        f'<div>{escape(visible(f.path))} <span class="more">{NOT_SHOWN}</span></div>'
+        if f.binary
+        else f'<div>{escape(visible(f.path))} <span class="add-n">+{f.added}</span> '
         f'<span class="del-n">−{f.removed}</span></div>'
         for f in changes.files[:MAX_FILES]
     )
@@ -47,9 +48,11 @@ def diff_html(changes: Changes, *, max_lines: int = MAX_LINES) -> str:
     elif changes.diff_cut:
         shown.append(f'<span class="more">{DIFF_CUT}</span>')
     count = changes.file_count
-    return (f"<!doctype html><html><head><meta charset='utf-8'><style>{STYLE}</style></head><body>"
-            f"<header><h1>{count} file{'s' if count != 1 else ''} changed</h1>{files}</header>"
-            f"<pre>{''.join(shown)}</pre></body></html>")
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><style>{STYLE}</style></head><body>"
+        f"<header><h1>{count} file{'s' if count != 1 else ''} changed</h1>{files}</header>"
+        f"<pre>{''.join(shown)}</pre></body></html>"
+    )
 
 
 def diff_lines(diff: str) -> list[tuple[str, str]]:

@@ -21,8 +21,11 @@ class GitHub:
         self._http = http
         self._api = api_url.rstrip("/")
         self._repo = repo
-        self._headers = {"Authorization": f"Bearer {token}", "Accept": "application/vnd.github+json",
-                         "X-GitHub-Api-Version": API_VERSION}
+        self._headers = {
+            "Authorization": f"Bearer {token}",
+            "Accept": "application/vnd.github+json",
+            "X-GitHub-Api-Version": API_VERSION,
+        }
 
     async def open_pull_request(self, *, head: str, base: str, title: str, body: str) -> str:
         """Create the PR (or find the one already open for `head`); returns its web URL."""
@@ -35,8 +38,9 @@ class GitHub:
             response = await client.post(url, json=payload, headers=self._headers, timeout=20.0)
             if response.status_code == 422 and "already exists" in response.text:
                 owner = self._repo.split("/")[0]
-                found = await client.get(url, params={"head": f"{owner}:{head}", "state": "open"},
-                                             headers=self._headers, timeout=20.0)
+                found = await client.get(
+                    url, params={"head": f"{owner}:{head}", "state": "open"}, headers=self._headers, timeout=20.0
+                )
                 if found.status_code == 200 and found.json():
                     return str(found.json()[0]["html_url"])
         except httpx.HTTPError as exc:

@@ -23,8 +23,15 @@ logger = logging.getLogger(__name__)
 
 
 class IdleWatch:
-    def __init__(self, timeout_s: float, *, busy: Callable[[], bool], on_idle: Callable[[], Awaitable[None]],
-                 clock: Callable[[], float] = time.monotonic, tick_s: float = 0.25) -> None:
+    def __init__(
+        self,
+        timeout_s: float,
+        *,
+        busy: Callable[[], bool],
+        on_idle: Callable[[], Awaitable[None]],
+        clock: Callable[[], float] = time.monotonic,
+        tick_s: float = 0.25,
+    ) -> None:
         self._timeout, self._busy, self._on_idle, self._clock, self._tick = timeout_s, busy, on_idle, clock, tick_s
         self._last = clock()
         self.closing = False

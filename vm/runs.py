@@ -36,7 +36,8 @@ SEEN_KEPT = 500  # message ids remembered for deduplication
 class IllegalRunTransition(RuntimeError):
     def __init__(self, state: str, event: str) -> None:
         detail = REFUSALS.get((state, event)) or (
-            "nothing is waiting for approval" if event in ("approve", "reject") else f"cannot {event} while {state}")
+            "nothing is waiting for approval" if event in ("approve", "reject") else f"cannot {event} while {state}"
+        )
         super().__init__(detail)
         self.state, self.event = state, event
 
@@ -64,7 +65,7 @@ class OwnerState:
         """False if this message id was seen before (a redelivered /command)."""
         if message_id in self.seen:
             return False
-        self.seen = [*self.seen[-(SEEN_KEPT - 1):], message_id]
+        self.seen = [*self.seen[-(SEEN_KEPT - 1) :], message_id]
         return True
 
     @property

@@ -44,13 +44,41 @@ AGENT_EXEC = Path(__file__).with_name("agent-exec")
 # The agent's environment: what a shell, Claude Code and the model's credential need. Anything
 # else the worker was started with (WORKER_TOKEN, GITHUB_TOKEN, a developer's TWILIO_* or cloud
 # keys) is dropped by `scrub_environment` at boot, so nothing the worker starts inherits it.
-AGENT_ENV_NAMES = frozenset({
-    "PATH", "HOME", "LANG", "LANGUAGE", "TZ", "TERM", "COLORTERM", "NO_COLOR", "FORCE_COLOR", "SHELL", "USER",
-    "LOGNAME", "TMPDIR", "SSL_CERT_FILE", "SSL_CERT_DIR", "NODE_EXTRA_CA_CERTS", "REQUESTS_CA_BUNDLE",
-    "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy", "MAX_THINKING_TOKENS",
-    "BASH_DEFAULT_TIMEOUT_MS", "BASH_MAX_TIMEOUT_MS", "MCP_TIMEOUT", "MCP_TOOL_TIMEOUT", "DISABLE_TELEMETRY",
-    "DISABLE_AUTOUPDATER", "DISABLE_ERROR_REPORTING",
-})
+AGENT_ENV_NAMES = frozenset(
+    {
+        "PATH",
+        "HOME",
+        "LANG",
+        "LANGUAGE",
+        "TZ",
+        "TERM",
+        "COLORTERM",
+        "NO_COLOR",
+        "FORCE_COLOR",
+        "SHELL",
+        "USER",
+        "LOGNAME",
+        "TMPDIR",
+        "SSL_CERT_FILE",
+        "SSL_CERT_DIR",
+        "NODE_EXTRA_CA_CERTS",
+        "REQUESTS_CA_BUNDLE",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "NO_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "no_proxy",
+        "MAX_THINKING_TOKENS",
+        "BASH_DEFAULT_TIMEOUT_MS",
+        "BASH_MAX_TIMEOUT_MS",
+        "MCP_TIMEOUT",
+        "MCP_TOOL_TIMEOUT",
+        "DISABLE_TELEMETRY",
+        "DISABLE_AUTOUPDATER",
+        "DISABLE_ERROR_REPORTING",
+    }
+)
 AGENT_ENV_PREFIXES = ("LC_", "ANTHROPIC_", "CLAUDE_CODE_", "CLAUDE_AGENT_SDK_")
 AGENT_GITCONFIG = """# Written by the textslash worker. The git dir belongs to the worker: read it, don't write it.
 [safe]
@@ -228,13 +256,25 @@ class Sandbox:
 
     def launch(self, space: AgentSpace) -> tuple[str | None, dict[str, str]]:
         """The CLI to start (None: the SDK's own) and the environment the agent gets on top."""
-        env = {"HOME": str(space.home), "TMPDIR": str(space.tmp), "CLAUDE_CONFIG_DIR": str(space.claude_dir),
-               "SHELL": "/bin/bash", "GIT_CONFIG_GLOBAL": str(self._agent_gitconfig)}
+        env = {
+            "HOME": str(space.home),
+            "TMPDIR": str(space.tmp),
+            "CLAUDE_CONFIG_DIR": str(space.claude_dir),
+            "SHELL": "/bin/bash",
+            "GIT_CONFIG_GLOBAL": str(self._agent_gitconfig),
+        }
         if not self.isolated:
             return None, env
         name = f"tsagent{space.uid}"
-        env.update({"USER": name, "LOGNAME": name, "TEXTSLASH_AGENT_UID": str(space.uid),
-                    "TEXTSLASH_AGENT_GID": str(space.gid), "TEXTSLASH_AGENT_CLI": self._cli_path()})
+        env.update(
+            {
+                "USER": name,
+                "LOGNAME": name,
+                "TEXTSLASH_AGENT_UID": str(space.uid),
+                "TEXTSLASH_AGENT_GID": str(space.gid),
+                "TEXTSLASH_AGENT_CLI": self._cli_path(),
+            }
+        )
         return str(AGENT_EXEC), env
 
     async def reap(self, space: AgentSpace | None, marker: str) -> int:
@@ -324,8 +364,20 @@ class Sandbox:
         except KeyError:
             await _run("groupadd", "--gid", str(uid), name, ok_codes=(0, 4, 9))  # 4/9: that group exists
             # No home in /etc/passwd: it would name the owner's number to every agent.
-            await _run("useradd", "--uid", str(uid), "--gid", str(uid), "--no-create-home", "--no-user-group",
-                       "--home-dir", "/nonexistent", "--shell", "/bin/bash", name)
+            await _run(
+                "useradd",
+                "--uid",
+                str(uid),
+                "--gid",
+                str(uid),
+                "--no-create-home",
+                "--no-user-group",
+                "--home-dir",
+                "/nonexistent",
+                "--shell",
+                "/bin/bash",
+                name,
+            )
             existing = pwd.getpwuid(uid)
         if existing.pw_name != name:
             raise SandboxError(f"uid {uid} already belongs to {existing.pw_name!r}, not to an agent user")
@@ -361,8 +413,10 @@ class Sandbox:
             return {}
         except (OSError, ValueError, AttributeError) as exc:
             # Guessing here could hand one owner's files to another: stop and say where.
-            raise SandboxError(f"{self._users_file} is unreadable ({type(exc).__name__}); repair it, or remove "
-                               "it to rebuild it from the owners' folders") from None
+            raise SandboxError(
+                f"{self._users_file} is unreadable ({type(exc).__name__}); repair it, or remove "
+                "it to rebuild it from the owners' folders"
+            ) from None
 
     def _save_users(self, users: Mapping[str, int]) -> None:
         self._users_file.parent.mkdir(parents=True, exist_ok=True)
@@ -418,9 +472,37 @@ def _chown_tree(root: Path, uid: int, gid: int) -> None:
     root's, its own git dir's config for one, and chown would give that file away.
     """
     result = subprocess.run(
-        ["find", str(root), "-xdev", "(", "-type", "d", "-o", "-links", "1", ")",
-         "(", "!", "-uid", str(uid), "-o", "!", "-gid", str(gid), ")",
-         "-exec", "chown", "-h", f"{uid}:{gid}", "--", "{}", "+"], capture_output=True, check=False)
+        [
+            "find",
+            str(root),
+            "-xdev",
+            "(",
+            "-type",
+            "d",
+            "-o",
+            "-links",
+            "1",
+            ")",
+            "(",
+            "!",
+            "-uid",
+            str(uid),
+            "-o",
+            "!",
+            "-gid",
+            str(gid),
+            ")",
+            "-exec",
+            "chown",
+            "-h",
+            f"{uid}:{gid}",
+            "--",
+            "{}",
+            "+",
+        ],
+        capture_output=True,
+        check=False,
+    )
     if result.returncode != 0:
         detail = result.stderr.decode(errors="replace").strip().splitlines()
         raise SandboxError(f"could not hand the files over ({detail[-1] if detail else result.returncode})")
@@ -439,5 +521,3 @@ def _share_tree(root: Path, gid: int) -> None:
             if stat.S_ISREG(st.st_mode):
                 os.chown(name, 0, gid, dir_fd=fd, follow_symlinks=False)
                 os.chmod(name, 0o640, dir_fd=fd)
-
-

@@ -11,7 +11,9 @@ from common.config import ConfigError, EnvReader
 
 __all__ = ["ConfigError", "Settings", "github_repo_from_url"]
 
-_GITHUB_URL = re.compile(r"^(?:https://github\.com/|git@github\.com:|ssh://git@github\.com/)([\w.-]+/[\w.-]+?)(?:\.git)?/?$")
+_GITHUB_URL = re.compile(
+    r"^(?:https://github\.com/|git@github\.com:|ssh://git@github\.com/)([\w.-]+/[\w.-]+?)(?:\.git)?/?$"
+)
 
 
 def github_repo_from_url(url: str) -> str:

@@ -27,8 +27,11 @@ class Supervisor:
     @property
     def problems(self) -> list[str]:
         now = self._clock()
-        return [f"{name} keeps failing" for name, (count, at) in self._failures.items()
-                if count >= CRASH_LOOP and now - at < CRASH_WINDOW_S]
+        return [
+            f"{name} keeps failing"
+            for name, (count, at) in self._failures.items()
+            if count >= CRASH_LOOP and now - at < CRASH_WINDOW_S
+        ]
 
     async def keep(self, name: str, loop: Callable[[], Awaitable[None]], *, backoff_s: float = 1.0) -> None:
         """Run `loop` until it returns; after each failure, log it and start it again."""

@@ -124,8 +124,12 @@ class Worker:
         return Reply(status, Answer(owner.state, run, owner.prompt[:200] if run else "", detail, seq))
 
     def workspace(self, phone: str) -> Workspace:
-        return Workspace(self.sandbox.checkout(phone), self.sandbox.git_dir(phone), self.settings.repo_url,
-                         github_token=self.settings.github_token)
+        return Workspace(
+            self.sandbox.checkout(phone),
+            self.sandbox.git_dir(phone),
+            self.settings.repo_url,
+            github_token=self.settings.github_token,
+        )
 
     def _spawn(self, phone: str, fn: Callable[..., Any], *args: Any) -> None:
         assert self._tg is not None, "worker not started"
@@ -247,8 +251,12 @@ class Worker:
                 self._save(owner)
                 cli_path, env = self.sandbox.launch(space)
                 result = await self.agent.run(
-                    cwd=workspace.path, prompt=owner.prompt, session_id=owner.session_id, marker=self._marker(owner),
-                    cli_path=cli_path, env=env,
+                    cwd=workspace.path,
+                    prompt=owner.prompt,
+                    session_id=owner.session_id,
+                    marker=self._marker(owner),
+                    cli_path=cli_path,
+                    env=env,
                     on_progress=lambda text: self._report(phone, Report("progress", run_id, text=text)),
                     on_session=lambda sid: setattr(owner, "session_id", sid),
                     tool_servers=tool_servers(lambda url: self._capture(phone, run_id, url)),
@@ -271,8 +279,10 @@ class Worker:
         else:
             outcome, text = "answer", result.text
         duration = result.duration_ms if result else int((time.monotonic() - started) * 1000)
-        await self._finish(owner, Report(outcome, run_id, text=text, duration_ms=duration,
-                                         cost_usd=result.cost_usd if result else None))
+        await self._finish(
+            owner,
+            Report(outcome, run_id, text=text, duration_ms=duration, cost_usd=result.cost_usd if result else None),
+        )
 
     async def _prepare(self, phone: str, workspace: Workspace) -> AgentSpace:
         """The owner's agent user and folders, the git dir and checkout, all owned as they should be."""
@@ -318,9 +328,13 @@ class Worker:
         # However big the change, the report stays small: the relay shows at most a few dozen
         # names, and the protocol cuts a report to what the relay always accepts.
         return Report(
-            "approval_required", owner.run_id, diff=phone_excerpt(changes), images=images,
-            files=tuple((clip_path(visible(f.path), 300), f.added, f.removed, f.binary)
-                        for f in changes.files[:REPORTED_FILES]),
+            "approval_required",
+            owner.run_id,
+            diff=phone_excerpt(changes),
+            images=images,
+            files=tuple(
+                (clip_path(visible(f.path), 300), f.added, f.removed, f.binary) for f in changes.files[:REPORTED_FILES]
+            ),
             files_count=changes.file_count,
             uncovered=tuple(clip_path(visible(p), 300) for p in self._uncovered(owner)[:MAX_LEFT_OUT]),
         )
@@ -348,9 +362,12 @@ class Worker:
             url = ""
             if self.github is not None:
                 url = await self.github.open_pull_request(
-                    head=owner.branch, base=await workspace.default_branch(), title=_title(owner.prompt),
+                    head=owner.branch,
+                    base=await workspace.default_branch(),
+                    title=_title(owner.prompt),
                     body=f"Made by Claude Code through textslash, approved from the owner's phone.\n\n"
-                         f"Prompt:\n\n> {owner.prompt}")
+                    f"Prompt:\n\n> {owner.prompt}",
+                )
             await workspace.check_out_commit(owner.commit, owner.branch)
             left_out = await workspace.paths_differing(owner.shown_tree)
         except Exception as exc:  # the changes stay, and the owner can try again
@@ -365,9 +382,17 @@ class Worker:
         owner.fire("pushed")
         owner.snapshot, owner.shown_tree, owner.branch, owner.commit = None, "", "", ""
         self._save(owner)
-        self._report(phone, Report("pr_opened", owner.run_id, url=url, text=branch,
-                                   left_out=tuple(clip_path(visible(p), 300) for p in left_out[:MAX_LEFT_OUT]),
-                                   left_out_count=len(left_out)))
+        self._report(
+            phone,
+            Report(
+                "pr_opened",
+                owner.run_id,
+                url=url,
+                text=branch,
+                left_out=tuple(clip_path(visible(p), 300) for p in left_out[:MAX_LEFT_OUT]),
+                left_out_count=len(left_out),
+            ),
+        )
 
     async def _roll_back(self, phone: str) -> None:
         owner = self._owner(phone)
@@ -390,9 +415,15 @@ class Worker:
         owner.snapshot, owner.shown_tree = None, ""
         self._save(owner)
         # `left_out`: what the run left that could not be removed, even with its permissions fixed.
-        self._report(phone, Report("rolled_back", owner.run_id,
-                                   left_out=tuple(clip_path(visible(p), 300) for p in stuck[:MAX_LEFT_OUT]),
-                                   left_out_count=len(stuck)))
+        self._report(
+            phone,
+            Report(
+                "rolled_back",
+                owner.run_id,
+                left_out=tuple(clip_path(visible(p), 300) for p in stuck[:MAX_LEFT_OUT]),
+                left_out_count=len(stuck),
+            ),
+        )
 
     # --- screenshots ------------------------------------------------------------------
 
@@ -427,8 +458,7 @@ class Worker:
         elif owner.state == "rolling_back":
             owner.fire("rollback_failed")
             self._save(owner)
-            self._report(owner.phone, Report("reject_failed", owner.run_id,
-                                             text="the VM restarted while rolling back"))
+            self._report(owner.phone, Report("reject_failed", owner.run_id, text="the VM restarted while rolling back"))
         if owner.state == "awaiting_approval" and not owner.shown_tree:
             await self._show_again(owner)
 
@@ -462,4 +492,3 @@ def _title(prompt: str) -> str:
 
 def _commit_message(prompt: str) -> str:
     return f"{_title(prompt)}\n\nMade by Claude Code through textslash.\n\nPrompt: {prompt}"
-

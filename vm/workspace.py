@@ -32,8 +32,13 @@ import anyio
 GIT_IDENTITY = ("-c", "user.name=textslash", "-c", "user.email=textslash@users.noreply.github.com")
 # No hooks and no fsmonitor, whatever a config says; and no configuration but the repository's.
 GIT_HARDENING = ("-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false")
-GIT_ENV = {"GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull, "GIT_ATTR_NOSYSTEM": "1",
-           "GIT_NO_REPLACE_OBJECTS": "1", "GIT_TERMINAL_PROMPT": "0"}
+GIT_ENV = {
+    "GIT_CONFIG_NOSYSTEM": "1",
+    "GIT_CONFIG_GLOBAL": os.devnull,
+    "GIT_ATTR_NOSYSTEM": "1",
+    "GIT_NO_REPLACE_OBJECTS": "1",
+    "GIT_TERMINAL_PROMPT": "0",
+}
 EMPTY_TREE = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"
 BIG_FILE = "1m"  # git shows files above this as binary: a huge file must not fill the memory
 HANDED_OVER = "textslash-handed-over"  # in the git dir: the agent was given the checkout's files
@@ -46,8 +51,27 @@ async def _drop_special_files(root: Path) -> None:
     descriptor per level, and never follows a symlink (Python's fwalk recurses, and a tree a
     thousand folders deep stops it)."""
     result = await anyio.run_process(
-        ["find", str(root), "-xdev", "(", "-type", "p", "-o", "-type", "s", "-o", "-type", "b", "-o", "-type", "c",
-         ")", "-delete"], check=False)
+        [
+            "find",
+            str(root),
+            "-xdev",
+            "(",
+            "-type",
+            "p",
+            "-o",
+            "-type",
+            "s",
+            "-o",
+            "-type",
+            "b",
+            "-o",
+            "-type",
+            "c",
+            ")",
+            "-delete",
+        ],
+        check=False,
+    )
     if result.returncode != 0:
         raise GitError("could not read the checkout (find failed)")
 
@@ -152,15 +176,25 @@ class Snapshot:
     uncovered: tuple[str, ...] = ()  # ignored paths too big to keep: reject cannot bring them back
 
     def to_json(self) -> dict[str, object]:
-        return {"head": self.head, "tree": self.tree, "ignored": list(self.ignored),
-                "ignored_tree": self.ignored_tree, "uncovered": list(self.uncovered)}
+        return {
+            "head": self.head,
+            "tree": self.tree,
+            "ignored": list(self.ignored),
+            "ignored_tree": self.ignored_tree,
+            "uncovered": list(self.uncovered),
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, object]) -> Snapshot:
         ignored, uncovered = data.get("ignored") or [], data.get("uncovered") or []
         assert isinstance(ignored, list) and isinstance(uncovered, list)
-        return cls(head=str(data["head"]), tree=str(data["tree"]), ignored=tuple(str(p) for p in ignored),
-                   ignored_tree=str(data.get("ignored_tree") or ""), uncovered=tuple(str(p) for p in uncovered))
+        return cls(
+            head=str(data["head"]),
+            tree=str(data["tree"]),
+            ignored=tuple(str(p) for p in ignored),
+            ignored_tree=str(data.get("ignored_tree") or ""),
+            uncovered=tuple(str(p) for p in uncovered),
+        )
 
 
 @dataclass(frozen=True)
@@ -198,12 +232,24 @@ class Workspace:
         self.repo_url = repo_url
         self._token = github_token
 
-    async def git(self, *args: str, check: bool = True, env: dict[str, str] | None = None,
-                  auth: bool = False, cwd: Path | None = None, stdin: str | None = None) -> str:
+    async def git(
+        self,
+        *args: str,
+        check: bool = True,
+        env: dict[str, str] | None = None,
+        auth: bool = False,
+        cwd: Path | None = None,
+        stdin: str | None = None,
+    ) -> str:
         """Run git on this checkout. Only `auth=True` calls (clone, push) carry the token."""
         full_env = self._env(env, auth=auth, repo=cwd is None)
-        result = await anyio.run_process(["git", *GIT_IDENTITY, *GIT_HARDENING, *args], cwd=cwd or self.path,
-                                         env=full_env, check=False, input=stdin.encode() if stdin else None)
+        result = await anyio.run_process(
+            ["git", *GIT_IDENTITY, *GIT_HARDENING, *args],
+            cwd=cwd or self.path,
+            env=full_env,
+            check=False,
+            input=stdin.encode() if stdin else None,
+        )
         if check and result.returncode != 0:
             message = (result.stderr or result.stdout).decode(errors="replace").strip().splitlines()
             detail = message[-1] if message else f"exit {result.returncode}"
@@ -243,8 +289,11 @@ class Workspace:
         if not self._token or not self.repo_url.startswith("https://"):
             return {}
         basic = base64.b64encode(f"x-access-token:{self._token}".encode()).decode()
-        return {"GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": "http.extraHeader",
-                "GIT_CONFIG_VALUE_0": f"Authorization: Basic {basic}"}
+        return {
+            "GIT_CONFIG_COUNT": "1",
+            "GIT_CONFIG_KEY_0": "http.extraHeader",
+            "GIT_CONFIG_VALUE_0": f"Authorization: Basic {basic}",
+        }
 
     def _redact(self, text: str) -> str:
         return text.replace(self._token, "***") if self._token else text
@@ -299,8 +348,16 @@ class Workspace:
         self.git_dir.parent.mkdir(parents=True, exist_ok=True)
         partial = Path(tempfile.mkdtemp(prefix=".clone-", dir=self.git_dir.parent))
         try:
-            await self.git("clone", "--quiet", "--no-checkout", f"--separate-git-dir={partial / 'git'}",
-                           self.repo_url, str(partial / "tree"), auth=True, cwd=partial)
+            await self.git(
+                "clone",
+                "--quiet",
+                "--no-checkout",
+                f"--separate-git-dir={partial / 'git'}",
+                self.repo_url,
+                str(partial / "tree"),
+                auth=True,
+                cwd=partial,
+            )
             await self._write_config(partial / "git")
             os.replace(partial / "git", self.git_dir)  # a half-finished clone never looks like one
         finally:
@@ -308,9 +365,11 @@ class Workspace:
 
     async def _write_config(self, git_dir: Path) -> None:
         """A config of ours alone, the remote included, written before the git dir is published."""
-        write_new_file(git_dir / "config",
-                       "[core]\n\trepositoryformatversion = 0\n\tfilemode = true\n\tbare = false\n"
-                       f"\tlogallrefupdates = true\n\tsharedRepository = {SHARED}\n")
+        write_new_file(
+            git_dir / "config",
+            "[core]\n\trepositoryformatversion = 0\n\tfilemode = true\n\tbare = false\n"
+            f"\tlogallrefupdates = true\n\tsharedRepository = {SHARED}\n",
+        )
         await self.git("remote", "add", "origin", self.repo_url, cwd=git_dir, env={"GIT_DIR": str(git_dir)})
 
     # --- reading --------------------------------------------------------------------------
@@ -349,8 +408,9 @@ class Workspace:
             return "", uncovered
         with tempfile.TemporaryDirectory() as tmp:
             env = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
-            await self.git("add", "--force", "--pathspec-from-file=-", "--pathspec-file-nul", env=env,
-                           stdin="\0".join(covered))
+            await self.git(
+                "add", "--force", "--pathspec-from-file=-", "--pathspec-file-nul", env=env, stdin="\0".join(covered)
+            )
             return (await self.git("write-tree", env=env)).strip(), uncovered
 
     async def working_tree(self) -> str:
@@ -462,8 +522,30 @@ class Workspace:
         """Make every folder and file of the checkout writable by its owner again (a run may
         leave a read-only folder behind). Links are never followed, and a file with more than
         one link is left alone: it may be someone else's file."""
-        await anyio.run_process(["find", str(self.path), "-xdev", "(", "-type", "d", "-o", "(", "-type", "f",
-                                 "-links", "1", ")", ")", "-exec", "chmod", "u+rwX", "{}", "+"], check=False)
+        await anyio.run_process(
+            [
+                "find",
+                str(self.path),
+                "-xdev",
+                "(",
+                "-type",
+                "d",
+                "-o",
+                "(",
+                "-type",
+                "f",
+                "-links",
+                "1",
+                ")",
+                ")",
+                "-exec",
+                "chmod",
+                "u+rwX",
+                "{}",
+                "+",
+            ],
+            check=False,
+        )
 
     async def _restore_ignored(self, snap: Snapshot) -> list[str]:
         """The kept ignored files back as they were, and what the run added among them gone."""
@@ -479,8 +561,9 @@ class Workspace:
     async def commit_tree(self, tree: str, parent: str, message: str) -> str:
         """A commit of exactly `tree` on `parent` (no index, no working files involved)."""
         # The message (the owner's prompt) on stdin: argv is readable by every process.
-        return (await self.git("commit-tree", tree, *(("-p", parent) if parent else ()), "-F", "-",
-                               stdin=message)).strip()
+        return (
+            await self.git("commit-tree", tree, *(("-p", parent) if parent else ()), "-F", "-", stdin=message)
+        ).strip()
 
     async def push(self, commit: str, branch: str) -> None:
         await self.git("push", "--quiet", "origin", f"{commit}:refs/heads/{branch}", auth=True)

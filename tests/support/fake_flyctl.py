@@ -40,8 +40,12 @@ def run(state: dict[str, Any], args: list[str]) -> int:
         image = f"registry.fly.io/{name}:deployment-{state['builds']}"
         state["images"][image] = sha
         app["sha"] = app["sha"] if name in scenario.get("stale_sha", []) else sha
-        set_machines(app, scenario.get("after_deploy", {}).get(name, "started"),
-                     scenario.get("checks", {}).get(name, "passing"), image)
+        set_machines(
+            app,
+            scenario.get("after_deploy", {}).get(name, "started"),
+            scenario.get("checks", {}).get(name, "passing"),
+            image,
+        )
         return 0
     if args[:2] == ["machines", "list"] and app is not None:
         print(json.dumps(app["machines"]))

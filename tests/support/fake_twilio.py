@@ -76,12 +76,27 @@ class FakeTwilio:
                 return _twilio_error(answer, None, "scripted failure")
         fields: dict[str, Any] = dict(form)
         sid = f"SM{next(self._sids):032d}"
-        self.messages.append(Sent(
-            to=fields.get("To", ""), from_=fields.get("From", ""), body=fields.get("Body", ""),
-            media=[v for k, v in form if k == "MediaUrl"], at=time.monotonic(), sid=sid,
-        ))
-        return JSONResponse({"sid": sid, "status": "queued", "to": fields.get("To"), "from": fields.get("From"),
-                             "body": fields.get("Body"), "account_sid": self.account_sid}, status_code=201)
+        self.messages.append(
+            Sent(
+                to=fields.get("To", ""),
+                from_=fields.get("From", ""),
+                body=fields.get("Body", ""),
+                media=[v for k, v in form if k == "MediaUrl"],
+                at=time.monotonic(),
+                sid=sid,
+            )
+        )
+        return JSONResponse(
+            {
+                "sid": sid,
+                "status": "queued",
+                "to": fields.get("To"),
+                "from": fields.get("From"),
+                "body": fields.get("Body"),
+                "account_sid": self.account_sid,
+            },
+            status_code=201,
+        )
 
 
 def _twilio_error(status: int, code: int | None, message: str) -> JSONResponse:

@@ -29,8 +29,10 @@ from common.protocol import (
     encode_report,
 )
 
-PNG = (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x01\x00\x00\x00\x01\x08\x06\x00\x00\x00\x1f\x15\xc4"
-       b"\x89\x00\x00\x00\rIDATx\x9cc\xf8\x0f\x00\x00\x01\x01\x00\x05\x18\xd8N\x00\x00\x00\x00IEND\xaeB`\x82")
+PNG = (
+    b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x01\x00\x00\x00\x01\x08\x06\x00\x00\x00\x1f\x15\xc4"
+    b"\x89\x00\x00\x00\rIDATx\x9cc\xf8\x0f\x00\x00\x01\x01\x00\x05\x18\xd8N\x00\x00\x00\x00IEND\xaeB`\x82"
+)
 
 
 @dataclass
@@ -114,8 +116,13 @@ class FakeWorker:
 
     async def _answer(self, command: dict[str, Any]) -> None:
         for _ in range(50):  # the real worker retries its callbacks, so this one does too
-            response = await self.report(self.answer_via, command["phone"], "answer", run_id=command["message_id"],
-                                         text=f"answer to {command['text']}")
+            response = await self.report(
+                self.answer_via,
+                command["phone"],
+                "answer",
+                run_id=command["message_id"],
+                text=f"answer to {command['text']}",
+            )
             if response.status_code == 200:
                 return
 
@@ -128,16 +135,18 @@ class FakeWorker:
             return JSONResponse({"detail": "no such image"}, status_code=404)
         return Response(data, media_type="image/png")
 
-    async def report(self, relay_url: str, phone: str, event_type: str, run_id: str = "run-1",
-                     **fields: Any) -> httpx.Response:
+    async def report(
+        self, relay_url: str, phone: str, event_type: str, run_id: str = "run-1", **fields: Any
+    ) -> httpx.Response:
         """POST one event to the relay's callback route, as the worker would."""
         # Fields in their wire form (lists of dicts), through the protocol's own decoder and encoder.
         report = decode_report({"v": VERSION, "type": event_type, "run_id": run_id, "seq": next(self._seq), **fields})
         self._after_report(phone, report)
         body = encode_report(report)
         self._http = self._http or httpx.AsyncClient()  # one client: making one costs an SSL context
-        return await self._http.post(f"{relay_url}/callback/{phone}", json=body,
-                                     headers={"Authorization": f"Bearer {self.token}"})
+        return await self._http.post(
+            f"{relay_url}/callback/{phone}", json=body, headers={"Authorization": f"Bearer {self.token}"}
+        )
 
     def _after_report(self, phone: str, report: Report) -> None:
         """Where the real worker's state would be once it reports this."""
@@ -152,5 +161,6 @@ class FakeWorker:
     async def report_raw(self, relay_url: str, phone: str, body: dict[str, Any]) -> httpx.Response:
         """POST a body as given: for tests of what the relay refuses."""
         self._http = self._http or httpx.AsyncClient()
-        return await self._http.post(f"{relay_url}/callback/{phone}", json=body,
-                                     headers={"Authorization": f"Bearer {self.token}"})
+        return await self._http.post(
+            f"{relay_url}/callback/{phone}", json=body, headers={"Authorization": f"Bearer {self.token}"}
+        )

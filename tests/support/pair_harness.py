@@ -67,8 +67,9 @@ class Pair:
 
     async def text(self, body: str, *, sender: str = OWNER) -> None:
         params = message_params(body, sender=sender)
-        response = await self.http.post(f"{self.relay_url}/webhook", data=params,
-                                        headers=signed_form(PUBLIC_URL + "/webhook", params))
+        response = await self.http.post(
+            f"{self.relay_url}/webhook", data=params, headers=signed_form(PUBLIC_URL + "/webhook", params)
+        )
         assert response.status_code == 200
 
     def said(self, fragment: str, to: str = OWNER) -> list[str]:
@@ -78,8 +79,11 @@ class Pair:
         return Path(self.worker_env["WORKSPACE_DIR"]) / phone.lstrip("+")
 
     def logs(self) -> str:
-        return "".join((self.tmp / f"{name}.log").read_text() for name in ("relay", "worker")
-                       if (self.tmp / f"{name}.log").exists())
+        return "".join(
+            (self.tmp / f"{name}.log").read_text()
+            for name in ("relay", "worker")
+            if (self.tmp / f"{name}.log").exists()
+        )
 
 
 @asynccontextmanager
@@ -94,9 +98,20 @@ async def pair_stack(tmp: Path, *, idle_ms: str = "600000", **worker_overrides: 
         model_url = await stack.enter_async_context(run_server(model.app()))
         github_url = await stack.enter_async_context(run_server(github.app()))
         renv = relay_env(tmp / "relay.sqlite3", twilio_url, worker_url, PORT=str(relay_port), HOST="127.0.0.1")
-        wenv = {**model_env(model_url, tmp), **worker_env(
-            tmp, relay_url=relay_url, github_url=github_url, origin=origin, PORT=str(worker_port), HOST="127.0.0.1",
-            IDLE_TIMEOUT_MS=idle_ms, WORKSPACE_DIR=str(tmp / "workspace"), **worker_overrides)}
+        wenv = {
+            **model_env(model_url, tmp),
+            **worker_env(
+                tmp,
+                relay_url=relay_url,
+                github_url=github_url,
+                origin=origin,
+                PORT=str(worker_port),
+                HOST="127.0.0.1",
+                IDLE_TIMEOUT_MS=idle_ms,
+                WORKSPACE_DIR=str(tmp / "workspace"),
+                **worker_overrides,
+            ),
+        }
         pair = Pair(tmp, http, twilio, model, github, origin, renv, wenv, relay_url, worker_url)
         with pair._procs:
             yield pair

@@ -50,8 +50,14 @@ def child(module: str, env: dict[str, str], log: Path, *args: str) -> Iterator[s
     command = worker_command() if module == "vm" else [sys.executable, "-m", module]
     with log.open("ab") as out:
         # The child runs in the test's own folder, so a developer's .env is never read.
-        proc = subprocess.Popen([*command, *args], env=full_env, stdout=out,
-                                stderr=subprocess.STDOUT, cwd=log.parent, start_new_session=True)
+        proc = subprocess.Popen(
+            [*command, *args],
+            env=full_env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=log.parent,
+            start_new_session=True,
+        )
     try:
         yield proc
     finally:

@@ -62,8 +62,13 @@ def signed_form(url: str, params: dict[str, str], token: str = AUTH_TOKEN) -> di
 
 def message_params(body: str, *, sender: str = OWNER, sid: str | None = None) -> dict[str, str]:
     return {
-        "MessageSid": sid or new_sid(), "AccountSid": ACCOUNT_SID, "From": f"whatsapp:{sender}",
-        "To": f"whatsapp:{SANDBOX_NUMBER}", "Body": body, "NumMedia": "0", "ProfileName": "Owner",
+        "MessageSid": sid or new_sid(),
+        "AccountSid": ACCOUNT_SID,
+        "From": f"whatsapp:{sender}",
+        "To": f"whatsapp:{SANDBOX_NUMBER}",
+        "Body": body,
+        "NumMedia": "0",
+        "ProfileName": "Owner",
     }
 
 
@@ -80,8 +85,7 @@ class Stack:
         params = message_params(body, sender=sender, sid=sid)
         return await self.post_form(params)
 
-    async def post_form(self, params: dict[str, str],
-                        headers: dict[str, str] | None = None) -> httpx.Response:
+    async def post_form(self, params: dict[str, str], headers: dict[str, str] | None = None) -> httpx.Response:
         if headers is None:
             headers = signed_form(PUBLIC_URL + "/webhook", params)
         return await self.http.post(f"{self.url}/webhook", data=params, headers=headers)
@@ -93,8 +97,14 @@ class Stack:
 
 
 @asynccontextmanager
-async def relay_stack(tmp: Path, *, worker_listening: bool = True, worker_sock: socket.socket | None = None,
-                      send_timeout: float = 2.0, **env: str) -> AsyncIterator[Stack]:
+async def relay_stack(
+    tmp: Path,
+    *,
+    worker_listening: bool = True,
+    worker_sock: socket.socket | None = None,
+    send_timeout: float = 2.0,
+    **env: str,
+) -> AsyncIterator[Stack]:
     """Fake Twilio + fake worker + the real relay app under uvicorn, all on loopback."""
     twilio = FakeTwilio(ACCOUNT_SID, AUTH_TOKEN)
     worker = FakeWorker(WORKER_TOKEN)
@@ -106,8 +116,14 @@ async def relay_stack(tmp: Path, *, worker_listening: bool = True, worker_sock: 
         if worker_listening:
             await stack.enter_async_context(run_server(worker.app(), worker_sock))
         settings = Settings.from_env(relay_env(tmp / "relay.sqlite3", twilio_url, url_of(worker_sock), **env))
-        sender = TwilioSender(account_sid=ACCOUNT_SID, auth_token=AUTH_TOKEN, from_number=SANDBOX_NUMBER,
-                              base_url=twilio_url, media_base_url=f"{PUBLIC_URL}/images", timeout=send_timeout)
+        sender = TwilioSender(
+            account_sid=ACCOUNT_SID,
+            auth_token=AUTH_TOKEN,
+            from_number=SANDBOX_NUMBER,
+            base_url=twilio_url,
+            media_base_url=f"{PUBLIC_URL}/images",
+            timeout=send_timeout,
+        )
         relay_url = await stack.enter_async_context(run_server(create_app(settings, sender=sender)))
         http = await stack.enter_async_context(httpx.AsyncClient())
         yield Stack(relay_url, settings, twilio, worker, http)

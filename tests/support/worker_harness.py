@@ -36,9 +36,15 @@ def new_message_id() -> str:
 
 def model_env(anthropic_url: str, tmp: Path) -> dict[str, str]:
     """What the CLI needs to talk to the fake model, and nothing of the developer's own setup."""
-    return {"ANTHROPIC_BASE_URL": anthropic_url, "ANTHROPIC_API_KEY": ANTHROPIC_KEY,
-            "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "CLAUDE_CONFIG_DIR": str(tmp / "claude"),
-            "HOME": str(tmp / "home"), "WORKER_TOKEN": "", "GITHUB_TOKEN": ""}
+    return {
+        "ANTHROPIC_BASE_URL": anthropic_url,
+        "ANTHROPIC_API_KEY": ANTHROPIC_KEY,
+        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+        "CLAUDE_CONFIG_DIR": str(tmp / "claude"),
+        "HOME": str(tmp / "home"),
+        "WORKER_TOKEN": "",
+        "GITHUB_TOKEN": "",
+    }
 
 
 def open_for_agents(path: Path) -> None:
@@ -59,10 +65,18 @@ def worker_env(tmp: Path, *, relay_url: str, github_url: str, origin: Path, **ov
         open_for_agents(tmp)
     env = {
         "AGENT_ISOLATION": "on" if isolated else "off",
-        "WORKER_TOKEN": WORKER_TOKEN, "RELAY_CALLBACK_URL": relay_url, "WORKSPACE_DIR": str(tmp / "workspace"),
-        "REPO_URL": f"file://{origin}", "GITHUB_TOKEN": GITHUB_TOKEN, "GITHUB_API_URL": github_url,
-        "GITHUB_REPO": "owner/demo", "IMAGES_DIR": str(tmp / "images"), "IDLE_TIMEOUT_MS": "600000",
-        "CHROMIUM_PATH": CHROMIUM, "ENABLE_TEST_APP": "true", "CLAUDE_CONFIG_DIR": str(tmp / "claude"),
+        "WORKER_TOKEN": WORKER_TOKEN,
+        "RELAY_CALLBACK_URL": relay_url,
+        "WORKSPACE_DIR": str(tmp / "workspace"),
+        "REPO_URL": f"file://{origin}",
+        "GITHUB_TOKEN": GITHUB_TOKEN,
+        "GITHUB_API_URL": github_url,
+        "GITHUB_REPO": "owner/demo",
+        "IMAGES_DIR": str(tmp / "images"),
+        "IDLE_TIMEOUT_MS": "600000",
+        "CHROMIUM_PATH": CHROMIUM,
+        "ENABLE_TEST_APP": "true",
+        "CLAUDE_CONFIG_DIR": str(tmp / "claude"),
         "DEPLOYED_SHA": "test-sha",
     }
     env.update(overrides)
@@ -86,8 +100,7 @@ class WorkerStack:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         return await self.http.post(f"{self.url}/{route}", json=body, headers=headers)
 
-    async def command(self, text: str, *, phone: str = OWNER, message_id: str | None = None,
-                      **extra: Any) -> str:
+    async def command(self, text: str, *, phone: str = OWNER, message_id: str | None = None, **extra: Any) -> str:
         message_id = message_id or new_message_id()
         response = await self.post("command", {"phone": phone, "text": text, "message_id": message_id, **extra})
         assert response.status_code == 202, response.text
@@ -103,16 +116,16 @@ class WorkerStack:
 
 
 @asynccontextmanager
-async def worker_stack(tmp: Path, *, files: dict[str, str] | None = None, progress_interval_s: float = 0.0,
-                       **env: str) -> AsyncIterator[WorkerStack]:
+async def worker_stack(
+    tmp: Path, *, files: dict[str, str] | None = None, progress_interval_s: float = 0.0, **env: str
+) -> AsyncIterator[WorkerStack]:
     anthropic, relay, github = FakeAnthropic(), FakeRelay(WORKER_TOKEN), FakeGitHub(GITHUB_TOKEN)
     origin = make_origin(tmp / "git", files or FILES)
     async with AsyncExitStack() as stack:
         anthropic_url = await stack.enter_async_context(run_server(anthropic.app()))
         relay_url = await stack.enter_async_context(run_server(relay.app()))
         github_url = await stack.enter_async_context(run_server(github.app()))
-        settings = Settings.from_env(worker_env(tmp, relay_url=relay_url, github_url=github_url, origin=origin,
-                                                **env))
+        settings = Settings.from_env(worker_env(tmp, relay_url=relay_url, github_url=github_url, origin=origin, **env))
         agent = Agent(model_env(anthropic_url, tmp), progress_interval_s=progress_interval_s)
         url = await stack.enter_async_context(run_server(create_app(settings, agent=agent)))
         http = await stack.enter_async_context(httpx.AsyncClient(timeout=30))
