@@ -13,10 +13,10 @@ from twilio.request_validator import RequestValidator
 
 from bench import loadgen
 from bench.common import emit, median, pct, process, rss_kb, until_healthy
-from tests.support.fake_twilio import FakeTwilio
-from tests.support.fake_worker import FakeWorker
-from tests.support.relay_harness import ACCOUNT_SID, AUTH_TOKEN, PUBLIC_URL, WORKER_TOKEN, message_params, relay_env
-from tests.support.servers import reserve_port, reserve_port_at, run_server, url_of
+from fakes.servers import reserve_port, reserve_port_at, run_server, url_of
+from fakes.twilio import FakeTwilio
+from fakes.wiring import ACCOUNT_SID, AUTH_TOKEN, PUBLIC_URL, WORKER_TOKEN, message_params, relay_env
+from fakes.worker import FakeWorker
 
 PHONES = [f"+1555200{i:04d}" for i in range(120)]
 

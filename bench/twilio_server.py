@@ -7,8 +7,8 @@ import sys
 
 import uvicorn
 
-from tests.support.fake_twilio import FakeTwilio
-from tests.support.relay_harness import ACCOUNT_SID, AUTH_TOKEN
+from fakes.twilio import FakeTwilio
+from fakes.wiring import ACCOUNT_SID, AUTH_TOKEN
 
 if __name__ == "__main__":
     uvicorn.run(FakeTwilio(ACCOUNT_SID, AUTH_TOKEN).app(), host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")

@@ -9,23 +9,27 @@ import anyio
 import httpx
 
 from bench.common import emit, median, pct, process, rss_kb, tree_rss_kb, until_healthy
-from console.local_github import FakeGitHub
-from console.scripted_model import FakeAnthropic, Text
-from tests.support.fake_relay import FakeRelay
-from tests.support.fake_twilio import FakeTwilio
-from tests.support.git_origin import make_origin
-from tests.support.relay_harness import (
+from fakes.anthropic import FakeAnthropic, Text
+from fakes.github import FakeGitHub
+from fakes.origin import make_origin
+from fakes.relay import FakeRelay
+from fakes.servers import reserve_port, run_server
+from fakes.twilio import FakeTwilio
+from fakes.wiring import (
     ACCOUNT_SID,
     AUTH_TOKEN,
+    CHROMIUM,
+    FILES,
+    GITHUB_TOKEN,
     OWNER,
     PUBLIC_URL,
     WORKER_TOKEN,
     message_params,
+    model_env,
     relay_env,
     signed_form,
+    worker_env,
 )
-from tests.support.servers import reserve_port, run_server
-from tests.support.worker_harness import CHROMIUM, FILES, GITHUB_TOKEN, model_env, worker_env
 
 AUTH = {"Authorization": f"Bearer {WORKER_TOKEN}"}
 

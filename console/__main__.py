@@ -31,8 +31,8 @@ from dotenv import load_dotenv
 
 from console.chat import Chat
 from console.demo import demo_model, make_demo_repo
-from console.local_github import FakeGitHub
 from console.wake_proxy import WakeProxy
+from fakes.github import FakeGitHub
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL_OWNER = "+15550000001"

@@ -6,7 +6,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from console.scripted_model import FakeAnthropic, Text, bash, edit, write
+from fakes.anthropic import FakeAnthropic, Text, bash, edit, write
 
 README = "# demo app\n\nA tiny app to try textslash on.\n"
 APP = "def main():\n    print('demo app')\n\n\nif __name__ == '__main__':\n    main()\n"

@@ -17,8 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fakes.wiring import OWNER, PUBLIC_URL, WORKER_TOKEN, message_params, relay_env, signed_form
 from tests.support.processes import child, free_port
-from tests.support.relay_harness import OWNER, PUBLIC_URL, WORKER_TOKEN, message_params, relay_env, signed_form
 
 EXAMPLES = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 CONTENT_TYPES = [

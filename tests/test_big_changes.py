@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from console.scripted_model import Text, bash
+from fakes.anthropic import Text, bash
 from tests.support.pair_harness import pair_stack
-from tests.support.servers import wait_for
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.anyio
 

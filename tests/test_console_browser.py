@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from playwright.async_api import Page, async_playwright, expect
 
+from fakes.wiring import CHROMIUM, open_for_agents
 from tests.support.processes import child, free_port, wait_exit, wait_healthy
-from tests.support.worker_harness import CHROMIUM, open_for_agents
 
 pytestmark = pytest.mark.anyio
 STEP = 60_000  # ms: the demo model takes about a second a step

@@ -20,8 +20,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from fakes.wiring import relay_env
 from tests.support.processes import ROOT, free_port, image_command, wait_healthy
-from tests.support.relay_harness import relay_env
 
 pytestmark = pytest.mark.anyio
 DOCKERFILES = {"relay": ROOT / "Dockerfile", "vm": ROOT / "vm" / "Dockerfile"}

@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from tests.support.git_origin import git
+from fakes.origin import git
 from tests.support.processes import ROOT
 
-FAKE = ROOT / "tests" / "support" / "fake_flyctl.py"
+FAKE = ROOT / "fakes" / "flyctl.py"
 OLD = {
     "textslash-vm": "registry.fly.io/textslash-vm:deployment-old",
     "textslash-relay": "registry.fly.io/textslash-relay:deployment-old",

@@ -13,13 +13,12 @@ from pathlib import Path
 import pytest
 
 from common.config import mask_phone
-from console.scripted_model import Text, bash, edit, write
-from tests.support.git_origin import branches, show
+from fakes.anthropic import Text, bash, edit, write
+from fakes.origin import branches, show
+from fakes.wiring import AUTH_TOKEN, GITHUB_TOKEN, OWNER
 from tests.support.pair_harness import pair_stack
 from tests.support.processes import wait_exit
-from tests.support.relay_harness import AUTH_TOKEN, OWNER
-from tests.support.servers import wait_for
-from tests.support.worker_harness import GITHUB_TOKEN
+from tests.support.waiting import wait_for
 from tests.test_worker_control import pids_with
 
 pytestmark = pytest.mark.anyio

@@ -19,14 +19,24 @@ from pathlib import Path
 import anyio
 import pytest
 
-from console.scripted_model import Text, ToolUse, bash, write
-from tests.support.fake_twilio import Sent
-from tests.support.git_origin import branches, git, show
+from fakes.anthropic import Text, ToolUse, bash, write
+from fakes.origin import branches, git, show
+from fakes.twilio import Sent
+from fakes.wiring import (
+    AUTH_TOKEN,
+    GITHUB_TOKEN,
+    OWNER,
+    OWNER2,
+    PUBLIC_URL,
+    message_params,
+    open_for_agents,
+    signed_form,
+)
 from tests.support.pair_harness import pair_stack
 from tests.support.processes import ROOT, child, free_port, wait_healthy
-from tests.support.relay_harness import AUTH_TOKEN, OWNER, OWNER2, PUBLIC_URL, Stack, message_params, signed_form
-from tests.support.servers import wait_for
-from tests.support.worker_harness import GITHUB_TOKEN, WorkerStack, open_for_agents, worker_stack
+from tests.support.relay_harness import Stack
+from tests.support.waiting import wait_for
+from tests.support.worker_harness import WorkerStack, worker_stack
 from vm.sandbox import Sandbox, SandboxError, scrub_environment
 
 pytestmark = pytest.mark.anyio

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from console.scripted_model import Text, bash, write
+from fakes.anthropic import Text, bash, write
 from tests.support.pair_harness import pair_stack
-from tests.support.servers import wait_for
+from tests.support.waiting import wait_for
 from tests.test_worker_control import pids_with
 
 pytestmark = pytest.mark.anyio

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.fake_worker import PNG
-from tests.support.relay_harness import OWNER, OWNER2, PUBLIC_URL, WORKER_TOKEN, Stack, relay_stack
-from tests.support.servers import wait_for
+from fakes.wiring import OWNER, OWNER2, PUBLIC_URL, WORKER_TOKEN
+from fakes.worker import PNG
+from tests.support.relay_harness import Stack, relay_stack
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.anyio
 

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from fakes.wiring import OWNER, OWNER2, SANDBOX_NUMBER
 from relay.twilio import split_body
-from tests.support.relay_harness import OWNER, OWNER2, SANDBOX_NUMBER, Stack, relay_stack
-from tests.support.servers import wait_for
+from tests.support.relay_harness import Stack, relay_stack
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.anyio
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from fakes.wiring import relay_env
 from relay.settings import ConfigError, Settings
 from tests.support.processes import ROOT
-from tests.support.relay_harness import relay_env
 
 BASE = relay_env(Path("/tmp/x.sqlite3"), "http://127.0.0.1:1", "http://127.0.0.1:2")
 

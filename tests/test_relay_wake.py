@@ -9,10 +9,9 @@ import anyio
 import httpx
 import pytest
 
-from tests.support.fake_twilio import FakeTwilio
-from tests.support.fake_worker import FakeWorker
-from tests.support.processes import child, free_port, wait_exit, wait_healthy
-from tests.support.relay_harness import (
+from fakes.servers import reserve_port, reserve_port_at, run_server
+from fakes.twilio import FakeTwilio
+from fakes.wiring import (
     ACCOUNT_SID,
     AUTH_TOKEN,
     OWNER,
@@ -21,10 +20,12 @@ from tests.support.relay_harness import (
     WORKER_TOKEN,
     message_params,
     relay_env,
-    relay_stack,
     signed_form,
 )
-from tests.support.servers import reserve_port, reserve_port_at, run_server, wait_for
+from fakes.worker import FakeWorker
+from tests.support.processes import child, free_port, wait_exit, wait_healthy
+from tests.support.relay_harness import relay_stack
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.anyio
 WAKING = "⏳ Waking up your VM..."

@@ -7,8 +7,9 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.support.relay_harness import OWNER, PUBLIC_URL, STRANGER, Stack, message_params, signed_form
-from tests.support.servers import wait_for
+from fakes.wiring import OWNER, PUBLIC_URL, STRANGER, message_params, signed_form
+from tests.support.relay_harness import Stack
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.anyio
 

@@ -9,8 +9,9 @@ from pathlib import Path
 import anyio
 import pytest
 
-from tests.support.relay_harness import OWNER, Stack, message_params, new_sid, relay_stack
-from tests.support.servers import wait_for
+from fakes.wiring import OWNER, message_params, new_sid
+from tests.support.relay_harness import Stack, relay_stack
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.anyio
 

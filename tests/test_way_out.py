@@ -18,12 +18,12 @@ import httpx
 import pytest
 
 from common.protocol import Answer, Report, encode_report
-from console.scripted_model import Text, bash, write
+from fakes.anthropic import Text, bash, write
+from fakes.wiring import OWNER, new_message_id
 from tests.support.pair_harness import pair_stack
 from tests.support.processes import child, wait_exit, wait_healthy
-from tests.support.relay_harness import OWNER, Stack, relay_stack
-from tests.support.servers import wait_for
-from tests.support.worker_harness import new_message_id
+from tests.support.relay_harness import Stack, relay_stack
+from tests.support.waiting import wait_for
 from tests.test_worker_control import pids_with
 from tests.test_worker_process import AUTH, fakes
 

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from console.scripted_model import Text, ToolUse, bash, write
-from tests.support.fake_worker import PNG
-from tests.support.relay_harness import OWNER, WORKER_TOKEN
-from tests.support.servers import wait_for
-from tests.support.worker_harness import WorkerStack, new_message_id, worker_stack
+from fakes.anthropic import Text, ToolUse, bash, write
+from fakes.wiring import OWNER, WORKER_TOKEN, new_message_id
+from fakes.worker import PNG
+from tests.support.waiting import wait_for
+from tests.support.worker_harness import WorkerStack, worker_stack
 
 pytestmark = pytest.mark.anyio
 RUN_TIMEOUT = 60.0

@@ -13,14 +13,14 @@ import anyio
 import httpx
 import pytest
 
-from console.local_github import FakeGitHub
-from console.scripted_model import FakeAnthropic, Text, bash, write
-from tests.support.fake_relay import FakeRelay
-from tests.support.git_origin import branches, make_origin
+from fakes.anthropic import FakeAnthropic, Text, bash, write
+from fakes.github import FakeGitHub
+from fakes.origin import branches, make_origin
+from fakes.relay import FakeRelay
+from fakes.servers import run_server
+from fakes.wiring import FILES, GITHUB_TOKEN, OWNER, WORKER_TOKEN, model_env, new_message_id, worker_env
 from tests.support.processes import child, free_port, wait_exit, wait_healthy
-from tests.support.relay_harness import OWNER, WORKER_TOKEN
-from tests.support.servers import run_server, wait_for
-from tests.support.worker_harness import FILES, GITHUB_TOKEN, model_env, new_message_id, worker_env
+from tests.support.waiting import wait_for
 from tests.test_worker_control import pids_with
 
 pytestmark = pytest.mark.anyio

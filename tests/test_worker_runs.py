@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from console.scripted_model import Text, bash, edit, write
-from tests.support.git_origin import branches, git, show
-from tests.support.servers import wait_for
+from fakes.anthropic import Text, bash, edit, write
+from fakes.origin import branches, git, show
+from tests.support.waiting import wait_for
 from tests.support.worker_harness import WorkerStack, worker_stack
 
 pytestmark = pytest.mark.anyio

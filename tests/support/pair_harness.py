@@ -12,22 +12,25 @@ from pathlib import Path
 
 import httpx
 
-from console.local_github import FakeGitHub
-from console.scripted_model import FakeAnthropic
-from tests.support.fake_twilio import FakeTwilio
-from tests.support.git_origin import make_origin
-from tests.support.processes import child, free_port, wait_exit, wait_healthy
-from tests.support.relay_harness import (
+from fakes.anthropic import FakeAnthropic
+from fakes.github import FakeGitHub
+from fakes.origin import make_origin
+from fakes.servers import run_server
+from fakes.twilio import FakeTwilio
+from fakes.wiring import (
     ACCOUNT_SID,
     AUTH_TOKEN,
+    FILES,
+    GITHUB_TOKEN,
     OWNER,
     PUBLIC_URL,
     message_params,
+    model_env,
     relay_env,
     signed_form,
+    worker_env,
 )
-from tests.support.servers import run_server
-from tests.support.worker_harness import FILES, GITHUB_TOKEN, model_env, worker_env
+from tests.support.processes import child, free_port, wait_exit, wait_healthy
 
 
 @dataclass

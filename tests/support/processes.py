@@ -15,7 +15,7 @@ from pathlib import Path
 import anyio
 import httpx
 
-from tests.support.servers import reserve_port
+from fakes.servers import reserve_port
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import socket
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -11,65 +10,24 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from twilio.request_validator import RequestValidator
 
+from fakes.servers import reserve_port, run_server, url_of
+from fakes.twilio import FakeTwilio
+from fakes.wiring import (
+    ACCOUNT_SID,
+    AUTH_TOKEN,
+    OWNER,
+    PUBLIC_URL,
+    SANDBOX_NUMBER,
+    WORKER_TOKEN,
+    message_params,
+    relay_env,
+    signed_form,
+)
+from fakes.worker import FakeWorker
 from relay.app import create_app
 from relay.settings import Settings
 from relay.twilio import TwilioSender
-from tests.support.fake_twilio import FakeTwilio
-from tests.support.fake_worker import FakeWorker
-from tests.support.servers import reserve_port, run_server, url_of
-
-ACCOUNT_SID = "AC" + "0123456789abcdef" * 2
-AUTH_TOKEN = "twilio-auth-token-for-tests"
-WORKER_TOKEN = "worker-token-for-tests"
-OWNER = "+15550001111"
-OWNER2 = "+15550002222"
-STRANGER = "+15559990000"
-SANDBOX_NUMBER = "+14155238886"
-# Deliberately not the address the relay listens on: signatures must be checked against it.
-PUBLIC_URL = "https://relay.example.test"
-
-_sids = itertools.count(1)
-
-
-def new_sid() -> str:
-    return f"SM{next(_sids):032x}"
-
-
-def relay_env(db: Path, twilio_url: str, worker_url: str, **overrides: str) -> dict[str, str]:
-    env = {
-        "PUBLIC_URL": PUBLIC_URL,
-        "TWILIO_ACCOUNT_SID": ACCOUNT_SID,
-        "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
-        "TWILIO_WHATSAPP_NUMBER": SANDBOX_NUMBER,
-        "TWILIO_API_BASE_URL": twilio_url,
-        "ALLOWED_PHONE_NUMBERS": f"{OWNER}, {OWNER2}",
-        "CLAUDE_HOST": worker_url,
-        "WORKER_TOKEN": WORKER_TOKEN,
-        "RELAY_DB": str(db),
-        "WAKE_TIMEOUT_MS": "10000",
-        "DEPLOYED_SHA": "test-sha",
-    }
-    env.update(overrides)
-    return env
-
-
-def signed_form(url: str, params: dict[str, str], token: str = AUTH_TOKEN) -> dict[str, str]:
-    """Headers for a form post signed the way Twilio signs it, by the twilio SDK itself."""
-    return {"X-Twilio-Signature": RequestValidator(token).compute_signature(url, params)}
-
-
-def message_params(body: str, *, sender: str = OWNER, sid: str | None = None) -> dict[str, str]:
-    return {
-        "MessageSid": sid or new_sid(),
-        "AccountSid": ACCOUNT_SID,
-        "From": f"whatsapp:{sender}",
-        "To": f"whatsapp:{SANDBOX_NUMBER}",
-        "Body": body,
-        "NumMedia": "0",
-        "ProfileName": "Owner",
-    }
 
 
 @dataclass

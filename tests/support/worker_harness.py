@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
-import os
-import shutil
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -13,74 +10,15 @@ from typing import Any
 
 import httpx
 
-from console.local_github import FakeGitHub
-from console.scripted_model import FakeAnthropic
-from tests.support.fake_relay import FakeRelay
-from tests.support.git_origin import make_origin
-from tests.support.relay_harness import OWNER, WORKER_TOKEN
-from tests.support.servers import run_server
+from fakes.anthropic import FakeAnthropic
+from fakes.github import FakeGitHub
+from fakes.origin import make_origin
+from fakes.relay import FakeRelay
+from fakes.servers import run_server
+from fakes.wiring import FILES, GITHUB_TOKEN, OWNER, WORKER_TOKEN, model_env, new_message_id, worker_env
 from vm.agent import Agent
 from vm.app import create_app
 from vm.settings import Settings
-
-GITHUB_TOKEN = "ghs_test_token_for_the_fake"
-ANTHROPIC_KEY = "sk-ant-test-key-for-the-fake"
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-FILES = {"README.md": "# demo\n", "app.py": "def greet():\n    return 'hi'\n"}
-_ids = itertools.count(1)
-
-
-def new_message_id() -> str:
-    return f"SMw{next(_ids):031d}"
-
-
-def model_env(anthropic_url: str, tmp: Path) -> dict[str, str]:
-    """What the CLI needs to talk to the fake model, and nothing of the developer's own setup."""
-    return {
-        "ANTHROPIC_BASE_URL": anthropic_url,
-        "ANTHROPIC_API_KEY": ANTHROPIC_KEY,
-        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
-        "CLAUDE_CONFIG_DIR": str(tmp / "claude"),
-        "HOME": str(tmp / "home"),
-        "WORKER_TOKEN": "",
-        "GITHUB_TOKEN": "",
-    }
-
-
-def open_for_agents(path: Path) -> None:
-    """Let agent users reach folders below `path` (search, not list): as root, the worker starts
-    each owner's agent as its own user, and pytest makes its temporary folders 0700."""
-    path.mkdir(parents=True, exist_ok=True)
-    for folder in [path, *path.parents]:
-        mode = folder.stat().st_mode
-        if not mode & 0o001:
-            os.chmod(folder, mode | 0o001)
-
-
-def worker_env(tmp: Path, *, relay_url: str, github_url: str, origin: Path, **overrides: str) -> dict[str, str]:
-    """The worker's settings. As root (CI), agents are isolated for real; a developer running the
-    suite unprivileged gets AGENT_ISOLATION=off, as `./scripts/dev` does."""
-    isolated = os.geteuid() == 0
-    if isolated:
-        open_for_agents(tmp)
-    env = {
-        "AGENT_ISOLATION": "on" if isolated else "off",
-        "WORKER_TOKEN": WORKER_TOKEN,
-        "RELAY_CALLBACK_URL": relay_url,
-        "WORKSPACE_DIR": str(tmp / "workspace"),
-        "REPO_URL": f"file://{origin}",
-        "GITHUB_TOKEN": GITHUB_TOKEN,
-        "GITHUB_API_URL": github_url,
-        "GITHUB_REPO": "owner/demo",
-        "IMAGES_DIR": str(tmp / "images"),
-        "IDLE_TIMEOUT_MS": "600000",
-        "CHROMIUM_PATH": CHROMIUM,
-        "ENABLE_TEST_APP": "true",
-        "CLAUDE_CONFIG_DIR": str(tmp / "claude"),
-        "DEPLOYED_SHA": "test-sha",
-    }
-    env.update(overrides)
-    return env
 
 
 @dataclass

@@ -1,10 +1,10 @@
-"""Run ASGI apps on real loopback sockets, and wait on conditions with deadlines."""
+"""Run ASGI apps on real loopback sockets."""
 
 from __future__ import annotations
 
 import contextlib
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -70,14 +70,3 @@ async def _serving(app: Any, sock: socket.socket) -> AsyncIterator[str]:
             # group with an exception would cancel serve() and leak its open connections.
             with anyio.move_on_after(5, shield=True):
                 await stopped.wait()
-
-
-async def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
-    """Poll `predicate` until it returns something truthy; fail the test after `timeout` s."""
-    try:
-        with anyio.fail_after(timeout):
-            while not (result := predicate()):
-                await anyio.sleep(0.01)
-            return result
-    except TimeoutError:
-        raise AssertionError(f"timed out after {timeout} s waiting for {what}") from None
