@@ -40,9 +40,19 @@ def _string(data: dict[str, Any], key: str, limit: int, *, required: bool = Fals
     value = data.get(key, "")
     if not isinstance(value, str):
         raise ProtocolError(f"{key} must be a string")
+    _unicode(value, key)
     if required and not value.strip():
         raise ProtocolError(f"{key} must be a non-empty string")
     return value[:limit]
+
+
+def _unicode(value: str, key: str) -> None:
+    """JSON may carry a lone surrogate ("\\ud800"): no text can hold it, so it is refused here
+    rather than failing later, when the message is written out again."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ProtocolError(f"{key} is not valid Unicode") from None
 
 
 def _phone(data: dict[str, Any]) -> str:
@@ -56,6 +66,7 @@ def _message_id(data: dict[str, Any]) -> str:
     message_id = data.get("message_id")
     if not isinstance(message_id, str) or not 0 < len(message_id) <= 100:
         raise ProtocolError("message_id must be a non-empty string of at most 100 characters")
+    _unicode(message_id, "message_id")
     return message_id
 
 
@@ -152,6 +163,9 @@ class Answer:
     # The `seq` of the last report the worker had spooled for the owner when it answered: an
     # answer older than a report the relay already handled is stale, whatever order they came in.
     seq: int = 0
+    # How many of the owner's reports the worker still holds unsent: while any is on its way, an
+    # "idle" answer means the run ended and its news is coming, not that the run was lost.
+    pending: int = 0
 
 
 def encode_answer(answer: Answer) -> dict[str, Any]:
@@ -161,6 +175,7 @@ def encode_answer(answer: Answer) -> dict[str, Any]:
         "run_id": answer.run_id,
         "prompt": answer.prompt[:200],
         "seq": answer.seq,
+        "pending": answer.pending,
     }
     if answer.detail:
         data["detail"] = answer.detail
@@ -179,8 +194,9 @@ def decode_answer(data: Any) -> Answer | None:
             _string(data, "prompt", 200),
             _string(data, "detail", 300),
             _integer(data, "seq"),
+            _integer(data, "pending"),
         )
-    except (ProtocolError, ValueError):
+    except (ProtocolError, ValueError, OverflowError):
         return None
 
 
@@ -190,6 +206,7 @@ TERMINAL = frozenset({"answer", "cancelled", "error"})  # the run's end, as the 
 DECISIONS = frozenset({"pr_opened", "rolled_back", "approve_failed", "reject_failed"})
 REPORT_TYPES = TERMINAL | DECISIONS | {"progress", "approval_required", "notice", "sleeping"}
 IMAGE_NAME = re.compile(r"^[A-Za-z0-9_-]{16,64}\.png$")
+MAX_IMAGE_BYTES = 5 * 1024 * 1024  # WhatsApp's own limit for an image: the worker makes none bigger
 
 MAX_TEXT = 20_000
 MAX_DIFF = 50_000
@@ -284,6 +301,7 @@ def decode_report(data: Any) -> Report:
     run_id, seq = data.get("run_id"), data.get("seq")
     if not isinstance(run_id, str) or not 0 < len(run_id) <= 100:
         raise ProtocolError("run_id must be a non-empty string")
+    _unicode(run_id, "run_id")
     if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
         raise ProtocolError("seq must be a non-negative integer")
     try:
@@ -297,7 +315,7 @@ def decode_report(data: Any) -> Report:
             duration_ms=None if data.get("duration_ms") is None else _integer(data, "duration_ms"),
             url=_string(data, "url", 2_000),
             files=tuple(
-                (_path(f["path"]), int(f["added"]), int(f["removed"]), f.get("binary") is True)
+                (_path(f["path"]), _integer(f, "added"), _integer(f, "removed"), f.get("binary") is True)
                 for f in _list(data, "files")[:MAX_FILES]
             ),
             diff=_string(data, "diff", MAX_DIFF),
@@ -324,6 +342,7 @@ def _list(data: dict[str, Any], key: str) -> list[Any]:
 def _path(value: Any) -> str:
     if not isinstance(value, str):
         raise ValueError("a path must be a string")
+    _unicode(value, "a path")
     return value[:MAX_PATH]
 
 

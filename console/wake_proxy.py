@@ -31,7 +31,6 @@ class WakeProxy:
         self._url = worker_url.rstrip("/")
         self._http = http
         self.process: subprocess.Popen[bytes] | None = None
-        self.starts = 0
 
     @property
     def running(self) -> bool:
@@ -45,7 +44,6 @@ class WakeProxy:
             if self.process is not None:
                 logger.info("worker exited with %s; starting it again", self.process.returncode)
             self.process = self._start()
-            self.starts += 1
             return JSONResponse({"detail": "starting the worker"}, status_code=503)
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
         try:

@@ -55,6 +55,7 @@ class Job:
     started_at: float | None = None
     delivered: bool = False
     cancelling: bool = False
+    new_session: bool = False  # sent after `new`: kept with the prompt, so a resend keeps it too
 
 
 @dataclass
@@ -144,9 +145,10 @@ def _from_owner(event: Event) -> bool:
 
 
 def _start(conv: Conversation, job: Job, ctx: Context) -> list[Effect]:
-    command = RunPrompt(conv.phone, job.text, job.message_id, new_session=conv.fresh_session)
+    job = replace(job, started_at=ctx.now, delivered=False, new_session=job.new_session or conv.fresh_session)
     conv.fresh_session = False
-    conv.state, conv.job, conv.kept = "working", replace(job, started_at=ctx.now, delivered=False), None
+    command = RunPrompt(conv.phone, job.text, job.message_id, new_session=job.new_session)
+    conv.state, conv.job, conv.kept = "working", job, None
     conv.run, conv.approval_deadline, conv.applying = job.message_id, None, ""
     return [CallWorker(command)]
 
@@ -212,6 +214,8 @@ def _move_to(conv: Conversation, answer: Answer, ctx: Context) -> tuple[list[Eff
     if target == "idle":
         if conv.state == "idle" or (conv.state == "working" and conv.job and not conv.job.delivered):
             return [], []  # nothing to undo, or our prompt is still on its way to the worker
+        if answer.pending:
+            return [], []  # the run ended and its reports are on their way: they will say how
         # Not closed: a report of that run still on its way is shown when it comes.
         gone = replies.run_gone(conv.state)
         conv.run = ""
@@ -440,7 +444,8 @@ def _answered(conv: Conversation, route: str, answer: Answer | None, ctx: Contex
             return [Send(replies.NOTHING_WAITING)]
         return [Send(replies.NOTHING_RUNNING)] if route == "cancel" else []
     decided = route in ("approve", "reject") and conv.state == "applying"
-    if refusal and decided:
+    if refusal and decided and not (answer.state == "idle" and answer.pending):
+        # (With reports still coming, a refusal of a repeated decision is the first one's echo.)
         return [Send(replies.refused(refusal)), *_adopt(conv, answer, ctx, say=False)]
     return _adopt(conv, answer, ctx)
 

@@ -4,7 +4,7 @@
   conversation table and record the effects (messages, worker calls) in one transaction;
 - outbox lanes (one per phone): send messages in order, paced, retried with backoff;
 - the worker lane: deliver calls in order, waking the worker when it sleeps;
-- a timer: close approval windows.
+- a timer: close approval windows, and ask the worker about runs silent too long.
 Because every step reads its work from the database and commits before it acts, a crash at
 any point resumes where it stopped.
 """

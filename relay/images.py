@@ -13,10 +13,9 @@ from pathlib import Path
 
 import anyio
 
-from common.protocol import IMAGE_NAME
+from common.protocol import IMAGE_NAME, MAX_IMAGE_BYTES
 from relay.worker_client import WorkerClient
 
-MAX_IMAGE_BYTES = 5 * 1024 * 1024  # WhatsApp's own limit for an image
 # Twilio fetches an image when it sends the message (and on its retries, within hours).
 IMAGE_CACHE_TTL_S = 48 * 3600
 
@@ -34,13 +33,16 @@ class ImageCache:
 
     async def fetch(self, name: str) -> bool | None:
         """Make sure `name` is cached, fetching it from the worker if needed: True when it is,
-        None when the worker no longer has it (the report goes on without it), else False."""
+        None when it never will be (the worker no longer has it, or it is too big for WhatsApp:
+        the report goes on without it), else False (try again later)."""
         if self.path(name) is not None:
             return True
         data = await self._worker.fetch_image(name)
-        if data == b"":
+        if data == b"" or (data is not None and len(data) > MAX_IMAGE_BYTES):
+            # Gone, or more than WhatsApp takes: the worker will never have it better, so the
+            # report goes on without it rather than hold the worker's spool forever.
             return None
-        if data is None or len(data) > MAX_IMAGE_BYTES:
+        if data is None:
             return False
         # Write under a temporary name and rename, so a reader never sees half a PNG.
         tmp = self.root / f".{name}.{secrets.token_hex(4)}.tmp"

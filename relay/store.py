@@ -23,7 +23,7 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS inbox (
     id INTEGER PRIMARY KEY,
     phone TEXT NOT NULL,
-    dedupe_key TEXT NOT NULL UNIQUE,      -- MessageSid, or run_id:seq for worker events
+    dedupe_key TEXT NOT NULL UNIQUE,      -- msg:<MessageSid>, evt:<run_id>:<seq>, call:<id>:<status>, expire:, stall:
     event TEXT NOT NULL,                  -- JSON
     received_at REAL NOT NULL,
     handled_at REAL

@@ -2,7 +2,7 @@
 
 Sending goes through the official SDK's REST client. The SDK has no base-URL option, so a
 small `HttpClient` subclass rewrites `https://api.twilio.com` to `TWILIO_API_BASE_URL`; that
-is the supported hook (FACTS.md) and where tests plug in a loopback fake.
+is the supported hook (the SDK's custom HTTP client) and where tests plug in a loopback fake.
 """
 
 from __future__ import annotations

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
-from common.protocol import Answer, Report
+import pytest
+
+from common.protocol import Answer, ProtocolError, Report, RunPrompt, decode_report
 from relay.conversation import Context, Conversation, Job, apply
-from relay.events import CallWorker, Delivered, Send, Word
+from relay.events import CallWorker, Delivered, Prompt, Send, Stalled, Unreachable, Word
 
 CTX = Context(now=1000.0, approval_timeout_s=60.0)
 P = "+15550001111"
@@ -129,3 +132,83 @@ def test_a_phone_with_a_trailing_newline_is_refused() -> None:
 
     with pytest.raises(ProtocolError):
         decode_command("status", {"phone": "+15551234567\n"})
+
+
+def commands(outs: list[list[Any]]) -> list[RunPrompt]:
+    return [e.command for effs in outs for e in effs if isinstance(e, CallWorker) and isinstance(e.command, RunPrompt)]
+
+
+def shown(outs: list[list[Any]]) -> list[str]:
+    return [t for effs in outs for t in texts(effs)]
+
+
+def test_an_idle_answer_with_reports_still_coming_does_not_lose_the_runs_answer() -> None:
+    # Run X is silent; Y waits behind it. The stall probe reaches the worker just after X ended:
+    # X's answer is spooled, not yet delivered, and the worker says so (pending=1).
+    job = Job("X", "refactor", started_at=900.0, delivered=True)
+    c = Conversation(P, state="working", job=job, run="X", queue=[Job("Y", "then this")], check_at=1000.0, heard_seq=5)
+    c, outs = run(c, Stalled(1000.0), Delivered("status", answer=Answer("idle", seq=9, pending=1)))
+    assert c.state == "working" and c.run == "X" and shown(outs) == []  # not "the run is gone"
+    c, more = run(c, Report("answer", "X", text="THE ANSWER TO X", seq=9))
+    assert any("THE ANSWER TO X" in t for t in shown(more))
+    assert [cmd.message_id for cmd in commands(more)] == ["Y"]  # and then the queue moves on
+
+
+def test_a_repeated_approve_refused_while_its_pull_request_report_is_coming_keeps_the_link() -> None:
+    # The relay died after /approve reached the worker; the restarted relay sends it again and
+    # gets 409 idle, with the pr_opened report still in the worker's spool.
+    c = Conversation(P, state="awaiting_approval", run="X", approval_deadline=1060.0, heard_seq=10)
+    c, outs = run(c, Prompt("and then this", "Y"), Word("approve"))
+    refused = Unreachable(
+        "approve", reason="nothing is waiting for approval", refused=True, answer=Answer("idle", seq=20, pending=1)
+    )
+    c, more = run(c, refused, Report("pr_opened", "X", url="https://github.example/pull/7", text="textslash/x", seq=20))
+    assert not any("said no" in t for t in shown(more)), shown(more)
+    assert any("pull/7" in t for t in shown(more)), shown(more)
+    assert [cmd.message_id for cmd in commands(more)] == ["Y"]
+
+
+def test_new_still_applies_to_a_prompt_sent_again_with_retry() -> None:
+    c, outs = run(
+        Conversation(P),
+        Word("new"),
+        Prompt("start over: forget everything", "A"),
+        Unreachable("command", "A", reason="no answer within 60 s"),  # the VM never woke
+        Word("retry"),
+    )
+    sent = commands(outs)
+    assert [cmd.message_id for cmd in sent] == ["A", "A"]
+    assert sent[0].new_session and sent[1].new_session
+
+
+def test_new_still_applies_to_a_prompt_queued_behind_changes_the_relay_did_not_know_of() -> None:
+    c, outs = run(
+        Conversation(P),
+        Word("new"),
+        Prompt("fresh start", "A"),
+        Unreachable(
+            "command", "A", reason="changes are waiting", refused=True, answer=Answer("awaiting_approval", "W", "old")
+        ),
+        Word("reject"),
+        Delivered("reject", answer=Answer("rolling_back", "W", "old", seq=3)),
+        Report("rolled_back", "W", seq=4),
+    )
+    sent = commands(outs)
+    assert [cmd.message_id for cmd in sent] == ["A", "A"]
+    assert sent[1].new_session
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        # JSON takes Infinity, which no count can be.
+        '{"v":1,"type":"approval_required","run_id":"r","seq":1,"files":[{"path":"a","added":Infinity,"removed":0}]}',
+        # A lone surrogate escape decodes, and no text can hold it.
+        '{"v":1,"type":"answer","run_id":"r","seq":2,"text":"\\ud800"}',
+        '{"v":1,"type":"answer","run_id":"\\udfff","seq":2}',
+        '{"v":1,"type":"rolled_back","run_id":"r","seq":2,"left_out":["\\ud800"]}',
+    ],
+)
+def test_a_report_no_text_or_count_can_hold_is_a_protocol_error(body: str) -> None:
+    with pytest.raises(ProtocolError):
+        decode_report(json.loads(body))

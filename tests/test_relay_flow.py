@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from common.protocol import MAX_IMAGE_BYTES
 from fakes.wiring import OWNER, OWNER2, PUBLIC_URL, WORKER_TOKEN
 from fakes.worker import PNG
 from tests.support.relay_harness import Stack, relay_stack
@@ -287,3 +288,13 @@ def test_an_approval_names_what_reject_cannot_bring_back() -> None:
     text = approval_request(event, 1800)
     assert "⚠️ Reject cannot bring back node_modules/, .venv/" in text and len(text) <= 1600
     assert "⚠️" not in approval_request(event.__class__("approval_required", "r", files=event.files), 1800)
+
+
+async def test_an_image_too_big_for_whatsapp_is_left_out_and_the_report_still_goes_through(tmp_path: Path) -> None:
+    async with relay_stack(tmp_path) as stack:
+        stack.worker.images[IMAGE] = PNG + b"\0" * (MAX_IMAGE_BYTES + 1)
+        response = await stack.report("notice", run_id="r1", text="a huge picture", images=[IMAGE])
+        assert response.json() == {"ok": True, "duplicate": False}  # taken, not a 502 retried forever
+        await wait_for(lambda: "a huge picture" in stack.twilio.bodies(OWNER), what="the notice")
+        sent = next(m for m in stack.twilio.messages if m.body == "a huge picture")
+        assert sent.media == []

@@ -17,13 +17,14 @@ import anyio
 import httpx
 import pytest
 
-from common.protocol import Answer, Report, encode_report
+from common.protocol import Answer, Report, decode_answer, encode_report
 from fakes.anthropic import Text, bash, write
-from fakes.wiring import OWNER, new_message_id
+from fakes.wiring import OWNER, OWNER2, new_message_id
 from tests.support.pair_harness import pair_stack
 from tests.support.processes import child, wait_exit, wait_healthy
 from tests.support.relay_harness import Stack, relay_stack
 from tests.support.waiting import wait_for
+from tests.support.worker_harness import worker_stack
 from tests.test_worker_control import pids_with
 from tests.test_worker_process import AUTH, fakes
 
@@ -191,3 +192,25 @@ async def test_both_halves_speak_one_protocol_version() -> None:
     future = {"v": 2, "type": "answer", "run_id": "r", "seq": 1}
     with pytest.raises(protocol.ProtocolError, match="deploy the relay first"):
         protocol.decode_report(future)
+
+
+async def test_an_answer_says_how_many_of_the_owners_reports_are_still_on_their_way(tmp_path: Path) -> None:
+    async with worker_stack(tmp_path) as worker:
+        worker.relay.refuse = 10**6  # a relay down for a deploy: every report waits in the spool
+        worker.anthropic.script("quick question", Text("the answer"))
+        await worker.command("quick question")
+        await wait_for(lambda: worker.settings.state_dir.joinpath("outbox").exists(), what="the spool")
+
+        async def pending() -> int:
+            answer = decode_answer((await worker.decide("status")).json())
+            assert answer is not None
+            return answer.pending if answer.state == "idle" else 0
+
+        with anyio.fail_after(60):
+            while await pending() < 1:  # the run is over, and its answer has not reached the relay
+                await anyio.sleep(0.05)
+        worker.relay.refuse = 0
+        await wait_for(lambda: worker.relay.of_type("answer"), 30, "the answer delivered")
+        assert await pending() == 0
+        other = decode_answer((await worker.decide("status", phone=OWNER2)).json())
+        assert other is not None and other.pending == 0  # another owner's reports are not theirs

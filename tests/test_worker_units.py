@@ -7,11 +7,19 @@ import time
 from html import escape
 from pathlib import Path
 
+import anyio
 import pytest
 
+from common.protocol import Report
+from fakes.relay import FakeRelay
+from fakes.servers import run_server
+from fakes.wiring import OWNER, WORKER_TOKEN
+from tests.support.waiting import wait_for
 from vm.agent import ProgressThrottle, describe_tool
-from vm.diff_image import DIFF_CUT, diff_html, diff_lines, phone_excerpt
+from vm.callbacks import CallbackSender
+from vm.diff_image import DIFF_CUT, MAX_ROWS, ROW_CHARS, diff_html, diff_lines, phone_excerpt
 from vm.images import ImageStore
+from vm.lazy_http import LazyHTTP
 from vm.settings import ConfigError, Settings, github_repo_from_url
 from vm.workspace import Changes, FileChange
 
@@ -164,3 +172,33 @@ def test_a_diff_cut_at_its_cap_says_so() -> None:
     changes = Changes((FileChange("a.py", 1, 1),), diff, diff_cut=True)
     assert phone_excerpt(changes).endswith(DIFF_CUT) and DIFF_CUT in diff_html(changes)
     assert DIFF_CUT not in phone_excerpt(Changes((FileChange("a.py", 1, 1),), diff))
+
+
+def test_a_diff_of_long_lines_stays_a_picture_whatsapp_takes() -> None:
+    # 170 added lines of base64 (a fixture, a data file): each wraps to seven rows on a phone.
+    lines = "".join(f"+{'QUJD' * 100}\n" for _ in range(170))
+    header = "diff --git a/data.txt b/data.txt\nnew file mode 100644\n--- /dev/null\n+++ b/data.txt\n"
+    diff = f"{header}@@ -0,0 +1,170 @@\n{lines}"
+    page = diff_html(Changes((FileChange("data.txt", 170, 0),), diff))
+    shown = page.count('<span class="add">')
+    assert 0 < shown < 170 and shown * (400 // ROW_CHARS + 1) <= MAX_ROWS
+    assert "more lines</span>" in page
+
+
+@pytest.mark.anyio
+async def test_a_spool_the_relay_keeps_refusing_stops_keeping_the_worker_awake(tmp_path: Path) -> None:
+    relay = FakeRelay(WORKER_TOKEN, refuse=10**6)  # a relay down for longer than anyone waits
+    async with run_server(relay.app()) as relay_url, anyio.create_task_group() as tg:
+        spool = CallbackSender(tmp_path / "outbox", relay_url, WORKER_TOKEN, http := LazyHTTP(), stuck_s=0.5)
+        tg.start_soon(http.build)
+        tg.start_soon(spool.run)
+        spool.report(OWNER, Report("answer", "r1", text="done"))
+        assert spool.busy
+        await wait_for(lambda: not spool.busy, 10, "the spool to give up keeping the worker awake")
+        assert spool.pending == 1  # still on disk, for the next boot
+        relay.refuse = 0
+        spool.report(OWNER, Report("progress", "r2", text="next"))  # a new report wakes the sender
+        await wait_for(lambda: spool.pending == 0, 10, "both delivered once the relay takes them")
+        tg.cancel_scope.cancel()
+        await http.aclose()
+    assert [e["text"] for _, e in relay.events] == ["done", "next"]

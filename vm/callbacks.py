@@ -24,6 +24,8 @@ from vm.lazy_http import LazyHTTP
 
 logger = logging.getLogger(__name__)
 
+STUCK_S = 600.0  # failing this long, the spool no longer keeps the worker awake
+
 
 @dataclass
 class CallbackSender:
@@ -33,6 +35,8 @@ class CallbackSender:
     http: LazyHTTP
     _wakeup: anyio.Event = field(default_factory=anyio.Event)
     _last_seq: int = 0
+    stuck_s: float = STUCK_S
+    _failing_since: float | None = None  # time.monotonic() of the first failure in a row
 
     def __post_init__(self) -> None:
         self.spool.mkdir(parents=True, exist_ok=True)
@@ -43,7 +47,8 @@ class CallbackSender:
         # A clock-based sequence stays unique across restarts; the relay dedupes on run_id + seq.
         self._last_seq = seq = max(time.time_ns(), self._last_seq + 1)
         item = {"phone": phone, "event": encode_report(replace(report, seq=seq))}
-        write_durably(self.spool / f"{seq:020d}.json", json.dumps(item).encode())
+        # Named by seq (the order they go out in), then whose they are (for `pending_for`).
+        write_durably(self.spool / f"{seq:020d}-{phone.lstrip('+')}.json", json.dumps(item).encode())
         self._wakeup.set()
         return seq
 
@@ -53,6 +58,21 @@ class CallbackSender:
     @property
     def pending(self) -> int:
         return len(self._files())
+
+    @property
+    def busy(self) -> bool:
+        """Reports are on their way: keep the worker awake, unless the relay has refused them
+        for `stuck_s` in a row. Then the worker may sleep; the spool stays on disk and goes out
+        at the next boot, so a relay that is down (or one report it cannot take) costs nothing."""
+        if self._failing_since is not None and time.monotonic() - self._failing_since >= self.stuck_s:
+            return False
+        return self.pending > 0
+
+    def pending_for(self, phone: str) -> int:
+        """The owner's reports not yet taken by the relay (a spool from before names carried
+        the owner counts for everyone)."""
+        mine = f"-{phone.lstrip('+')}"
+        return sum(1 for path in self._files() if path.stem.endswith(mine) or "-" not in path.stem)
 
     async def run(self) -> None:
         """Deliver spooled reports forever, oldest first; a failure holds the line and retries."""
@@ -66,8 +86,9 @@ class CallbackSender:
             item = _read(files[0])
             if item is None or await self._deliver(*item):
                 files[0].unlink(missing_ok=True)
-                delay = 0.2
+                delay, self._failing_since = 0.2, None
             else:
+                self._failing_since = self._failing_since or time.monotonic()
                 await anyio.sleep(delay)
                 delay = min(delay * 2, 10.0)
 

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 from html import escape
 
+from common.protocol import MAX_IMAGE_BYTES
 from common.visible import visible
 from vm.browser import BrowserPool
 from vm.workspace import Changes
 
 PHONE_WIDTH = 430  # CSS pixels; rendered at 2x so text stays sharp when zoomed
 MAX_LINES = 160
+# Wrapped rows the picture may hold (a row is ~58 characters at PHONE_WIDTH): 160 long lines
+# would wrap to a page 40,000 px tall, a PNG three times what WhatsApp takes.
+MAX_ROWS = 320
+ROW_CHARS = 58
 MAX_FILES = 30
 MAX_LINE_CHARS = 400
 NOT_SHOWN = "(binary or over 1 MB: content not shown)"
@@ -42,9 +47,16 @@ def diff_html(changes: Changes, *, max_lines: int = MAX_LINES) -> str:
     if changes.file_count > MAX_FILES:
         files += f'<div class="more">… and {changes.file_count - MAX_FILES} more files</div>'
     lines = diff_lines(changes.diff)
-    shown = [_line(kind, _clip_line(text)) for kind, text in lines[:max_lines]]
-    if len(lines) > max_lines:
-        shown.append(f'<span class="more">… {len(lines) - max_lines} more lines</span>')
+    shown: list[str] = []
+    rows = 0
+    for kind, text in lines[:max_lines]:
+        clipped = _clip_line(text)
+        rows += max(1, -(-len(clipped) // ROW_CHARS))
+        if rows > MAX_ROWS:
+            break
+        shown.append(_line(kind, clipped))
+    if len(shown) < len(lines):
+        shown.append(f'<span class="more">… {len(lines) - len(shown)} more lines</span>')
     elif changes.diff_cut:
         shown.append(f'<span class="more">{DIFF_CUT}</span>')
     count = changes.file_count
@@ -106,8 +118,15 @@ def _line(kind: str, text: str) -> str:
     return f'<span class="{css}">{escape(text) or " "}</span>'
 
 
-async def render_diff(browser: BrowserPool, changes: Changes) -> bytes:
-    return await browser.screenshot_html(diff_html(changes), width=PHONE_WIDTH, scale=2.0)
+async def render_diff(browser: BrowserPool, changes: Changes) -> bytes | None:
+    """The picture, or None when even at 1x it is more than WhatsApp takes (the text excerpt
+    still goes out)."""
+    page = diff_html(changes)
+    for scale in (2.0, 1.0):
+        png = await browser.screenshot_html(page, width=PHONE_WIDTH, scale=scale)
+        if len(png) <= MAX_IMAGE_BYTES:
+            return png
+    return None
 
 
 def phone_excerpt(changes: Changes, limit: int = 900) -> str:

@@ -80,7 +80,7 @@ class Worker:
 
     @property
     def busy(self) -> bool:
-        return any(o.busy for o in self._owners.values()) or self._side_tasks > 0 or self.callbacks.pending > 0
+        return any(o.busy for o in self._owners.values()) or self._side_tasks > 0 or self.callbacks.busy
 
     @property
     def phones(self) -> list[str]:
@@ -121,7 +121,8 @@ class Worker:
         run = owner.run_id if owner.state != "idle" else ""
         # Everything reported before this boot is older than anything this process says.
         seq = max(self._last_seq.get(owner.phone, 0), self._booted_ns)
-        return Reply(status, Answer(owner.state, run, owner.prompt[:200] if run else "", detail, seq))
+        pending = self.callbacks.pending_for(owner.phone)
+        return Reply(status, Answer(owner.state, run, owner.prompt[:200] if run else "", detail, seq, pending))
 
     def workspace(self, phone: str) -> Workspace:
         return Workspace(
@@ -322,7 +323,8 @@ class Worker:
     async def _approval_request(self, owner: OwnerState, changes: Changes) -> Report:
         images: tuple[str, ...] = ()
         try:
-            images = (self.images.save(await render_diff(self.browser, changes)),)
+            picture = await render_diff(self.browser, changes)
+            images = (self.images.save(picture),) if picture is not None else ()
         except Exception:  # no picture is no reason to hold back the diff itself
             logger.exception("could not render the diff image")
         # However big the change, the report stays small: the relay shows at most a few dozen
