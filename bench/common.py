@@ -137,3 +137,23 @@ def machine() -> dict[str, str]:
         "memory_gb": f"{int(mem) / 1024 / 1024:.0f}",
         "python": sys.version.split()[0],
     }
+
+
+async def listening_at(port: int, limit_s: float = 60.0) -> float:
+    """The moment a socket starts listening on `port`, seen in /proc/net/tcp: passively, so
+    watching it neither connects to the server nor slows it."""
+    with anyio.fail_after(limit_s):
+        while True:
+            now = time.monotonic()
+            if _listens(port):
+                return now
+            await anyio.sleep(0.001)
+
+
+def _listens(port: int) -> bool:
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        # Columns: sl, local_address (hex ip:port), rem_address, st; st 0A is LISTEN.
+        rows = [line.split() for line in Path(table).read_text().splitlines()[1:]]
+        if any(row[1].endswith(f":{port:04X}") and row[3] == "0A" for row in rows):
+            return True
+    return False

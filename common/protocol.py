@@ -1,11 +1,14 @@
 """The one protocol between the relay and the worker, imported by both halves and the fakes.
 
-Three kinds of message, each a JSON object carrying `v` (VERSION):
+Four kinds of message, each a JSON object carrying `v` (VERSION):
 - a **command** the relay sends (`POST /<route>` on the worker, bearer WORKER_TOKEN);
 - the worker's **answer** to it: the HTTP status and the owner's run state as the worker
   knows it, which the relay adopts (the worker is the source of truth for a run);
 - a **report** the worker sends about a run (`POST /callback/<phone>` on the relay), spooled
-  on the worker until the relay takes it.
+  on the worker until the relay takes it;
+- the worker's **presence** (`POST /callback` on the relay): it is up (sent at once on boot and
+  on resume, so the relay stops waiting for it) or going to sleep. Never spooled: a stale one
+  delivered later would lie.
 
 Every encoder here makes a message the matching decoder accepts, and a report never grows
 past MAX_REPORT_BYTES, which the relay always accepts.
@@ -204,6 +207,7 @@ def decode_answer(data: Any) -> Answer | None:
 
 TERMINAL = frozenset({"answer", "cancelled", "error"})  # the run's end, as the worker saw it
 DECISIONS = frozenset({"pr_opened", "rolled_back", "approve_failed", "reject_failed"})
+# "sleeping" as a report (to one owner's route) is how workers before presence said goodnight.
 REPORT_TYPES = TERMINAL | DECISIONS | {"progress", "approval_required", "notice", "sleeping"}
 IMAGE_NAME = re.compile(r"^[A-Za-z0-9_-]{16,64}\.png$")
 MAX_IMAGE_BYTES = 5 * 1024 * 1024  # WhatsApp's own limit for an image: the worker makes none bigger
@@ -360,3 +364,36 @@ def _number(data: dict[str, Any], key: str) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"{key} must be a number")
     return float(value)
+
+
+# --- presence -------------------------------------------------------------------------
+
+PresenceState = Literal["up", "sleeping"]
+PRESENCE_STATES: tuple[PresenceState, ...] = get_args(PresenceState)
+
+
+@dataclass(frozen=True)
+class Presence:
+    """The worker itself, not a run: `up` (ready to serve now) or `sleeping` (about to stop or
+    suspend). `boot` names the process, so the relay can tell a restart from a resume."""
+
+    state: PresenceState
+    boot: str
+
+    def __post_init__(self) -> None:
+        if self.state not in PRESENCE_STATES:
+            raise ProtocolError(f"state must be one of {', '.join(PRESENCE_STATES)}")
+
+
+def encode_presence(presence: Presence) -> dict[str, Any]:
+    return {"v": VERSION, "state": presence.state, "boot": presence.boot}
+
+
+def decode_presence(data: Any) -> Presence:
+    if not isinstance(data, dict):
+        raise ProtocolError("body must be a JSON object")
+    _check_version(data)
+    state = data.get("state")
+    if state not in PRESENCE_STATES:
+        raise ProtocolError(f"state must be one of {', '.join(PRESENCE_STATES)}")
+    return Presence(state, _string(data, "boot", 100))

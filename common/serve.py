@@ -3,8 +3,41 @@
 from __future__ import annotations
 
 import signal
+import socket
 
+import anyio
 import uvicorn
+
+
+class Listening:
+    """Set the moment the server's sockets listen: from then on a request is served at once."""
+
+    def __init__(self) -> None:
+        self._done = False
+        self._event: anyio.Event | None = None
+
+    def set(self) -> None:
+        self._done = True
+        if self._event is not None:
+            self._event.set()
+
+    async def wait(self) -> None:
+        if not self._done:
+            self._event = self._event or anyio.Event()
+            await self._event.wait()
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server, telling `listening` when its start-up (lifespan, then sockets) is done."""
+
+    def __init__(self, config: uvicorn.Config, listening: Listening | None = None) -> None:
+        super().__init__(config)
+        self.listening = listening
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started and self.listening is not None:
+            self.listening.set()
 
 
 def serve(server: uvicorn.Server) -> int:

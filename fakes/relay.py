@@ -1,7 +1,9 @@
-"""A loopback stand-in for the relay's callback route: records the worker's events."""
+"""A loopback stand-in for the relay's callback routes: records the worker's reports, and its
+presence with the moment each arrived."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,15 +12,26 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from common.protocol import Presence, decode_presence
+
 
 @dataclass
 class FakeRelay:
     token: str
     events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     refuse: int = 0  # answer this many callbacks with 503 first, as a relay restarting would
+    presence: list[tuple[float, Presence]] = field(default_factory=list)  # (time.monotonic(), what)
 
     def app(self) -> Starlette:
-        return Starlette(routes=[Route("/callback/{phone}", self._callback, methods=["POST"])])
+        return Starlette(
+            routes=[
+                Route("/callback", self._presence, methods=["POST"]),
+                Route("/callback/{phone}", self._callback, methods=["POST"]),
+            ]
+        )
+
+    def states(self) -> list[str]:
+        return [said.state for _, said in self.presence]
 
     def of_type(self, *types: str) -> list[dict[str, Any]]:
         return [e for _, e in self.events if e["type"] in types]
@@ -33,4 +46,11 @@ class FakeRelay:
             self.refuse -= 1
             return JSONResponse({"detail": "restarting"}, status_code=503)
         self.events.append((request.path_params["phone"], await request.json()))
+        return JSONResponse({"ok": True})
+
+    async def _presence(self, request: Request) -> JSONResponse:
+        arrived = time.monotonic()
+        if request.headers.get("authorization") != f"Bearer {self.token}":
+            return JSONResponse({"detail": "unauthorized"}, status_code=401)
+        self.presence.append((arrived, decode_presence(await request.json())))
         return JSONResponse({"ok": True})

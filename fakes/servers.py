@@ -11,6 +11,8 @@ from typing import Any
 import anyio
 import uvicorn
 
+from common.serve import Listening, Server
+
 
 def reserve_port() -> socket.socket:
     """A socket bound to a free loopback port but not listening: connections are refused until
@@ -33,18 +35,21 @@ def url_of(sock: socket.socket) -> str:
 
 
 @asynccontextmanager
-async def run_server(app: Any, sock: socket.socket | None = None) -> AsyncIterator[str]:
-    """Serve `app` with uvicorn (lifespan included) until the block ends; yields its base URL."""
+async def run_server(
+    app: Any, sock: socket.socket | None = None, *, listening: Listening | None = None
+) -> AsyncIterator[str]:
+    """Serve `app` with uvicorn (lifespan included) until the block ends; yields its base URL.
+    `listening` is set the moment the socket listens, as in the real processes."""
     sock = sock or reserve_port()
     with contextlib.closing(sock):
-        async with _serving(app, sock) as url:
+        async with _serving(app, sock, listening) as url:
             yield url
 
 
 @asynccontextmanager
-async def _serving(app: Any, sock: socket.socket) -> AsyncIterator[str]:
+async def _serving(app: Any, sock: socket.socket, listening: Listening | None) -> AsyncIterator[str]:
     config = uvicorn.Config(app, log_level="warning", lifespan="auto", timeout_graceful_shutdown=2)
-    server = uvicorn.Server(config)
+    server = Server(config, listening)
     # uvicorn would take over SIGINT/SIGTERM from the main thread; tests must keep pytest's.
     server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
     stopped = anyio.Event()

@@ -20,12 +20,15 @@ from common.protocol import (
     Answer,
     Command,
     OwnerCall,
+    Presence,
+    PresenceState,
     ProtocolError,
     Report,
     RunPrompt,
     decode_command,
     decode_report,
     encode_answer,
+    encode_presence,
     encode_report,
 )
 
@@ -66,6 +69,17 @@ class FakeWorker:
         routes = [Route("/health", self._health, methods=["GET"]), Route("/images/{name}", self._image)]
         routes += [Route(f"/{name}", self._call, methods=["POST"]) for name in ROUTES]
         return Starlette(routes=routes)
+
+    async def announce(
+        self, relay_url: str, state: PresenceState = "up", *, http: httpx.AsyncClient | None = None
+    ) -> httpx.Response:
+        """Say the worker is up (or going to sleep), as the real one does when it listens.
+        `http`: a client already made (making one takes the time of a CA bundle)."""
+        if http is None:
+            http = self._http = self._http or httpx.AsyncClient()
+        body = encode_presence(Presence(state, "fake-boot"))
+        headers = {"Authorization": f"Bearer {self.token}"}
+        return await http.post(f"{relay_url}/callback", json=body, headers=headers)
 
     def paths(self) -> list[str]:
         return [c.path for c in self.calls]

@@ -18,7 +18,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from common.http import Problem, bearer_ok, error, read_body, read_json_object
-from common.protocol import ProtocolError, decode_report, encode_report
+from common.protocol import ProtocolError, decode_presence, decode_report, encode_report
 from relay import store
 from relay.dispatcher import Dispatcher
 from relay.images import ImageCache
@@ -68,7 +68,9 @@ def create_app(
             base_url=settings.twilio_api_base_url,
             media_base_url=f"{settings.public_url}/images",
         )
-        worker = WorkerClient(client, base_url=settings.claude_host, token=settings.worker_token)
+        worker = WorkerClient(
+            client, base_url=settings.claude_host, token=settings.worker_token, poll_interval=settings.wake_poll_s
+        )
         dispatcher = Dispatcher(settings, db, twilio, worker, clock)
         services = Services(dispatcher, ImageCache(settings.images_dir, worker))
         try:
@@ -134,8 +136,8 @@ def create_app(
         except ProtocolError as exc:
             return error(422, str(exc))
         dispatcher = live().dispatcher
-        if report.type == "sleeping":
-            await dispatcher.db.run(store.worker_slept, clock())
+        if report.type == "sleeping":  # a worker from before presence (POST /callback)
+            await dispatcher.worker_sleeping()
             return JSONResponse({"ok": True})
         kept = []
         for name in report.images:
@@ -152,6 +154,20 @@ def create_app(
         )
         return JSONResponse({"ok": True, "duplicate": not new})
 
+    async def presence(request: Request) -> Response:
+        """The worker is up (deliver what waits for it, now) or going to sleep."""
+        if not bearer_ok(request, settings.worker_token):
+            return error(401, "missing or wrong bearer token")
+        try:
+            said = decode_presence(await read_json_object(request, MAX_CALLBACK_BYTES))
+        except Problem as exc:
+            return error(exc.status, exc.detail)
+        except ProtocolError as exc:
+            return error(422, str(exc))
+        dispatcher = live().dispatcher
+        await (dispatcher.worker_up() if said.state == "up" else dispatcher.worker_sleeping())
+        return JSONResponse({"ok": True})
+
     async def image(request: Request) -> Response:
         # Only what a worker callback put in the cache: anyone may ask, so a miss never reaches
         # the worker (over Flycast that request would start its Machine).
@@ -163,6 +179,7 @@ def create_app(
     routes = [
         Route("/health", health, methods=["GET"]),
         Route("/webhook", webhook, methods=["POST"]),
+        Route("/callback", presence, methods=["POST"]),
         Route("/callback/{phone}", callback, methods=["POST"]),
         Route("/images/{name}", image, methods=["GET"]),
     ]

@@ -168,6 +168,7 @@ class Dispatcher:
     _last_sent: dict[str, float] = field(default_factory=dict)
     _failed_while_up: int = 0
     _waking: set[str] | None = None  # owners told "waking" during the current wake-up
+    _up: anyio.Event = field(default_factory=anyio.Event)  # the worker said it is up since the last call
     _send_limiter: anyio.CapacityLimiter = field(default_factory=lambda: anyio.CapacityLimiter(4))
 
     def __post_init__(self) -> None:
@@ -267,6 +268,8 @@ class Dispatcher:
             # The worker said goodnight, so it holds no run for anyone: no need to wake it.
             await self._call_done(call, Unreachable(call.route, message_id, "asleep", asleep=True))
             return 0
+        if self._up.is_set():
+            self._up = anyio.Event()  # from here on, only an announcement made after this call counts
         result = None if known_asleep else await self.worker.call(command)
         if result is not None and result.delivered:
             self._failed_while_up = 0
@@ -308,8 +311,8 @@ class Dispatcher:
         try:
             for phone in dict.fromkeys(call.phone for call in pending if call.mode != "probe"):
                 await self._tell_waking(phone)
-            logger.info("worker unreachable; polling /health for up to %.0f s", self.settings.wake_timeout_s)
-            woke = await self.worker.wait_until_healthy(self.settings.wake_timeout_s)
+            logger.info("worker unreachable; waiting up to %.0f s for it to wake", self.settings.wake_timeout_s)
+            woke = await self.worker.wait_until_up(self.settings.wake_timeout_s, self._up, just_polled=not known_asleep)
         finally:
             self._waking = None
         if woke:
@@ -319,6 +322,17 @@ class Dispatcher:
         for call in await self.db.run(store.pending_worker_calls):
             await self._call_done(call, Unreachable(call.route, call.payload.get("message_id", ""), reason))
         return False
+
+    async def worker_up(self) -> None:
+        """The worker announced itself: stop waiting and deliver what waits for it."""
+        await self.db.run(store.worker_seen, self.clock())
+        self._up.set()
+        self.calls.notify(WORKER_LANE)
+
+    async def worker_sleeping(self) -> None:
+        """The worker is about to stop or suspend: `status` says so, and nothing wakes it for
+        calls that need it only if it is awake."""
+        await self.db.run(store.worker_slept, self.clock())
 
     # --- timers ---------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ class Settings:
     twilio_api_base_url: str = "https://api.twilio.com"
     approval_timeout_s: float = 1800.0
     wake_timeout_s: float = 30.0
+    wake_poll_s: float = 0.06
     stall_check_s: float = 120.0
     min_send_interval_s: float = 0.0
     relay_db: Path = Path("var/relay.sqlite3")
@@ -53,6 +54,7 @@ class Settings:
             twilio_api_base_url=reader.url("TWILIO_API_BASE_URL", "https://api.twilio.com").rstrip("/"),
             approval_timeout_s=reader.millis("APPROVAL_TIMEOUT_MS", 1_800_000),
             wake_timeout_s=reader.millis("WAKE_TIMEOUT_MS", 30_000),
+            wake_poll_s=reader.millis("WAKE_POLL_MS", 60, minimum=10),
             stall_check_s=reader.millis("STALL_CHECK_MS", 120_000),
             min_send_interval_s=reader.millis("TWILIO_MIN_SEND_INTERVAL_MS", 0, minimum=0),
             relay_db=Path(env.get("RELAY_DB") or "var/relay.sqlite3"),

@@ -2,7 +2,9 @@
 
 On Fly the worker is reached over Flycast: when its Machine is stopped, the proxy starts it
 and holds the request, so a sleeping worker shows up as a refused connection (locally) or as
-a slow one (on Fly). Either way the relay tells the owner once and polls `/health`.
+a slow one (on Fly). Either way the relay tells the owner once and waits for the worker: it
+announces itself the moment it is up (`POST /callback`), and polling `/health` steadily is
+the fallback for a worker that cannot reach the relay.
 """
 
 from __future__ import annotations
@@ -40,12 +42,14 @@ class WorkerClient:
         base_url: str,
         token: str,
         call_timeout: float = 3.0,
-        poll_timeout: float = 1.0,
+        poll_interval: float = 0.06,
+        poll_timeout: float = 0.5,
     ) -> None:
         self._http = http
         self._base = base_url.rstrip("/")
         self._headers = {"Authorization": f"Bearer {token}"}
         self._call_timeout = httpx.Timeout(call_timeout, connect=min(1.0, call_timeout))
+        self._poll_interval = poll_interval
         self._poll_timeout = httpx.Timeout(poll_timeout)
 
     async def call(self, command: Command) -> CallResult:
@@ -72,15 +76,31 @@ class WorkerClient:
             return False
         return response.status_code == 200
 
-    async def wait_until_healthy(self, limit_s: float) -> bool:
-        """Poll `/health` fast at first, then at most 1 s apart, until it answers or time runs out."""
-        delay = 0.05
+    async def wait_until_up(self, limit_s: float, up: anyio.Event, *, just_polled: bool = False) -> bool:
+        """Until `up` is set (the worker announced itself) or `/health` answers; False if time
+        runs out first.
+
+        Polls start `poll_interval` apart, one at a time with a short timeout: a worker that
+        cannot announce itself is still found within one interval of being ready. `just_polled`:
+        the caller polled a moment ago, so the first poll here waits one interval.
+        """
         with anyio.move_on_after(limit_s):
-            while not await self.healthy():
-                await anyio.sleep(delay)
-                delay = min(delay * 2, 1.0)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._poll_until_healthy, up, just_polled)
+                await up.wait()
+                tg.cancel_scope.cancel()
             return True
         return False
+
+    async def _poll_until_healthy(self, up: anyio.Event, just_polled: bool) -> None:
+        if just_polled:
+            await anyio.sleep(self._poll_interval)
+        while True:
+            started = anyio.current_time()
+            if await self.healthy():
+                up.set()
+                return
+            await anyio.sleep_until(started + self._poll_interval)
 
     async def fetch_image(self, name: str) -> bytes | None:
         """The PNG; b"" when the worker says it has no such image (expired: it never will);

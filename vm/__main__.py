@@ -11,7 +11,7 @@ import uvicorn
 from dotenv import load_dotenv
 
 from common.config import configure_logging
-from common.serve import serve
+from common.serve import Listening, Server, serve
 from vm.app import create_app
 from vm.sandbox import scrub_environment
 from vm.settings import ConfigError, Settings
@@ -51,7 +51,8 @@ def main() -> int:
         assert server is not None
         server.should_exit = True  # a normal shutdown: uvicorn returns and we exit 0
 
-    app = create_app(settings, on_idle=stop_when_idle)
+    listening = Listening()
+    app = create_app(settings, on_idle=stop_when_idle, listening=listening)
     # SIGTERM: uvicorn finishes requests (3 s at most), then the lifespan ends every run's
     # processes (6 s at most) with their state kept on disk: inside Fly's 10 s.
     config = uvicorn.Config(
@@ -63,7 +64,7 @@ def main() -> int:
         timeout_graceful_shutdown=3,
         proxy_headers=False,
     )
-    server = uvicorn.Server(config)
+    server = Server(config, listening)
     return serve(server)
 
 

@@ -20,13 +20,12 @@ from common.http import Problem, bearer_ok, error, read_json_object
 from common.protocol import (
     OwnerCall,
     ProtocolError,
-    Report,
     RunPrompt,
     TakeScreenshot,
     decode_command,
     encode_answer,
-    encode_report,
 )
+from common.serve import Listening
 from vm.agent import Agent
 from vm.browser import BrowserPool
 from vm.callbacks import CallbackSender
@@ -34,6 +33,7 @@ from vm.github import GitHub
 from vm.idle import IdleWatch
 from vm.images import ImageStore
 from vm.lazy_http import LazyHTTP
+from vm.presence import Announcer
 from vm.sandbox import Sandbox, agent_may_inherit
 from vm.settings import Settings
 from vm.supervisor import Supervisor
@@ -71,8 +71,10 @@ def create_app(
     agent: Agent | None = None,
     http: httpx.AsyncClient | None = None,
     on_idle: Callable[[], Awaitable[None] | None] | None = None,
+    listening: Listening | None = None,
 ) -> Starlette:
-    """Build the worker. `on_idle` is called once when the idle timer fires (the CLI stops uvicorn)."""
+    """Build the worker. `on_idle` is called once when the idle timer fires (the CLI stops uvicorn);
+    the worker tells the relay it is up once `listening` is set (at once without one)."""
     started = time.monotonic()
     # `python -m vm` drops every variable the agent may not inherit before this runs; blanking
     # any that are still there keeps an app made some other way (a test) just as safe.
@@ -105,10 +107,16 @@ def create_app(
         )
         await sandbox.start(settings.state_dir, settings.images_dir)
         worker = Worker(settings, callbacks, agent or Agent(env), browser, images, github, sandbox)
+        announcer = Announcer(settings.relay_callback_url, settings.worker_token)
+
+        async def announce() -> None:
+            if listening is not None:
+                await listening.wait()
+            await announcer.up()
 
         async def idle() -> None:
             try:
-                await _say_goodnight(client, settings, worker.phones)
+                await announcer.say("sleeping")
             except Exception:  # refusing calls from here on, the worker must exit, whatever failed
                 logger.exception("could not tell the relay about going to sleep")
             if on_idle is not None:
@@ -124,6 +132,7 @@ def create_app(
                 # Each loop outlives its failures (vm/supervisor.py): one bad spool file or one
                 # full disk must not leave a worker that answers /health and does nothing else.
                 tg.start_soon(client.build)
+                tg.start_soon(announce)
                 tg.start_soon(supervisor.keep, "the callback sender", callbacks.run)
                 tg.start_soon(supervisor.keep, "the idle timer", watch.run)
                 tg.start_soon(supervisor.keep, "image expiry", lambda: _expire_images(images))
@@ -233,22 +242,3 @@ async def _expire_images(images: ImageStore) -> None:
         if removed:
             logger.info("deleted %d expired images", removed)
         await anyio.sleep(600)
-
-
-async def _say_goodnight(lazy: LazyHTTP, settings: Settings, phones: list[str]) -> None:
-    """Tell the relay the worker is going to sleep, so `status` can say so without waking it.
-
-    Best effort and never spooled: a stale "sleeping" delivered after the next boot would lie.
-    """
-    import httpx
-
-    client = await lazy.get()
-    headers = {"Authorization": f"Bearer {settings.worker_token}"}
-    for phone in phones[:1]:  # the relay keeps one state for the worker: one owner's route is enough
-        event = encode_report(Report("sleeping", "idle", seq=time.time_ns()))
-        try:
-            await client.post(
-                f"{settings.relay_callback_url}/callback/{phone}", json=event, headers=headers, timeout=2.0
-            )
-        except httpx.HTTPError:
-            logger.info("could not tell the relay about going to sleep")
