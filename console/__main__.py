@@ -31,8 +31,9 @@ from dotenv import load_dotenv
 
 from console.chat import Chat
 from console.demo import demo_model, make_demo_repo
-from console.wake_proxy import WakeProxy
+from fakes.flyproxy import FlyProxy
 from fakes.github import FakeGitHub
+from fakes.machines import FakeMachines
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL_OWNER = "+15550000001"
@@ -67,10 +68,12 @@ def free_port() -> int:
 
 
 @asynccontextmanager
-async def serve(app: Any, host: str, port: int) -> AsyncIterator[str]:
+async def serve(app: Any, host: str, port: int, uds: str | None = None) -> AsyncIterator[str]:
     # These small apps hold no resources, so no lifespan; Ctrl-C is handled by the console itself.
     server = uvicorn.Server(
-        uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off", timeout_graceful_shutdown=1)
+        uvicorn.Config(
+            app, host=host, port=port, uds=uds, log_level="warning", lifespan="off", timeout_graceful_shutdown=1
+        )
     )  # long polls end at once
     server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
 
@@ -90,10 +93,18 @@ async def serve(app: Any, host: str, port: int) -> AsyncIterator[str]:
             server.should_exit = True
 
 
-def spawn(module: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    # Same process group as the console: whatever ends the console's group ends these too.
+def spawn(module: str, env: dict[str, str], log: Path, *, own_group: bool = False) -> subprocess.Popen[bytes]:
+    # The relay shares the console's process group: whatever ends the group ends it too. The
+    # worker leads its own, so a suspend can stop it with its agents (the console stops it).
     with log.open("ab") as out:
-        return subprocess.Popen([sys.executable, "-m", module], env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            [sys.executable, "-m", module],
+            env=env,
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=own_group,
+        )
 
 
 def stop(*procs: subprocess.Popen[bytes] | None) -> None:
@@ -151,9 +162,24 @@ async def run(opts: Options) -> None:
         worker_env["AGENT_ISOLATION"] = _isolation(env, opts.data)
         async with _stand_ins(opts, env, worker_env, http) as notes:
             notes.append(ISOLATION_NOTES[worker_env["AGENT_ISOLATION"]])
-            proxy = WakeProxy(
-                lambda: spawn("vm", worker_env, opts.data / "worker.log"), f"http://127.0.0.1:{worker_port}", http
+            proxy = FlyProxy(
+                lambda: spawn("vm", worker_env, opts.data / "worker.log", own_group=True),
+                f"http://127.0.0.1:{worker_port}",
+                http,
             )
+            # The Machines API on the Machine's socket: suspending is stopping the worker's
+            # processes, and the proxy resumes them on the next request, as Fly does.
+            fly_api = opts.data / "fly-api.sock"
+            fly_api.unlink(missing_ok=True)
+            worker_env.update(
+                {
+                    "IDLE_ACTION": env.get("IDLE_ACTION", "suspend"),
+                    "FLY_API_SOCKET": str(fly_api),
+                    "FLY_APP_NAME": "textslash-vm",
+                    "FLY_MACHINE_ID": "local",
+                }
+            )
+            machines = FakeMachines(on_suspend=proxy.suspend)
             relay_env = {
                 **env,
                 "PUBLIC_URL": public_url,
@@ -173,7 +199,11 @@ async def run(opts: Options) -> None:
             try:
                 # The page must not take a message the relay cannot receive yet.
                 await _wait_for_relay(http, relay_url, relay, opts.data / "relay.log")
-                async with serve(chat.app(), opts.host, opts.port), serve(proxy.app(), "127.0.0.1", proxy_port):
+                async with (
+                    serve(chat.app(), opts.host, opts.port),
+                    serve(proxy.app(), "127.0.0.1", proxy_port),
+                    serve(machines.app(), "127.0.0.1", 0, uds=str(fly_api)),
+                ):
                     _banner(opts, chat_url, real_twilio, notes)
                     try:
                         await _watch(relay, opts.data / "relay.log")
@@ -183,6 +213,7 @@ async def run(opts: Options) -> None:
                 # A second Ctrl-C (or uv forwarding the same SIGTERM) must not cut the cleanup short.
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
                 signal.signal(signal.SIGTERM, signal.SIG_IGN)
+                proxy.resume()  # a suspended worker must run to hear the stop
                 stop(proxy.process, relay)
                 tg.cancel_scope.cancel()
 

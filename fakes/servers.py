@@ -30,6 +30,8 @@ def reserve_port_at(port: int) -> socket.socket:
 
 
 def url_of(sock: socket.socket) -> str:
+    if sock.family == socket.AF_UNIX:
+        return f"unix:{sock.getsockname()}"  # reached with httpx's `uds` transport
     host, port = sock.getsockname()[:2]
     return f"http://{host}:{port}"
 
@@ -75,3 +77,10 @@ async def _serving(app: Any, sock: socket.socket, listening: Listening | None) -
             # group with an exception would cancel serve() and leak its open connections.
             with anyio.move_on_after(5, shield=True):
                 await stopped.wait()
+
+
+def unix_socket(path: str) -> socket.socket:
+    """A socket bound to `path`, not listening yet (as `reserve_port` is for TCP)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    return sock

@@ -37,6 +37,7 @@ from vm.presence import Announcer
 from vm.sandbox import Sandbox, agent_may_inherit
 from vm.settings import Settings
 from vm.supervisor import Supervisor
+from vm.suspend import ResumeWatch, suspend_machine
 from vm.worker import Reply, Worker
 
 if TYPE_CHECKING:
@@ -63,6 +64,7 @@ class Services:
     watch: IdleWatch
     images: ImageStore
     supervisor: Supervisor
+    resume: ResumeWatch
 
 
 def create_app(
@@ -114,19 +116,31 @@ def create_app(
                 await listening.wait()
             await announcer.up()
 
-        async def idle() -> None:
+        async def idle() -> bool:
+            """Sleep: suspended (True once resumed) or, failing that, exiting (False)."""
             try:
                 await announcer.say("sleeping")
             except Exception:  # refusing calls from here on, the worker must exit, whatever failed
                 logger.exception("could not tell the relay about going to sleep")
+            if settings.idle_action == "suspend" and await _suspend(settings):
+                if await resume.wait():
+                    tg.start_soon(after_resume)
+                    return True
+                logger.warning("Fly agreed to suspend this Machine, yet it still runs: exiting instead")
             if on_idle is not None:
                 result = on_idle()
                 if result is not None:
                     await result
+            return False
+
+        async def after_resume() -> None:
+            await client.renew()  # connections made before the snapshot cannot be trusted
+            await announcer.up()
 
         watch = IdleWatch(settings.idle_timeout_s, busy=lambda: worker.busy, on_idle=idle)
+        resume = ResumeWatch()
         supervisor = Supervisor()
-        services = Services(worker, watch, images, supervisor)
+        services = Services(worker, watch, images, supervisor, resume)
         try:
             async with anyio.create_task_group() as tg:
                 # Each loop outlives its failures (vm/supervisor.py): one bad spool file or one
@@ -151,8 +165,9 @@ def create_app(
         """200 while the worker can serve; 503 while it goes to sleep or something keeps failing,
         so Fly's checks and the relay see a worker that would not do what it is asked."""
         running = live()
+        running.resume.poke()  # asked anything at all, a suspended worker runs again
         problems = [*running.worker.problems, *running.supervisor.problems]
-        if running.watch.closing:
+        if running.watch.closing and not running.resume.waiting:
             problems.append("going to sleep")
         body: dict[str, object] = {
             "status": "failing" if problems else "ok",
@@ -174,8 +189,9 @@ def create_app(
             running.watch.touch()
             try:
                 command = decode_command(route, await read_json_object(request, MAX_BODY))
-                if running.watch.closing:
+                if running.watch.closing and not running.resume.poke():
                     # Decided to sleep: refuse, so nothing is accepted and then dropped by the exit.
+                    # (A suspended worker that gets a request was resumed: it serves it.)
                     return error(503, "the VM is going to sleep; wake it again")
                 result = handler(command)
                 reply = await result if not isinstance(result, Reply) else result
@@ -234,6 +250,14 @@ def create_app(
     app = Starlette(routes=routes, lifespan=lifespan)
     app.router.redirect_slashes = False  # a path either is a route or is a 404; never a redirect
     return app
+
+
+async def _suspend(settings: Settings) -> bool:
+    try:
+        return await suspend_machine(settings.fly_api_socket, settings.fly_app_name, settings.fly_machine_id)
+    except Exception:  # whatever went wrong, exiting is the way to sleep that is left
+        logger.exception("could not suspend this Machine")
+        return False
 
 
 async def _expire_images(images: ImageStore) -> None:

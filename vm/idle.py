@@ -1,4 +1,5 @@
-"""The worker's only way to stop: exit 0 after IDLE_TIMEOUT_MS with nothing to do.
+"""The worker's only way to stop: after IDLE_TIMEOUT_MS with nothing to do, exit 0 (or, with
+IDLE_ACTION=suspend, have Fly suspend the Machine and serve again once it is resumed).
 
 Fly's proxy counts only proxied requests as load, so its auto-stop would stop a Machine in
 the middle of a run that outlived its 202. This timer knows better: it waits while a run or
@@ -28,7 +29,7 @@ class IdleWatch:
         timeout_s: float,
         *,
         busy: Callable[[], bool],
-        on_idle: Callable[[], Awaitable[None]],
+        on_idle: Callable[[], Awaitable[bool]],
         clock: Callable[[], float] = time.monotonic,
         tick_s: float = 0.25,
     ) -> None:
@@ -50,11 +51,14 @@ class IdleWatch:
                 self.touch()  # the countdown starts when the work ends, not before
             elif self.idle_for >= self._timeout:
                 self.closing = True
-                logger.info("idle for %.0f s with nothing pending: exiting so the Machine stops", self.idle_for)
+                logger.info("idle for %.0f s with nothing pending: the Machine can stop", self.idle_for)
                 try:
-                    await self._on_idle()
+                    back = await self._on_idle()  # True: suspended and resumed, so serve on
                 except BaseException:
                     # No exit after all: serve again rather than refuse every call forever.
                     self.closing = False
                     raise
-                return
+                if not back:
+                    return
+                self.closing = False
+                self.touch()

@@ -40,6 +40,13 @@ class LazyHTTP:
         assert self._client is not None
         return self._client
 
+    async def renew(self) -> None:
+        """A new client in place of the old one, whose connections a suspend may have broken."""
+        if not self._owned or self._client is None:
+            return
+        old, self._client = self._client, await anyio.to_thread.run_sync(_new_client)
+        await old.aclose()
+
     async def aclose(self) -> None:
         if self._owned and self._client is not None:
             await self._client.aclose()

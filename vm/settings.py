@@ -34,6 +34,10 @@ class Settings:
     images_dir: Path = Path("/tmp/images")
     image_ttl_s: float = 24 * 3600.0
     idle_timeout_s: float = 1800.0
+    idle_action: str = "exit"  # or "suspend": ask Fly to suspend this Machine (vm/suspend.py)
+    fly_api_socket: Path = Path("/.fly/api")
+    fly_app_name: str = ""
+    fly_machine_id: str = ""
     chromium_path: str = ""
     enable_test_app: bool = False
     claude_config_dir: str = ""
@@ -70,6 +74,11 @@ class Settings:
             images_dir=Path(env.get("IMAGES_DIR") or "/tmp/images"),
             image_ttl_s=reader.integer("IMAGE_TTL_HOURS", 24, minimum=1) * 3600.0,
             idle_timeout_s=reader.millis("IDLE_TIMEOUT_MS", 1_800_000),
+            idle_action=_idle_action(env),
+            fly_api_socket=Path(env.get("FLY_API_SOCKET") or "/.fly/api"),
+            # Set by Fly on every Machine.
+            fly_app_name=env.get("FLY_APP_NAME", "").strip(),
+            fly_machine_id=env.get("FLY_MACHINE_ID", "").strip(),
             chromium_path=env.get("CHROMIUM_PATH", "").strip(),
             enable_test_app=reader.flag("ENABLE_TEST_APP"),
             claude_config_dir=env.get("CLAUDE_CONFIG_DIR", "").strip(),
@@ -78,3 +87,10 @@ class Settings:
             port=reader.integer("PORT", 3001, minimum=1, maximum=65535),
             host=env.get("HOST") or "0.0.0.0",
         )
+
+
+def _idle_action(env: Mapping[str, str]) -> str:
+    action = (env.get("IDLE_ACTION") or "exit").strip().lower()
+    if action not in ("exit", "suspend"):
+        raise ConfigError(f"IDLE_ACTION is malformed: expected exit or suspend, got {action!r}")
+    return action
