@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import anyio
@@ -10,10 +11,12 @@ import httpx
 
 from bench.common import emit, listening_at, median, pct, process, rss_kb, tree_rss_kb, until_healthy
 from fakes.anthropic import FakeAnthropic, Text
+from fakes.flyproxy import FlyProxy
 from fakes.github import FakeGitHub
+from fakes.machines import FakeMachines
 from fakes.origin import make_origin
 from fakes.relay import FakeRelay
-from fakes.servers import reserve_port, run_server
+from fakes.servers import reserve_port, run_server, unix_socket
 from fakes.twilio import FakeTwilio
 from fakes.wiring import (
     ACCOUNT_SID,
@@ -240,3 +243,109 @@ async def _sdk_alone(model_url: str, cwd: Path, tmp: Path, n: int) -> float:
             if isinstance(message, ResultMessage):
                 break
     return time.monotonic() - started
+
+
+async def suspend_vs_exit(tmp: Path, trials: int = 5) -> None:
+    """The local console's wake, from suspend (SIGCONT) and from exit (a fresh `python -m vm`):
+    the worker's ready time (woken -> its /health answers) and the owner's wait for the model
+    (signed webhook -> the model's first request), through the console's Fly proxy."""
+    figures: dict[str, tuple[list[float], list[float]]] = {}
+    for action in ("exit", "suspend"):
+        figures[action] = await _wakes(tmp / action, action, trials)
+    for metric, index in (("ready", 0), ("first_model_request", 1)):
+        suspended, exited = figures["suspend"][index], figures["exit"][index]
+        emit(
+            "wake_suspend",
+            f"{metric}_p50",
+            median(suspended) * 1000,
+            "ms",
+            reference=median(exited) * 1000,
+            reference_name="from exit (a new process)",
+            trials=trials,
+            max_ms=round(max(suspended) * 1000, 1),
+        )
+
+
+async def _wakes(tmp: Path, action: str, trials: int) -> tuple[list[float], list[float]]:
+    model, twilio, github = FakeAnthropic(), FakeTwilio(ACCOUNT_SID, AUTH_TOKEN), FakeGitHub(GITHUB_TOKEN)
+    for n in range(trials + 1):
+        model.script(f"question {n}", Text(f"answer {n}"))
+    origin = make_origin(tmp / "git", FILES)
+    relay_port, worker_port = free_port(), free_port()
+    ready, first = [], []
+    async with (
+        run_server(model.app()) as model_url,
+        run_server(twilio.app()) as twilio_url,
+        run_server(github.app()) as github_url,
+        httpx.AsyncClient(timeout=60) as client,
+    ):
+        wenv = {
+            **model_env(model_url, tmp),
+            **worker_env(
+                tmp,
+                relay_url=f"http://127.0.0.1:{relay_port}",
+                github_url=github_url,
+                origin=origin,
+                PORT=str(worker_port),
+                HOST="127.0.0.1",
+                LOG_LEVEL="WARNING",
+                IDLE_TIMEOUT_MS="1000",
+                IDLE_ACTION=action,
+                FLY_API_SOCKET=str(tmp / "fly-api.sock"),
+                FLY_APP_NAME="textslash-vm",
+                FLY_MACHINE_ID="bench",
+            ),
+        }
+        with ExitStack() as workers:
+            proxy = FlyProxy(
+                lambda: workers.enter_context(process(["-m", "vm"], wenv, tmp / "worker.log")),
+                f"http://127.0.0.1:{worker_port}",
+                client,
+            )
+            machines = FakeMachines(on_suspend=proxy.suspend)
+            async with (
+                run_server(machines.app(), unix_socket(str(tmp / "fly-api.sock"))),
+                run_server(proxy.app()) as proxy_url,
+            ):
+                renv = relay_env(tmp / "relay.sqlite3", twilio_url, proxy_url, PORT=str(relay_port), HOST="127.0.0.1")
+                with process(["-m", "relay"], {**renv, "LOG_LEVEL": "WARNING"}, tmp / "relay.log") as relay:
+                    await until_healthy(f"http://127.0.0.1:{relay_port}", relay)
+                    for n in range(trials + 1):  # the first wake boots and clones: a warm-up
+                        with anyio.fail_after(60):
+                            while n and not (proxy.suspended if action == "suspend" else not proxy.running):
+                                await anyio.sleep(0.005)
+                        seen = len(model.requests)
+                        params = message_params(f"question {n}")
+                        started = time.monotonic()
+                        await client.post(
+                            f"http://127.0.0.1:{relay_port}/webhook",
+                            data=params,
+                            headers=signed_form(PUBLIC_URL + "/webhook", params),
+                        )
+                        up = await _health_after_wake(client, proxy, worker_port)
+                        with anyio.fail_after(60):
+                            while len(model.requests) == seen:
+                                await anyio.sleep(0.001)
+                        asked = time.monotonic()
+                        with anyio.fail_after(60):
+                            while not any(f"answer {n}" in b for b in twilio.bodies(OWNER)):
+                                await anyio.sleep(0.005)
+                        if n:
+                            ready.append(up)
+                            first.append(asked - started)
+    return ready, first
+
+
+async def _health_after_wake(client: httpx.AsyncClient, proxy: FlyProxy, port: int) -> float:
+    """From the proxy's start or resume of the worker to its own /health answering."""
+    with anyio.fail_after(60):
+        while proxy.woke_at is None or proxy.suspended or not proxy.running:
+            await anyio.sleep(0.001)
+        woke = proxy.woke_at
+        while True:
+            try:
+                if (await client.get(f"http://127.0.0.1:{port}/health", timeout=1)).status_code == 200:
+                    return time.monotonic() - woke
+            except httpx.TransportError:
+                pass
+            await anyio.sleep(0.002)

@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Callable
 
 import httpx
@@ -38,6 +39,7 @@ class FlyProxy:
         self.suspended = False
         self.starts = 0
         self.resumes = 0
+        self.woke_at: float | None = None  # time.monotonic() of the last start or resume
 
     @property
     def running(self) -> bool:
@@ -53,6 +55,7 @@ class FlyProxy:
         if self.suspended and self.running:
             self._signal(signal.SIGCONT)
             self.resumes += 1
+            self.woke_at = time.monotonic()
         self.suspended = False
 
     def _signal(self, sig: signal.Signals) -> None:
@@ -72,6 +75,7 @@ class FlyProxy:
         if not self.running:
             if self.process is not None:
                 logger.info("worker exited with %s; starting it again", self.process.returncode)
+            self.woke_at = time.monotonic()
             self.process = self._start()
             self.starts += 1
             return JSONResponse({"detail": "starting the worker"}, status_code=503)
