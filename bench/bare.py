@@ -1,6 +1,7 @@
 """The references: a bare uvicorn + Starlette app that parses the same form and answers health.
 
-`python -m bench.bare PORT` serves it with the same uvicorn settings as the relay.
+`python -m bench.bare PORT [PARSER]` serves it with uvicorn's defaults and the HTTP parser of
+the process it stands beside: `httptools` for the relay, `h11` for the worker.
 """
 
 from __future__ import annotations
@@ -29,4 +30,5 @@ async def health(request: Request) -> JSONResponse:
 app = Starlette(routes=[Route("/webhook", webhook, methods=["POST"]), Route("/health", health)])
 
 if __name__ == "__main__":
-    uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
+    parser = sys.argv[2] if len(sys.argv) > 2 else "auto"
+    uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning", http=parser)

@@ -100,6 +100,28 @@ def rss_kb(pid: int, field: str = "VmRSS") -> int:
     return 0
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """CPU seconds each process used inside the `with` block: on a 2-core machine shared with
+    the load generator and the fakes, where the cycles went explains the figures."""
+
+    def __init__(self, *pids: int) -> None:
+        self.pids = pids
+        self.seconds: list[float] = []
+
+    def __enter__(self) -> CpuMeter:
+        self._start = [cpu_seconds(pid) for pid in self.pids]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = [cpu_seconds(pid) - start for pid, start in zip(self.pids, self._start, strict=True)]
+
+
 def tree_rss_kb(pid: int) -> int:
     """RSS of a process and all its descendants (the worker and its Chromium)."""
     children: dict[int, list[int]] = {}

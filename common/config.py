@@ -19,7 +19,7 @@ def configure_logging(level: str) -> None:
     noise (a line per /health poll while the VM wakes), and their URLs hold the owner's number
     (`/callback/{phone}`)."""
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for name in ("httpx", "twilio.http_client"):
+    for name in ("httpx", "twilio.async_http_client"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
 

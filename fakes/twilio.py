@@ -36,6 +36,7 @@ class FakeTwilio:
     auth_token: str
     messages: list[Sent] = field(default_factory=list)
     attempts: int = 0
+    in_flight: int = 0  # requests being answered right now (a stall holds one)
     script: list[Scripted] = field(default_factory=list)
     stall_s: float = 30.0
     down: bool = False  # answer every request with 500, as during an outage
@@ -54,6 +55,13 @@ class FakeTwilio:
 
     async def _create(self, request: Request) -> JSONResponse:
         self.attempts += 1
+        self.in_flight += 1
+        try:
+            return await self._answer(request)
+        finally:
+            self.in_flight -= 1
+
+    async def _answer(self, request: Request) -> JSONResponse:
         expected = base64.b64encode(f"{self.account_sid}:{self.auth_token}".encode()).decode()
         authorized = request.headers.get("authorization") == f"Basic {expected}"
         if not authorized or request.path_params["sid"] != self.account_sid:

@@ -74,7 +74,8 @@ def create_app(
         dispatcher = Dispatcher(settings, db, twilio, worker, clock)
         services = Services(dispatcher, ImageCache(settings.images_dir, worker))
         try:
-            async with anyio.create_task_group() as tg:
+            # The sender's aiohttp session lives exactly as long as the lanes that send.
+            async with twilio, anyio.create_task_group() as tg:
                 await dispatcher.run(tg)
                 tg.start_soon(_housekeeping, db, services.images, settings, clock)
                 yield

@@ -169,7 +169,6 @@ class Dispatcher:
     _failed_while_up: int = 0
     _waking: set[str] | None = None  # owners told "waking" during the current wake-up
     _up: anyio.Event = field(default_factory=anyio.Event)  # the worker said it is up since the last call
-    _send_limiter: anyio.CapacityLimiter = field(default_factory=lambda: anyio.CapacityLimiter(4))
 
     def __post_init__(self) -> None:
         self.inbox = Lanes("inbox", self._inbox_step)
@@ -228,11 +227,7 @@ class Dispatcher:
         wait = max(row.next_attempt_at - now, self._last_sent[phone] + self.settings.min_send_interval_s - now)
         if wait > 0:
             return wait
-        # The SDK's client is synchronous: it runs on a thread, a few at a time, so a burst of
-        # sends does not crowd the event loop out of the GIL.
-        result = await anyio.to_thread.run_sync(
-            self.sender.send, phone, row.body, row.media, limiter=self._send_limiter
-        )
+        result = await self.sender.send(phone, row.body, row.media)
         await self._record_send(row, result)
         return 0
 

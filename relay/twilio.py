@@ -1,19 +1,22 @@
 """Everything that speaks Twilio: the webhook signature, message splitting, and sending.
 
-Sending goes through the official SDK's REST client. The SDK has no base-URL option, so a
-small `HttpClient` subclass rewrites `https://api.twilio.com` to `TWILIO_API_BASE_URL`; that
-is the supported hook (the SDK's custom HTTP client) and where tests plug in a loopback fake.
+Sending goes through the official SDK's async REST client (aiohttp), on the event loop: no
+threads contending with the loop for the GIL. The SDK has no base-URL option, so a small
+`AsyncTwilioHttpClient` subclass rewrites `https://api.twilio.com` to `TWILIO_API_BASE_URL`;
+that is the supported hook (the SDK's custom HTTP client) and where tests plug in a loopback fake.
 """
 
 from __future__ import annotations
 
+import base64
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
 from twilio.base.exceptions import TwilioRestException
-from twilio.http.http_client import TwilioHttpClient
+from twilio.http.async_http_client import AsyncTwilioHttpClient
 from twilio.http.response import Response
 from twilio.request_validator import RequestValidator
 from twilio.rest import Client
@@ -77,19 +80,45 @@ class SendResult:
         return bool(self.sid)
 
 
-class _BaseUrlHttpClient(TwilioHttpClient):
+class _BaseUrlHttpClient(AsyncTwilioHttpClient):
+    """The SDK's aiohttp client, pointed at `base_url`, with a deadline on every request."""
+
     def __init__(self, base_url: str, timeout: float) -> None:
         super().__init__(timeout=timeout)
         self.base_url = base_url.rstrip("/")
 
-    def request(self, method: str, url: str, *args: Any, **kwargs: Any) -> Response:
+    async def request(
+        self,
+        method: str,
+        url: str,
+        params: dict[str, object] | None = None,
+        data: dict[str, object] | None = None,
+        headers: dict[str, str] | None = None,
+        auth: tuple[str, str] | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - the SDK calls this signature
+        allow_redirects: bool = False,
+    ) -> Response:
         if url.startswith(TWILIO_API):
             url = self.base_url + url[len(TWILIO_API) :]
-        return super().request(method, url, *args, **kwargs)
+        # aiohttp deprecates `auth` and `BasicAuth` (a warning on every send): send the header.
+        headers = dict(headers or {})
+        if auth is not None:
+            headers["Authorization"] = _basic_auth(*auth)
+        # The SDK hands aiohttp the caller's timeout, None by default, which aiohttp takes for
+        # "no deadline at all": a hung Twilio would hold the send forever. Ours is the default.
+        return await super().request(method, url, params, data, headers, None, timeout or self.timeout, allow_redirects)
+
+
+def _basic_auth(login: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{login}:{password}".encode()).decode()
 
 
 class TwilioSender:
-    """Sends one WhatsApp message per call, synchronously (run it on a worker thread)."""
+    """Sends one WhatsApp message per call, at most `concurrency` at a time.
+
+    Construct it anywhere; open it (`async with sender:`) on the event loop that sends, because
+    the aiohttp session belongs to that loop. The relay's lifespan opens and closes it.
+    """
 
     def __init__(
         self,
@@ -100,20 +129,39 @@ class TwilioSender:
         base_url: str,
         media_base_url: str,
         timeout: float = 10.0,
+        concurrency: int = 4,
     ) -> None:
-        client = Client(account_sid, auth_token, http_client=_BaseUrlHttpClient(base_url, timeout))
-        # `client.messages` walks the SDK's lazily imported domains (under Python's import lock)
-        # on every access; profiled, that was the relay's largest cost per send. Resolve it once.
-        self._messages = client.messages
+        self._credentials = (account_sid, auth_token)
+        self._base_url = base_url
+        self._timeout = timeout
         self._from = f"whatsapp:{from_number}"
         self._media_base = media_base_url.rstrip("/")
+        # A burst of replies to many owners goes out a few at a time, not all at once at Twilio.
+        self._limiter = anyio.CapacityLimiter(concurrency)
+        self._http: _BaseUrlHttpClient | None = None
+        self._messages: Any = None
 
-    def send(self, to: str, body: str, media: Sequence[str]) -> SendResult:
+    async def __aenter__(self) -> TwilioSender:
+        self._http = _BaseUrlHttpClient(self._base_url, self._timeout)
+        # `client.messages` walks the SDK's lazily imported domains on every access; profiled,
+        # that was once the relay's largest cost per send. Resolve it once.
+        self._messages = Client(*self._credentials, http_client=self._http).messages
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        http, self._http, self._messages = self._http, None, None
+        if http is not None:
+            await http.close()
+
+    async def send(self, to: str, body: str, media: Sequence[str]) -> SendResult:
+        if self._messages is None:
+            raise RuntimeError("TwilioSender is not open: use `async with sender:`")
         kwargs: dict[str, Any] = {"from_": self._from, "to": f"whatsapp:{to}", "body": body}
         if media:
             kwargs["media_url"] = [f"{self._media_base}/{name}" for name in media]
         try:
-            message = self._messages.create(**kwargs)
+            async with self._limiter:
+                message = await self._messages.create_async(**kwargs)
         except TwilioRestException as exc:
             retryable = exc.status in RETRYABLE_STATUS
             return SendResult(retryable=retryable, error_code=exc.code, error=f"HTTP {exc.status}: {exc.msg}"[:300])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import anyio
 import pytest
 
 from fakes.wiring import OWNER, OWNER2, SANDBOX_NUMBER
@@ -58,10 +59,10 @@ async def test_500_and_429_are_retried_until_sent(stack: Stack) -> None:
 
 async def test_a_stalled_send_times_out_and_is_retried(tmp_path: Path) -> None:
     async with relay_stack(tmp_path, send_timeout=0.5) as stack:
-        stack.twilio.stall_s = 2.0
+        stack.twilio.stall_s = 30.0  # hung: only the sender's own deadline ends the wait
         stack.twilio.fail_next("stall")
         await stack.send("help")
-        await wait_for(lambda: stack.twilio.messages, what="send after the stall")
+        await wait_for(lambda: stack.twilio.messages, timeout=5, what="send after the stall")
         assert stack.twilio.attempts == 2
 
 
@@ -97,3 +98,19 @@ async def test_sends_to_one_recipient_are_paced_but_others_are_not_held(tmp_path
         assert all(gap >= 0.39 for gap in gaps), gaps
         other = next(m for m in stack.twilio.messages if m.to == f"whatsapp:{OWNER2}")
         assert other.at - mine[0] < 0.39  # OWNER2 did not wait behind OWNER's pacing
+
+
+async def test_sends_stalled_at_twilio_hold_neither_the_webhook_nor_more_than_four_requests(tmp_path: Path) -> None:
+    owners = [f"+1555300000{i}" for i in range(6)]
+    async with relay_stack(tmp_path, send_timeout=1.5, ALLOWED_PHONE_NUMBERS=",".join(owners)) as stack:
+        stack.twilio.stall_s = 2.0
+        stack.twilio.fail_next(*["stall"] * 6)
+        for owner in owners:
+            await stack.send("help", sender=owner)
+        await wait_for(lambda: stack.twilio.in_flight == 4, what="four stalled sends")
+        # Sends wait on the network, not on the event loop: the relay answers at once meanwhile.
+        with anyio.fail_after(0.5):
+            assert (await stack.send("status", sender=owners[0])).status_code == 200
+            assert (await stack.http.get(f"{stack.url}/health")).status_code == 200
+        assert stack.twilio.attempts == 4  # the other two wait for a free slot, not at Twilio
+        await wait_for(lambda: len({m.to for m in stack.twilio.messages}) == 6, what="a reply to every owner")

@@ -63,6 +63,9 @@ def main() -> int:
         access_log=False,
         timeout_graceful_shutdown=3,
         proxy_headers=False,
+        # The worker's image has no httptools (only the relay's needs the speed); named, so the
+        # tests, whose environment has it, run the worker on the parser it is deployed with.
+        http="h11",
     )
     server = Server(config, listening)
     return serve(server)
