@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.config import ConfigError, EnvReader
+from vm.workspace import CLONE_TIMEOUT_S, PUSH_TIMEOUT_S
 
 __all__ = ["ConfigError", "Settings", "github_repo_from_url"]
 
@@ -34,6 +35,8 @@ class Settings:
     images_dir: Path = Path("/tmp/images")
     image_ttl_s: float = 24 * 3600.0
     idle_timeout_s: float = 1800.0
+    push_timeout_s: float = PUSH_TIMEOUT_S  # approve's push to origin
+    clone_timeout_s: float = CLONE_TIMEOUT_S  # the clone of REPO_URL before an owner's first run
     chromium_path: str = ""
     enable_test_app: bool = False
     claude_config_dir: str = ""
@@ -70,6 +73,8 @@ class Settings:
             images_dir=Path(env.get("IMAGES_DIR") or "/tmp/images"),
             image_ttl_s=reader.integer("IMAGE_TTL_HOURS", 24, minimum=1) * 3600.0,
             idle_timeout_s=reader.millis("IDLE_TIMEOUT_MS", 1_800_000),
+            push_timeout_s=reader.millis("PUSH_TIMEOUT_MS", int(PUSH_TIMEOUT_S * 1000)),
+            clone_timeout_s=reader.millis("CLONE_TIMEOUT_MS", int(CLONE_TIMEOUT_S * 1000)),
             chromium_path=env.get("CHROMIUM_PATH", "").strip(),
             enable_test_app=reader.flag("ENABLE_TEST_APP"),
             claude_config_dir=env.get("CLAUDE_CONFIG_DIR", "").strip(),
