@@ -1,7 +1,7 @@
 """A local stand-in for GitHub's pull-request API: for `--demo`, local runs and the tests.
 
-Pull requests are recorded (and can be made to fail); each gets a small web page, so the link
-the owner receives opens something real.
+Pull requests are recorded (and can be made to fail, or to stall); each gets a small web page,
+so the link the owner receives opens something real.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ class FakeGitHub:
     web_url: str = "https://github.com"
     pulls: list[dict[str, Any]] = field(default_factory=list)
     fail_next: list[int] = field(default_factory=list)
+    stall: bool = False  # take a pull request and never answer; `hung_up` counts clients that left
+    hung_up: int = 0
 
     def app(self) -> Starlette:
         return Starlette(
@@ -51,6 +53,11 @@ class FakeGitHub:
         if request.method == "GET":
             head = request.query_params.get("head", "").split(":")[-1]
             return JSONResponse([p for p in self.pulls if p["head"] == head and p["repo"] == repo])
+        if self.stall:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            self.hung_up += 1
+            return JSONResponse({}, status_code=504)  # never sent: the client is gone
         if self.fail_next:
             return JSONResponse({"message": "scripted failure"}, status_code=self.fail_next.pop(0))
         body = await request.json()

@@ -133,7 +133,10 @@ def approval_request(event: Report, window_s: float) -> str:
     if event.uncovered:
         names = ", ".join(clip_path(visible(p), 40) for p in event.uncovered[:5])
         more = f" and {len(event.uncovered) - 5} more" if len(event.uncovered) > 5 else ""
-        tail += f"\n⚠️ Reject cannot bring back {names}{more} (ignored by git, too big to keep)."
+        tail += (
+            f"\n⚠️ Reject cannot bring back {names}{more}"
+            " (ignored by git, and too big to keep or a repository of its own)."
+        )
     lines: list[str] = []
     budget = MESSAGE_LIMIT - len(tail) - 200  # room for the heading and "… and N more"
     for path, added, removed, binary in event.files[:LISTED_FILES]:

@@ -51,6 +51,7 @@ def test_worker_defaults() -> None:
     assert settings.idle_timeout_s == 1800 and settings.image_ttl_s == 24 * 3600
     assert settings.workspace_dir == Path("/tmp/workspace") and settings.images_dir == Path("/tmp/images")
     assert settings.enable_test_app is False
+    assert settings.push_timeout_s == 180 and settings.clone_timeout_s == 600
     assert "worker-token-for-tests" not in repr(settings)
 
 
@@ -65,6 +66,8 @@ def test_worker_defaults() -> None:
         ("GITHUB_REPO", "not a repo"),
         ("IDLE_TIMEOUT_MS", "later"),
         ("IMAGE_TTL_HOURS", "0"),
+        ("PUSH_TIMEOUT_MS", "0"),
+        ("CLONE_TIMEOUT_MS", "soon"),
         ("ENABLE_TEST_APP", "maybe"),
         ("PORT", "0"),
     ],

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import anyio
+
 from vm.lazy_http import LazyHTTP
 
 if TYPE_CHECKING:
     import httpx
 
 API_VERSION = "2022-11-28"
+# httpx's timeout bounds each read, not a response drip-fed a byte at a time: this bounds the
+# whole call (two requests at most), so an approve always ends.
+PR_TIMEOUT_S = 60.0
 
 
 class GitHubError(RuntimeError):
@@ -17,8 +22,11 @@ class GitHubError(RuntimeError):
 
 
 class GitHub:
-    def __init__(self, http: LazyHTTP, *, api_url: str, token: str, repo: str) -> None:
+    def __init__(
+        self, http: LazyHTTP, *, api_url: str, token: str, repo: str, deadline_s: float = PR_TIMEOUT_S
+    ) -> None:
         self._http = http
+        self._deadline_s = deadline_s
         self._api = api_url.rstrip("/")
         self._repo = repo
         self._headers = {
@@ -29,6 +37,13 @@ class GitHub:
 
     async def open_pull_request(self, *, head: str, base: str, title: str, body: str) -> str:
         """Create the PR (or find the one already open for `head`); returns its web URL."""
+        try:
+            with anyio.fail_after(self._deadline_s):
+                return await self._open(head=head, base=base, title=title, body=body)
+        except TimeoutError:
+            raise GitHubError(f"GitHub did not answer within {self._deadline_s:g} s") from None
+
+    async def _open(self, *, head: str, base: str, title: str, body: str) -> str:
         import httpx  # on first use, not at boot (see vm/lazy_http.py)
 
         url = f"{self._api}/repos/{self._repo}/pulls"

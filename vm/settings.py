@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.config import ConfigError, EnvReader
+from vm.workspace import CLONE_TIMEOUT_S, PUSH_TIMEOUT_S
 
 __all__ = ["ConfigError", "Settings", "github_repo_from_url"]
 
@@ -38,6 +39,8 @@ class Settings:
     fly_api_socket: Path = Path("/.fly/api")
     fly_app_name: str = ""
     fly_machine_id: str = ""
+    push_timeout_s: float = PUSH_TIMEOUT_S  # approve's push to origin
+    clone_timeout_s: float = CLONE_TIMEOUT_S  # the clone of REPO_URL before an owner's first run
     chromium_path: str = ""
     enable_test_app: bool = False
     claude_config_dir: str = ""
@@ -79,6 +82,8 @@ class Settings:
             # Set by Fly on every Machine.
             fly_app_name=env.get("FLY_APP_NAME", "").strip(),
             fly_machine_id=env.get("FLY_MACHINE_ID", "").strip(),
+            push_timeout_s=reader.millis("PUSH_TIMEOUT_MS", int(PUSH_TIMEOUT_S * 1000)),
+            clone_timeout_s=reader.millis("CLONE_TIMEOUT_MS", int(CLONE_TIMEOUT_S * 1000)),
             chromium_path=env.get("CHROMIUM_PATH", "").strip(),
             enable_test_app=reader.flag("ENABLE_TEST_APP"),
             claude_config_dir=env.get("CLAUDE_CONFIG_DIR", "").strip(),

@@ -130,6 +130,8 @@ class Worker:
             self.sandbox.git_dir(phone),
             self.settings.repo_url,
             github_token=self.settings.github_token,
+            push_timeout_s=self.settings.push_timeout_s,
+            clone_timeout_s=self.settings.clone_timeout_s,
         )
 
     def _spawn(self, phone: str, fn: Callable[..., Any], *args: Any) -> None:

@@ -29,6 +29,8 @@ from typing import Any
 
 import anyio
 
+from vm.killable import run_killable
+
 GIT_IDENTITY = ("-c", "user.name=textslash", "-c", "user.email=textslash@users.noreply.github.com")
 # No hooks and no fsmonitor, whatever a config says; and no configuration but the repository's.
 GIT_HARDENING = ("-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false")
@@ -39,6 +41,23 @@ GIT_ENV = {
     "GIT_NO_REPLACE_OBJECTS": "1",
     "GIT_TERMINAL_PROMPT": "0",
 }
+# Only for the calls that reach origin (clone, push): git sets no time limit of its own, and a
+# stalled connection would hold the owner's run or approve for good. curl gives up on a transfer
+# slower than 1,000 bytes a second for 30 s; ssh on a server that stops answering for a minute,
+# and it never asks for a password. A drip-fed transfer gets past both: the deadlines below
+# (settings PUSH_TIMEOUT_MS and CLONE_TIMEOUT_MS) end it, killing git and its helpers.
+GIT_NETWORK = (
+    "-c",
+    "http.lowSpeedLimit=1000",
+    "-c",
+    "http.lowSpeedTime=30",
+    "-c",
+    "core.sshCommand=ssh -o BatchMode=yes -o ConnectTimeout=30 -o ServerAliveInterval=15 -o ServerAliveCountMax=4",
+)
+# A push is one approved change, seconds on any link: 3 min is generous and still lets the
+# owner try again the same minute. A clone fetches the whole history, so 10 min.
+PUSH_TIMEOUT_S = 180.0
+CLONE_TIMEOUT_S = 600.0
 EMPTY_TREE = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"
 BIG_FILE = "1m"  # git shows files above this as binary: a huge file must not fill the memory
 HANDED_OVER = "textslash-handed-over"  # in the git dir: the agent was given the checkout's files
@@ -110,6 +129,11 @@ def _measure(path: Path, max_bytes: int, max_files: int) -> tuple[int, int]:
     return size, count
 
 
+def _not_all_kept(root: Path, entries: tuple[str, ...], kept: set[str]) -> tuple[str, ...]:
+    """The entries with a file (or link) below them that is not in `kept`."""
+    return tuple(entry for entry in entries if any(f not in kept for f in _files_below(root, [entry])))
+
+
 def _files_below(root: Path, entries: list[str]) -> list[str]:
     """Every file (or link) below the given entries, relative to `root`, without recursion."""
     found = []
@@ -163,6 +187,10 @@ def write_new_file(path: Path, text: str, mode: int = 0o600) -> None:
         out.write(text)
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:g} min" if seconds >= 60 else f"{seconds:g} s"
+
+
 class GitError(RuntimeError):
     """A git command failed; the message is safe to show the owner (no secrets)."""
 
@@ -173,7 +201,9 @@ class Snapshot:
     tree: str
     ignored: tuple[str, ...]  # ignored paths as git lists them (a folder stands for all below it)
     ignored_tree: str = ""  # the contents of the ignored paths small enough to keep
-    uncovered: tuple[str, ...] = ()  # ignored paths too big to keep: reject cannot bring them back
+    # Ignored paths too big to keep, or holding what a tree cannot (a repository of its own):
+    # reject cannot bring them back, and leaves them as they are.
+    uncovered: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -226,11 +256,22 @@ class Changes:
 class Workspace:
     """One checkout of REPO_URL at `path`, with its git dir at `git_dir`."""
 
-    def __init__(self, path: Path, git_dir: Path, repo_url: str, *, github_token: str = "") -> None:
+    def __init__(
+        self,
+        path: Path,
+        git_dir: Path,
+        repo_url: str,
+        *,
+        github_token: str = "",
+        push_timeout_s: float = PUSH_TIMEOUT_S,
+        clone_timeout_s: float = CLONE_TIMEOUT_S,
+    ) -> None:
         self.path = path
         self.git_dir = git_dir
         self.repo_url = repo_url
         self._token = github_token
+        self._push_timeout_s = push_timeout_s
+        self._clone_timeout_s = clone_timeout_s
 
     async def git(
         self,
@@ -240,16 +281,23 @@ class Workspace:
         auth: bool = False,
         cwd: Path | None = None,
         stdin: str | None = None,
+        deadline_s: float | None = None,
     ) -> str:
-        """Run git on this checkout. Only `auth=True` calls (clone, push) carry the token."""
+        """Run git on this checkout. Only `auth=True` calls (clone, push) reach origin: they
+        carry the token and the network limits. Past `deadline_s`, git and everything it
+        started are killed and a GitError says so."""
         full_env = self._env(env, auth=auth, repo=cwd is None)
-        result = await anyio.run_process(
-            ["git", *GIT_IDENTITY, *GIT_HARDENING, *args],
-            cwd=cwd or self.path,
-            env=full_env,
-            check=False,
-            input=stdin.encode() if stdin else None,
-        )
+        network = GIT_NETWORK if auth else ()
+        try:
+            with anyio.fail_after(deadline_s):
+                result = await run_killable(
+                    ["git", *GIT_IDENTITY, *GIT_HARDENING, *network, *args],
+                    cwd=cwd or self.path,
+                    env=full_env,
+                    input=stdin.encode() if stdin else None,
+                )
+        except TimeoutError:
+            raise GitError(f"git {args[0]} got no answer from origin within {_duration(deadline_s or 0)}") from None
         if check and result.returncode != 0:
             message = (result.stderr or result.stdout).decode(errors="replace").strip().splitlines()
             detail = message[-1] if message else f"exit {result.returncode}"
@@ -357,6 +405,7 @@ class Workspace:
                 str(partial / "tree"),
                 auth=True,
                 cwd=partial,
+                deadline_s=self._clone_timeout_s,
             )
             await self._write_config(partial / "git")
             os.replace(partial / "git", self.git_dir)  # a half-finished clone never looks like one
@@ -402,16 +451,31 @@ class Workspace:
     async def _keep_ignored(self, ignored: tuple[str, ...]) -> tuple[str, tuple[str, ...]]:
         """Ignored files (`.env`, `build/`) are no part of the diff, but a run may delete or
         change them, and reject must put them back: their contents go into a tree of their own,
-        as far as IGNORED_CAP allows; the rest (a `node_modules/`) is named, not kept."""
+        as far as IGNORED_CAP allows; the rest (a `node_modules/`) is named, not kept.
+
+        A tree cannot hold everything a folder can. A repository of its own (`vendor/lib/.git`,
+        an editable install) is added as a bare gitlink, without its files or its history, which
+        git never puts in a tree; a name git refuses (`.GIT`) or a repository without a commit is
+        not added at all. Such an entry is named too, rather than kept in part: the owner is
+        warned before deciding, and reject leaves it as the run left it (never deleting what the
+        tree lacks). What was kept is read back from the index, so whatever git's reason for
+        leaving a file out, the entry holding it is named, never counted as covered."""
         covered, uncovered = await anyio.to_thread.run_sync(_within_cap, self.path, ignored)
         if not covered:
             return "", uncovered
         with tempfile.TemporaryDirectory() as tmp:
-            env = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
-            await self.git(
-                "add", "--force", "--pathspec-from-file=-", "--pathspec-file-nul", env=env, stdin="\0".join(covered)
-            )
-            return (await self.git("write-tree", env=env)).strip(), uncovered
+            env = {"GIT_INDEX_FILE": str(Path(tmp) / "index"), "GIT_LITERAL_PATHSPECS": "1"}
+            paths = ("--pathspec-from-file=-", "--pathspec-file-nul")
+            # --ignore-errors: one file git refuses must not keep the others out (nor fail the run).
+            await self.git("add", "--force", "--ignore-errors", *paths, env=env, stdin="\0".join(covered), check=False)
+            staged = await self.git("ls-files", "--stage", "-z", env=env)
+            # A gitlink (mode 160000) stands for a repository: none of its files are in the tree.
+            kept = {e.partition("\t")[2] for e in staged.split("\0") if e and not e.startswith("160000")}
+            partial = await anyio.to_thread.run_sync(_not_all_kept, self.path, covered, kept)
+            if partial:
+                drop = ("rm", "--cached", "-r", "--quiet", "--force", "--ignore-unmatch", *paths)
+                await self.git(*drop, env=env, stdin="\0".join(partial))
+            return (await self.git("write-tree", env=env)).strip(), uncovered + partial
 
     async def working_tree(self) -> str:
         """The whole working state as a tree object, through a throwaway index that starts from
@@ -553,10 +617,18 @@ class Workspace:
             env = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
             await self.git("read-tree", snap.ignored_tree, env=env)
             await self.git("checkout-index", "--all", "--force", env=env)
-        kept = set((await self.git("ls-tree", "-r", "-z", "--name-only", snap.ignored_tree)).split("\0"))
+        kept, repositories = set(), []
+        for entry in (await self.git("ls-tree", "-r", "-z", snap.ignored_tree)).split("\0"):
+            meta, _, path = entry.partition("\t")
+            kept.add(path)
+            if meta.startswith("160000"):
+                repositories.append(path + "/")
+        # A gitlink is in the trees of snapshots taken before such folders were named (an
+        # approval pending across an upgrade): what is below it was never kept, so never removed.
         roots = [p for p in snap.ignored if p not in snap.uncovered]
         added = await anyio.to_thread.run_sync(_files_below, self.path, roots)
-        return [rel for rel in added if rel not in kept and not await self._remove(rel)]
+        ours = [rel for rel in added if rel not in kept and not rel.startswith(tuple(repositories))]
+        return [rel for rel in ours if not await self._remove(rel)]
 
     async def commit_tree(self, tree: str, parent: str, message: str) -> str:
         """A commit of exactly `tree` on `parent` (no index, no working files involved)."""
@@ -566,7 +638,9 @@ class Workspace:
         ).strip()
 
     async def push(self, commit: str, branch: str) -> None:
-        await self.git("push", "--quiet", "origin", f"{commit}:refs/heads/{branch}", auth=True)
+        await self.git(
+            "push", "--quiet", "origin", f"{commit}:refs/heads/{branch}", auth=True, deadline_s=self._push_timeout_s
+        )
 
     async def check_out_commit(self, commit: str, branch: str) -> None:
         """Move HEAD to `branch` at `commit` without touching a working file: a follow-up
