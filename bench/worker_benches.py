@@ -303,7 +303,7 @@ async def _wakes(tmp: Path, action: str, trials: int) -> tuple[list[float], list
                 f"http://127.0.0.1:{worker_port}",
                 client,
             )
-            machines = FakeMachines(on_suspend=proxy.suspend)
+            machines = FakeMachines(on_suspend=proxy.suspend, state=proxy.state)
             async with (
                 run_server(machines.app(), unix_socket(str(tmp / "fly-api.sock"))),
                 run_server(proxy.app()) as proxy_url,

@@ -93,18 +93,11 @@ async def serve(app: Any, host: str, port: int, uds: str | None = None) -> Async
             server.should_exit = True
 
 
-def spawn(module: str, env: dict[str, str], log: Path, *, own_group: bool = False) -> subprocess.Popen[bytes]:
-    # The relay shares the console's process group: whatever ends the group ends it too. The
-    # worker leads its own, so a suspend can stop it with its agents (the console stops it).
+def spawn(module: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    # Same process group as the console: whatever ends the console's group ends these too (a
+    # suspend stops the worker's own process only, so nothing of it is left if the console dies).
     with log.open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", module],
-            env=env,
-            cwd=ROOT,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=own_group,
-        )
+        return subprocess.Popen([sys.executable, "-m", module], env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
 
 
 def stop(*procs: subprocess.Popen[bytes] | None) -> None:
@@ -163,7 +156,7 @@ async def run(opts: Options) -> None:
         async with _stand_ins(opts, env, worker_env, http) as notes:
             notes.append(ISOLATION_NOTES[worker_env["AGENT_ISOLATION"]])
             proxy = FlyProxy(
-                lambda: spawn("vm", worker_env, opts.data / "worker.log", own_group=True),
+                lambda: spawn("vm", worker_env, opts.data / "worker.log"),
                 f"http://127.0.0.1:{worker_port}",
                 http,
             )
@@ -179,7 +172,7 @@ async def run(opts: Options) -> None:
                     "FLY_MACHINE_ID": "local",
                 }
             )
-            machines = FakeMachines(on_suspend=proxy.suspend)
+            machines = FakeMachines(on_suspend=proxy.suspend, state=proxy.state)
             relay_env = {
                 **env,
                 "PUBLIC_URL": public_url,

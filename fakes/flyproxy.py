@@ -51,6 +51,12 @@ class FlyProxy:
             self._signal(signal.SIGSTOP)
             self.suspended = True
 
+    def state(self) -> str:
+        """As the Machines API would say it."""
+        if not self.running:
+            return "stopped"
+        return "suspended" if self.suspended else "started"
+
     def resume(self) -> None:
         if self.suspended and self.running:
             self._signal(signal.SIGCONT)

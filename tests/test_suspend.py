@@ -38,7 +38,12 @@ def process_state(pid: int) -> str:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
 
 
-async def test_an_idle_worker_is_suspended_and_the_next_message_resumes_the_same_process(tmp_path: Path) -> None:
+@pytest.mark.parametrize("in_the_window", [False, True])
+async def test_an_idle_worker_is_suspended_and_the_next_message_resumes_the_same_process(
+    tmp_path: Path, in_the_window: bool
+) -> None:
+    """`in_the_window`: the message comes after Fly said yes but before it paused the Machine;
+    it must wait for the pause and the resume, not start a run that the pause would freeze."""
     socket = tmp_path / "fly-api.sock"
     async with pair_stack(tmp_path, idle_ms="1500", **fly_env(socket)) as pair, httpx.AsyncClient() as http:
 
@@ -46,7 +51,7 @@ async def test_an_idle_worker_is_suspended_and_the_next_message_resumes_the_same
             return pair._procs.enter_context(child("vm", pair.worker_env, tmp_path / "worker.log"))
 
         proxy = FlyProxy(start_worker, pair.worker_url, http)
-        machines = FakeMachines(on_suspend=proxy.suspend)
+        machines = FakeMachines(on_suspend=proxy.suspend, state=proxy.state, freeze_delay_s=1.5)
         async with run_server(machines.app(), unix_socket(str(socket))), run_server(proxy.app()) as proxy_url:
             pair.relay_env["CLAUDE_HOST"] = proxy_url
             await pair.start_relay()
@@ -54,14 +59,18 @@ async def test_an_idle_worker_is_suspended_and_the_next_message_resumes_the_same
             pair.model.script("second", Text("the second answer"))
             await pair.text("first")
             await wait_for(lambda: pair.said("the first answer"), STEP, "the first answer")
-            await wait_for(lambda: proxy.suspended, 30, "the idle worker suspended")
+            if in_the_window:
+                await wait_for(lambda: machines.calls, 30, "the idle worker asking to be suspended")
+                assert not proxy.suspended
+            else:
+                await wait_for(lambda: proxy.suspended, 30, "the idle worker suspended")
+                assert proxy.process is not None and process_state(proxy.process.pid) == "T"  # nothing runs
             assert machines.calls == [SUSPEND]
             assert proxy.process is not None
             pid = proxy.process.pid
-            assert process_state(pid) == "T"  # nothing of it runs while suspended
             await pair.text("second")
             await wait_for(lambda: pair.said("the second answer"), STEP, "the second answer, from the resumed worker")
-            assert proxy.process.pid == pid and proxy.starts == 1 and proxy.resumes >= 1
+            assert proxy.process.pid == pid and proxy.starts == 1 and proxy.resumes == 1
             assert len(pair.said("Waking up")) == 2  # the owner was told both times
             # Resumed, it keeps its idle timer: idle again, it is suspended again.
             await wait_for(lambda: len(machines.calls) == 2, 30, "the second suspend")

@@ -37,7 +37,7 @@ from vm.presence import Announcer
 from vm.sandbox import Sandbox, agent_may_inherit
 from vm.settings import Settings
 from vm.supervisor import Supervisor
-from vm.suspend import ResumeWatch, suspend_machine
+from vm.suspend import Machine, ResumeWatch
 from vm.worker import Reply, Worker
 
 if TYPE_CHECKING:
@@ -122,7 +122,7 @@ def create_app(
                 await announcer.say("sleeping")
             except Exception:  # refusing calls from here on, the worker must exit, whatever failed
                 logger.exception("could not tell the relay about going to sleep")
-            if settings.idle_action == "suspend" and await _suspend(settings):
+            if settings.idle_action == "suspend" and await _suspend(machine):
                 if await resume.wait():
                     tg.start_soon(after_resume)
                     return True
@@ -138,7 +138,8 @@ def create_app(
             await announcer.up()
 
         watch = IdleWatch(settings.idle_timeout_s, busy=lambda: worker.busy, on_idle=idle)
-        resume = ResumeWatch()
+        machine = Machine(settings.fly_api_socket, settings.fly_app_name, settings.fly_machine_id)
+        resume = ResumeWatch(machine)
         supervisor = Supervisor()
         services = Services(worker, watch, images, supervisor, resume)
         try:
@@ -165,9 +166,8 @@ def create_app(
         """200 while the worker can serve; 503 while it goes to sleep or something keeps failing,
         so Fly's checks and the relay see a worker that would not do what it is asked."""
         running = live()
-        running.resume.poke()  # asked anything at all, a suspended worker runs again
         problems = [*running.worker.problems, *running.supervisor.problems]
-        if running.watch.closing and not running.resume.waiting:
+        if running.watch.closing and not await running.resume.confirm():
             problems.append("going to sleep")
         body: dict[str, object] = {
             "status": "failing" if problems else "ok",
@@ -189,9 +189,9 @@ def create_app(
             running.watch.touch()
             try:
                 command = decode_command(route, await read_json_object(request, MAX_BODY))
-                if running.watch.closing and not running.resume.poke():
+                if running.watch.closing and not await running.resume.confirm():
                     # Decided to sleep: refuse, so nothing is accepted and then dropped by the exit.
-                    # (A suspended worker that gets a request was resumed: it serves it.)
+                    # (Suspended and resumed, as Fly confirms, it serves the request instead.)
                     return error(503, "the VM is going to sleep; wake it again")
                 result = handler(command)
                 reply = await result if not isinstance(result, Reply) else result
@@ -252,9 +252,9 @@ def create_app(
     return app
 
 
-async def _suspend(settings: Settings) -> bool:
+async def _suspend(machine: Machine) -> bool:
     try:
-        return await suspend_machine(settings.fly_api_socket, settings.fly_app_name, settings.fly_machine_id)
+        return await machine.suspend()
     except Exception:  # whatever went wrong, exiting is the way to sleep that is left
         logger.exception("could not suspend this Machine")
         return False

@@ -14,6 +14,7 @@ from the system's CA store when the relay is reached over https.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import secrets
@@ -96,5 +97,12 @@ async def post_json(url: str, body: bytes, token: str, timeout_s: float = TIMEOU
 
 async def _connect(host: str, port: int, secure: bool) -> anyio.abc.ByteStream:
     if secure:
-        return await anyio.connect_tcp(host, port, tls=True, ssl_context=ssl.create_default_context())
+        # Not waiting for the relay's close_notify once its answer is read: a proxy that just
+        # drops the connection would otherwise turn a taken announcement into a failed one.
+        return await anyio.connect_tcp(host, port, tls=True, ssl_context=_tls_context(), tls_standard_compatible=False)
     return await anyio.connect_tcp(host, port)
+
+
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    return ssl.create_default_context()  # the system's CA store, loaded once per process
