@@ -25,7 +25,8 @@ from vm.reaper import _alive
 
 pytestmark = pytest.mark.anyio
 RUN_TIMEOUT = 60.0
-DEADLINE_MS = "1500"  # the configured limit, short for the tests: production's are minutes
+DEADLINE_MS = "5000"  # short for the tests (production's are minutes), long enough for a real clone or
+# push through `git http-backend` on a loaded machine once the stall is lifted
 
 
 @asynccontextmanager
@@ -58,8 +59,8 @@ async def test_a_push_that_hangs_fails_the_approve_and_the_owner_can_approve_aga
             origin.stall.add("git-receive-pack")  # origin takes the pack and never answers
 
             assert (await worker.decide("approve")).status_code == 202
-            failed = await wait_for(lambda: worker.relay.of_type("approve_failed"), 15, "the push to give up")
-            assert failed[0]["text"] == "git push got no answer from origin within 1.5 s"
+            failed = await wait_for(lambda: worker.relay.of_type("approve_failed"), 30, "the push to give up")
+            assert failed[0]["text"] == "git push got no answer from origin within 5 s"
             # git and its HTTP helper were killed, not left holding the connection.
             await wait_for(lambda: origin.hung_up == 1, 5, "git to hang up")
             assert processes_naming(url) == []
@@ -79,8 +80,8 @@ async def test_a_clone_that_hangs_ends_the_run_with_an_error_and_the_next_run_cl
             origin.stall.add("git-upload-pack")
             worker.anthropic.script("hello", Text("Hi."))
             await worker.command("hello")
-            error = await wait_for(lambda: worker.relay.of_type("error"), 15, "the clone to give up")
-            assert error[0]["text"] == "git clone got no answer from origin within 1.5 s"
+            error = await wait_for(lambda: worker.relay.of_type("error"), 30, "the clone to give up")
+            assert error[0]["text"] == "git clone got no answer from origin within 5 s"
             await wait_for(lambda: origin.hung_up == 1, 5, "git to hang up")
             assert processes_naming(url) == []
             repos = worker.settings.workspace_dir / ".repos"
@@ -89,8 +90,10 @@ async def test_a_clone_that_hangs_ends_the_run_with_an_error_and_the_next_run_cl
 
             origin.stall.clear()
             await worker.command("hello")
-            answer = await wait_for(lambda: worker.relay.of_type("answer"), RUN_TIMEOUT, "a run after the clone")
-            assert answer[0]["text"] == "Hi."
+            ended = await wait_for(
+                lambda: worker.relay.of_type("answer", "error")[1:], RUN_TIMEOUT, "a run after the clone"
+            )
+            assert ended[0]["type"] == "answer" and ended[0]["text"] == "Hi.", ended
 
 
 async def test_a_pull_request_that_hangs_ends_in_a_github_error() -> None:
