@@ -111,10 +111,13 @@ def create_app(
         worker = Worker(settings, callbacks, agent or Agent(env), browser, images, github, sandbox)
         announcer = Announcer(settings.relay_callback_url, settings.worker_token)
 
-        async def announce() -> None:
+        async def announce_then_build() -> None:
+            """Say "up" first: it is what the relay waits for, and making the HTTP client (an
+            import and a CA bundle, on a thread) would hold the GIL while it goes out."""
             if listening is not None:
                 await listening.wait()
             await announcer.up()
+            await client.build()
 
         async def idle() -> bool:
             """Sleep: suspended (True once resumed) or, failing that, exiting (False)."""
@@ -146,8 +149,7 @@ def create_app(
             async with anyio.create_task_group() as tg:
                 # Each loop outlives its failures (vm/supervisor.py): one bad spool file or one
                 # full disk must not leave a worker that answers /health and does nothing else.
-                tg.start_soon(client.build)
-                tg.start_soon(announce)
+                tg.start_soon(announce_then_build)
                 tg.start_soon(supervisor.keep, "the callback sender", callbacks.run)
                 tg.start_soon(supervisor.keep, "the idle timer", watch.run)
                 tg.start_soon(supervisor.keep, "image expiry", lambda: _expire_images(images))
