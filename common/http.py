@@ -1,13 +1,19 @@
-"""HTTP helpers both apps share: the bearer check, a size-limited body, a JSON error."""
+"""HTTP helpers both apps share: the bearer check, a size-limited body, a protocol message read
+from it, a JSON error."""
 
 from __future__ import annotations
 
 import hmac
 import json
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
+
+from common.protocol import ProtocolError
+
+T = TypeVar("T")
 
 
 class Problem(Exception):
@@ -49,6 +55,15 @@ async def read_json_object(request: Request, limit: int) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise Problem(422, "body must be a JSON object")
     return data
+
+
+async def read_message(request: Request, limit: int, decode: Callable[[dict[str, Any]], T]) -> T:
+    """A JSON body read through one of common/protocol.py's decoders; malformed, it is a 422."""
+    data = await read_json_object(request, limit)
+    try:
+        return decode(data)
+    except ProtocolError as exc:
+        raise Problem(422, str(exc)) from None
 
 
 def error(status: int, detail: str) -> JSONResponse:

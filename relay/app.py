@@ -17,8 +17,8 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from common.http import Problem, bearer_ok, error, read_body, read_json_object
-from common.protocol import ProtocolError, decode_presence, decode_report, encode_report
+from common.http import Problem, bearer_ok, error, read_body, read_message
+from common.protocol import decode_presence, decode_report, encode_report
 from relay import store
 from relay.dispatcher import Dispatcher
 from relay.images import ImageCache
@@ -131,11 +131,9 @@ def create_app(
         if phone not in settings.allowed_phone_numbers:
             return error(404, "unknown phone")
         try:
-            report = decode_report(await read_json_object(request, MAX_CALLBACK_BYTES))
+            report = await read_message(request, MAX_CALLBACK_BYTES, decode_report)
         except Problem as exc:
             return error(exc.status, exc.detail)
-        except ProtocolError as exc:
-            return error(422, str(exc))
         dispatcher = live().dispatcher
         if report.type == "sleeping":  # a worker from before presence (POST /callback)
             await dispatcher.worker_sleeping()
@@ -160,11 +158,9 @@ def create_app(
         if not bearer_ok(request, settings.worker_token):
             return error(401, "missing or wrong bearer token")
         try:
-            said = decode_presence(await read_json_object(request, MAX_CALLBACK_BYTES))
+            said = await read_message(request, MAX_CALLBACK_BYTES, decode_presence)
         except Problem as exc:
             return error(exc.status, exc.detail)
-        except ProtocolError as exc:
-            return error(422, str(exc))
         dispatcher = live().dispatcher
         await (dispatcher.worker_up() if said.state == "up" else dispatcher.worker_sleeping())
         return JSONResponse({"ok": True})

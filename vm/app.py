@@ -16,10 +16,9 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from common.http import Problem, bearer_ok, error, read_json_object
+from common.http import Problem, bearer_ok, error, read_message
 from common.protocol import (
     OwnerCall,
-    ProtocolError,
     RunPrompt,
     TakeScreenshot,
     decode_command,
@@ -190,7 +189,7 @@ def create_app(
             running = live()
             running.watch.touch()
             try:
-                command = decode_command(route, await read_json_object(request, MAX_BODY))
+                command = await read_message(request, MAX_BODY, lambda data: decode_command(route, data))
                 if running.watch.closing and not await running.resume.confirm():
                     # Decided to sleep: refuse, so nothing is accepted and then dropped by the exit.
                     # (Suspended and resumed, as Fly confirms, it serves the request instead.)
@@ -199,8 +198,6 @@ def create_app(
                 reply = await result if not isinstance(result, Reply) else result
             except Problem as exc:
                 return error(exc.status, exc.detail)
-            except ProtocolError as exc:
-                return error(422, str(exc))
             except OSError as exc:  # the state could not be written: nothing was accepted
                 logger.exception("%s could not be recorded", route)
                 return error(503, f"the VM cannot write its state ({exc.strerror or type(exc).__name__})")
