@@ -25,6 +25,7 @@ BENCHES: dict[str, Callable[[Path], Awaitable[None]]] = {
     "worker_boot": worker_benches.boot,
     "screenshot": worker_benches.screenshots_and_memory,
     "end_to_end": worker_benches.pair_overhead,
+    "follow_up": worker_benches.follow_up,
     "wake_suspend": worker_benches.suspend_vs_exit,
 }
 

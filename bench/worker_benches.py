@@ -249,6 +249,80 @@ async def _sdk_alone(model_url: str, cwd: Path, tmp: Path, n: int) -> float:
     return time.monotonic() - started
 
 
+async def follow_up(tmp: Path, prompts: int = 9) -> None:
+    """A follow-up prompt, from the signed webhook to the model's first request: on the CLI kept
+    from the last prompt (WARM_AGENT=on), against a new CLI for every prompt (off). One relay +
+    worker pair for each, one after the other (two workers on one machine would share the
+    owner's agent user, and each would end the other's processes)."""
+    model, twilio, github = FakeAnthropic(), FakeTwilio(ACCOUNT_SID, AUTH_TOKEN), FakeGitHub(GITHUB_TOKEN)
+    origin = make_origin(tmp / "git", FILES)
+    times: dict[str, list[float]] = {"on": [], "off": []}
+    async with (
+        run_server(model.app()) as model_url,
+        run_server(twilio.app()) as twilio_url,
+        run_server(github.app()) as github_url,
+        httpx.AsyncClient(timeout=60) as client,
+    ):
+        for warm, figures in times.items():
+            with ExitStack() as pair:
+                relay_url, worker_url = await _pair(
+                    pair, tmp / warm, model_url, twilio_url, github_url, origin, WARM_AGENT=warm
+                )
+                for n in range(prompts + 1):  # the first prompt clones and starts the first CLI: a warm-up
+                    text = f"follow-up {n} ({warm})"
+                    model.script(text, Text(f"reply {n} ({warm})"))
+                    seen, params = len(model.arrived), message_params(text)
+                    started = time.monotonic()
+                    await client.post(
+                        f"{relay_url}/webhook", data=params, headers=signed_form(PUBLIC_URL + "/webhook", params)
+                    )
+                    with anyio.fail_after(60):
+                        while not any(f"reply {n} ({warm})" in b for b in twilio.bodies(OWNER)):
+                            await anyio.sleep(0.005)
+                        # Settled: the worker has taken the next run's snapshot, as it would
+                        # long before an owner types their next message.
+                        while (await client.get(f"{worker_url}/health")).json()["busy"]:
+                            await anyio.sleep(0.005)
+                    if n:
+                        figures.append(model.arrived[seen] - started)
+    warm_ms, new_ms = [t * 1000 for t in times["on"]], [t * 1000 for t in times["off"]]
+    emit(
+        "follow_up",
+        "webhook_to_model_p50",
+        median(warm_ms),
+        "ms",
+        reference=median(new_ms),
+        reference_name="a new CLI per prompt (WARM_AGENT=off)",
+        target="< 100 ms",
+        met=median(warm_ms) < 100,
+        p95_ms=round(pct(warm_ms, 95), 1),
+        reference_p95_ms=round(pct(new_ms, 95), 1),
+        prompts=prompts,
+    )
+
+
+async def _pair(
+    stack: ExitStack, tmp: Path, model_url: str, twilio_url: str, github_url: str, origin: Path, **worker: str
+) -> tuple[str, str]:
+    """A relay and a worker process, both up and knowing each other; their URLs."""
+    relay_port, worker_port = free_port(), free_port()
+    relay_url, worker_url = f"http://127.0.0.1:{relay_port}", f"http://127.0.0.1:{worker_port}"
+    await anyio.Path(tmp).mkdir(parents=True, exist_ok=True)
+    renv = relay_env(tmp / "relay.sqlite3", twilio_url, worker_url, PORT=str(relay_port), HOST="127.0.0.1")
+    wenv = {
+        **model_env(model_url, tmp),
+        **worker_env(tmp, relay_url=relay_url, github_url=github_url, origin=origin, PORT=str(worker_port)),
+        "HOST": "127.0.0.1",
+        "WORKSPACE_DIR": str(tmp / "workspace"),
+        **worker,
+    }
+    relay = stack.enter_context(process(["-m", "relay"], {**renv, "LOG_LEVEL": "WARNING"}, tmp / "relay.log"))
+    vm = stack.enter_context(process(["-m", "vm"], {**wenv, "LOG_LEVEL": "WARNING"}, tmp / "worker.log"))
+    await until_healthy(relay_url, relay)
+    await until_healthy(worker_url, vm)
+    return relay_url, worker_url
+
+
 async def suspend_vs_exit(tmp: Path, trials: int = 5) -> None:
     """The local console's wake, from suspend (SIGCONT) and from exit (a fresh `python -m vm`):
     the worker's ready time (woken -> its /health answers) and the owner's wait for the model

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,6 +55,7 @@ class FakeAnthropic:
     scripts: dict[str, list[Step]] = field(default_factory=dict)
     default: list[Step] = field(default_factory=list)  # for prompts no script matches
     requests: list[dict[str, Any]] = field(default_factory=list)
+    arrived: list[float] = field(default_factory=list)  # time.monotonic() as each request came in
     delay_s: float = 0.0
     _ids: int = 0
 
@@ -76,6 +78,7 @@ class FakeAnthropic:
         return JSONResponse({"input_tokens": 100})
 
     async def _messages(self, request: Request) -> StreamingResponse | JSONResponse:
+        self.arrived.append(time.monotonic())
         body = await request.json()
         self.requests.append(body)
         step = _fill_cwd(self._next_step(body.get("messages", [])), body)

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 from starlette.applications import Starlette
@@ -40,15 +41,24 @@ class FlyProxy:
         self.starts = 0
         self.resumes = 0
         self.woke_at: float | None = None  # time.monotonic() of the last start or resume
+        self._frozen: list[int] = []
 
     @property
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
     def suspend(self) -> None:
-        """What Fly does when the Machine asks to be suspended: its memory kept, nothing runs."""
+        """What Fly does when the Machine asks to be suspended: its memory kept, nothing runs.
+        The Machine here is the worker and its process group (its agents too, when it leads
+        one); what was stopped already (a kept CLI) stays stopped after the resume, as in Fly's
+        snapshot."""
         if self.running:
-            self._signal(signal.SIGSTOP)
+            assert self.process is not None
+            worker = self.process.pid
+            self._frozen = [worker]  # first, so that it starts nothing more
+            _signal_all(self._frozen, signal.SIGSTOP)
+            self._frozen += [pid for pid in _group(worker) if _state(pid) != "T"]
+            _signal_all(self._frozen[1:], signal.SIGSTOP)
             self.suspended = True
 
     def state(self) -> str:
@@ -59,19 +69,10 @@ class FlyProxy:
 
     def resume(self) -> None:
         if self.suspended and self.running:
-            self._signal(signal.SIGCONT)
+            _signal_all(self._frozen, signal.SIGCONT)
             self.resumes += 1
             self.woke_at = time.monotonic()
         self.suspended = False
-
-    def _signal(self, sig: signal.Signals) -> None:
-        assert self.process is not None
-        pid = self.process.pid
-        # The whole Machine when the worker leads its own process group (its agents too).
-        if os.getpgid(pid) == pid:
-            os.killpg(pid, sig)
-        else:
-            os.kill(pid, sig)
 
     def app(self) -> Starlette:
         return Starlette(routes=[Route("/{path:path}", self._forward, methods=["GET", "POST"])])
@@ -102,3 +103,33 @@ class FlyProxy:
             status_code=upstream.status_code,
             headers={k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP},
         )
+
+
+def _group(leader: int) -> list[int]:
+    """The other processes of the worker's process group, if it leads one."""
+    if os.getpgid(leader) != leader:
+        return []
+    group = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == leader and int(stat.parent.name) != leader:
+            group.append(int(stat.parent.name))
+    return group
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return ""
+
+
+def _signal_all(pids: list[int], sig: signal.Signals) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass

@@ -124,7 +124,10 @@ async def test_nothing_the_agent_started_outlives_the_run(tmp_path: Path) -> Non
         await worker.command("start a server")
         await wait_for(lambda: worker.relay.of_type("answer"), STEP, "the answer")
         uid = worker.checkout().stat().st_uid
-        assert uid != 0 and _live_tasks_of(uid) == []
+        # All that is left is the CLI kept for the next prompt: one process, every thread of it stopped.
+        tasks = _live_tasks_of(uid)
+        assert uid != 0 and len({pid for pid, _ in tasks}) == 1
+        assert {state for _, state in tasks} == {"T"}
 
 
 @as_root
@@ -289,16 +292,18 @@ def _tool_results(worker: WorkerStack) -> list[dict[str, object]]:
     ]
 
 
-def _live_tasks_of(uid: int) -> list[str]:
-    """Every thread on the machine running as `uid` and not a zombie (read straight from /proc)."""
+def _live_tasks_of(uid: int) -> list[tuple[int, str]]:
+    """(pid, state) of every thread on the machine running as `uid` and not a zombie (read
+    straight from /proc)."""
     found = []
     for status in Path("/proc").glob("[0-9]*/task/[0-9]*/status"):
         try:
             fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
         except OSError:
             continue
-        if fields.get("Uid", "").split()[:1] == [str(uid)] and not fields.get("State", "").strip().startswith("Z"):
-            found.append(str(status.parent))
+        state = fields.get("State", "").strip()[:1]
+        if fields.get("Uid", "").split()[:1] == [str(uid)] and state != "Z":
+            found.append((int(status.parent.parent.parent.name), state))
     return found
 
 

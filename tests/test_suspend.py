@@ -38,6 +38,19 @@ def process_state(pid: int) -> str:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
 
 
+def clis_of(worker: int) -> list[int]:
+    """The Claude Code processes the worker started and that are still alive."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            name, rest = stat.read_text().rsplit(")", 1)
+        except OSError:
+            continue
+        if name.endswith("(claude") and int(rest.split()[1]) == worker and rest.split()[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
 @pytest.mark.parametrize("in_the_window", [False, True])
 async def test_an_idle_worker_is_suspended_and_the_next_message_resumes_the_same_process(
     tmp_path: Path, in_the_window: bool
@@ -64,13 +77,18 @@ async def test_an_idle_worker_is_suspended_and_the_next_message_resumes_the_same
                 assert not proxy.suspended
             else:
                 await wait_for(lambda: proxy.suspended, 30, "the idle worker suspended")
-                assert proxy.process is not None and process_state(proxy.process.pid) == "T"  # nothing runs
+                assert proxy.process is not None
+                worker = proxy.process.pid
+                await wait_for(lambda: process_state(worker) == "T", 5, "the worker to stop")  # nothing runs
             assert machines.calls == [SUSPEND]
             assert proxy.process is not None
             pid = proxy.process.pid
+            [cli] = clis_of(pid)  # the first prompt's CLI, kept (stopped) through the suspend
+            assert process_state(cli) == "T"
             await pair.text("second")
             await wait_for(lambda: pair.said("the second answer"), STEP, "the second answer, from the resumed worker")
             assert proxy.process.pid == pid and proxy.starts == 1 and proxy.resumes == 1
+            assert clis_of(pid) == [cli]  # suspend kept it: the follow-up went to the same CLI
             assert len(pair.said("Waking up")) == 2  # the owner was told both times
             # Resumed, it keeps its idle timer: idle again, it is suspended again.
             await wait_for(lambda: len(machines.calls) == 2, 30, "the second suspend")

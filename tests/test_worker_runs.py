@@ -60,7 +60,7 @@ async def test_a_run_that_edits_files_asks_for_approval_then_opens_a_pr(worker: 
     assert show(worker.origin, branch, "hello.py") == "print('hello from textslash')\n"
     pull = worker.github.pulls[0]
     assert pull["head"] == branch and pull["base"] == "main" and "add a greeting" in pull["title"]
-    assert (await worker.http.get(f"{worker.url}/health")).json()["busy"] is False
+    await worker.settled()
 
 
 async def test_reject_restores_tracked_and_untracked_files(worker: WorkerStack) -> None:

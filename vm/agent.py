@@ -1,9 +1,11 @@
-"""One agent run: Claude Code through `claude-agent-sdk`, on a checkout, with progress.
+"""Claude Code through `claude-agent-sdk`, on a checkout, with progress.
 
-Each run starts its own CLI (`ClaudeSDKClient`) and resumes the owner's session by id, so a
-run survives nothing it should not: cancel can end the whole run without leaving a half-dead
-client, and a worker that slept resumes the same conversation from CLAUDE_CONFIG_DIR.
-The SDK is imported lazily so that the worker answers /health before it has loaded.
+Each owner's CLI (`ClaudeSDKClient`) is kept open between prompts (`LiveAgent`): a follow-up is
+a new query on the same client and session, and reaches the model without starting a CLI. The
+worker keeps it stopped between prompts (vm/sandbox.py says why that is safe) and replaces it,
+resuming the session by id, when it is gone; the session itself lives in CLAUDE_CONFIG_DIR, so
+a worker that exited resumes the same conversation too. The SDK is imported lazily so that the
+worker answers /health before it has loaded.
 """
 
 from __future__ import annotations
@@ -11,12 +13,13 @@ from __future__ import annotations
 import logging
 import posixpath
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import anyio
+from anyio.abc import TaskStatus
 
 from vm.reaper import MARKER_VAR
 
@@ -30,6 +33,7 @@ SYSTEM_APPEND = (
 )
 # Tools that would wait for a person at a terminal; nobody is there.
 DISALLOWED = ["AskUserQuestion", "EnterPlanMode", "ExitPlanMode"]
+INTERRUPT_S = 3.0  # how long `cancel` lets the CLI end its turn before the CLI itself is ended
 
 
 @dataclass(frozen=True)
@@ -106,38 +110,28 @@ class ProgressThrottle:
 
 
 class Agent:
-    """Runs prompts through Claude Code; `env` holds model credentials and the config dir."""
+    """Opens Claude Code clients; `env` holds model credentials and the config dir."""
 
     def __init__(self, env: Mapping[str, str], *, progress_interval_s: float = 3.0, max_turns: int = 200) -> None:
         self._env = dict(env)
         self._interval = progress_interval_s
         self._max_turns = max_turns
 
-    async def run(
+    def open(
         self,
         *,
         cwd: Path,
-        prompt: str,
         session_id: str | None,
         marker: str,
-        on_progress: Progress,
-        on_session: Callable[[str], None],
         tool_servers: dict[str, Any],
+        locate: Callable[[], int | None],
         cli_path: str | None = None,
         env: Mapping[str, str] | None = None,
-    ) -> RunResult:
-        """One prompt on the owner's session. `cli_path` and `env` come from the sandbox: the
-        launcher that starts the CLI as the owner's agent user, and that user's HOME and folders."""
-        from claude_agent_sdk import (
-            AssistantMessage,
-            ClaudeAgentOptions,
-            ClaudeSDKClient,
-            PermissionResultAllow,
-            ResultMessage,
-            SystemMessage,
-            TextBlock,
-            ToolUseBlock,
-        )
+    ) -> LiveAgent:
+        """A client for one owner, on their session; `serve` it in a task, then `ask`. `cli_path`
+        and `env` come from the sandbox: the launcher that starts the CLI as the owner's agent
+        user, and that user's HOME and folders; `locate` finds the CLI's pid once it runs."""
+        from claude_agent_sdk import ClaudeAgentOptions, PermissionResultAllow
 
         async def allow(name: str, args: dict[str, Any], context: Any) -> PermissionResultAllow:
             # The agent's own OS user is the sandbox and the diff approval is the gate; Claude
@@ -156,39 +150,153 @@ class Agent:
             env={**self._env, **(env or {}), MARKER_VAR: marker},
             cli_path=cli_path,
         )
-        throttle = ProgressThrottle(on_progress, self._interval)
+        return LiveAgent(options, session_id, cwd, locate, self._interval)
+
+
+class AgentGone(RuntimeError):
+    """The client ended before the CLI answered anything of the prompt: a new one may take it."""
+
+
+@dataclass(eq=False)
+class _Turn:
+    prompt: str
+    on_progress: Progress
+    on_session: Callable[[str], None]
+    done: anyio.Event = field(default_factory=anyio.Event)
+    interrupt: anyio.Event = field(default_factory=anyio.Event)
+    heard: bool = False  # the CLI answered something of this prompt
+    result: RunResult | None = None
+    error: Exception | None = None
+
+
+class LiveAgent:
+    """One owner's Claude Code CLI, open between prompts.
+
+    The SDK binds a client to the task that connected it, so `serve` (a task of the worker's)
+    holds the client and takes each prompt from `ask` through a channel. A client that failed a
+    turn takes no other: it closes, and the worker opens a new one on the same session.
+    """
+
+    def __init__(
+        self, options: Any, session_id: str | None, cwd: Path, locate: Callable[[], int | None], interval_s: float
+    ) -> None:
+        self.session_id = session_id
+        self.pid: int | None = None  # the CLI's, once connected
+        self.closed = False
+        self._options, self._cwd, self._locate, self._interval = options, cwd, locate, interval_s
+        self._send, self._inbox = anyio.create_memory_object_stream[_Turn](1)
+        self._scope = anyio.CancelScope()
+        self._turn: _Turn | None = None
+
+    @property
+    def idle(self) -> bool:
+        """Open, and between prompts."""
+        return not self.closed and self._turn is None
+
+    def close(self) -> None:
+        self.closed = True
+        self._scope.cancel()
+
+    async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Connect, then answer prompts until closed. Fails (to `TaskGroup.start`) only while
+        connecting; after that, every failure ends up in the turn it belongs to."""
+        from claude_agent_sdk import ClaudeSDKClient
+
+        started = False
+        try:
+            with self._scope:
+                async with ClaudeSDKClient(self._options) as client:
+                    self.pid = self._locate()
+                    started = True
+                    task_status.started()
+                    async for turn in self._inbox:
+                        self._turn = turn
+                        await self._take(client, turn)
+                        self._turn = None
+                        if turn.error is not None:
+                            break
+        except Exception as exc:
+            if not started:
+                raise
+            logger.warning("Claude Code's client ended: %s", _reason(exc))
+        finally:
+            self.closed = True
+            self._inbox.close()
+            self._send.close()
+            if (current := self._turn) is not None and not current.done.is_set():
+                current.error = current.error or AgentGone("the agent's client closed")
+                current.done.set()
+
+    async def ask(self, prompt: str, *, on_progress: Progress, on_session: Callable[[str], None]) -> RunResult:
+        """One prompt, as a new query on this client. Cancelled, it interrupts the turn and
+        waits up to INTERRUPT_S for the CLI to end it; after that the client is closed."""
+        turn = _Turn(prompt, on_progress, on_session)
+        try:
+            self._send.send_nowait(turn)
+        except (anyio.WouldBlock, anyio.ClosedResourceError, anyio.BrokenResourceError):
+            raise AgentGone("the agent's client is closed or busy") from None
+        try:
+            await turn.done.wait()
+        except anyio.get_cancelled_exc_class():
+            turn.interrupt.set()
+            with anyio.CancelScope(shield=True), anyio.move_on_after(INTERRUPT_S):
+                await turn.done.wait()
+            if not turn.done.is_set():
+                self.close()
+            raise
+        if turn.error is not None:
+            if not turn.heard and not isinstance(turn.error, AgentGone):
+                raise AgentGone(_reason(turn.error)) from turn.error
+            raise turn.error
+        assert turn.result is not None
+        return turn.result
+
+    async def _take(self, client: Any, turn: _Turn) -> None:
+        from claude_agent_sdk import AssistantMessage, ResultMessage, SystemMessage, TextBlock, ToolUseBlock
+
+        throttle = ProgressThrottle(turn.on_progress, self._interval)
         texts: list[str] = []
         result: Any = None
         started = time.monotonic()
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(_flush_loop, throttle)
-            async with ClaudeSDKClient(options) as client:
-                await client.query(prompt)
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_flush_loop, throttle)
+                tg.start_soon(_interrupt_when_asked, client, turn)
+                await client.query(turn.prompt)
                 async for message in client.receive_response():
+                    turn.heard = True
                     if isinstance(message, AssistantMessage):
                         for block in message.content:
                             if isinstance(block, ToolUseBlock):
-                                throttle.note(describe_tool(block.name, block.input, cwd))
+                                throttle.note(describe_tool(block.name, block.input, self._cwd))
                             elif isinstance(block, TextBlock) and block.text.strip():
                                 texts.append(block.text.strip())
                     elif isinstance(message, SystemMessage) and message.subtype == "init":
                         # Known from the start, so even a cancelled run can be resumed.
                         if sid := message.data.get("session_id"):
-                            on_session(str(sid))
+                            self.session_id = str(sid)
+                            turn.on_session(self.session_id)
                     elif isinstance(message, ResultMessage):
                         result = message
-            tg.cancel_scope.cancel()
+                tg.cancel_scope.cancel()
+        except Exception as exc:
+            turn.error = _single(exc)
+        else:
+            turn.result = self._result(result, texts, started)
+        finally:
+            turn.done.set()
+
+    def _result(self, result: Any, texts: list[str], started: float) -> RunResult:
         if result is None:
-            return RunResult(
-                "The agent stopped without a result.", True, None, int((time.monotonic() - started) * 1000), session_id
-            )
-        text = (result.result or (texts[-1] if texts else "")).strip()
+            elapsed = int((time.monotonic() - started) * 1000)
+            return RunResult("The agent stopped without a result.", True, None, elapsed, self.session_id)
+        self.session_id = result.session_id or self.session_id
         return RunResult(
-            text=text,
+            text=(result.result or (texts[-1] if texts else "")).strip(),
             is_error=bool(result.is_error),
             cost_usd=result.total_cost_usd,
             duration_ms=int(result.duration_ms),
-            session_id=result.session_id or session_id,
+            session_id=self.session_id,
         )
 
 
@@ -198,4 +306,17 @@ async def _flush_loop(throttle: ProgressThrottle) -> None:
         throttle.flush_due()
 
 
-RunFn = Callable[..., Awaitable[RunResult]]
+async def _interrupt_when_asked(client: Any, turn: _Turn) -> None:
+    await turn.interrupt.wait()
+    await client.interrupt()
+
+
+def _single(exc: Exception) -> Exception:
+    """The one error inside a task group's group, so the owner reads what went wrong."""
+    while isinstance(exc, ExceptionGroup) and len(exc.exceptions) == 1 and isinstance(exc.exceptions[0], Exception):
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _reason(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc)[:200]}"

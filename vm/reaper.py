@@ -53,7 +53,33 @@ def user_pids(uid: int) -> list[int]:
     return found
 
 
-def _signal_all(pids: list[int], sig: signal.Signals) -> None:
+def our_child(candidates: list[int]) -> int | None:
+    """The one of `candidates` that is this process's child (the CLI the SDK started: agent-exec
+    execs it in place, so it keeps the pid). No process of an agent's can become our child, so
+    one that looks like it elsewhere is never taken for it."""
+    return next((pid for pid in candidates if parent_of(pid) == os.getpid()), None)
+
+
+def parent_of(pid: int) -> int | None:
+    facts = _stat(pid)
+    return int(facts[1]) if facts else None
+
+
+def stopped_child(pid: int) -> bool:
+    """`pid` is this process's child, stopped (SIGSTOP): it runs nothing until we continue it."""
+    facts = _stat(pid)
+    return facts is not None and facts[0] == "T" and int(facts[1]) == os.getpid()
+
+
+def _stat(pid: int) -> list[str] | None:
+    """State and parent from /proc/<pid>/stat (after the command name, which may hold spaces)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[:2]
+    except (OSError, IndexError):
+        return None
+
+
+def signal_all(pids: list[int], sig: signal.Signals) -> None:
     for pid in pids:
         try:
             os.kill(pid, sig)
@@ -67,7 +93,7 @@ async def kill_pids(select: Callable[[], list[int]], grace_s: float = 1.5) -> in
     Each SIGKILL pass selects again, so a process forked during the previous one is caught too.
     """
     pids = select()
-    _signal_all(pids, signal.SIGTERM)
+    signal_all(pids, signal.SIGTERM)
     with anyio.move_on_after(grace_s):
         while select():  # noqa: ASYNC110 - no event tells us another process died
             await anyio.sleep(0.05)
@@ -75,7 +101,7 @@ async def kill_pids(select: Callable[[], list[int]], grace_s: float = 1.5) -> in
         survivors = select()
         if not survivors:
             break
-        _signal_all(survivors, signal.SIGKILL)
+        signal_all(survivors, signal.SIGKILL)
         with anyio.move_on_after(1.0):
             while any(_alive(pid) for pid in survivors):  # noqa: ASYNC110 - as above
                 await anyio.sleep(0.02)

@@ -50,6 +50,9 @@ class OwnerState:
     run_id: str = ""
     prompt: str = ""
     snapshot: dict[str, Any] | None = None
+    # While idle: the next run's snapshot, taken when the owner last went idle. Nothing of the
+    # agent's has run since (its kept CLI is stopped), so it still describes the checkout.
+    baseline: dict[str, Any] | None = None
     shown_tree: str = ""  # the working tree the owner was shown, which approve commits
     branch: str = ""
     commit: str = ""  # the commit approve made of shown_tree (a retry pushes the same one)

@@ -18,12 +18,14 @@ the worker's user, which the agent can then read all of.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import pwd
 import re
 import shutil
+import signal
 import stat
 import subprocess
 from collections.abc import Mapping
@@ -33,12 +35,13 @@ from pathlib import Path
 import anyio
 
 from common.files import write_durably
-from vm.reaper import kill_pids, marked_pids, user_pids
+from vm.reaper import kill_pids, marked_pids, our_child, parent_of, signal_all, stopped_child, user_pids
 from vm.workspace import write_new_file
 
 logger = logging.getLogger(__name__)
 
 AGENT_UID_BASE = 20000
+EXECUTE_ONLY = 0o711  # Claude Code's binary, for agent users (see Sandbox._check_reachable)
 FLY_API_SOCKET = Path("/.fly/api")
 AGENT_EXEC = Path(__file__).with_name("agent-exec")
 # The agent's environment: what a shell, Claude Code and the model's credential need. Anything
@@ -189,12 +192,13 @@ class Sandbox:
 
     # --- an owner's space ---------------------------------------------------------------
 
-    async def prepare(self, phone: str) -> AgentSpace:
-        """The owner's user (made on first use) and folders, owned and locked down."""
+    async def prepare(self, phone: str, keep: int | None = None) -> AgentSpace:
+        """The owner's user (made on first use) and folders, owned and locked down. `keep`: the
+        owner's Claude Code CLI, kept between prompts (see `quiesce`)."""
         async with self._lock:
             uid, gid = (await self._ensure_user(phone)) if self.isolated else (os.getuid(), os.getgid())
         space = self._space(phone, uid, gid)
-        await self.quiesce(space)  # nothing of the agent's may race what root does next
+        await self.quiesce(space, keep)  # nothing of the agent's may race what root does next
         try:
             for folder in (space.home, space.tmp, space.claude_dir, space.checkout):
                 self._own_folder(folder, space)
@@ -205,10 +209,16 @@ class Sandbox:
             raise SandboxError(f"could not set up the agent's folders ({type(exc).__name__})") from None
         return space
 
-    async def quiesce(self, space: AgentSpace) -> None:
-        """End every process of the owner's agent before root touches its files."""
+    async def quiesce(self, space: AgentSpace, keep: int | None = None) -> None:
+        """End every process of the owner's agent before root touches its files.
+
+        `keep`, the owner's Claude Code CLI kept open between prompts, is stopped instead: a
+        stopped process runs no code, its user cannot trace it or write its memory (the CLI
+        is execute-only for agents, so the kernel makes it undumpable: see `_check_reachable`),
+        and no other process of that user is left to continue it. If it cannot be kept so, it
+        ends with the rest; `vm.reaper.stopped_child` tells the caller which happened."""
         if self.isolated:
-            await self._kill_user(space)
+            await (self._kill_user(space) if keep is None else self._end_all_but(space, keep))
 
     def _adopt_legacy_sessions(self, space: AgentSpace) -> None:
         """Before isolation every owner's Claude sessions shared CLAUDE_CONFIG_DIR; Claude Code
@@ -277,12 +287,53 @@ class Sandbox:
         )
         return str(AGENT_EXEC), env
 
-    async def reap(self, space: AgentSpace | None, marker: str) -> int:
+    async def reap(self, space: AgentSpace | None, marker: str, keep: int | None = None) -> None:
         """End every process of a run: all of the agent user's when isolated (nothing escapes a
-        uid), else the ones carrying the run's marker in their environment."""
+        uid), else the ones whose marker in their environment starts with `marker`. `keep`: the
+        CLI kept for the owner's next prompt, stopped rather than ended (see `quiesce`)."""
         if self.isolated and space is not None:
-            return await self._kill_user(space)
-        return await kill_pids(lambda: marked_pids(marker))
+            await (self._kill_user(space) if keep is None else self._end_all_but(space, keep))
+            return
+        if keep is not None:
+            _stop(keep)
+        await kill_pids(lambda: [pid for pid in marked_pids(marker) if pid != keep])
+
+    def cli_of(self, space: AgentSpace, marker: str) -> int | None:
+        """The pid of the owner's CLI, just started: our child running as the agent user (whose
+        environment the kernel hides from us, see `_check_reachable`), else carrying `marker`."""
+        return our_child(user_pids(space.uid) if self.isolated else marked_pids(marker))
+
+    @staticmethod
+    def resume(pid: int) -> bool:
+        """Let the kept CLI run again, for the owner's next prompt. False if it is gone."""
+        if not stopped_child(pid):
+            return False
+        os.kill(pid, signal.SIGCONT)
+        return True
+
+    @staticmethod
+    def end(pid: int) -> None:
+        """End a kept CLI (SIGKILL works on a stopped process; SIGTERM would wait for SIGCONT)."""
+        if parent_of(pid) == os.getpid():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    async def _end_all_but(self, space: AgentSpace, keep: int) -> None:
+        """Stop `keep`, then every process of the agent user at once (kill -STOP -1 as that user:
+        a stopped process forks nothing), and kill all of them but `keep`. If `keep` is not left
+        alone and stopped after that, everything ends."""
+        _stop(keep)
+        for _ in range(5):
+            await self._kill_as(space, "-STOP")
+            others = [pid for pid in user_pids(space.uid) if pid != keep]
+            if not others:
+                break
+            signal_all(others, signal.SIGKILL)
+            with anyio.move_on_after(1.0):
+                while any(pid in others for pid in user_pids(space.uid)):  # noqa: ASYNC110 - as below
+                    await anyio.sleep(0.02)
+        if not (stopped_child(keep) and user_pids(space.uid) == [keep]):
+            await self._kill_user(space)
 
     async def _kill_user(self, space: AgentSpace, grace_s: float = 1.5) -> int:
         """SIGTERM, then SIGKILL, to every process of the agent user.
@@ -323,16 +374,25 @@ class Sandbox:
         """The agent user must reach Claude Code and its own folders; a checkout below a private
         folder (a 0700 home or temp dir) would fail later with an opaque error, so fail now."""
         cli = Path(self._cli_path())
-        if not (_others_may(cli, 0o005) and all(_others_may(p, 0o001) for p in cli.parents)):
-            self._cli = str(self._reachable_copy(cli))
+        if not all(_others_may(p, 0o001) for p in cli.parents):
+            self._cli = str(cli := self._reachable_copy(cli))
+        if stat.S_IMODE(cli.stat().st_mode) != EXECUTE_ONLY:
+            # Agents may run Claude Code but not read it: the kernel then makes each CLI
+            # undumpable, so nothing the agent starts can trace it, read its memory or write
+            # into it, and the CLI kept stopped between prompts stays the one root started.
+            try:
+                os.chmod(cli, EXECUTE_ONLY)
+            except OSError:  # a read-only image: a copy of our own, which we may chmod
+                self._cli = str(cli := self._reachable_copy(cli))
         for path in (space.checkout, space.claude_dir):
             blocked = next((p for p in path.parents if not _reachable_by(p, space.uid)), None)
             if blocked is not None:
                 raise SandboxError(f"the agent user cannot reach {path}: {blocked} is not searchable by others")
 
     def _reachable_copy(self, cli: Path) -> Path:
-        """Claude Code's binary lives in a folder other users cannot enter (a private venv):
-        link it (or copy it once) into the workspace, where the agents can run it."""
+        """Claude Code's binary lives in a folder other users cannot enter (a private venv), or
+        on a file system where its mode cannot change: link it (or copy it once) into the
+        workspace, where the agents can run it."""
         target = self._workspace / ".bin" / cli.name
         target.parent.mkdir(exist_ok=True)
         os.chmod(target.parent, 0o711)
@@ -343,8 +403,8 @@ class Sandbox:
                 os.link(cli, partial)
             except OSError:
                 shutil.copy2(cli, partial)
-            os.chmod(partial, 0o755)
             os.replace(partial, target)
+        os.chmod(target, EXECUTE_ONLY)
         return target
 
     # --- users ----------------------------------------------------------------------------
@@ -421,6 +481,12 @@ class Sandbox:
     def _save_users(self, users: Mapping[str, int]) -> None:
         self._users_file.parent.mkdir(parents=True, exist_ok=True)
         write_durably(self._users_file, json.dumps(dict(users)).encode())
+
+
+def _stop(pid: int) -> None:
+    if parent_of(pid) == os.getpid():  # our own child: never a pid an agent's process reused
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGSTOP)
 
 
 def _digits(phone: str) -> str:

@@ -45,6 +45,7 @@ class Settings:
     enable_test_app: bool = False
     claude_config_dir: str = ""
     agent_isolation: bool = True
+    warm_agent: bool = True  # keep each owner's Claude Code CLI (stopped) between prompts
     deployed_sha: str = "dev"
     port: int = 3001
     host: str = "0.0.0.0"
@@ -88,6 +89,7 @@ class Settings:
             enable_test_app=reader.flag("ENABLE_TEST_APP"),
             claude_config_dir=env.get("CLAUDE_CONFIG_DIR", "").strip(),
             agent_isolation=reader.flag("AGENT_ISOLATION", True),
+            warm_agent=reader.flag("WARM_AGENT", True),
             deployed_sha=env.get("DEPLOYED_SHA") or "dev",
             port=reader.integer("PORT", 3001, minimum=1, maximum=65535),
             host=env.get("HOST") or "0.0.0.0",

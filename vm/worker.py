@@ -21,12 +21,13 @@ from anyio.abc import TaskGroup
 
 from common.protocol import Answer, Report, RunPrompt, TakeScreenshot
 from common.visible import clip_path, visible
-from vm.agent import Agent, RunResult
+from vm.agent import Agent, AgentGone, LiveAgent, RunResult
 from vm.browser import BrowserPool, ScreenshotError
 from vm.callbacks import CallbackSender
 from vm.diff_image import phone_excerpt, render_diff
 from vm.github import GitHub, GitHubError
 from vm.images import ImageStore
+from vm.reaper import stopped_child
 from vm.runs import IllegalRunTransition, OwnerState, OwnerStore
 from vm.sandbox import AgentSpace, Sandbox, SandboxError
 from vm.settings import Settings
@@ -59,6 +60,8 @@ class Worker:
     _owners: dict[str, OwnerState] = field(default_factory=dict)
     _scopes: dict[str, anyio.CancelScope] = field(default_factory=dict)
     _spaces: dict[str, AgentSpace] = field(default_factory=dict)
+    _agents: dict[str, LiveAgent] = field(default_factory=dict)  # each owner's CLI, kept between prompts
+    _settling: dict[str, anyio.Event] = field(default_factory=dict)  # set once the owner's baseline is taken
     _tg: TaskGroup | None = None
     _side_tasks: int = 0
     _stopping: bool = False
@@ -87,12 +90,13 @@ class Worker:
         return list(self._owners)
 
     async def shutdown(self) -> None:
-        """End every run's processes; their state stays on disk for the next boot to report."""
+        """End every run's processes and every kept CLI; the owners' state stays on disk for
+        the next boot to report."""
         self._stopping = True
         for scope in self._scopes.values():
             scope.cancel()
-        for phone in list(self._scopes):
-            await self._reap(phone, self._owner(phone), keep=True)
+        for phone in {*self._scopes, *self._agents}:
+            await self._reap(phone, self._owner(phone))
 
     def _owner(self, phone: str) -> OwnerState:
         return self._owners.setdefault(phone, OwnerState(phone=phone))
@@ -179,7 +183,11 @@ class Worker:
         if command.new_session:
             owner.session_id = None
         owner.run_id, owner.prompt = command.message_id, command.text
-        owner.snapshot, owner.shown_tree, owner.branch, owner.commit = None, "", "", ""
+        owner.shown_tree, owner.branch, owner.commit = "", "", ""
+        # The baseline becomes the run's snapshot, saved with the run (one write on a follow-up's
+        # path); one still being taken is picked up by `_begin`.
+        owner.snapshot = owner.baseline if command.phone not in self._settling else None
+        owner.baseline = None
         self._save(owner)
         self._spawn(command.phone, self._run, command.phone)
         return self._answer(owner, 202)
@@ -202,8 +210,9 @@ class Worker:
         owner.fire("cancel")
         self._save(owner)
         if scope := self._scopes.get(phone):
-            scope.cancel()
-        await self._reap(phone, owner, keep=True)
+            scope.cancel()  # the run interrupts its turn, then ends every process of it (`_run`)
+        else:
+            await self._reap(phone, owner)
         return self._answer(owner, 202)
 
     def approve(self, phone: str) -> Reply:
@@ -230,15 +239,47 @@ class Worker:
 
     # --- a run ------------------------------------------------------------------------
 
-    def _marker(self, owner: OwnerState) -> str:
-        return f"{self.boot_id}:{owner.run_id}"
+    def _marker(self, phone: str) -> str:
+        """What every process of the owner's agent from this boot carries (vm/reaper.py)."""
+        return f"{self.boot_id}:{phone.lstrip('+')}:"
 
-    async def _reap(self, phone: str, owner: OwnerState, *, keep: bool = False) -> None:
-        space = self._spaces.get(phone) if keep else self._spaces.pop(phone, None)
+    async def _reap(self, phone: str, owner: OwnerState, *, keep_agent: bool = False) -> None:
+        """End every process of the owner's agent. With `keep_agent`, the CLI (between prompts
+        now) is kept for the next prompt, stopped; if it cannot be kept, it ends too."""
+        keep = self._keepable(phone) if keep_agent else None
+        if keep is None:
+            self._drop_agent(phone)  # first: a stopped CLI would sit out SIGTERM's grace period
         try:
-            await self.sandbox.reap(space, self._marker(owner))
+            await self.sandbox.reap(self._spaces.get(phone), self._marker(phone), keep)
         except SandboxError:  # the next prepare tries again, and refuses to go on if it fails
             logger.exception("could not end every process of run %s", owner.run_id)
+        if keep is not None and not stopped_child(keep):
+            self._drop_agent(phone)
+
+    def _keepable(self, phone: str) -> int | None:
+        """The pid of the owner's CLI if it may be kept stopped between prompts; an agent that
+        may not (mid-turn, failed, or WARM_AGENT=off) is ended here."""
+        agent = self._agents.get(phone)
+        if agent is not None and agent.idle and agent.pid is not None and self.settings.warm_agent:
+            return agent.pid
+        self._drop_agent(phone)
+        return None
+
+    def _kept_agent(self, owner: OwnerState) -> LiveAgent | None:
+        """The owner's kept CLI, if it can take their next prompt: still there, stopped, and on
+        their session (after `new` it is not). One that cannot is ended."""
+        agent = self._agents.get(owner.phone)
+        pid = self._keepable(owner.phone)
+        if agent is None or pid is None or agent.session_id != owner.session_id or not stopped_child(pid):
+            self._drop_agent(owner.phone)
+            return None
+        return agent
+
+    def _drop_agent(self, phone: str) -> None:
+        if (agent := self._agents.pop(phone, None)) is not None:
+            if agent.pid is not None:
+                self.sandbox.end(agent.pid)
+            agent.close()
 
     async def _run(self, phone: str) -> None:
         owner = self._owner(phone)
@@ -246,24 +287,13 @@ class Worker:
         result: RunResult | None = None
         failure = ""
         scope = self._scopes[phone] = anyio.CancelScope()
+        if owner.state == "cancelling":  # cancelled before this task began
+            scope.cancel()
         started = time.monotonic()
         try:
             with scope:
-                space = self._spaces[phone] = await self._prepare(phone, workspace)
-                owner.snapshot = (await workspace.snapshot()).to_json()
-                self._save(owner)
-                cli_path, env = self.sandbox.launch(space)
-                result = await self.agent.run(
-                    cwd=workspace.path,
-                    prompt=owner.prompt,
-                    session_id=owner.session_id,
-                    marker=self._marker(owner),
-                    cli_path=cli_path,
-                    env=env,
-                    on_progress=lambda text: self._report(phone, Report("progress", run_id, text=text)),
-                    on_session=lambda sid: setattr(owner, "session_id", sid),
-                    tool_servers=tool_servers(lambda url: self._capture(phone, run_id, url)),
-                )
+                await self._begin(phone, owner, workspace)
+                result = await self._ask(phone, owner)
         except (GitError, SandboxError) as exc:
             failure = str(exc)
         except Exception as exc:  # the agent's CLI died, the SDK failed...: tell the owner, keep going
@@ -271,8 +301,8 @@ class Worker:
             failure = f"{type(exc).__name__}: {str(exc)[:200]}"
         finally:
             self._scopes.pop(phone, None)
-            with anyio.CancelScope(shield=True):  # nothing of this run outlives it
-                await self._reap(phone, owner)
+            with anyio.CancelScope(shield=True):  # nothing the run started outlives it
+                await self._reap(phone, owner, keep_agent=True)
         if self._stopping:
             return  # shutting down: the state file still says "running", and the next boot reports it
         if owner.state == "cancelling":
@@ -286,16 +316,103 @@ class Worker:
             owner,
             Report(outcome, run_id, text=text, duration_ms=duration, cost_usd=result.cost_usd if result else None),
         )
+        await self._settle(owner)
+
+    async def _begin(self, phone: str, owner: OwnerState, workspace: Workspace) -> None:
+        """The owner's folders, and the snapshot the run's diff and reject start from. Both were
+        made ready when the owner last went idle (`_settle`), and nothing of the agent's has run
+        since (its kept CLI is stopped): then a follow-up goes straight to the CLI. A snapshot
+        being taken as the prompt came is waited for; one taken then is saved (the run's state
+        file must hold it before the agent runs)."""
+        taken = owner.snapshot is not None  # at the command, and saved with it
+        if (settling := self._settling.get(phone)) is not None:
+            await settling.wait()
+            owner.snapshot, owner.baseline = owner.baseline, None
+        if owner.snapshot is None or self._kept_agent(owner) is None:
+            await self._prepare(phone, workspace)
+        if owner.snapshot is None:
+            owner.snapshot = (await workspace.snapshot()).to_json()
+        if not taken:
+            self._save(owner)
+
+    async def _ask(self, phone: str, owner: OwnerState) -> RunResult:
+        """The prompt, as a new query on the owner's kept CLI, continued from where it was
+        stopped; else (none kept, or it ended before it heard the prompt) on a new CLI that
+        resumes the owner's session by id."""
+        run_id = owner.run_id
+
+        def progress(text: str) -> None:
+            self._report(phone, Report("progress", run_id, text=text))
+
+        def session(session_id: str) -> None:
+            owner.session_id = session_id
+
+        agent = self._kept_agent(owner)
+        if agent is not None and agent.pid is not None and self.sandbox.resume(agent.pid):
+            try:
+                return await agent.ask(owner.prompt, on_progress=progress, on_session=session)
+            except AgentGone as exc:
+                logger.warning("the kept agent of run %s could not take the prompt (%s); starting another", run_id, exc)
+        self._drop_agent(phone)
+        agent = await self._open_agent(phone, owner)
+        return await agent.ask(owner.prompt, on_progress=progress, on_session=session)
+
+    async def _open_agent(self, phone: str, owner: OwnerState) -> LiveAgent:
+        space = self._spaces[phone]
+        cli_path, env = self.sandbox.launch(space)
+        marker = self._marker(phone) + secrets.token_hex(4)
+        agent = self._agents[phone] = self.agent.open(
+            cwd=space.checkout,
+            session_id=owner.session_id,
+            marker=marker,
+            locate=lambda: self.sandbox.cli_of(space, marker),
+            cli_path=cli_path,
+            env=env,
+            # Bound to whichever run is going when Claude takes a screenshot: the client outlives runs.
+            tool_servers=tool_servers(lambda url: self._capture(phone, self._owner(phone).run_id, url)),
+        )
+        assert self._tg is not None, "worker not started"
+        try:
+            await self._tg.start(agent.serve)
+        except BaseException:
+            self._drop_agent(phone)
+            raise
+        return agent
 
     async def _prepare(self, phone: str, workspace: Workspace) -> AgentSpace:
-        """The owner's agent user and folders, the git dir and checkout, all owned as they should be."""
-        space = await self.sandbox.prepare(phone)  # also ends any process of the agent's
+        """The owner's agent user and folders, the git dir and checkout, all owned as they should
+        be, and no process of the agent's running but its kept CLI, stopped."""
+        keep = self._keepable(phone)
+        space = self._spaces[phone] = await self.sandbox.prepare(phone, keep)
+        if keep is not None and not stopped_child(keep):
+            self._drop_agent(phone)
         if await workspace.ensure_clone(self.settings.state_dir / "legacy-git"):
             await self.sandbox.share_git_dir(space)
             await self.sandbox.hand_over(space)
             workspace.mark_handed_over()
         self.sandbox.own(space, workspace.path / ".git")
         return space
+
+    async def _settle(self, owner: OwnerState) -> None:
+        """The owner is idle again and nothing of their agent runs (its kept CLI is stopped): take
+        the next run's snapshot now, so the next prompt need not wait for git. It stays true
+        until an agent process runs again, which only that next run lets happen."""
+        phone = owner.phone
+        if owner.state != "idle" or self._stopping or phone in self._settling:
+            return
+        settled = self._settling[phone] = anyio.Event()
+        self._side_tasks += 1
+        try:
+            workspace = self.workspace(phone)
+            await self._prepare(phone, workspace)
+            owner.baseline = (await workspace.snapshot()).to_json()
+            self._save(owner)
+        except Exception:  # the next run takes its own snapshot, as it would without one
+            logger.exception("could not take the next run's snapshot")
+        finally:
+            self._side_tasks -= 1
+            del self._settling[phone]
+            settled.set()
 
     async def _finish(self, owner: OwnerState, end: Report) -> None:
         """The run's end. The approval request goes first: by the time the owner reads the
@@ -397,6 +514,7 @@ class Worker:
                 left_out_count=len(left_out),
             ),
         )
+        await self._settle(owner)
 
     async def _roll_back(self, phone: str) -> None:
         owner = self._owner(phone)
@@ -428,6 +546,7 @@ class Worker:
                 left_out_count=len(stuck),
             ),
         )
+        await self._settle(owner)
 
     # --- screenshots ------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 
 from fakes.anthropic import FakeAnthropic
@@ -51,6 +52,13 @@ class WorkerStack:
 
     async def decide(self, route: str, phone: str = OWNER) -> httpx.Response:
         return await self.post(route, {"phone": phone})
+
+    async def settled(self, timeout: float = 10.0) -> None:
+        """Until /health says the worker is not busy: after each run and decision it takes the
+        next run's snapshot, and only then may it sleep."""
+        with anyio.fail_after(timeout):
+            while (await self.http.get(f"{self.url}/health")).json()["busy"]:
+                await anyio.sleep(0.01)
 
 
 @asynccontextmanager

@@ -1,0 +1,197 @@
+"""A warm agent: each owner's Claude Code CLI stays open between prompts, stopped, and a follow-up
+is a new query on it. Nothing else of the agent's outlives a run, the agent can neither trace
+nor wake its CLI, and `new`, a CLI that died, cancel and WARM_AGENT=off all do what the owner
+expects. The worker runs with the real CLI against the scripted model."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from fakes.anthropic import Text, bash
+from tests.support.waiting import wait_for
+from tests.support.worker_harness import WorkerStack, worker_stack
+from tests.test_worker_control import pids_with
+
+pytestmark = pytest.mark.anyio
+RUN_TIMEOUT = 60.0
+as_root = pytest.mark.skipif(os.geteuid() != 0, reason="agents run as their own users only when the worker is root")
+
+
+@pytest.fixture
+async def worker(tmp_path: Path) -> AsyncIterator[WorkerStack]:
+    async with worker_stack(tmp_path) as stack:
+        yield stack
+
+
+def clis() -> list[int]:
+    """Claude Code processes this test's worker started (it runs in this process)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            name, rest = stat.read_text().rsplit(")", 1)
+        except OSError:
+            continue
+        if name.endswith("(claude") and int(rest.split()[1]) == os.getpid() and rest.split()[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
+async def kept_cli(worker: WorkerStack) -> int:
+    """The one CLI kept after a run: stopped, so it runs nothing."""
+    found = await wait_for(lambda: [pid for pid in clis() if state(pid) == "T"], 10, "a stopped CLI")
+    assert clis() == found and len(found) == 1
+    return int(found[0])
+
+
+def requests_with(worker: WorkerStack, text: str) -> list[list[str]]:
+    return [texts for texts in worker.anthropic.prompts_seen() if any(text in t for t in texts)]
+
+
+async def answers(worker: WorkerStack, n: int) -> None:
+    await wait_for(lambda: len(worker.relay.of_type("answer")) >= n, RUN_TIMEOUT, f"answer {n}")
+
+
+async def test_a_follow_up_is_a_new_query_on_the_cli_kept_stopped_since_the_last_prompt(worker: WorkerStack) -> None:
+    worker.anthropic.script("remember the number 4172", Text("Noted."))
+    worker.anthropic.script("which number", Text("4172."))
+    await worker.command("remember the number 4172")
+    await answers(worker, 1)
+    cli = await kept_cli(worker)
+    await worker.command("which number")
+    await answers(worker, 2)
+    assert await kept_cli(worker) == cli  # the same process took the follow-up, and is stopped again
+    [follow_up] = requests_with(worker, "which number")
+    assert any("remember the number 4172" in t for t in follow_up)  # on the same session
+
+
+HOSTILE = """
+import ctypes, os, subprocess
+pid = os.getppid()
+while pid > 1 and open(f"/proc/{pid}/comm").read().strip() != "claude":
+    pid = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+libc = ctypes.CDLL(None, use_errno=True)
+traced = libc.ptrace(16, pid, 0, 0)
+results = [f"ptrace {traced} {ctypes.get_errno()}"]
+for name in ("mem", "environ"):
+    try:
+        open(f"/proc/{pid}/{name}", "rb").read(1)
+        results.append(f"{name} read")
+    except OSError as exc:
+        results.append(f"{name} {exc.errno}")
+open("probe.txt", "w").write("\\n".join(results) + "\\n")
+# Once the turn is over, keep trying to wake the CLI that the worker stops.
+subprocess.Popen(["sh", "-c", f"while kill -CONT {pid}; do sleep 0.01; done"], start_new_session=True)
+"""
+
+
+@as_root
+async def test_the_agent_can_neither_trace_nor_read_nor_wake_its_kept_cli(worker: WorkerStack, tmp_path: Path) -> None:
+    (tmp_path / "hostile.py").write_text(HOSTILE)
+    os.chmod(tmp_path / "hostile.py", 0o644)
+    worker.anthropic.script("probe", bash(f"python3 {tmp_path}/hostile.py", "probe"), Text("Probed."))
+    worker.anthropic.script("and now", Text("Still here."))
+    await worker.command("probe")
+    await wait_for(lambda: worker.relay.of_type("approval_required"), RUN_TIMEOUT, "the approval request")
+    probe = (worker.checkout() / "probe.txt").read_text().split("\n")
+    assert probe[:3] == ["ptrace -1 1", "mem 13", "environ 13"]  # EPERM, EACCES: the CLI is undumpable
+    cli = await kept_cli(worker)
+    uid = worker.checkout().stat().st_uid
+    assert _pids_of(uid) == [cli]  # the waking loop ended with the run; the CLI stays stopped
+    # A decision while the CLI is kept: reject restores the checkout, and the CLI takes what follows.
+    assert (await worker.decide("reject")).status_code == 202
+    await wait_for(lambda: worker.relay.of_type("rolled_back"), 30, "the rollback")
+    assert not (worker.checkout() / "probe.txt").exists()
+    await worker.command("and now")
+    await answers(worker, 2)
+    assert await kept_cli(worker) == cli
+
+
+def _pids_of(uid: int) -> list[int]:
+    found = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
+        except OSError:
+            continue
+        if fields["Uid"].split()[0] == str(uid) and not fields["State"].strip().startswith("Z"):
+            found.append(int(status.parent.name))
+    return found
+
+
+async def test_a_kept_cli_that_died_is_replaced_and_the_session_resumed(worker: WorkerStack) -> None:
+    worker.anthropic.script("remember the colour teal", Text("Noted."))
+    worker.anthropic.script("which colour", Text("Teal."))
+    await worker.command("remember the colour teal")
+    await answers(worker, 1)
+    cli = await kept_cli(worker)
+    os.kill(cli, signal.SIGKILL)  # the OOM killer, say
+    await wait_for(lambda: cli not in clis(), 10, "the CLI to die")
+    await worker.command("which colour")
+    await answers(worker, 2)
+    assert worker.relay.of_type("answer")[1]["text"] == "Teal."
+    assert await kept_cli(worker) != cli
+    [follow_up] = requests_with(worker, "which colour")
+    assert any("remember the colour teal" in t for t in follow_up)
+
+
+async def test_new_closes_the_kept_cli_and_starts_fresh(worker: WorkerStack) -> None:
+    worker.anthropic.script("remember the city Lyon", Text("Noted."))
+    worker.anthropic.script("fresh start", Text("Hi."))
+    await worker.command("remember the city Lyon")
+    await answers(worker, 1)
+    cli = await kept_cli(worker)
+    await worker.command("fresh start", new_session=True)
+    await answers(worker, 2)
+    assert await kept_cli(worker) != cli
+    [fresh] = requests_with(worker, "fresh start")
+    assert not any("Lyon" in t for t in fresh)
+
+
+async def test_cancel_interrupts_the_turn_ends_its_processes_and_keeps_the_cli(worker: WorkerStack) -> None:
+    marker = f"textslash-warm-{time.time_ns()}"
+    worker.anthropic.script(
+        "long job",
+        bash(f"python3 -c 'import time; time.sleep(120)' {marker} & sleep 120", "wait a long time"),
+        Text("never reached"),
+    )
+    worker.anthropic.script("after that", Text("Ready."))
+    await worker.command("long job")
+    await wait_for(lambda: pids_with(marker), RUN_TIMEOUT, "the long Bash call to start")
+    [cli] = clis()
+    asked = time.monotonic()
+    assert (await worker.decide("cancel")).status_code == 202
+    await wait_for(lambda: not pids_with(marker), 5.0, "every process of the run to end")
+    assert time.monotonic() - asked < 5.0
+    await wait_for(lambda: worker.relay.of_type("cancelled"), 10, "the cancelled report")
+    assert await kept_cli(worker) == cli  # the turn was interrupted, not the CLI ended
+    await worker.command("after that")
+    await answers(worker, 1)
+    assert worker.relay.of_type("answer")[0]["text"] == "Ready."
+    assert await kept_cli(worker) == cli
+
+
+async def test_with_warm_agent_off_no_cli_outlives_a_run(tmp_path: Path) -> None:
+    async with worker_stack(tmp_path, WARM_AGENT="off") as worker:
+        worker.anthropic.script("one", Text("1"))
+        worker.anthropic.script("two", Text("2"))
+        await worker.command("one")
+        await answers(worker, 1)
+        await worker.settled()
+        assert clis() == []
+        await worker.command("two")
+        await answers(worker, 2)
+        [second] = requests_with(worker, "two")
+        assert any("one" in t for t in second)  # the session still carries on, from disk
