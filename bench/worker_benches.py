@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from contextlib import ExitStack
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, ExitStack, asynccontextmanager
 from pathlib import Path
 
 import anyio
@@ -160,7 +161,8 @@ async def screenshots_and_memory(tmp: Path, warm_runs: int = 10) -> None:
 
 
 async def pair_overhead(tmp: Path, runs: int = 9) -> None:
-    """Signed webhook -> final answer at the fake Twilio, against the same CLI run through the SDK."""
+    """Signed webhook -> final answer at the fake Twilio, against the same CLI run through the SDK
+    (both kept open between prompts)."""
     model, twilio, github = FakeAnthropic(), FakeTwilio(ACCOUNT_SID, AUTH_TOKEN), FakeGitHub(GITHUB_TOKEN)
     for n in range(runs + 1):
         model.script(f"question {n}", Text(f"answer {n}"))
@@ -203,21 +205,27 @@ async def pair_overhead(tmp: Path, runs: int = 9) -> None:
         ):
             await until_healthy(relay_url, relay)
             await until_healthy(worker_url, worker)
-            for n in range(runs + 1):  # the first run clones the checkout: a warm-up
-                params = message_params(f"question {n}")
-                started = time.monotonic()
-                await client.post(
-                    f"{relay_url}/webhook", data=params, headers=signed_form(PUBLIC_URL + "/webhook", params)
-                )
-                with anyio.fail_after(120):
-                    while not any(f"answer {n}" in b for b in twilio.bodies(OWNER)):
-                        await anyio.sleep(0.002)
-                if n:
-                    pair_times.append(time.monotonic() - started)
-                    # Interleaved, so both sides see the same machine at the same moment.
-                    cli_times.append(
-                        await _sdk_alone(model_url, tmp / "pair" / "workspace" / OWNER.lstrip("+"), tmp, n)
+            async with AsyncExitStack() as sdk:
+                for n in range(runs + 1):  # the first run clones the checkout and starts the CLI: a warm-up
+                    params = message_params(f"question {n}")
+                    started = time.monotonic()
+                    await client.post(
+                        f"{relay_url}/webhook", data=params, headers=signed_form(PUBLIC_URL + "/webhook", params)
                     )
+                    with anyio.fail_after(120):
+                        while not any(f"answer {n}" in b for b in twilio.bodies(OWNER)):
+                            await anyio.sleep(0.002)
+                    elapsed = time.monotonic() - started
+                    with anyio.fail_after(60):  # settled, as long before an owner's next message
+                        while (await client.get(f"{worker_url}/health")).json()["busy"]:
+                            await anyio.sleep(0.005)
+                    if not n:
+                        checkout = tmp / "pair" / "workspace" / OWNER.lstrip("+")
+                        ask = await sdk.enter_async_context(_sdk_alone(model_url, checkout, tmp))
+                        continue
+                    pair_times.append(elapsed)
+                    # Interleaved, so both sides see the same machine at the same moment.
+                    cli_times.append(await ask(n))
     pair_ms, cli_ms = median(pair_times) * 1000, median(cli_times) * 1000
     emit(
         "end_to_end",
@@ -232,21 +240,28 @@ async def pair_overhead(tmp: Path, runs: int = 9) -> None:
     )
 
 
-async def _sdk_alone(model_url: str, cwd: Path, tmp: Path, n: int) -> float:
+@asynccontextmanager
+async def _sdk_alone(model_url: str, cwd: Path, tmp: Path) -> AsyncIterator[Callable[[int], Awaitable[float]]]:
+    """Claude Code through the SDK alone, kept open as the worker keeps it: each call is one
+    prompt, from the query to its result."""
     from claude_agent_sdk import ClaudeAgentOptions, ClaudeSDKClient, PermissionResultAllow, ResultMessage
 
     async def allow(name: str, args: dict[str, object], context: object) -> PermissionResultAllow:
         return PermissionResultAllow()
 
-    env = model_env(model_url, tmp / "pair")
-    options = ClaudeAgentOptions(cwd=str(cwd), can_use_tool=allow, env=env)
-    started = time.monotonic()
+    options = ClaudeAgentOptions(cwd=str(cwd), can_use_tool=allow, env=model_env(model_url, tmp / "pair"))
     async with ClaudeSDKClient(options) as client:
-        await client.query(f"question {n}")
-        async for message in client.receive_response():
-            if isinstance(message, ResultMessage):
-                break
-    return time.monotonic() - started
+
+        async def ask(n: int) -> float:
+            started = time.monotonic()
+            await client.query(f"question {n}")
+            async for message in client.receive_response():
+                if isinstance(message, ResultMessage):
+                    break
+            return time.monotonic() - started
+
+        await ask(0)  # its first prompt, like the pair's, is a warm-up
+        yield ask
 
 
 async def follow_up(tmp: Path, prompts: int = 9) -> None:

@@ -278,6 +278,9 @@ class LiveAgent:
                             turn.on_session(self.session_id)
                     elif isinstance(message, ResultMessage):
                         result = message
+                        if message.session_id and message.session_id != self.session_id:
+                            self.session_id = message.session_id
+                            turn.on_session(self.session_id)
                 tg.cancel_scope.cancel()
         except Exception as exc:
             turn.error = _single(exc)
@@ -290,7 +293,6 @@ class LiveAgent:
         if result is None:
             elapsed = int((time.monotonic() - started) * 1000)
             return RunResult("The agent stopped without a result.", True, None, elapsed, self.session_id)
-        self.session_id = result.session_id or self.session_id
         return RunResult(
             text=(result.result or (texts[-1] if texts else "")).strip(),
             is_error=bool(result.is_error),
