@@ -11,9 +11,11 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import anyio
 import pytest
 
 from fakes.anthropic import Text, bash
+from fakes.wiring import OWNER
 from tests.support.waiting import wait_for
 from tests.support.worker_harness import WorkerStack, worker_stack
 from tests.test_worker_control import pids_with
@@ -195,3 +197,22 @@ async def test_with_warm_agent_off_no_cli_outlives_a_run(tmp_path: Path) -> None
         await answers(worker, 2)
         [second] = requests_with(worker, "two")
         assert any("one" in t for t in second)  # the session still carries on, from disk
+
+
+@as_root
+async def test_a_turn_that_failed_leaves_no_cli_kept_and_the_next_prompt_runs(worker: WorkerStack) -> None:
+    """The first progress report cannot be written (the worker's volume refuses writes), which
+    fails the turn while the CLI lives on: that client must not be kept for the next prompt."""
+    spool = worker.settings.state_dir / "outbox"
+    owner_file = worker.settings.state_dir / "owners" / f"{OWNER.lstrip('+')}.json"
+    worker.anthropic.script("first", bash("echo hi > a.txt", "say hi"), Text("Done."))
+    worker.anthropic.script("second", Text("Second answer."))
+    await anyio.run_process(["chattr", "+i", str(spool)])
+    try:
+        await worker.command("first")
+        await wait_for(lambda: '"state": "idle"' in owner_file.read_text(), RUN_TIMEOUT, "the failed run to end")
+    finally:
+        await anyio.run_process(["chattr", "-i", str(spool)])
+    await worker.command("second")  # at once: within the 10 s the SDK gives a closing CLI
+    await wait_for(lambda: worker.relay.of_type("answer"), RUN_TIMEOUT, "the second answer")
+    assert worker.relay.of_type("answer")[0]["text"] == "Second answer."

@@ -194,7 +194,7 @@ class LiveAgent:
         return not self.closed and self._turn is None
 
     def close(self) -> None:
-        self.closed = True
+        self._close_channel()
         self._scope.cancel()
 
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -213,24 +213,38 @@ class LiveAgent:
                         self._turn = turn
                         await self._take(client, turn)
                         self._turn = None
-                        if turn.error is not None:
+                        if self.closed:  # the turn failed
                             break
         except Exception as exc:
             if not started:
                 raise
             logger.warning("Claude Code's client ended: %s", _reason(exc))
         finally:
-            self.closed = True
+            self._close_channel()
             self._inbox.close()
-            self._send.close()
             if (current := self._turn) is not None and not current.done.is_set():
                 current.error = current.error or AgentGone("the agent's client closed")
                 current.done.set()
+
+    def _close_channel(self) -> None:
+        """No turn more: the client is closing (its CLI may take the SDK's 10 s grace to end, and
+        must not be kept meanwhile). A turn still in the channel is failed, never left waiting."""
+        self.closed = True
+        self._send.close()
+        while True:
+            try:
+                waiting = self._inbox.receive_nowait()
+            except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+                break
+            waiting.error = AgentGone("the agent's client closed")
+            waiting.done.set()
 
     async def ask(self, prompt: str, *, on_progress: Progress, on_session: Callable[[str], None]) -> RunResult:
         """One prompt, as a new query on this client. Cancelled, it interrupts the turn and
         waits up to INTERRUPT_S for the CLI to end it; after that the client is closed."""
         turn = _Turn(prompt, on_progress, on_session)
+        if self.closed:
+            raise AgentGone("the agent's client is closed")
         try:
             self._send.send_nowait(turn)
         except (anyio.WouldBlock, anyio.ClosedResourceError, anyio.BrokenResourceError):
@@ -261,8 +275,8 @@ class LiveAgent:
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(_flush_loop, throttle)
-                tg.start_soon(_interrupt_when_asked, client, turn)
                 await client.query(turn.prompt)
+                tg.start_soon(_interrupt_when_asked, client, turn)  # an interrupt before the query is lost
                 async for message in client.receive_response():
                     turn.heard = True
                     if isinstance(message, AssistantMessage):
@@ -284,6 +298,7 @@ class LiveAgent:
                 tg.cancel_scope.cancel()
         except Exception as exc:
             turn.error = _single(exc)
+            self._close_channel()  # before the turn ends: a client that failed one is never kept
         else:
             turn.result = self._result(result, texts, started)
         finally:

@@ -303,6 +303,12 @@ class Sandbox:
         environment the kernel hides from us, see `_check_reachable`), else carrying `marker`."""
         return our_child(user_pids(space.uid) if self.isolated else marked_pids(marker))
 
+    def has_session(self, space: AgentSpace, session_id: str) -> bool:
+        """Whether Claude Code saved the session (a CLI ended before its first write leaves an
+        id that nothing can resume: "No conversation found")."""
+        project = re.sub(r"[^A-Za-z0-9]", "-", str(space.checkout))
+        return (space.claude_dir / "projects" / project / f"{session_id}.jsonl").is_file()
+
     @staticmethod
     def resume(pid: int) -> bool:
         """Let the kept CLI run again, for the owner's next prompt. False if it is gone."""

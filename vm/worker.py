@@ -327,7 +327,9 @@ class Worker:
         taken = owner.snapshot is not None  # at the command, and saved with it
         if (settling := self._settling.get(phone)) is not None:
             await settling.wait()
-            owner.snapshot, owner.baseline = owner.baseline, None
+        if owner.snapshot is None:  # a baseline taken after the command came is as good
+            owner.snapshot = owner.baseline
+        owner.baseline = None
         if owner.snapshot is None or self._kept_agent(owner) is None:
             await self._prepare(phone, workspace)
         if owner.snapshot is None:
@@ -359,6 +361,9 @@ class Worker:
 
     async def _open_agent(self, phone: str, owner: OwnerState) -> LiveAgent:
         space = self._spaces[phone]
+        if owner.session_id and not self.sandbox.has_session(space, owner.session_id):
+            logger.warning("session of run %s was never saved; starting a new one", owner.run_id)
+            owner.session_id = None
         cli_path, env = self.sandbox.launch(space)
         marker = self._marker(phone) + secrets.token_hex(4)
         agent = self._agents[phone] = self.agent.open(
