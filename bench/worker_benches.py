@@ -167,8 +167,6 @@ async def pair_overhead(tmp: Path, runs: int = 9) -> None:
     for n in range(runs + 1):
         model.script(f"question {n}", Text(f"answer {n}"))
     origin = make_origin(tmp / "git-pair", FILES)
-    relay_port, worker_port = free_port(), free_port()
-    relay_url, worker_url = f"http://127.0.0.1:{relay_port}", f"http://127.0.0.1:{worker_port}"
     pair_times: list[float] = []
     cli_times: list[float] = []
     async with (
@@ -177,34 +175,8 @@ async def pair_overhead(tmp: Path, runs: int = 9) -> None:
         run_server(github.app()) as github_url,
         httpx.AsyncClient(timeout=60) as client,
     ):
-        renv = relay_env(
-            tmp / "pair" / "relay.sqlite3",
-            twilio_url,
-            worker_url,
-            PORT=str(relay_port),
-            HOST="127.0.0.1",
-            LOG_LEVEL="WARNING",
-        )
-        wenv = {
-            **model_env(model_url, tmp / "pair"),
-            **worker_env(
-                tmp / "pair",
-                relay_url=relay_url,
-                github_url=github_url,
-                origin=origin,
-                PORT=str(worker_port),
-                HOST="127.0.0.1",
-                LOG_LEVEL="WARNING",
-                WORKSPACE_DIR=str(tmp / "pair" / "workspace"),
-            ),
-        }
-        (tmp / "pair").mkdir(exist_ok=True)
-        with (
-            process(["-m", "relay"], renv, tmp / "pair" / "relay.log") as relay,
-            process(["-m", "vm"], wenv, tmp / "pair" / "worker.log") as worker,
-        ):
-            await until_healthy(relay_url, relay)
-            await until_healthy(worker_url, worker)
+        with ExitStack() as pair:
+            relay_url, worker_url = await _pair(pair, tmp / "pair", model_url, twilio_url, github_url, origin)
             async with AsyncExitStack() as sdk:
                 for n in range(runs + 1):  # the first run clones the checkout and starts the CLI: a warm-up
                     params = message_params(f"question {n}")

@@ -15,7 +15,7 @@ from fakes.flyproxy import FlyProxy
 from fakes.machines import FakeMachines
 from fakes.servers import run_server, unix_socket
 from tests.support.pair_harness import pair_stack
-from tests.support.processes import child, wait_exit, wait_healthy
+from tests.support.processes import child, clis_of, process_state, wait_exit, wait_healthy
 from tests.support.waiting import wait_for
 from tests.test_worker_process import fakes
 
@@ -31,24 +31,6 @@ def fly_env(socket: Path) -> dict[str, str]:
         "FLY_APP_NAME": "textslash-vm",
         "FLY_MACHINE_ID": "m-1",
     }
-
-
-def process_state(pid: int) -> str:
-    """R, S, T (stopped)...: the third field of /proc/<pid>/stat."""
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-
-
-def clis_of(worker: int) -> list[int]:
-    """The Claude Code processes the worker started and that are still alive."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            name, rest = stat.read_text().rsplit(")", 1)
-        except OSError:
-            continue
-        if name.endswith("(claude") and int(rest.split()[1]) == worker and rest.split()[0] != "Z":
-            found.append(int(stat.parent.name))
-    return found
 
 
 @pytest.mark.parametrize("in_the_window", [False, True])

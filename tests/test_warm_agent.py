@@ -16,6 +16,7 @@ import pytest
 
 from fakes.anthropic import Text, bash
 from fakes.wiring import OWNER
+from tests.support.processes import clis_of, process_state
 from tests.support.waiting import wait_for
 from tests.support.worker_harness import WorkerStack, worker_stack
 from tests.test_worker_control import pids_with
@@ -33,27 +34,12 @@ async def worker(tmp_path: Path) -> AsyncIterator[WorkerStack]:
 
 def clis() -> list[int]:
     """Claude Code processes this test's worker started (it runs in this process)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            name, rest = stat.read_text().rsplit(")", 1)
-        except OSError:
-            continue
-        if name.endswith("(claude") and int(rest.split()[1]) == os.getpid() and rest.split()[0] != "Z":
-            found.append(int(stat.parent.name))
-    return found
-
-
-def state(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return "gone"
+    return clis_of(os.getpid())
 
 
 async def kept_cli(worker: WorkerStack) -> int:
     """The one CLI kept after a run: stopped, so it runs nothing."""
-    found = await wait_for(lambda: [pid for pid in clis() if state(pid) == "T"], 10, "a stopped CLI")
+    found = await wait_for(lambda: [pid for pid in clis() if process_state(pid) == "T"], 10, "a stopped CLI")
     assert clis() == found and len(found) == 1
     return int(found[0])
 

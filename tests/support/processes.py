@@ -27,6 +27,27 @@ def free_port() -> int:
     return port
 
 
+def process_state(pid: int) -> str:
+    """R, S, T (stopped)...: the third field of /proc/<pid>/stat; "gone" once it is."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
+def clis_of(parent: int) -> list[int]:
+    """The live Claude Code processes that `parent` (a worker) started."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            name, rest = stat.read_text().rsplit(")", 1)
+        except OSError:
+            continue
+        if name.endswith("(claude") and int(rest.split()[1]) == parent and rest.split()[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
 def image_command(dockerfile: Path, python: str = sys.executable) -> list[str]:
     """The image's CMD (exec form), with `python` as the given interpreter."""
     text = re.sub(r"\\\n", " ", dockerfile.read_text())
