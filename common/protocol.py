@@ -18,25 +18,31 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, ClassVar, Literal, get_args
 
 from common.config import E164
 
-VERSION = 1
+# 2: a prompt names its repository, model, run budget and attachments; a run's end carries its
+# tokens; `sleeping` says how long the worker was awake. Version 1 messages are still read.
+VERSION = 2
 
 
 class ProtocolError(ValueError):
     """A message that is not well formed; a route answers 422 with this text."""
 
 
-def _check_version(data: dict[str, Any]) -> None:
+def _check_version(data: dict[str, Any], newer: str = "relay") -> None:
+    """`newer`: the half to deploy when the other one speaks a newer version (the half that
+    decodes this kind of message)."""
     # Spool files written before the protocol had a number carry none: they are version 1.
     version = data.get("v", 1)
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise ProtocolError("v must be a positive integer")
     if version > VERSION:
-        raise ProtocolError(f"protocol version {version} is newer than this side's ({VERSION}); deploy the relay first")
+        raise ProtocolError(
+            f"protocol version {version} is newer than this side's ({VERSION}); deploy the {newer} first"
+        )
 
 
 def _string(data: dict[str, Any], key: str, limit: int, *, required: bool = False) -> str:
@@ -76,17 +82,38 @@ def _message_id(data: dict[str, Any]) -> str:
 # --- commands: relay -> worker ----------------------------------------------------------
 
 MAX_PROMPT = 20_000
+MAX_ATTACHMENTS = 10
+REPO_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,39}$")  # a repository's name in REPOS (and in paths)
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\[\]-]{0,99}$")  # an alias or a full model id
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """A file the owner sent with a prompt, kept by the relay; the worker fetches it from
+    `GET /media/{id}` on the relay (bearer WORKER_TOKEN) and checks its size and digest."""
+
+    id: str  # unguessable, [A-Za-z0-9_-]
+    content_type: str  # as Twilio said, e.g. image/jpeg, application/pdf
+    size: int
+    sha256: str  # hex
+    name: str = ""  # a file name for documents (images go to Claude as image blocks)
 
 
 @dataclass(frozen=True)
 class RunPrompt:
-    """Start a run of the agent on the owner's checkout."""
+    """Start a run of the agent on the owner's checkout of `repo` (cloned from `repo_url`;
+    both empty: the worker's own REPO_URL, as before version 2)."""
 
     route: ClassVar[str] = "command"
     phone: str
     text: str
     message_id: str
     new_session: bool = False
+    repo: str = ""
+    repo_url: str = ""
+    model: str = ""  # "" = Claude Code's default
+    budget_usd: float | None = None  # the run stops when its cost reaches this (RUN_BUDGET_USD)
+    attachments: tuple[Attachment, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -121,6 +148,14 @@ def encode_command(command: Command) -> dict[str, Any]:
         data.update(text=command.text, message_id=command.message_id)
         if command.new_session:
             data["new_session"] = True
+        if command.repo:
+            data.update(repo=command.repo, repo_url=command.repo_url)
+        if command.model:
+            data["model"] = command.model
+        if command.budget_usd is not None:
+            data["budget_usd"] = command.budget_usd
+        if command.attachments:
+            data["attachments"] = [asdict(a) for a in command.attachments]
     elif isinstance(command, TakeScreenshot):
         data.update(url=command.url, message_id=command.message_id)
     return data
@@ -129,16 +164,76 @@ def encode_command(command: Command) -> dict[str, Any]:
 def decode_command(route: str, data: Any) -> Command:
     if not isinstance(data, dict):
         raise ProtocolError("body must be a JSON object")
-    _check_version(data)
+    _check_version(data, newer="worker")
     phone = _phone(data)
     if route == "command":
-        text = _string(data, "text", MAX_PROMPT, required=True)
-        return RunPrompt(phone, text, _message_id(data), new_session=data.get("new_session") is True)
+        return _decode_prompt(phone, data)
     if route == "screenshot":
         return TakeScreenshot(phone, _string(data, "url", 2_000, required=True), _message_id(data))
     if route in OWNER_ROUTES:
         return OwnerCall(route, phone)  # type: ignore[arg-type]
     raise ProtocolError(f"unknown route {route!r}")
+
+
+def _decode_prompt(phone: str, data: dict[str, Any]) -> RunPrompt:
+    text = _string(data, "text", MAX_PROMPT)
+    attachments = _attachments(data)
+    if not text.strip() and not attachments:
+        raise ProtocolError("text must be a non-empty string (or the prompt must carry attachments)")
+    repo, repo_url = _string(data, "repo", 40), _string(data, "repo_url", 2_000)
+    if repo and not REPO_NAME.match(repo):
+        raise ProtocolError("repo must be a name like my-app (a-z, 0-9, _ and -)")
+    if bool(repo) != bool(repo_url):
+        raise ProtocolError("repo and repo_url go together")
+    model = _string(data, "model", 100)
+    if model and not MODEL_NAME.match(model):
+        raise ProtocolError("model must be an alias (opus, sonnet, haiku) or a model id")
+    budget = _number(data, "budget_usd") if "budget_usd" in data else None
+    if budget is not None and budget <= 0:
+        raise ProtocolError("budget_usd must be positive")
+    return RunPrompt(
+        phone,
+        text,
+        _message_id(data),
+        new_session=data.get("new_session") is True,
+        repo=repo,
+        repo_url=repo_url,
+        model=model,
+        budget_usd=budget,
+        attachments=attachments,
+    )
+
+
+ATTACHMENT_ID = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
+
+
+def _attachments(data: dict[str, Any]) -> tuple[Attachment, ...]:
+    try:
+        items = _list(data, "attachments")
+    except ValueError as exc:
+        raise ProtocolError(str(exc)) from None
+    if len(items) > MAX_ATTACHMENTS:
+        raise ProtocolError(f"at most {MAX_ATTACHMENTS} attachments")
+    found = []
+    for item in items:
+        if not isinstance(item, dict):
+            raise ProtocolError("an attachment must be an object")
+        try:
+            attachment = Attachment(
+                id=_string(item, "id", 64),
+                content_type=_string(item, "content_type", 100).lower(),
+                size=_integer(item, "size"),
+                sha256=_string(item, "sha256", 64).lower(),
+                name=_string(item, "name", 200),
+            )
+        except ValueError as exc:
+            raise ProtocolError(f"malformed attachment: {exc}") from None
+        if not ATTACHMENT_ID.match(attachment.id) or not re.fullmatch(r"[0-9a-f]{64}", attachment.sha256):
+            raise ProtocolError("an attachment needs an id like <random> and a sha256 in hex")
+        if not re.fullmatch(r"[a-z0-9.+-]+/[a-z0-9.+-]+", attachment.content_type):
+            raise ProtocolError("an attachment's content_type must be a media type like image/png")
+        found.append(attachment)
+    return tuple(found)
 
 
 def message_id_of(command: Command) -> str:
@@ -238,6 +333,9 @@ class Report:
     uncovered: tuple[str, ...] = ()  # approval_required: ignored paths reject cannot bring back
     left_out: tuple[str, ...] = ()  # pr_opened: paths written after the diff, not committed
     left_out_count: int = 0
+    input_tokens: int = 0  # answer, cancelled, error: what the run used, from the SDK's result
+    output_tokens: int = 0
+    stop: str = ""  # answer, cancelled, error: "budget" when the run stopped at its budget_usd
     seq: int = field(default=0, compare=False)  # unique per report; the relay dedupes on run_id + seq
 
 
@@ -328,6 +426,9 @@ def decode_report(data: Any) -> Report:
             uncovered=tuple(_path(p) for p in _list(data, "uncovered")[:MAX_PATHS]),
             left_out=tuple(_path(p) for p in _list(data, "left_out")[:MAX_PATHS]),
             left_out_count=_integer(data, "left_out_count"),
+            input_tokens=_integer(data, "input_tokens"),
+            output_tokens=_integer(data, "output_tokens"),
+            stop=_string(data, "stop", 20),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ProtocolError(f"malformed field: {exc}") from None
@@ -379,6 +480,7 @@ class Presence:
 
     state: PresenceState
     boot: str
+    awake_ms: int = 0  # sleeping: how long the worker was up since it booted or resumed
 
     def __post_init__(self) -> None:
         if self.state not in PRESENCE_STATES:
@@ -386,7 +488,10 @@ class Presence:
 
 
 def encode_presence(presence: Presence) -> dict[str, Any]:
-    return {"v": VERSION, "state": presence.state, "boot": presence.boot}
+    data: dict[str, Any] = {"v": VERSION, "state": presence.state, "boot": presence.boot}
+    if presence.awake_ms:
+        data["awake_ms"] = presence.awake_ms
+    return data
 
 
 def decode_presence(data: Any) -> Presence:
@@ -396,4 +501,8 @@ def decode_presence(data: Any) -> Presence:
     state = data.get("state")
     if state not in PRESENCE_STATES:
         raise ProtocolError(f"state must be one of {', '.join(PRESENCE_STATES)}")
-    return Presence(state, _string(data, "boot", 100))
+    try:
+        awake_ms = _integer(data, "awake_ms")
+    except ValueError as exc:
+        raise ProtocolError(str(exc)) from None
+    return Presence(state, _string(data, "boot", 100), awake_ms)
