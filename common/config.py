@@ -93,6 +93,19 @@ class EnvReader:
             raise ConfigError(f"{name} is out of range: {value}")
         return value
 
+    def amount(self, name: str) -> float | None:
+        """A positive number (dollars), or None when unset."""
+        raw = self.env.get(name, "").strip().removeprefix("$")
+        if not raw:
+            return None
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"{name} is malformed: expected a number like 25 or 0.50, got {raw!r}") from None
+        if not 0 < value < 1e9:  # also refuses nan and inf
+            raise ConfigError(f"{name} is out of range: {raw}")
+        return value
+
     def millis(self, name: str, default: int, *, minimum: int = 1) -> float:
         return self.integer(name, default, minimum=minimum) / 1000
 
@@ -105,3 +118,16 @@ class EnvReader:
         if raw in ("0", "false", "no", "off"):
             return False
         raise ConfigError(f"{name} is malformed: expected true or false, got {raw!r}")
+
+
+def repo_url_problem(url: str) -> str:
+    """Why a repository URL cannot be cloned for an owner, or "" when it can. A URL holding a
+    password or token is refused: it would sit in the git dir's config, which the owner's agent
+    may read (the token goes in GITHUB_TOKEN)."""
+    if not re.match(r"^(https://|http://|ssh://|git@|file://|/)", url):
+        return "expected an https, ssh or file URL"
+    if re.match(r"^[a-z]+://[^/@]*:[^/@]*@", url):
+        return "must not hold a password or token: put the token in GITHUB_TOKEN"
+    if any(c.isspace() or ord(c) < 32 for c in url):
+        return "must not contain spaces or control characters"
+    return ""

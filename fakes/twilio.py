@@ -1,10 +1,14 @@
-"""A loopback fake of Twilio's Messages REST API that records sends and can be told to fail."""
+"""A loopback fake of Twilio's REST APIs (Messages, and the Content API's quick replies) that
+records sends and can be told to fail. Both APIs answer on one base URL, as the relay's
+TWILIO_API_BASE_URL seam sends them there (their paths do not overlap)."""
 
 from __future__ import annotations
 
 import base64
 import itertools
+import json
 import random
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +32,11 @@ class Sent:
     media: list[str]
     at: float
     sid: str
+    content_sid: str = ""
+    buttons: list[str] = field(default_factory=list)  # the quick-reply ids a content message showed
+
+
+QUICK_REPLY_BODY_LIMIT = 1024  # Twilio refuses a longer quick-reply body
 
 
 @dataclass
@@ -42,6 +51,9 @@ class FakeTwilio:
     down: bool = False  # answer every request with 500, as during an outage
     failure_rate: float = 0.0  # this share of requests fails at random: 500, 429, or a stall
     rng: random.Random = field(default_factory=lambda: random.Random(7))
+    contents: dict[str, dict[str, Any]] = field(default_factory=dict)  # Content API resources by SID
+    content_down: bool = False  # the Content API answers 500 (creating and listing)
+    refuse_content_sends: bool = False  # a message with a ContentSid is refused (400), as for a bad one
     _sids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
     def fail_next(self, *answers: Scripted) -> None:
@@ -51,7 +63,59 @@ class FakeTwilio:
         return [m.body for m in self.messages if to is None or m.to == f"whatsapp:{to}"]
 
     def app(self) -> Starlette:
-        return Starlette(routes=[Route("/2010-04-01/Accounts/{sid}/Messages.json", self._create, methods=["POST"])])
+        return Starlette(
+            routes=[
+                Route("/2010-04-01/Accounts/{sid}/Messages.json", self._create, methods=["POST"]),
+                Route("/v1/Content", self._content_create, methods=["POST"]),
+                Route("/v1/Content", self._content_list, methods=["GET"]),
+            ]
+        )
+
+    def _authorized(self, request: Request) -> bool:
+        expected = base64.b64encode(f"{self.account_sid}:{self.auth_token}".encode()).decode()
+        return request.headers.get("authorization") == f"Basic {expected}"
+
+    async def _content_create(self, request: Request) -> JSONResponse:
+        if not self._authorized(request):
+            return _twilio_error(401, 20003, "Authenticate")
+        if self.content_down:
+            return _twilio_error(500, None, "outage")
+        if request.headers.get("content-type", "").split(";")[0] != "application/json":
+            return _twilio_error(400, 20001, "expected a JSON body")
+        try:
+            body = json.loads(await request.body())
+            actions = body["types"]["twilio/quick-reply"]["actions"]
+            valid = isinstance(body["friendly_name"], str) and 1 <= len(actions) <= 3
+        except (ValueError, KeyError, TypeError):
+            valid = False
+        if not valid:
+            return _twilio_error(400, 20001, "a quick reply needs a name and 1 to 3 actions")
+        sid = f"HX{len(self.contents) + 1:032d}"
+        self.contents[sid] = {**body, "sid": sid, "account_sid": self.account_sid}
+        return JSONResponse(self.contents[sid], status_code=201)
+
+    async def _content_list(self, request: Request) -> JSONResponse:
+        if not self._authorized(request):
+            return _twilio_error(401, 20003, "Authenticate")
+        if self.content_down:
+            return _twilio_error(500, None, "outage")
+        meta = {"key": "contents", "page": 0, "page_size": 50, "next_page_url": None, "previous_page_url": None}
+        return JSONResponse({"contents": list(self.contents.values()), "meta": meta})
+
+    def _render(self, fields: dict[str, Any]) -> tuple[str, list[str]] | JSONResponse:
+        """A content message's body (its `{{n}}` filled in) and buttons, or Twilio's refusal."""
+        content = self.contents.get(fields.get("ContentSid", ""))
+        if content is None or self.refuse_content_sends:
+            return _twilio_error(400, 21655, "The ContentSid is invalid")
+        try:
+            variables = json.loads(fields.get("ContentVariables") or "{}")
+            quick = content["types"]["twilio/quick-reply"]
+            body = re.sub(r"\{\{(\w+)\}\}", lambda m: str(variables.get(m.group(1), "")), quick["body"])
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return _twilio_error(400, 21656, "The ContentVariables are invalid")
+        if len(body) > QUICK_REPLY_BODY_LIMIT:
+            return _twilio_error(400, 21656, "The quick reply's body is over 1024 characters")
+        return body, [a["id"] for a in quick["actions"]]
 
     async def _create(self, request: Request) -> JSONResponse:
         self.attempts += 1
@@ -62,9 +126,7 @@ class FakeTwilio:
             self.in_flight -= 1
 
     async def _answer(self, request: Request) -> JSONResponse:
-        expected = base64.b64encode(f"{self.account_sid}:{self.auth_token}".encode()).decode()
-        authorized = request.headers.get("authorization") == f"Basic {expected}"
-        if not authorized or request.path_params["sid"] != self.account_sid:
+        if not self._authorized(request) or request.path_params["sid"] != self.account_sid:
             return _twilio_error(401, 20003, "Authenticate")
         form = parse_qsl((await request.body()).decode(), keep_blank_values=True)
         if self.down:
@@ -83,15 +145,23 @@ class FakeTwilio:
             elif isinstance(answer, int):
                 return _twilio_error(answer, None, "scripted failure")
         fields: dict[str, Any] = dict(form)
+        body, buttons = fields.get("Body", ""), list[str]()
+        if fields.get("ContentSid"):
+            rendered = self._render(fields)
+            if isinstance(rendered, JSONResponse):
+                return rendered
+            body, buttons = rendered
         sid = f"SM{next(self._sids):032d}"
         self.messages.append(
             Sent(
                 to=fields.get("To", ""),
                 from_=fields.get("From", ""),
-                body=fields.get("Body", ""),
+                body=body,
                 media=[v for k, v in form if k == "MediaUrl"],
                 at=time.monotonic(),
                 sid=sid,
+                content_sid=fields.get("ContentSid", ""),
+                buttons=buttons,
             )
         )
         return JSONResponse(
@@ -100,7 +170,7 @@ class FakeTwilio:
                 "status": "queued",
                 "to": fields.get("To"),
                 "from": fields.get("From"),
-                "body": fields.get("Body"),
+                "body": body,
                 "account_sid": self.account_sid,
             },
             status_code=201,

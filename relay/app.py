@@ -21,6 +21,7 @@ from common.http import Problem, bearer_ok, error, read_body, read_message
 from common.protocol import decode_presence, decode_report, encode_report
 from relay import store
 from relay.dispatcher import Dispatcher
+from relay.events import BUTTON_WORDS
 from relay.images import ImageCache
 from relay.settings import E164, Settings, mask_phone
 from relay.twilio import TwilioSender, signature_is_valid
@@ -119,6 +120,9 @@ def create_app(
         if phone not in settings.allowed_phone_numbers:
             logger.info("ignored a message from %s: not in ALLOWED_PHONE_NUMBERS", mask_phone(phone))
             return _twiml()
+        # A tapped quick-reply button (relay/buttons.py) means its word, whatever the body says.
+        if (payload := form.get("ButtonPayload", "").strip().lower()) in BUTTON_WORDS:
+            body = payload
         event = {"type": "owner", "text": body, "message_id": sid}
         if not await live().dispatcher.record(phone, f"msg:{sid}", event):
             logger.info("duplicate MessageSid %s ignored", sid)
@@ -162,7 +166,10 @@ def create_app(
         except Problem as exc:
             return error(exc.status, exc.detail)
         dispatcher = live().dispatcher
-        await (dispatcher.worker_up() if said.state == "up" else dispatcher.worker_sleeping())
+        if said.state == "up":
+            await dispatcher.worker_up(said.boot)
+        else:
+            await dispatcher.worker_sleeping(said.awake_ms / 1000 if said.awake_ms else None, said.boot)
         return JSONResponse({"ok": True})
 
     async def image(request: Request) -> Response:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
-from common.protocol import Answer, OwnerCall, Report, RunPrompt, RunState, TakeScreenshot
+from common.protocol import MODEL_NAME, Answer, OwnerCall, Report, RunPrompt, RunState, TakeScreenshot
 from relay import replies
 from relay.events import (
     ApprovalExpired,
@@ -28,14 +28,21 @@ from relay.events import (
     Effect,
     Event,
     Prompt,
+    RecordBudget,
     ReportStatus,
+    ReportUsage,
     Screenshot,
     Send,
+    SetBudget,
+    SetModel,
     Stalled,
     Unreachable,
+    Use,
     Word,
     event_kind,
 )
+from relay.settings import Repo
+from relay.usage import Budget
 
 State = Literal["idle", "working", "awaiting_approval", "applying"]
 STATES: tuple[State, ...] = ("idle", "working", "awaiting_approval", "applying")
@@ -56,6 +63,7 @@ class Job:
     delivered: bool = False
     cancelling: bool = False
     new_session: bool = False  # sent after `new`: kept with the prompt, so a resend keeps it too
+    repo: str = ""  # the repository current when the owner wrote it ("": the only one)
 
 
 @dataclass
@@ -72,6 +80,8 @@ class Conversation:
     ended: list[str] = field(default_factory=list)  # runs the worker's own reports closed
     check_at: float | None = None  # when to ask the worker, if nothing about the run is heard
     heard_seq: int = 0  # the newest report handled: a worker answer older than it is stale
+    repo: str = ""  # the owner's current repository (`use <name>`); "": the first of REPOS
+    model: str = ""  # the owner's model (`model <name>`); "": CLAUDE_MODEL
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -93,6 +103,8 @@ class Conversation:
             ended=list(data.get("ended", [])),
             check_at=data.get("check_at"),
             heard_seq=data.get("heard_seq", 0),
+            repo=data.get("repo", ""),
+            model=data.get("model", ""),
         )
 
 
@@ -101,6 +113,16 @@ class Context:
     now: float
     approval_timeout_s: float
     stall_s: float = 120.0
+    repos: tuple[Repo, ...] = ()  # REPOS; empty: the worker's own REPO_URL
+    default_model: str = ""  # CLAUDE_MODEL
+    run_budget_usd: float | None = None  # RUN_BUDGET_USD
+    budget: Budget | None = None  # the owner's month against MONTHLY_BUDGET_USD (for prompts only)
+    buttons: bool = False  # messages with quick replies must fit Twilio's 1,024 characters
+
+
+def current_repo(conv: Conversation, ctx: Context) -> Repo | None:
+    """The owner's current repository: their choice while it is still configured, else the first."""
+    return next((r for r in ctx.repos if r.name == conv.repo), ctx.repos[0] if ctx.repos else None)
 
 
 Handler = Callable[[Conversation, Any, Context], list[Effect]]
@@ -138,7 +160,7 @@ def _watch(old: Conversation, new: Conversation, event: Event, ctx: Context) -> 
 
 
 def _from_owner(event: Event) -> bool:
-    return isinstance(event, Prompt | Screenshot | Word)
+    return isinstance(event, Prompt | Screenshot | Word | Use | SetModel | SetBudget)
 
 
 # --- starting and finishing work ----------------------------------------------------
@@ -147,7 +169,18 @@ def _from_owner(event: Event) -> bool:
 def _start(conv: Conversation, job: Job, ctx: Context) -> list[Effect]:
     job = replace(job, started_at=ctx.now, delivered=False, new_session=job.new_session or conv.fresh_session)
     conv.fresh_session = False
-    command = RunPrompt(conv.phone, job.text, job.message_id, new_session=job.new_session)
+    # The repository the prompt was written for; one no longer configured runs in the current one.
+    repo = next((r for r in ctx.repos if r.name == job.repo), None) or current_repo(conv, ctx)
+    command = RunPrompt(
+        conv.phone,
+        job.text,
+        job.message_id,
+        new_session=job.new_session,
+        repo=repo.name if repo else "",
+        repo_url=repo.url if repo else "",
+        model=conv.model or ctx.default_model,
+        budget_usd=ctx.run_budget_usd,
+    )
     conv.state, conv.job, conv.kept = "working", job, None
     conv.run, conv.approval_deadline, conv.applying = job.message_id, None, ""
     return [CallWorker(command)]
@@ -233,10 +266,10 @@ def _move_to(conv: Conversation, answer: Answer, ctx: Context) -> tuple[list[Eff
         conv.job = Job(
             answer.run_id, prompt, started_at=ctx.now, delivered=True, cancelling=answer.state == "cancelling"
         )
-        return [Send(replies.adopted_run(prompt))], []
+        return [Send(replies.adopted_run(prompt), buttons="cancel")], []
     if target == "awaiting_approval":
         _await_approval(conv, ctx)
-        return [Send(replies.adopted_changes(prompt, ctx.approval_timeout_s))], []
+        return [Send(replies.adopted_changes(prompt, ctx.approval_timeout_s), buttons="decide")], []
     conv.state, conv.job, conv.approval_deadline = "applying", None, None
     conv.applying = "approve" if answer.state == "pushing" else "reject"
     return [Send(replies.APPLYING[conv.applying])], []
@@ -245,10 +278,24 @@ def _move_to(conv: Conversation, answer: Answer, ctx: Context) -> tuple[list[Eff
 # --- the owner's words ----------------------------------------------------------------
 
 
-def prompt_when_idle(conv: Conversation, event: Prompt, ctx: Context) -> list[Effect]:
+def _refused(conv: Conversation, event: Prompt, ctx: Context) -> list[Effect] | None:
+    """Why this prompt cannot be taken (empty, or the month's budget is spent), if it cannot."""
     if not event.text:
         return [Send(replies.EMPTY)]
-    job = Job(event.message_id, event.text)
+    if ctx.budget is not None and ctx.budget.spent_usd >= ctx.budget.limit_usd:
+        return [Send(replies.budget_reached(ctx.budget))]
+    return None
+
+
+def _job(conv: Conversation, event: Prompt, ctx: Context) -> Job:
+    repo = current_repo(conv, ctx)
+    return Job(event.message_id, event.text, repo=repo.name if repo else "")
+
+
+def prompt_when_idle(conv: Conversation, event: Prompt, ctx: Context) -> list[Effect]:
+    if (refusal := _refused(conv, event, ctx)) is not None:
+        return refusal
+    job = _job(conv, event, ctx)
     if conv.kept is None and not conv.queue:
         return _start(conv, job, ctx)
     # Prompts the VM never received go first, in the order they were sent: this one waits.
@@ -258,9 +305,9 @@ def prompt_when_idle(conv: Conversation, event: Prompt, ctx: Context) -> list[Ef
 
 
 def prompt_queued(conv: Conversation, event: Prompt, ctx: Context) -> list[Effect]:
-    if not event.text:
-        return [Send(replies.EMPTY)]
-    conv.queue.append(Job(event.message_id, event.text))
+    if (refusal := _refused(conv, event, ctx)) is not None:
+        return refusal
+    conv.queue.append(_job(conv, event, ctx))
     return [Send(replies.queued(len(conv.queue), conv.state))]
 
 
@@ -325,6 +372,63 @@ def status(conv: Conversation, event: Word, ctx: Context) -> list[Effect]:
     return [ReportStatus()]
 
 
+def usage(conv: Conversation, event: Word, ctx: Context) -> list[Effect]:
+    return [ReportUsage()]
+
+
+def set_budget(conv: Conversation, event: SetBudget, ctx: Context) -> list[Effect]:
+    return [RecordBudget(event.amount_usd)]
+
+
+# --- repositories and the model ---------------------------------------------------------
+
+
+def list_repos(conv: Conversation, event: Word, ctx: Context) -> list[Effect]:
+    current = current_repo(conv, ctx)
+    return [Send(replies.repos(ctx.repos, current.name if current else ""))]
+
+
+def switch_repo(conv: Conversation, event: Use, ctx: Context) -> list[Effect]:
+    """Idle: the owner's next prompts go to another repository (its own checkout and session)."""
+    if (refusal := _cannot_use(conv, event, ctx)) is not None:
+        return refusal
+    conv.repo = event.name
+    repo = current_repo(conv, ctx)
+    assert repo is not None
+    return [Send(replies.switched(repo))]
+
+
+def refuse_switch(conv: Conversation, event: Use, ctx: Context) -> list[Effect]:
+    """A run or its changes belong to the current repository: settle them first."""
+    if (refusal := _cannot_use(conv, event, ctx)) is not None:
+        return refusal
+    current = current_repo(conv, ctx)
+    return [Send(replies.cannot_switch(conv.state, current.name if current else "", event.name))]
+
+
+def _cannot_use(conv: Conversation, event: Use, ctx: Context) -> list[Effect] | None:
+    current = current_repo(conv, ctx)
+    if not ctx.repos:
+        return [Send(replies.ONE_REPO)]
+    if not any(r.name == event.name for r in ctx.repos):
+        return [Send(replies.unknown_repo(event.name, ctx.repos))]
+    if current is not None and current.name == event.name:
+        return [Send(replies.already_on(current))]
+    return None
+
+
+def show_model(conv: Conversation, event: Word, ctx: Context) -> list[Effect]:
+    return [Send(replies.model(conv.model, ctx.default_model))]
+
+
+def set_model(conv: Conversation, event: SetModel, ctx: Context) -> list[Effect]:
+    name = event.name.lower() if event.name.lower() in replies.MODEL_ALIASES + ("default",) else event.name
+    if not MODEL_NAME.match(name):
+        return [Send(replies.bad_model(event.name))]
+    conv.model = "" if name == "default" else name
+    return [Send(replies.model_set(conv.model, ctx.default_model))]
+
+
 def reply(text: str) -> Handler:
     def say(conv: Conversation, event: Any, ctx: Context) -> list[Effect]:
         return [Send(text)]
@@ -365,7 +469,14 @@ def approval_required(conv: Conversation, event: Report, ctx: Context) -> list[E
     if conv.state != "awaiting_approval":
         conv.run = event.run_id
         _await_approval(conv, ctx)
-    return [Send(replies.approval_request(event, ctx.approval_timeout_s), event.images)]
+    repo = current_repo(conv, ctx)  # a run's repository: switching waits until it is decided
+    text = replies.approval_request(
+        event,
+        ctx.approval_timeout_s,
+        repo=repo.name if repo else "",
+        limit=replies.BUTTONS_LIMIT if ctx.buttons else replies.MESSAGE_LIMIT,
+    )
+    return [Send(text, event.images, buttons="decide")]
 
 
 def applied(conv: Conversation, event: Report, ctx: Context) -> list[Effect]:
@@ -396,7 +507,7 @@ def delivered(conv: Conversation, event: Delivered, ctx: Context) -> list[Effect
         job = conv.job
         if conv.state == "working" and job is not None and job.message_id == event.message_id:
             job.delivered = True
-            return [Send(replies.WORKING)]
+            return [Send(replies.WORKING, buttons="cancel")]
         if event.message_id in conv.ended:
             return []  # its run already reported its end: nothing to stop
         if conv.state == "idle" and not (event.answer and event.answer.state == "idle"):
@@ -496,6 +607,12 @@ ANYWHERE: tuple[Target, ...] = STATES
 ANY_STATE: dict[str, Row] = {
     "status": (status, SAME),
     "help": (reply(replies.HELP), SAME),
+    "repos": (list_repos, SAME),
+    "model": (show_model, SAME),
+    "set_model": (set_model, SAME),
+    "usage": (usage, SAME),
+    "budget": (usage, SAME),
+    "set_budget": (set_budget, SAME),
     "new": (new_session, SAME),
     "screenshot": (screenshot, SAME),
     "progress": (progress, SAME),
@@ -522,6 +639,7 @@ TRANSITIONS: dict[State, dict[str, Row]] = {
         "reject": (ask_worker_to_decide, SAME),
         "cancel": (cancel_when_idle, SAME),
         "retry": (retry, ("working", "same")),
+        "use": (switch_repo, SAME),
     },
     "working": {
         "prompt": (prompt_queued, SAME),
@@ -529,6 +647,7 @@ TRANSITIONS: dict[State, dict[str, Row]] = {
         "reject": (reply(replies.STILL_WORKING), SAME),
         "cancel": (cancel_run, ("idle", "same")),
         "retry": (reply(replies.STILL_WORKING), SAME),
+        "use": (refuse_switch, SAME),
     },
     "awaiting_approval": {
         "prompt": (prompt_queued, SAME),
@@ -536,6 +655,7 @@ TRANSITIONS: dict[State, dict[str, Row]] = {
         "reject": (decide, ("applying",)),
         "cancel": (reply(replies.NOTHING_RUNNING_DECIDE), SAME),
         "retry": (reply(replies.DECIDE_FIRST), SAME),
+        "use": (refuse_switch, SAME),
     },
     "applying": {
         "prompt": (prompt_queued, SAME),
@@ -543,5 +663,6 @@ TRANSITIONS: dict[State, dict[str, Row]] = {
         "reject": (reply(replies.ALREADY_APPLYING), SAME),
         "cancel": (check_applying, SAME),
         "retry": (reply(replies.ALREADY_APPLYING), SAME),
+        "use": (refuse_switch, SAME),
     },
 }

@@ -15,14 +15,16 @@ import logging
 import sqlite3
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
 import anyio
 
 from common.protocol import (
+    TERMINAL,
     ProtocolError,
+    Report,
     decode_answer,
     decode_command,
     decode_report,
@@ -30,8 +32,8 @@ from common.protocol import (
     encode_command,
     message_id_of,
 )
-from relay import replies, store
-from relay.conversation import Context, Conversation, apply
+from relay import replies, store, usage
+from relay.conversation import Context, Conversation, apply, current_repo
 from relay.events import (
     ApprovalExpired,
     CallWorker,
@@ -39,7 +41,10 @@ from relay.events import (
     DropCommand,
     Effect,
     Event,
+    Prompt,
+    RecordBudget,
     ReportStatus,
+    ReportUsage,
     Send,
     Stalled,
     Unreachable,
@@ -47,7 +52,7 @@ from relay.events import (
 )
 from relay.lanes import Lanes
 from relay.settings import Settings, mask_phone
-from relay.twilio import SendResult, TwilioSender, split_body
+from relay.twilio import BUTTONS_LIMIT, WHATSAPP_LIMIT, SendResult, TwilioSender, split_body
 from relay.worker_client import WorkerClient
 
 logger = logging.getLogger(__name__)
@@ -87,7 +92,15 @@ class Outcome:
     calls: bool = False
 
 
-def process_next(conn: sqlite3.Connection, phone: str, ctx: Context) -> Outcome | None:
+@dataclass(frozen=True)
+class Pricing:
+    """What the worker's hours cost, and the monthly ceiling unless an owner set their own."""
+
+    hourly_usd: float = 0.0
+    monthly_budget_usd: float | None = None
+
+
+def process_next(conn: sqlite3.Connection, phone: str, ctx: Context, pricing: Pricing = Pricing()) -> Outcome | None:
     """Handle the oldest unhandled event of one phone, atomically; None when there is none."""
     with store.transaction(conn):
         item = store.next_inbox(conn, phone)
@@ -95,32 +108,73 @@ def process_next(conn: sqlite3.Connection, phone: str, ctx: Context) -> Outcome 
             return None
         inbox_id, data = item
         conv = store.load_conversation(conn, phone)
-        before = conv.state
+        before = conv
         try:
-            conv, effects = apply(conv, decode_event(data), ctx)
+            event = decode_event(data)
+            if isinstance(event, Prompt):  # a prompt is refused once the month's budget is spent
+                ctx = replace(ctx, budget=_budget(conn, phone, ctx.now, pricing))
+            conv, effects = apply(conv, event, ctx)
+            if isinstance(event, Report) and event.type in TERMINAL:
+                effects += _account(conn, before, event, ctx, pricing)
         except Exception:
             # A poison event must not block the owner's lane forever: log it and move on.
             logger.exception("could not handle inbox event %s of type %r", inbox_id, data.get("type"))
             effects = []
         # One line per event instead of an access log, which would print the owner's number
         # (it is in /callback/{phone}) and the unguessable image names.
-        logger.info("%s: %s, %s -> %s", mask_phone(phone), data.get("type"), before, conv.state)
+        logger.info("%s: %s, %s -> %s", mask_phone(phone), data.get("type"), before.state, conv.state)
         outcome = Outcome()
         for effect in effects:
-            _record(conn, conv, effect, ctx.now, outcome)
+            _record(conn, conv, effect, ctx, pricing, outcome)
         store.save_conversation(conn, conv, ctx.now)
         store.mark_handled(conn, inbox_id, ctx.now)
     return outcome
 
 
-def _record(conn: sqlite3.Connection, conv: Conversation, effect: Effect, now: float, outcome: Outcome) -> None:
+def _budget(conn: sqlite3.Connection, phone: str, now: float, pricing: Pricing) -> usage.Budget | None:
+    limit = usage.limit_for(conn, phone, now, pricing.monthly_budget_usd)
+    if limit is None:
+        return None
+    _, month = _periods(conn, phone, now, pricing)
+    return usage.Budget(limit, month.total_usd)
+
+
+def _periods(conn: sqlite3.Connection, phone: str, now: float, pricing: Pricing) -> tuple[usage.Period, usage.Period]:
+    row = store.worker_state(conn)
+    awake_since = row["up_at"] if row is not None and row["awake"] == 1 else None
+    return usage.today_and_month(conn, phone, now, awake_since, pricing.hourly_usd)
+
+
+def _account(
+    conn: sqlite3.Connection, conv: Conversation, report: Report, ctx: Context, pricing: Pricing
+) -> list[Effect]:
+    """Count a run's end (once), and tell the owner when it took the month past 80% or 100% of
+    their budget. `conv` is the conversation as it was before the report."""
+    job = conv.job if conv.job is not None and conv.job.message_id == report.run_id else None
+    current = current_repo(conv, ctx)
+    repo = job.repo if job is not None and job.repo else current.name if current else ""
+    if not usage.record_run(conn, conv.phone, report, repo, conv.model or ctx.default_model, ctx.now):
+        return []
+    budget = _budget(conn, conv.phone, ctx.now, pricing)
+    if budget is None:
+        return []
+    level = usage.threshold_to_tell(conn, conv.phone, budget, ctx.now)
+    return [Send(replies.budget_warning(level, budget))] if level else []
+
+
+def _record(
+    conn: sqlite3.Connection, conv: Conversation, effect: Effect, ctx: Context, pricing: Pricing, outcome: Outcome
+) -> None:
+    now = ctx.now
     if isinstance(effect, ReportStatus):
-        effect = Send(_status_text(conn, conv, now))
+        effect = Send(_status_text(conn, conv, ctx))
+    elif isinstance(effect, ReportUsage):
+        effect = Send(_usage_text(conn, conv.phone, now, pricing))
+    elif isinstance(effect, RecordBudget):
+        usage.set_limit(conn, conv.phone, effect.amount_usd, now)
+        effect = Send(replies.budget_set(effect.amount_usd) + "\n\n" + _usage_text(conn, conv.phone, now, pricing))
     if isinstance(effect, Send):
-        parts = split_body(effect.text)
-        for i, part in enumerate(parts):
-            # Images ride on the last part, so they arrive after the text that explains them.
-            store.enqueue_send(conn, conv.phone, part, list(effect.media) if i == len(parts) - 1 else [], now)
+        _enqueue(conn, conv.phone, effect, now, buttons=effect.buttons if ctx.buttons else "")
         outcome.sends = True
     elif isinstance(effect, CallWorker):
         command = effect.command
@@ -130,7 +184,29 @@ def _record(conn: sqlite3.Connection, conv: Conversation, effect: Effect, now: f
         store.drop_command(conn, conv.phone, effect.message_id)
 
 
-def _status_text(conn: sqlite3.Connection, conv: Conversation, now: float) -> str:
+def _enqueue(conn: sqlite3.Connection, phone: str, send: Send, now: float, *, buttons: str) -> None:
+    """A message as the outbox rows that carry it: long ones split into numbered parts."""
+    media = list(send.media)
+    if buttons and media:
+        # A quick reply carries no picture: the picture goes first, then the words and buttons.
+        store.enqueue_send(conn, phone, "", media, now)
+        media = []
+    parts = split_body(send.text, BUTTONS_LIMIT if buttons else WHATSAPP_LIMIT)
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        # Images and buttons ride on the last part, after the text that explains them.
+        store.enqueue_send(conn, phone, part, media if last else [], now, buttons if last else "")
+
+
+def _usage_text(conn: sqlite3.Connection, phone: str, now: float, pricing: Pricing) -> str:
+    today, month = _periods(conn, phone, now, pricing)
+    limit = usage.limit_for(conn, phone, now, pricing.monthly_budget_usd)
+    owners = conn.execute("SELECT COUNT(*) FROM conversations").fetchone()[0]
+    return replies.usage(today, month, None if limit is None else usage.Budget(limit, month.total_usd), owners)
+
+
+def _status_text(conn: sqlite3.Connection, conv: Conversation, ctx: Context) -> str:
+    now = ctx.now
     row = store.worker_state(conn)
     worker = replies.WorkerInfo(
         awake=None if row is None or row["awake"] is None else bool(row["awake"]),
@@ -142,6 +218,7 @@ def _status_text(conn: sqlite3.Connection, conv: Conversation, now: float) -> st
         for r in store.recent_failures(conn, conv.phone)
     ]
     job = conv.job
+    repo = current_repo(conv, ctx)
     return replies.status(
         conv.state,
         job.text if job else None,
@@ -152,6 +229,8 @@ def _status_text(conn: sqlite3.Connection, conv: Conversation, now: float) -> st
         worker,
         failures,
         now,
+        repo=(job.repo if job and job.repo else repo.name if repo else ""),
+        model=conv.model or ctx.default_model,
     )
 
 
@@ -194,8 +273,18 @@ class Dispatcher:
     # --- inbox ----------------------------------------------------------------------
 
     async def _inbox_step(self, phone: str) -> float | None:
-        ctx = Context(self.clock(), self.settings.approval_timeout_s, self.settings.stall_check_s)
-        outcome = await self.db.run(process_next, phone, ctx)
+        settings = self.settings
+        ctx = Context(
+            self.clock(),
+            settings.approval_timeout_s,
+            settings.stall_check_s,
+            repos=settings.repos,
+            default_model=settings.claude_model,
+            run_budget_usd=settings.run_budget_usd,
+            buttons=settings.buttons,
+        )
+        pricing = Pricing(settings.vm_cost_per_hour_usd, settings.monthly_budget_usd)
+        outcome = await self.db.run(process_next, phone, ctx, pricing)
         if outcome is None:
             return None
         if outcome.sends:
@@ -227,7 +316,7 @@ class Dispatcher:
         wait = max(row.next_attempt_at - now, self._last_sent[phone] + self.settings.min_send_interval_s - now)
         if wait > 0:
             return wait
-        result = await self.sender.send(phone, row.body, row.media)
+        result = await self.sender.send(phone, row.body, row.media, row.buttons)
         await self._record_send(row, result)
         return 0
 
@@ -318,16 +407,16 @@ class Dispatcher:
             await self._call_done(call, Unreachable(call.route, call.payload.get("message_id", ""), reason))
         return False
 
-    async def worker_up(self) -> None:
+    async def worker_up(self, boot: str = "") -> None:
         """The worker announced itself: stop waiting and deliver what waits for it."""
-        await self.db.run(store.worker_seen, self.clock())
+        await self.db.run(store.worker_announced, boot, self.clock())
         self._up.set()
         self.calls.notify(WORKER_LANE)
 
-    async def worker_sleeping(self) -> None:
-        """The worker is about to stop or suspend: `status` says so, and nothing wakes it for
-        calls that need it only if it is awake."""
-        await self.db.run(store.worker_slept, self.clock())
+    async def worker_sleeping(self, awake_s: float | None = None, boot: str = "") -> None:
+        """The worker is about to stop or suspend: `status` says so, nothing wakes it for calls
+        that need it only if it is awake, and its hours awake are counted (relay/usage.py)."""
+        await self.db.run(store.worker_slept, self.clock(), awake_s, boot)
 
     # --- timers ---------------------------------------------------------------------
 

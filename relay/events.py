@@ -33,16 +33,52 @@ class Screenshot:
 
 @dataclass(frozen=True)
 class Word:
-    """One of the owner's single-word commands: approve, reject, cancel, status, help, new, retry."""
+    """One of the owner's single-word commands: approve, reject, cancel, status, help, new,
+    retry, repos, model, usage."""
 
     kind: str
 
 
-OWNER_WORDS = frozenset({"approve", "reject", "cancel", "status", "help", "new", "retry"})
+@dataclass(frozen=True)
+class Use:
+    """`use <name>`: switch the owner's current repository."""
+
+    kind: ClassVar[str] = "use"
+    name: str
+
+
+@dataclass(frozen=True)
+class SetModel:
+    """`model <name>`: the model for the owner's next runs."""
+
+    kind: ClassVar[str] = "set_model"
+    name: str
+
+
+@dataclass(frozen=True)
+class SetBudget:
+    """`budget <amount>`: the owner's ceiling for this month, in dollars."""
+
+    kind: ClassVar[str] = "set_budget"
+    amount_usd: float
+
+
+OWNER_WORDS = frozenset(
+    {"approve", "reject", "cancel", "status", "help", "new", "retry", "repos", "model", "usage", "budget"}
+)
+# Tapped quick-reply buttons (relay/buttons.py): the button's id is the word.
+BUTTON_WORDS = frozenset({"approve", "reject", "cancel"})
 _SCREENSHOT = re.compile(r"^screenshot\s+(\S+)$", re.IGNORECASE)
+# Two-word commands. Anything longer is a prompt ("use the new API in app.py", "model the data").
+_USE = re.compile(r"^use\s+(\S+)$", re.IGNORECASE)
+_MODEL = re.compile(r"^model\s+(\S+)$", re.IGNORECASE)
+_BUDGET = re.compile(r"^budget\s+\$?(\d{1,7}(?:\.\d{1,2})?)\$?$", re.IGNORECASE)
 
 
-def parse_owner_text(text: str, message_id: str) -> Prompt | Screenshot | Word:
+OwnerEvent = Prompt | Screenshot | Word | Use | SetModel | SetBudget
+
+
+def parse_owner_text(text: str, message_id: str) -> OwnerEvent:
     """Turn a WhatsApp message into an event: commands are trimmed and case-insensitive."""
     stripped = text.strip()
     word = stripped.lower().rstrip(".!")
@@ -53,6 +89,12 @@ def parse_owner_text(text: str, message_id: str) -> Prompt | Screenshot | Word:
         if "://" not in url:
             url = "http://" + url
         return Screenshot(url=url, message_id=message_id)
+    if match := _USE.match(stripped):
+        return Use(match.group(1).lower().rstrip(".!"))
+    if match := _MODEL.match(stripped):
+        return SetModel(match.group(1).rstrip(".!"))
+    if match := _BUDGET.match(stripped):
+        return SetBudget(float(match.group(1)))
     return Prompt(text=stripped, message_id=message_id)
 
 
@@ -96,7 +138,7 @@ class Stalled:
     check_at: float
 
 
-Event = Prompt | Screenshot | Word | Report | Delivered | Unreachable | ApprovalExpired | Stalled
+Event = OwnerEvent | Report | Delivered | Unreachable | ApprovalExpired | Stalled
 
 
 def event_kind(event: Event) -> str:
@@ -106,12 +148,17 @@ def event_kind(event: Event) -> str:
 # --- effects -----------------------------------------------------------------------
 
 
+Buttons = Literal["", "decide", "cancel"]
+
+
 @dataclass(frozen=True)
 class Send:
-    """A WhatsApp message to the owner; media are image names under PUBLIC_URL/images/."""
+    """A WhatsApp message to the owner; media are image names under PUBLIC_URL/images/;
+    `buttons`: the quick replies it carries (Approve and Reject, or Cancel), when they are on."""
 
     text: str
     media: tuple[str, ...] = ()
+    buttons: Buttons = ""
 
 
 CallMode = Literal["wake", "if_awake", "probe"]
@@ -139,4 +186,16 @@ class ReportStatus:
     """Answer `status`: needs facts beyond the conversation (VM, failed sends)."""
 
 
-Effect = Send | CallWorker | DropCommand | ReportStatus
+@dataclass(frozen=True)
+class ReportUsage:
+    """Answer `usage`: what today and this month cost (relay/usage.py)."""
+
+
+@dataclass(frozen=True)
+class RecordBudget:
+    """The owner set this month's budget: record it, then answer with the usage against it."""
+
+    amount_usd: float
+
+
+Effect = Send | CallWorker | DropCommand | ReportStatus | ReportUsage | RecordBudget

@@ -3,20 +3,30 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from common.protocol import Report
 from common.visible import clip_path, visible
+from relay.settings import Repo
+from relay.twilio import BUTTONS_LIMIT, WHATSAPP_LIMIT
+from relay.usage import Budget, Period
+
+__all__ = ["BUTTONS_LIMIT"]
 
 HELP = (
     "🤖 *textslash* drives Claude Code on your VM.\n"
-    "• Any message: a prompt for the agent\n"
-    "• *approve* / *reject*: decide on the changes it made\n"
+    "• Any message: a prompt for the agent (a photo or a file may come with it)\n"
+    "• *approve* / *reject*: decide on the changes it made (or tap the buttons)\n"
     "• *cancel*: stop the current run\n"
     "• *status*: what runs, what waits, is the VM awake\n"
     "• *new*: start a fresh agent session\n"
     "• *screenshot <url>*: a picture of a page\n"
-    "• *retry*: resend a prompt the VM never received"
+    "• *retry*: resend a prompt the VM never received\n"
+    "• *repos* / *use <name>*: your repositories, and switching between them\n"
+    "• *model* / *model <name>*: the model (opus, sonnet, haiku or a model id)\n"
+    "• *usage*: what today and this month cost\n"
+    "• *budget <amount>*: this month's ceiling, in dollars"
 )
 WAKING = "⏳ Waking up your VM..."
 WORKING = "🤖 Working on it..."
@@ -98,7 +108,9 @@ def _dropped(count: int) -> str:
 
 def finished(event: Report, *, shown: bool) -> str:
     """The run's end. `shown`: the approval request for its changes came first."""
-    if event.type == "cancelled":
+    if event.stop == "budget":
+        head = "💸 The run stopped at its budget (RUN_BUDGET_USD)" + _cost(event) + "."
+    elif event.type == "cancelled":
         head = "🛑 Run cancelled."
     elif event.type == "error":
         head = f"❌ The run failed: {event.text or 'no reason given'}"
@@ -121,13 +133,13 @@ def _cost(event: Report) -> str:
 
 
 LISTED_FILES = 30  # a phone message names this many; the count says how many in all
-MESSAGE_LIMIT = 1600  # WhatsApp's, per message (relay/twilio.py splits anything longer)
+MESSAGE_LIMIT = WHATSAPP_LIMIT  # per message (relay/twilio.py splits anything longer)
 
 
-def approval_request(event: Report, window_s: float) -> str:
-    """One WhatsApp message, however big the change: the files first (at most LISTED_FILES that
-    fit, names cut to their ends, and how many more), then as much of the diff excerpt as still
-    fits (the picture has more)."""
+def approval_request(event: Report, window_s: float, *, repo: str = "", limit: int = MESSAGE_LIMIT) -> str:
+    """One WhatsApp message of at most `limit` characters, however big the change: the files
+    first (at most LISTED_FILES that fit, names cut to their ends, and how many more), then as
+    much of the diff excerpt as still fits (the picture has more)."""
     count = max(event.files_count, len(event.files))
     tail = f"\n\nReply *approve* to open a pull request or *reject* to roll back (within {_duration(window_s)})."
     if event.uncovered:
@@ -138,7 +150,7 @@ def approval_request(event: Report, window_s: float) -> str:
             " (ignored by git, and too big to keep or a repository of its own)."
         )
     lines: list[str] = []
-    budget = MESSAGE_LIMIT - len(tail) - 200  # room for the heading and "… and N more"
+    budget = limit - len(tail) - 200  # room for the heading and "… and N more"
     for path, added, removed, binary in event.files[:LISTED_FILES]:
         name = clip_path(visible(path))
         line = f"• {name} (binary or over 1 MB, not shown)" if binary else f"• {name} +{added} −{removed}"
@@ -147,8 +159,9 @@ def approval_request(event: Report, window_s: float) -> str:
         lines.append(line)
     if count > len(lines):
         lines.append(f"• … and {count - len(lines)} more")
-    head = f"📝 {count} file{'s' if count != 1 else ''} changed:\n" + "\n".join(lines)
-    room = MESSAGE_LIMIT - len(head) - len(tail) - len("\n```\n\n```")
+    where = f" in *{repo}*" if repo else ""
+    head = f"📝 {count} file{'s' if count != 1 else ''} changed{where}:\n" + "\n".join(lines)
+    room = limit - len(head) - len(tail) - len("\n```\n\n```")
     excerpt = _cut_at_line(event.diff.strip(), room)
     diff = f"\n```\n{excerpt}\n```" if excerpt else ""
     return head + diff + tail
@@ -235,8 +248,14 @@ def status(
     worker: WorkerInfo,
     failures: list[FailedSend],
     now: float,
+    *,
+    repo: str = "",
+    model: str = "",
 ) -> str:
     lines = [_state_line(conv_state, job_text, job_started, deadline, now)]
+    if repo:
+        lines.append(f"📁 Repository: *{repo}*")
+    lines.append(f"🧠 Model: {model or 'Claude Code’s default'}")
     if queue:
         lines.append(f"📥 Queued: {len(queue)} (next: “{_clip(queue[0], 60)}”)")
     if kept:
@@ -285,3 +304,115 @@ def _duration(seconds: float) -> str:
 def _clip(text: str, limit: int) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# --- repositories ------------------------------------------------------------------------
+
+ONE_REPO = "📁 There is one repository (the VM's REPO_URL). Set REPOS on the relay to work on several."
+
+
+def repos(configured: Sequence[Repo], current: str) -> str:
+    if not configured:
+        return ONE_REPO
+    lines = [f"{'👉' if r.name == current else '▫️'} *{r.name}*  {_clip(r.url, 60)}" for r in configured]
+    return "📁 Your repositories (*use <name>* switches):\n" + "\n".join(lines)
+
+
+def switched(repo: Repo) -> str:
+    return f"📁 Now on *{repo.name}*: your prompts work there, in its own checkout and session."
+
+
+def already_on(repo: Repo) -> str:
+    return f"📁 Already on *{repo.name}*."
+
+
+def unknown_repo(name: str, configured: Sequence[Repo]) -> str:
+    names = ", ".join(f"*{r.name}*" for r in configured)
+    return f"🤔 No repository called “{_clip(name, 40)}”. Yours: {names}. (To send it as a prompt, add a word.)"
+
+
+def cannot_switch(state: str, current: str, wanted: str) -> str:
+    where = f" in *{current}*" if current else ""
+    why = {
+        "working": f"a run is going{where}: wait for it or *cancel* it",
+        "awaiting_approval": f"changes{where} wait for you: *approve* or *reject* them",
+        "applying": f"your decision{where} is being applied: wait a moment",
+    }.get(state, "something is under way")
+    return f"⚠️ Not switching to *{_clip(wanted, 40)}* yet: {why}, then send *use {_clip(wanted, 40)}* again."
+
+
+# --- the model ---------------------------------------------------------------------------
+
+MODEL_ALIASES = ("opus", "sonnet", "haiku")
+
+
+def model(current: str, default: str) -> str:
+    shown = current or default or "Claude Code’s default"
+    return (
+        f"🧠 Model: *{shown}*.\nChoices: *opus*, *sonnet*, *haiku*, or a full model id "
+        "(*model <name>*; *model default* goes back to the default)."
+    )
+
+
+def model_set(current: str, default: str) -> str:
+    if not current:
+        return f"🧠 Back to the default model ({default or 'Claude Code’s own'}) from your next prompt."
+    return f"🧠 Your next prompts use *{current}*."
+
+
+def bad_model(name: str) -> str:
+    return f"🤔 “{_clip(name, 40)}” is not a model name: send *opus*, *sonnet*, *haiku* or a model id."
+
+
+# --- usage and the budget ------------------------------------------------------------------
+
+
+def usage(today: Period, month: Period, budget: Budget | None, owners: int) -> str:
+    shared = " (one VM for all owners)" if owners > 1 else ""
+    lines = [
+        "📊 Usage (UTC)",
+        "*Today:* " + _period(today),
+        "*This month:* " + _period(month),
+    ]
+    if shared:
+        lines.append(f"VM hours are the machine's{shared}.")
+    if budget is not None:
+        lines.append(f"💰 Budget: ${budget.spent_usd:.2f} of ${budget.limit_usd:.2f} this month ({budget.share:.0%}).")
+    return "\n".join(lines)
+
+
+def _period(p: Period) -> str:
+    runs = f"{p.runs} run{'s' if p.runs != 1 else ''}"
+    tokens = f"{_tokens(p.input_tokens)} tokens in, {_tokens(p.output_tokens)} out"
+    return (
+        f"{runs}, {tokens}, ${p.model_usd:.2f} model; VM awake {p.awake_hours:.1f} h ≈ ${p.vm_usd:.2f}; "
+        f"total ${p.total_usd:.2f}"
+    )
+
+
+def _tokens(n: int) -> str:
+    return f"{n / 1_000_000:.1f}M" if n >= 1_000_000 else f"{n / 1000:.1f}k" if n >= 1000 else str(n)
+
+
+def budget_reached(budget: Budget) -> str:
+    return (
+        f"🛑 This month's budget is spent: ${budget.spent_usd:.2f} of ${budget.limit_usd:.2f}. "
+        "New prompts wait for a higher budget: send *budget <amount>* (in dollars, for this month) "
+        "to raise it. *usage* shows where it went."
+    )
+
+
+def budget_warning(level: int, budget: Budget) -> str:
+    if level >= 100:
+        return (
+            f"🛑 Budget reached: ${budget.spent_usd:.2f} of ${budget.limit_usd:.2f} this month. "
+            "New prompts are refused until you raise it with *budget <amount>*."
+        )
+    return (
+        f"⚠️ {budget.share:.0%} of this month's budget is spent (${budget.spent_usd:.2f} of "
+        f"${budget.limit_usd:.2f}). *budget <amount>* raises it."
+    )
+
+
+def budget_set(amount_usd: float) -> str:
+    return f"💰 This month's budget is now ${amount_usd:.2f}."

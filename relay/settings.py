@@ -5,13 +5,28 @@ Every problem names the variable at fault; values of secrets never appear in a m
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.config import E164, ConfigError, EnvReader, mask_phone
+from common.config import E164, ConfigError, EnvReader, mask_phone, repo_url_problem
+from common.protocol import MODEL_NAME, REPO_NAME
 
-__all__ = ["E164", "ConfigError", "Settings", "mask_phone"]
+__all__ = ["E164", "ConfigError", "Repo", "Settings", "mask_phone"]
+
+# Fly's price for the worker's size in vm/fly.toml (shared-cpu-2x, 2 GB) in iad: the pricing
+# page's shared-cpu-2x with 512 MB ($3.89 a month) plus 1.5 GB of additional RAM at $5 per GB a
+# month, over 730 hours (fly.io/docs/about/pricing, November 2026). Regions differ: set yours.
+FLY_WORKER_HOUR_USD = 0.0156
+
+
+@dataclass(frozen=True)
+class Repo:
+    """A repository owners may work on: `name` is what they type (`use <name>`)."""
+
+    name: str
+    url: str
 
 
 @dataclass(frozen=True)
@@ -31,6 +46,13 @@ class Settings:
     min_send_interval_s: float = 0.0
     relay_db: Path = Path("var/relay.sqlite3")
     retention_s: float = 30 * 86400.0
+    # Every repository an owner may work on, the first the default; empty: the worker's own REPO_URL.
+    repos: tuple[Repo, ...] = ()
+    buttons: bool = True  # quick-reply buttons (Twilio's Content API) on approvals and "Working on it"
+    claude_model: str = ""  # the default model ("" = Claude Code's own default)
+    monthly_budget_usd: float | None = None  # per owner, per calendar month (UTC); None: no ceiling
+    run_budget_usd: float | None = None  # one run stops when its cost reaches this
+    vm_cost_per_hour_usd: float = FLY_WORKER_HOUR_USD
     deployed_sha: str = "dev"
     port: int = 3000
     host: str = "0.0.0.0"
@@ -59,7 +81,61 @@ class Settings:
             min_send_interval_s=reader.millis("TWILIO_MIN_SEND_INTERVAL_MS", 0, minimum=0),
             relay_db=Path(env.get("RELAY_DB") or "var/relay.sqlite3"),
             retention_s=reader.integer("RETENTION_DAYS", 30, minimum=1) * 86400.0,
+            repos=_repos(env),
+            buttons=reader.flag("BUTTONS", True),
+            claude_model=_model(env),
+            monthly_budget_usd=reader.amount("MONTHLY_BUDGET_USD"),
+            run_budget_usd=reader.amount("RUN_BUDGET_USD"),
+            vm_cost_per_hour_usd=_hourly(reader),
             deployed_sha=env.get("DEPLOYED_SHA") or "dev",
             port=reader.integer("PORT", 3000, minimum=1, maximum=65535),
             host=env.get("HOST") or "0.0.0.0",
         )
+
+
+def _repos(env: Mapping[str, str]) -> tuple[Repo, ...]:
+    """REPOS (`name=url,name=url`), else REPO_URL alone (named after its last path part)."""
+    raw = env.get("REPOS", "").strip()
+    if not raw:
+        url = env.get("REPO_URL", "").strip()
+        if not url:
+            return ()
+        if problem := repo_url_problem(url):
+            raise ConfigError(f"REPO_URL is malformed: {problem}")
+        return (Repo(_name_from_url(url), url),)
+    repos: list[Repo] = []
+    # Values are never echoed: a malformed pair may hold a URL with a token in it.
+    for number, pair in enumerate(raw.split(","), 1):
+        name, sep, url = (part.strip() for part in pair.strip().partition("="))
+        where = f"REPOS is malformed: pair {number}"
+        if not sep or not name or not url:
+            raise ConfigError(f"{where} is not name=url (pairs are separated by commas)")
+        if not REPO_NAME.match(name):
+            raise ConfigError(f"{where}: a name starts with a-z, then a-z, 0-9, _ or - (at most 40)")
+        if problem := repo_url_problem(url):
+            raise ConfigError(f"{where}: its URL {problem}")
+        if any(r.name == name for r in repos):
+            raise ConfigError(f"{where} repeats the name {name}")
+        repos.append(Repo(name, url))
+    return tuple(repos)
+
+
+def _name_from_url(url: str) -> str:
+    tail = url.rstrip("/").rsplit("/", 1)[-1].rsplit(":", 1)[-1].removesuffix(".git").lower()
+    name = re.sub(r"[^a-z0-9_-]+", "-", tail).strip("-_")
+    name = name if name[:1].isalpha() else f"repo-{name}".rstrip("-")
+    return name[:40] if REPO_NAME.match(name[:40]) else "repo"
+
+
+def _model(env: Mapping[str, str]) -> str:
+    model = env.get("CLAUDE_MODEL", "").strip()
+    if model and not MODEL_NAME.match(model):
+        raise ConfigError("CLAUDE_MODEL is malformed: expected opus, sonnet, haiku or a model id")
+    return model
+
+
+def _hourly(reader: EnvReader) -> float:
+    value = reader.env.get("VM_COST_PER_HOUR_USD", "").strip()
+    if value in ("0", "0.0"):
+        return 0.0  # a worker somebody else pays for
+    return reader.amount("VM_COST_PER_HOUR_USD") or FLY_WORKER_HOUR_USD

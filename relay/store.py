@@ -17,6 +17,7 @@ from typing import Any, ParamSpec, TypeVar
 import anyio
 import anyio.lowlevel
 
+from relay import usage
 from relay.conversation import Conversation
 
 SCHEMA = """
@@ -41,6 +42,7 @@ CREATE TABLE IF NOT EXISTS outbox (
     phone TEXT NOT NULL,
     body TEXT NOT NULL,
     media TEXT NOT NULL DEFAULT '[]',     -- JSON list of image names
+    buttons TEXT NOT NULL DEFAULT '',     -- quick replies it carries: decide | cancel (relay/buttons.py)
     status TEXT NOT NULL DEFAULT 'pending',  -- pending | sent | failed
     attempts INTEGER NOT NULL DEFAULT 0,
     created_at REAL NOT NULL,
@@ -66,7 +68,9 @@ CREATE TABLE IF NOT EXISTS worker_state (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     awake INTEGER,
     last_seen_at REAL,
-    slept_at REAL
+    slept_at REAL,
+    up_at REAL,                           -- since when it is awake (its hours count from here)
+    boot TEXT                             -- the worker process that said `up`
 );
 """
 
@@ -89,7 +93,7 @@ class Database:
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=NORMAL")
         self.conn.execute("PRAGMA busy_timeout=5000")
-        self.conn.executescript(SCHEMA)
+        self.conn.executescript(SCHEMA + usage.SCHEMA)
         _migrate(self.conn)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
@@ -108,11 +112,19 @@ class Database:
         self.conn.close()
 
 
+# Columns added after a database was first made (CREATE TABLE IF NOT EXISTS skips them).
+ADDED_COLUMNS = (
+    ("worker_calls", "mode", "TEXT NOT NULL DEFAULT 'wake'"),
+    ("outbox", "buttons", "TEXT NOT NULL DEFAULT ''"),
+    ("worker_state", "up_at", "REAL"),
+    ("worker_state", "boot", "TEXT"),
+)
+
+
 def _migrate(conn: sqlite3.Connection) -> None:
-    """Columns added after a database was first made (CREATE TABLE IF NOT EXISTS skips them)."""
-    columns = {row["name"] for row in conn.execute("PRAGMA table_info(worker_calls)")}
-    if "mode" not in columns:
-        conn.execute("ALTER TABLE worker_calls ADD COLUMN mode TEXT NOT NULL DEFAULT 'wake'")
+    for table, column, kind in ADDED_COLUMNS:
+        if column not in {row["name"] for row in conn.execute(f"PRAGMA table_info({table})")}:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
 
 @contextmanager
@@ -215,12 +227,15 @@ class Outbound:
     attempts: int
     created_at: float
     next_attempt_at: float
+    buttons: str = ""
 
 
-def enqueue_send(conn: sqlite3.Connection, phone: str, body: str, media: list[str], now: float) -> None:
+def enqueue_send(
+    conn: sqlite3.Connection, phone: str, body: str, media: list[str], now: float, buttons: str = ""
+) -> None:
     conn.execute(
-        "INSERT INTO outbox (phone, body, media, created_at, next_attempt_at) VALUES (?, ?, ?, ?, ?)",
-        (phone, body, json.dumps(media), now, now),
+        "INSERT INTO outbox (phone, body, media, created_at, next_attempt_at, buttons) VALUES (?, ?, ?, ?, ?, ?)",
+        (phone, body, json.dumps(media), now, now, buttons),
     )
 
 
@@ -238,6 +253,7 @@ def next_outbound(conn: sqlite3.Connection, phone: str) -> Outbound | None:
         attempts=row["attempts"],
         created_at=row["created_at"],
         next_attempt_at=row["next_attempt_at"],
+        buttons=row["buttons"],
     )
 
 
@@ -323,17 +339,38 @@ def drop_command(conn: sqlite3.Connection, phone: str, message_id: str) -> None:
 
 
 def worker_seen(conn: sqlite3.Connection, now: float) -> None:
+    """Heard from the worker: it is awake, and its hours count from now if it was not before."""
     conn.execute(
-        "INSERT INTO worker_state (id, awake, last_seen_at) VALUES (1, 1, ?) "
-        "ON CONFLICT (id) DO UPDATE SET awake = 1, last_seen_at = excluded.last_seen_at",
-        (now,),
+        "INSERT INTO worker_state (id, awake, last_seen_at, up_at) VALUES (1, 1, ?, ?) "
+        "ON CONFLICT (id) DO UPDATE SET last_seen_at = excluded.last_seen_at, "
+        "up_at = CASE WHEN awake = 1 AND up_at IS NOT NULL THEN up_at ELSE excluded.up_at END, awake = 1",
+        (now, now),
     )
 
 
-def worker_slept(conn: sqlite3.Connection, now: float) -> None:
+def worker_announced(conn: sqlite3.Connection, boot: str, now: float) -> None:
+    """The worker said `up`. A different process than the one awake before means that one ended
+    without saying goodnight (killed, out of memory): its hours are counted to when it was last
+    heard from."""
+    row = worker_state(conn)
+    if row is not None and row["awake"] == 1 and row["up_at"] is not None and row["boot"] not in (None, boot):
+        usage.record_awake(conn, row["boot"], (row["last_seen_at"] or row["up_at"]) - row["up_at"], now)
+        conn.execute("UPDATE worker_state SET up_at = NULL WHERE id = 1")
+    worker_seen(conn, now)
+    conn.execute("UPDATE worker_state SET boot = ? WHERE id = 1", (boot,))
+
+
+def worker_slept(conn: sqlite3.Connection, now: float, awake_s: float | None = None, boot: str = "") -> None:
+    """The worker is going to sleep; `awake_s` is how long it says it was up (a worker from
+    before it said so is counted from its `up`)."""
+    row = worker_state(conn)
+    if row is not None and row["awake"] == 1:
+        since = row["up_at"]
+        seconds = awake_s if awake_s else (now - since if since is not None else 0.0)
+        usage.record_awake(conn, boot or row["boot"] or "", seconds, now)
     conn.execute(
         "INSERT INTO worker_state (id, awake, slept_at) VALUES (1, 0, ?) "
-        "ON CONFLICT (id) DO UPDATE SET awake = 0, slept_at = excluded.slept_at",
+        "ON CONFLICT (id) DO UPDATE SET awake = 0, slept_at = excluded.slept_at, up_at = NULL",
         (now,),
     )
 

@@ -2,14 +2,17 @@
 
 Sending goes through the official SDK's async REST client (aiohttp), on the event loop: no
 threads contending with the loop for the GIL. The SDK has no base-URL option, so a small
-`AsyncTwilioHttpClient` subclass rewrites `https://api.twilio.com` to `TWILIO_API_BASE_URL`;
-that is the supported hook (the SDK's custom HTTP client) and where tests plug in a loopback fake.
+`AsyncTwilioHttpClient` subclass rewrites every Twilio host it calls (`api.twilio.com`,
+`content.twilio.com`) to `TWILIO_API_BASE_URL`; that is the supported hook (the SDK's custom
+HTTP client) and where tests plug in a loopback fake, which serves both APIs' paths.
 """
 
 from __future__ import annotations
 
 import base64
+import json
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,10 +24,13 @@ from twilio.http.response import Response
 from twilio.request_validator import RequestValidator
 from twilio.rest import Client
 
+from relay.buttons import QuickReplies
+
 logger = logging.getLogger(__name__)
 
 WHATSAPP_LIMIT = 1600
-TWILIO_API = "https://api.twilio.com"
+BUTTONS_LIMIT = 1024  # the body of a quick-reply message (Twilio's Content API)
+TWILIO_HOSTS = re.compile(r"^https://(?:api|content)\.twilio\.com(?=/)")
 # Statuses worth another try: Twilio is down or busy. Other 4xx are permanent refusals
 # (63016 outside the 24-hour window, 63015 not joined to the sandbox, 21211 bad number...).
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
@@ -98,12 +104,15 @@ class _BaseUrlHttpClient(AsyncTwilioHttpClient):
         timeout: float | None = None,  # noqa: ASYNC109 - the SDK calls this signature
         allow_redirects: bool = False,
     ) -> Response:
-        if url.startswith(TWILIO_API):
-            url = self.base_url + url[len(TWILIO_API) :]
+        url = TWILIO_HOSTS.sub(self.base_url, url, count=1)
         # aiohttp deprecates `auth` and `BasicAuth` (a warning on every send): send the header.
         headers = dict(headers or {})
         if auth is not None:
             headers["Authorization"] = _basic_auth(*auth)
+        if headers.get("Content-Type") == "application/json" and isinstance(data, dict):
+            # The SDK's sync client sends a JSON body for these (the Content API); its async one
+            # hands aiohttp the dict, which aiohttp form-encodes under the JSON header.
+            data = json.dumps(data)  # type: ignore[assignment]
         # The SDK hands aiohttp the caller's timeout, None by default, which aiohttp takes for
         # "no deadline at all": a hung Twilio would hold the send forever. Ours is the default.
         return await super().request(method, url, params, data, headers, None, timeout or self.timeout, allow_redirects)
@@ -140,25 +149,40 @@ class TwilioSender:
         self._limiter = anyio.CapacityLimiter(concurrency)
         self._http: _BaseUrlHttpClient | None = None
         self._messages: Any = None
+        self._contents: Any = None
+        self.quick_replies = QuickReplies()
 
     async def __aenter__(self) -> TwilioSender:
         self._http = _BaseUrlHttpClient(self._base_url, self._timeout)
+        client = Client(*self._credentials, http_client=self._http)
         # `client.messages` walks the SDK's lazily imported domains on every access; profiled,
         # that was once the relay's largest cost per send. Resolve it once.
-        self._messages = Client(*self._credentials, http_client=self._http).messages
+        self._messages = client.messages
+        self._contents = client.content.v1.contents
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        http, self._http, self._messages = self._http, None, None
+        http, self._http, self._messages, self._contents = self._http, None, None, None
         if http is not None:
             await http.close()
 
-    async def send(self, to: str, body: str, media: Sequence[str]) -> SendResult:
+    async def send(self, to: str, body: str, media: Sequence[str], buttons: str = "") -> SendResult:
+        """One message; with `buttons` ("decide", "cancel") as a quick reply, and as plain text
+        when the buttons cannot be made or sent (the text says what to type anyway)."""
         if self._messages is None:
             raise RuntimeError("TwilioSender is not open: use `async with sender:`")
         kwargs: dict[str, Any] = {"from_": self._from, "to": f"whatsapp:{to}", "body": body}
         if media:
             kwargs["media_url"] = [f"{self._media_base}/{name}" for name in media]
+        if buttons and (sid := await self.quick_replies.sid(self._contents, buttons)) is not None:
+            quick = {"from_": self._from, "to": f"whatsapp:{to}", "content_sid": sid}
+            result = await self._create({**quick, "content_variables": json.dumps({"1": body})})
+            if result.ok or result.retryable:
+                return result
+            self.quick_replies.failed(f"Twilio refused a message with buttons ({result.error})")
+        return await self._create(kwargs)
+
+    async def _create(self, kwargs: dict[str, Any]) -> SendResult:
         try:
             async with self._limiter:
                 message = await self._messages.create_async(**kwargs)

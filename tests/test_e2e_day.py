@@ -40,9 +40,10 @@ async def test_an_owners_day(tmp_path: Path) -> None:
         await pair.start_worker(wait=False)
         await wait_for(lambda: pair.said("Working on it"), STEP, "the working message")
         await wait_for(lambda: pair.said("✏️ editing hello.py"), STEP, "progress")
-        approval = await wait_for(lambda: [m for m in twilio.messages if m.media], STEP, "approval with image")
+        approval = await wait_for(lambda: [m for m in twilio.messages if "approve" in m.buttons], STEP, "approval")
         assert "hello.py +1 −0" in approval[0].body
-        image = await pair.http.get(pair.relay_url + re.sub(r"^https://[^/]+", "", approval[0].media[0]))
+        picture = await wait_for(lambda: [m for m in twilio.messages if m.media], STEP, "the diff's picture")
+        image = await pair.http.get(pair.relay_url + re.sub(r"^https://[^/]+", "", picture[0].media[0]))
         assert image.status_code == 200 and image.content.startswith(b"\x89PNG")
 
         await pair.text("approve")
@@ -52,7 +53,7 @@ async def test_an_owners_day(tmp_path: Path) -> None:
         assert branch in branches(pair.origin) and show(pair.origin, branch, "hello.py") == "print('hello')\n"
 
         await pair.text("shout it")
-        await wait_for(lambda: len([m for m in twilio.messages if m.media]) == 2, STEP, "second approval")
+        await wait_for(lambda: len([m for m in twilio.messages if "approve" in m.buttons]) == 2, STEP, "approval 2")
         await pair.text("reject")
         await wait_for(lambda: pair.said("Rolled back"), STEP, "rollback")
         assert (checkout / "hello.py").read_text() == "print('hello')\n"

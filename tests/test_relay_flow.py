@@ -36,12 +36,18 @@ async def test_progress_answer_approval_and_pr(stack: Stack) -> None:
         diff="+def login():\n+    pass",
         images=[IMAGE],
     )
-    approval = await wait_for(lambda: [m for m in stack.twilio.messages if m.media], what="approval with image")
+    approval = await wait_for(
+        lambda: [m for m in stack.twilio.messages if "approve" in m.buttons], what="approval with buttons"
+    )
     bodies = stack.twilio.bodies(OWNER)
     assert "✏️ editing app.py" in bodies
     assert any("Added /login." in b and "4.2 s" in b and "$0.0123" in b for b in bodies)
+    # The approval carries Approve and Reject (a quick reply), and still says what to type.
     assert "app.py +3 −1" in approval[0].body and "approve" in approval[0].body
-    assert approval[0].media == [f"{PUBLIC_URL}/images/{IMAGE}"]
+    assert approval[0].buttons == ["approve", "reject"] and approval[0].content_sid.startswith("HX")
+    # A quick reply carries no picture: the diff's picture comes just before it, on its own.
+    picture = stack.twilio.messages[stack.twilio.messages.index(approval[0]) - 1]
+    assert picture.media == [f"{PUBLIC_URL}/images/{IMAGE}"] and picture.body == ""
     # The relay cached the image, so Twilio can fetch it even after the worker sleeps.
     stack.worker.images.clear()
     image = await stack.http.get(f"{stack.url}/images/{IMAGE}")
@@ -49,7 +55,7 @@ async def test_progress_answer_approval_and_pr(stack: Stack) -> None:
 
     await stack.send("Approve")
     await wait_for(lambda: "/approve" in stack.worker.paths(), what="approve call")
-    assert stack.worker.calls[-1].body == {"v": 1, "phone": OWNER}
+    assert stack.worker.calls[-1].body == {"v": 2, "phone": OWNER}
     await stack.report("pr_opened", run_id=run_id, url="https://github.com/o/r/pull/7")
     await wait_for(lambda: any("pull/7" in b for b in stack.twilio.bodies(OWNER)), what="PR link")
 

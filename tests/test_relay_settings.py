@@ -41,11 +41,53 @@ def test_defaults() -> None:
         ("WAKE_TIMEOUT_MS", "0"),
         ("TWILIO_MIN_SEND_INTERVAL_MS", "-1"),
         ("PORT", "99999"),
+        ("REPOS", "web"),
+        ("REPOS", "Web=https://github.com/a/b.git"),
+        ("REPOS", "web=https://github.com/a/b.git,web=https://github.com/a/c.git"),
+        ("REPOS", "web=https://user:tok@github.com/a/b.git"),
+        ("REPOS", "web=ftp://example.com/b.git"),
+        ("REPO_URL", "https://user:tok@github.com/a/b.git"),
+        ("BUTTONS", "maybe"),
+        ("CLAUDE_MODEL", "opus; rm -rf"),
+        ("MONTHLY_BUDGET_USD", "lots"),
+        ("MONTHLY_BUDGET_USD", "-5"),
+        ("RUN_BUDGET_USD", "nan"),
+        ("VM_COST_PER_HOUR_USD", "free"),
     ],
 )
 def test_bad_values_name_the_variable(name: str, value: str) -> None:
     with pytest.raises(ConfigError, match=name):
         Settings.from_env({**BASE, name: value})
+
+
+def test_repositories_the_model_and_the_ceilings() -> None:
+    settings = Settings.from_env(
+        {
+            **BASE,
+            "REPOS": " web = https://github.com/you/web.git , api=git@github.com:you/api.git ",
+            "CLAUDE_MODEL": "sonnet",
+            "MONTHLY_BUDGET_USD": "$25",
+            "RUN_BUDGET_USD": "0.50",
+            "VM_COST_PER_HOUR_USD": "0",
+        }
+    )
+    assert [(r.name, r.url) for r in settings.repos] == [
+        ("web", "https://github.com/you/web.git"),
+        ("api", "git@github.com:you/api.git"),
+    ]
+    assert (settings.claude_model, settings.monthly_budget_usd, settings.run_budget_usd) == ("sonnet", 25.0, 0.5)
+    assert settings.vm_cost_per_hour_usd == 0 and settings.buttons
+    # REPO_URL alone is the one repository, named after it; with neither, the worker's own.
+    one = Settings.from_env({**BASE, "REPO_URL": "https://github.com/you/My_Project.git"})
+    assert [(r.name, r.url) for r in one.repos] == [("my_project", "https://github.com/you/My_Project.git")]
+    assert Settings.from_env(BASE).repos == () and Settings.from_env(BASE).vm_cost_per_hour_usd > 0
+
+
+def test_a_malformed_repos_never_echoes_a_url() -> None:
+    for raw in ("https://me:hunter22@github.com/a/b.git", "https://me:hunter22@github.com/a/b.git=web"):
+        with pytest.raises(ConfigError, match="REPOS is malformed: pair 1") as info:
+            Settings.from_env({**BASE, "REPOS": raw})
+        assert "hunter22" not in str(info.value)
 
 
 def test_a_short_secret_is_not_echoed() -> None:

@@ -202,3 +202,52 @@ async def test_a_turn_that_failed_leaves_no_cli_kept_and_the_next_prompt_runs(wo
     await worker.command("second")  # at once: within the 10 s the SDK gives a closing CLI
     await wait_for(lambda: worker.relay.of_type("answer"), RUN_TIMEOUT, "the second answer")
     assert worker.relay.of_type("answer")[0]["text"] == "Second answer."
+
+
+async def test_a_runs_cost_is_its_own_though_the_kept_cli_counts_its_whole_life(worker: WorkerStack) -> None:
+    worker.anthropic.script("first question", Text("One."))
+    worker.anthropic.script("second question", Text("Two."))
+    await worker.command("first question")
+    await answers(worker, 1)
+    await kept_cli(worker)
+    await worker.command("second question")
+    await answers(worker, 2)
+    first, second = worker.relay.of_type("answer")
+    # The same one model request each (the fake's usage is fixed): the same cost, never the sum.
+    assert first["cost_usd"] > 0 and second["cost_usd"] == pytest.approx(first["cost_usd"])
+    assert (first["input_tokens"], first["output_tokens"]) == (100, 20) == (second["input_tokens"], 20)
+
+
+async def test_the_model_asked_for_reaches_the_model_and_a_change_of_model_starts_a_cli(
+    worker: WorkerStack,
+) -> None:
+    worker.anthropic.script("in haiku", Text("Quick."))
+    worker.anthropic.script("in opus", Text("Deep."))
+    await worker.command("in haiku", model="haiku")
+    await answers(worker, 1)
+    cli = await kept_cli(worker)
+    await worker.command("in opus", model="opus")
+    await answers(worker, 2)
+    models = [r["model"] for r in worker.anthropic.requests if any("in " in t for t in _texts(r))]
+    assert "haiku" in models[0] and "opus" in models[-1]
+    assert await kept_cli(worker) != cli  # the model is the CLI's for its life: a new one resumed the session
+    [follow_up] = requests_with(worker, "in opus")
+    assert any("in haiku" in t for t in follow_up)
+
+
+async def test_a_run_that_reaches_its_budget_stops_and_says_so(worker: WorkerStack) -> None:
+    worker.anthropic.script("expensive", Text("Thinking..."), Text("never reached"))
+    await worker.command("expensive", budget_usd=0.00001)
+    error = await wait_for(lambda: worker.relay.of_type("answer", "error"), RUN_TIMEOUT, "the run's end")
+    assert error[0]["type"] == "error" and error[0]["stop"] == "budget" and error[0]["cost_usd"] > 0.00001
+    # Claude Code counts a budget over its CLI's life: a CLI with one takes one run, then ends.
+    await worker.settled()
+    await wait_for(lambda: not clis(), 10, "the budgeted CLI to end")
+    worker.anthropic.script("next one", Text("Fine."))
+    await worker.command("next one", budget_usd=0.5)
+    await answers(worker, 1)
+
+
+def _texts(request: dict[str, object]) -> list[str]:
+    messages = request.get("messages")
+    return [str(m) for m in messages] if isinstance(messages, list) else []

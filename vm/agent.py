@@ -33,6 +33,8 @@ SYSTEM_APPEND = (
 )
 # Tools that would wait for a person at a terminal; nobody is there.
 DISALLOWED = ["AskUserQuestion", "EnterPlanMode", "ExitPlanMode"]
+# What a result counts as input: the prompt's tokens, and those written to and read from the cache.
+INPUT_TOKENS = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
 INTERRUPT_S = 3.0  # how long `cancel` lets the CLI end its turn before the CLI itself is ended
 
 
@@ -40,9 +42,12 @@ INTERRUPT_S = 3.0  # how long `cancel` lets the CLI end its turn before the CLI 
 class RunResult:
     text: str
     is_error: bool
-    cost_usd: float | None
+    cost_usd: float | None  # this run's: the CLI reports its whole life's, counted since its start
     duration_ms: int
     session_id: str | None
+    input_tokens: int = 0  # with the cache's reads and writes
+    output_tokens: int = 0
+    stop: str = ""  # "budget": the run stopped at its budget_usd
 
 
 Progress = Callable[[str], None]
@@ -127,10 +132,15 @@ class Agent:
         locate: Callable[[], int | None],
         cli_path: str | None = None,
         env: Mapping[str, str] | None = None,
+        model: str = "",
+        budget_usd: float | None = None,
     ) -> LiveAgent:
         """A client for one owner, on their session; `serve` it in a task, then `ask`. `cli_path`
         and `env` come from the sandbox: the launcher that starts the CLI as the owner's agent
-        user, and that user's HOME and folders; `locate` finds the CLI's pid once it runs."""
+        user, and that user's HOME and folders; `locate` finds the CLI's pid once it runs.
+        `model` ("" = Claude Code's default) and `budget_usd` hold for the CLI's whole life:
+        Claude Code counts the budget over every query a CLI takes (measured), so a client with
+        a budget takes one run only."""
         from claude_agent_sdk import ClaudeAgentOptions, PermissionResultAllow
 
         async def allow(name: str, args: dict[str, Any], context: Any) -> PermissionResultAllow:
@@ -149,8 +159,10 @@ class Agent:
             system_prompt={"type": "preset", "preset": "claude_code", "append": SYSTEM_APPEND},
             env={**self._env, **(env or {}), MARKER_VAR: marker},
             cli_path=cli_path,
+            model=model or None,
+            max_budget_usd=budget_usd,
         )
-        return LiveAgent(options, session_id, cwd, locate, self._interval)
+        return LiveAgent(options, session_id, cwd, locate, self._interval, model=model, budget_usd=budget_usd)
 
 
 class AgentGone(RuntimeError):
@@ -178,11 +190,21 @@ class LiveAgent:
     """
 
     def __init__(
-        self, options: Any, session_id: str | None, cwd: Path, locate: Callable[[], int | None], interval_s: float
+        self,
+        options: Any,
+        session_id: str | None,
+        cwd: Path,
+        locate: Callable[[], int | None],
+        interval_s: float,
+        *,
+        model: str = "",
+        budget_usd: float | None = None,
     ) -> None:
         self.session_id = session_id
+        self.model, self.budget_usd = model, budget_usd
         self.pid: int | None = None  # the CLI's, once connected
         self.closed = False
+        self._spent = 0.0  # the CLI's cost so far, as its last result said
         self._options, self._cwd, self._locate, self._interval = options, cwd, locate, interval_s
         self._send, self._inbox = anyio.create_memory_object_stream[_Turn](1)
         self._scope = anyio.CancelScope()
@@ -308,13 +330,26 @@ class LiveAgent:
         if result is None:
             elapsed = int((time.monotonic() - started) * 1000)
             return RunResult("The agent stopped without a result.", True, None, elapsed, self.session_id)
+        cost = None
+        if result.total_cost_usd is not None:  # the CLI's total so far: this run's is the rise
+            cost, self._spent = max(0.0, result.total_cost_usd - self._spent), result.total_cost_usd
+        usage = result.usage or {}
+        tokens_in = sum(_count(usage, key) for key in INPUT_TOKENS)
         return RunResult(
             text=(result.result or (texts[-1] if texts else "")).strip(),
             is_error=bool(result.is_error),
-            cost_usd=result.total_cost_usd,
+            cost_usd=cost,
             duration_ms=int(result.duration_ms),
             session_id=self.session_id,
+            input_tokens=tokens_in,
+            output_tokens=_count(usage, "output_tokens"),
+            stop="budget" if result.subtype == "error_max_budget_usd" else "",
         )
+
+
+def _count(usage: Mapping[str, Any], key: str) -> int:
+    value = usage.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
 async def _flush_loop(throttle: ProgressThrottle) -> None:

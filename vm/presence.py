@@ -19,6 +19,7 @@ import json
 import logging
 import secrets
 import ssl
+import time
 from urllib.parse import urlsplit
 
 import anyio
@@ -37,10 +38,13 @@ class Announcer:
     def __init__(self, relay_url: str, token: str) -> None:
         self._url, self._token = f"{relay_url.rstrip('/')}/callback", token
         self.boot = secrets.token_hex(8)  # a new one per process: a restart, not a resume
+        self._up_since = time.monotonic()  # since the boot, or the last resume
 
     async def say(self, state: PresenceState, *, retries: tuple[float, ...] = ()) -> bool:
-        """Post the worker's presence; True once the relay took it."""
-        body = json.dumps(encode_presence(Presence(state, self.boot))).encode()
+        """Post the worker's presence; True once the relay took it. Going to sleep, it says how
+        long it was up: the relay counts the machine's hours from that (relay/usage.py)."""
+        awake_ms = int((time.monotonic() - self._up_since) * 1000) if state == "sleeping" else 0
+        body = json.dumps(encode_presence(Presence(state, self.boot, awake_ms))).encode()
         for pause in (*retries, None):
             try:
                 status = await post_json(self._url, body, self._token)
@@ -56,6 +60,7 @@ class Announcer:
         return False
 
     async def up(self) -> bool:
+        self._up_since = time.monotonic()
         return await self.say("up", retries=RETRIES_S)
 
 

@@ -57,6 +57,8 @@ class OwnerState:
     branch: str = ""
     commit: str = ""  # the commit approve made of shown_tree (a retry pushes the same one)
     seen: list[str] = field(default_factory=list)
+    model: str = ""  # the run's model ("" = Claude Code's default), as the relay asked
+    budget_usd: float | None = None  # the run's budget (RUN_BUDGET_USD)
 
     def fire(self, event: str) -> None:
         target = TRANSITIONS[self.state].get(event)

@@ -183,6 +183,7 @@ class Worker:
         if command.new_session:
             owner.session_id = None
         owner.run_id, owner.prompt = command.message_id, command.text
+        owner.model, owner.budget_usd = command.model, command.budget_usd
         owner.shown_tree, owner.branch, owner.commit = "", "", ""
         # The baseline becomes the run's snapshot, saved with the run (one write on a follow-up's
         # path); one still being taken is picked up by `_begin`.
@@ -260,17 +261,26 @@ class Worker:
         """The pid of the owner's CLI if it may be kept stopped between prompts; an agent that
         may not (mid-turn, failed, or WARM_AGENT=off) is ended here."""
         agent = self._agents.get(phone)
+        # A CLI with a budget took its one run (Claude Code counts the budget over its life).
         if agent is not None and agent.idle and agent.pid is not None and self.settings.warm_agent:
-            return agent.pid
+            if agent.budget_usd is None:
+                return agent.pid
         self._drop_agent(phone)
         return None
 
     def _kept_agent(self, owner: OwnerState) -> LiveAgent | None:
-        """The owner's kept CLI, if it can take their next prompt: still there, stopped, and on
-        their session (after `new` it is not). One that cannot is ended."""
+        """The owner's kept CLI, if it can take their next prompt: still there, stopped, on their
+        session (after `new` it is not), with the model and budget the prompt asks for. One that
+        cannot is ended."""
         agent = self._agents.get(owner.phone)
         pid = self._keepable(owner.phone)
-        if agent is None or pid is None or agent.session_id != owner.session_id or not stopped_child(pid):
+        if (
+            agent is None
+            or pid is None
+            or agent.session_id != owner.session_id
+            or (agent.model, agent.budget_usd) != (owner.model, owner.budget_usd)
+            or not stopped_child(pid)
+        ):
             self._drop_agent(owner.phone)
             return None
         return agent
@@ -312,10 +322,16 @@ class Worker:
         else:
             outcome, text = "answer", result.text
         duration = result.duration_ms if result else int((time.monotonic() - started) * 1000)
-        await self._finish(
-            owner,
-            Report(outcome, run_id, text=text, duration_ms=duration, cost_usd=result.cost_usd if result else None),
-        )
+        end = Report(outcome, run_id, text=text, duration_ms=duration)
+        if result is not None:
+            end = replace(
+                end,
+                cost_usd=result.cost_usd,
+                input_tokens=result.input_tokens,
+                output_tokens=result.output_tokens,
+                stop=result.stop,
+            )
+        await self._finish(owner, end)
         await self._settle(owner)
 
     async def _begin(self, phone: str, owner: OwnerState, workspace: Workspace) -> None:
@@ -373,6 +389,8 @@ class Worker:
             locate=lambda: self.sandbox.cli_of(space, marker),
             cli_path=cli_path,
             env=env,
+            model=owner.model,
+            budget_usd=owner.budget_usd,
             # Bound to whichever run is going when Claude takes a screenshot: the client outlives runs.
             tool_servers=tool_servers(lambda url: self._capture(phone, self._owner(phone).run_id, url)),
         )
