@@ -377,7 +377,8 @@ def usage(today: Period, month: Period, budget: Budget | None, owners: int) -> s
     if shared:
         lines.append(f"VM hours are the machine's{shared}.")
     if budget is not None:
-        lines.append(f"💰 Budget: ${budget.spent_usd:.2f} of ${budget.limit_usd:.2f} this month ({budget.share:.0%}).")
+        spent, limit = _usd(budget.spent_usd), _usd(budget.limit_usd)
+        lines.append(f"💰 Budget: {spent} of {limit} this month ({budget.share:.0%}).")
     return "\n".join(lines)
 
 
@@ -385,8 +386,8 @@ def _period(p: Period) -> str:
     runs = f"{p.runs} run{'s' if p.runs != 1 else ''}"
     tokens = f"{_tokens(p.input_tokens)} tokens in, {_tokens(p.output_tokens)} out"
     return (
-        f"{runs}, {tokens}, ${p.model_usd:.2f} model; VM awake {p.awake_hours:.1f} h ≈ ${p.vm_usd:.2f}; "
-        f"total ${p.total_usd:.2f}"
+        f"{runs}, {tokens}, {_usd(p.model_usd)} model; VM awake {p.awake_hours:.1f} h ≈ {_usd(p.vm_usd)}; "
+        f"total {_usd(p.total_usd)}"
     )
 
 
@@ -396,7 +397,7 @@ def _tokens(n: int) -> str:
 
 def budget_reached(budget: Budget) -> str:
     return (
-        f"🛑 This month's budget is spent: ${budget.spent_usd:.2f} of ${budget.limit_usd:.2f}. "
+        f"🛑 This month's budget is spent: {_usd(budget.spent_usd)} of {_usd(budget.limit_usd)}. "
         "New prompts wait for a higher budget: send *budget <amount>* (in dollars, for this month) "
         "to raise it. *usage* shows where it went."
     )
@@ -405,14 +406,21 @@ def budget_reached(budget: Budget) -> str:
 def budget_warning(level: int, budget: Budget) -> str:
     if level >= 100:
         return (
-            f"🛑 Budget reached: ${budget.spent_usd:.2f} of ${budget.limit_usd:.2f} this month. "
+            f"🛑 Budget reached: {_usd(budget.spent_usd)} of {_usd(budget.limit_usd)} this month. "
             "New prompts are refused until you raise it with *budget <amount>*."
         )
     return (
-        f"⚠️ {budget.share:.0%} of this month's budget is spent (${budget.spent_usd:.2f} of "
-        f"${budget.limit_usd:.2f}). *budget <amount>* raises it."
+        f"⚠️ {budget.share:.0%} of this month's budget is spent ({_usd(budget.spent_usd)} of "
+        f"{_usd(budget.limit_usd)}). *budget <amount>* raises it."
     )
 
 
 def budget_set(amount_usd: float) -> str:
-    return f"💰 This month's budget is now ${amount_usd:.2f}."
+    return f"💰 This month's budget is now {_usd(amount_usd)}."
+
+
+def _usd(amount: float) -> str:
+    """Dollars as a person reads them; a run on a cheap model costs fractions of a cent."""
+    if 0 < amount < 0.01:
+        return "$" + f"{amount:.5f}".rstrip("0") if amount >= 0.00001 else "<$0.00001"
+    return f"${amount:.2f}"
