@@ -470,6 +470,7 @@ def _number(data: dict[str, Any], key: str) -> float | None:
 # --- presence -------------------------------------------------------------------------
 
 PresenceState = Literal["up", "sleeping"]
+MAX_AWAKE_MS = 366 * 86_400_000
 PRESENCE_STATES: tuple[PresenceState, ...] = get_args(PresenceState)
 
 
@@ -505,4 +506,6 @@ def decode_presence(data: Any) -> Presence:
         awake_ms = _integer(data, "awake_ms")
     except ValueError as exc:
         raise ProtocolError(str(exc)) from None
+    if awake_ms > MAX_AWAKE_MS:  # no float holds some integers JSON may carry
+        raise ProtocolError(f"awake_ms must be at most {MAX_AWAKE_MS} (a year)")
     return Presence(state, _string(data, "boot", 100), awake_ms)

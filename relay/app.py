@@ -19,7 +19,7 @@ from starlette.routing import Route
 
 from common.http import Problem, bearer_ok, error, read_body, read_message
 from common.protocol import decode_presence, decode_report, encode_report
-from relay import store
+from relay import store, usage
 from relay.dispatcher import Dispatcher
 from relay.events import BUTTON_WORDS
 from relay.images import ImageCache
@@ -151,7 +151,8 @@ def create_app(
                 return error(502, "could not fetch an image from the worker")
             if cached:
                 kept.append(name)  # an image the worker no longer has would hold its spool forever
-        report = replace(report, images=tuple(kept))
+        # Numbers no run can have (NaN, infinity, past SQLite's integers) are cut to what one can.
+        report = usage.sane(replace(report, images=tuple(kept)))
         new = await dispatcher.record(
             phone, f"evt:{report.run_id}:{report.seq}", encode_report(report), from_worker=True
         )

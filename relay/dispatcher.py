@@ -149,7 +149,18 @@ def _account(
     conn: sqlite3.Connection, conv: Conversation, report: Report, ctx: Context, pricing: Pricing
 ) -> list[Effect]:
     """Count a run's end (once), and tell the owner when it took the month past 80% or 100% of
-    their budget. `conv` is the conversation as it was before the report."""
+    their budget. `conv` is the conversation as it was before the report. A failure here is
+    logged and costs the owner nothing: the report's answer and the next prompt still go."""
+    try:
+        return _count_run(conn, conv, report, ctx, pricing)
+    except Exception:
+        logger.exception("could not count the end of run %s", report.run_id)
+        return []
+
+
+def _count_run(
+    conn: sqlite3.Connection, conv: Conversation, report: Report, ctx: Context, pricing: Pricing
+) -> list[Effect]:
     job = conv.job if conv.job is not None and conv.job.message_id == report.run_id else None
     current = current_repo(conv, ctx)
     repo = job.repo if job is not None and job.repo else current.name if current else ""

@@ -367,6 +367,8 @@ def worker_slept(conn: sqlite3.Connection, now: float, awake_s: float | None = N
     if row is not None and row["awake"] == 1:
         since = row["up_at"]
         seconds = awake_s if awake_s else (now - since if since is not None else 0.0)
+        if row["slept_at"] is not None:  # it was asleep then: it cannot have been up for longer
+            seconds = min(seconds, now - row["slept_at"])
         usage.record_awake(conn, boot or row["boot"] or "", seconds, now)
     conn.execute(
         "INSERT INTO worker_state (id, awake, slept_at) VALUES (1, 0, ?) "

@@ -13,9 +13,10 @@ bill; with one owner, the usual case, it is the bill.
 from __future__ import annotations
 
 import calendar
+import math
 import sqlite3
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from common.protocol import Report
 
@@ -95,9 +96,32 @@ def _month_start(now: float) -> float:
 
 # --- recording ----------------------------------------------------------------------------
 
+# What one run's end may count for. The worker takes these from Claude Code's result; a number
+# past them is a fault (NaN, infinity, an integer SQLite cannot hold), and counting it would
+# fail the owner's event or spend their month for good, with no budget high enough to go on.
+MAX_RUN_USD = 1_000_000.0
+MAX_COUNT = 10**12  # tokens, milliseconds
+
+
+def sane(report: Report) -> Report:
+    """The report with its cost, tokens and duration within what a run can have: a cost that is
+    not a number is unknown, and the rest are cut to their limits."""
+    cost = report.cost_usd
+    if cost is not None:
+        cost = min(max(cost, 0.0), MAX_RUN_USD) if math.isfinite(cost) else None
+    duration = None if report.duration_ms is None else min(report.duration_ms, MAX_COUNT)
+    return replace(
+        report,
+        cost_usd=cost,
+        duration_ms=duration,
+        input_tokens=min(report.input_tokens, MAX_COUNT),
+        output_tokens=min(report.output_tokens, MAX_COUNT),
+    )
+
 
 def record_run(conn: sqlite3.Connection, phone: str, report: Report, repo: str, model: str, now: float) -> bool:
     """A run's end, once per run; False when it was counted before."""
+    report = sane(report)
     cur = conn.execute(
         "INSERT OR IGNORE INTO runs (run_id, phone, repo, model, outcome, cost_usd, input_tokens, output_tokens, "
         "duration_ms, ended_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",

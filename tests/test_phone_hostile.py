@@ -1,0 +1,93 @@
+"""The owner's phone, fuller (issue 12), attacked: absurd numbers from the worker, odd commands,
+the budget against queues, retries and a restart, the repository a kept prompt runs in, stale
+buttons. Through the real relay with a fake Twilio and a fake worker, as tests/test_phone_commands.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from common.protocol import VERSION, Answer
+from fakes.wiring import OWNER, WORKER_TOKEN
+from tests.support.relay_harness import Stack, relay_stack
+from tests.support.waiting import wait_for
+from tests.test_phone_commands import reply_to, said, start_run
+
+pytestmark = pytest.mark.anyio
+AUTH = {"Authorization": f"Bearer {WORKER_TOKEN}", "Content-Type": "application/json"}
+
+
+async def post_raw(stack: Stack, path: str, body: str) -> Any:
+    """A body as given, JSON's NaN and Infinity included (Python's json reads them)."""
+    return await stack.http.post(f"{stack.url}{path}", content=body, headers=AUTH)
+
+
+def today(usage: str) -> str:
+    return next(line for line in usage.splitlines() if line.startswith("*Today:*"))
+
+
+# --- absurd numbers from the worker ---------------------------------------------------------
+
+
+async def test_an_absurd_awake_time_is_refused_or_bounded_never_a_500(tmp_path: Path) -> None:
+    async with relay_stack(tmp_path, VM_COST_PER_HOUR_USD="1") as stack:
+        huge = "1" + "0" * 400  # an integer no float holds
+        response = await post_raw(
+            stack, "/callback", f'{{"v": 2, "state": "sleeping", "boot": "b", "awake_ms": {huge}}}'
+        )
+        assert response.status_code == 422, response.text
+        # Heard from once (a prompt delivered), asleep, up again: then it says it was up for
+        # 300 days, though the relay knew it asleep a moment ago. It cannot have been up longer.
+        await start_run(stack)
+        await post_raw(stack, "/callback", '{"v": 2, "state": "sleeping", "boot": "b1", "awake_ms": 1000}')
+        await stack.worker.announce(stack.url)
+        days = 300 * 86_400_000
+        sleeping = f'{{"v": 2, "state": "sleeping", "boot": "b2", "awake_ms": {days}}}'
+        assert (await post_raw(stack, "/callback", sleeping)).status_code == 200
+        usage = await reply_to(stack, "usage", "Usage")
+        assert "VM awake 0.0 h" in today(usage), usage
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"cost_usd": float("nan")},
+        {"cost_usd": float("inf")},
+        {"cost_usd": 1e300},
+        {"input_tokens": 2**70},
+        {"output_tokens": 2**64, "duration_ms": 2**64},
+    ],
+    ids=["nan", "infinity", "1e300", "tokens-2^70", "tokens-and-duration-2^64"],
+)
+async def test_a_run_end_with_absurd_numbers_is_shown_counted_sanely_and_starts_the_next(
+    tmp_path: Path, fields: dict[str, Any]
+) -> None:
+    async with relay_stack(tmp_path, MONTHLY_BUDGET_USD="10", VM_COST_PER_HOUR_USD="0") as stack:
+        command = await start_run(stack, "first")
+        await reply_to(stack, "second", "Queued")
+        end = {
+            "v": VERSION,
+            "type": "answer",
+            "run_id": command["message_id"],
+            "seq": 7,
+            "text": "THE ANSWER",
+            **fields,
+        }
+        response = await post_raw(stack, f"/callback/{OWNER}", json.dumps(end))
+        assert response.status_code == 200, response.text
+        stack.worker.states[OWNER] = Answer("idle")  # where the worker is once it reported that
+        # The answer is shown and the queued prompt goes to the worker: nothing about the
+        # numbers may cost the owner the report's effects.
+        await wait_for(lambda: said(stack, "THE ANSWER"), what="the answer")
+        await wait_for(lambda: [c for c in stack.worker.commands() if c["text"] == "second"], what="the next prompt")
+        assert not said(stack, "inf") and not said(stack, "nan")
+        usage = await reply_to(stack, "usage", "Usage")
+        assert "1 run," in today(usage)
+        # Whatever the run was said to cost, a budget the owner may set lets them go on.
+        await stack.report("answer", run_id=stack.worker.commands()[-1]["message_id"], text="second done")
+        await wait_for(lambda: said(stack, "second done"), what="the second answer")
+        await reply_to(stack, "budget 9999999", "budget is now")
+        await start_run(stack, "third")
