@@ -377,6 +377,8 @@ def usage(conv: Conversation, event: Word, ctx: Context) -> list[Effect]:
 
 
 def set_budget(conv: Conversation, event: SetBudget, ctx: Context) -> list[Effect]:
+    if event.amount_usd is None:
+        return [Send(replies.bad_budget(event.amount))]
     return [RecordBudget(event.amount_usd)]
 
 

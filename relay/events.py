@@ -57,10 +57,12 @@ class SetModel:
 
 @dataclass(frozen=True)
 class SetBudget:
-    """`budget <amount>`: the owner's ceiling for this month, in dollars."""
+    """`budget <amount>`: the owner's ceiling for this month, in dollars; `amount_usd` is None
+    when `amount` is not one the relay takes (the owner is told what it takes)."""
 
     kind: ClassVar[str] = "set_budget"
-    amount_usd: float
+    amount_usd: float | None
+    amount: str = ""
 
 
 OWNER_WORDS = frozenset(
@@ -72,10 +74,19 @@ _SCREENSHOT = re.compile(r"^screenshot\s+(\S+)$", re.IGNORECASE)
 # Two-word commands. Anything longer is a prompt ("use the new API in app.py", "model the data").
 _USE = re.compile(r"^use\s+(\S+)$", re.IGNORECASE)
 _MODEL = re.compile(r"^model\s+(\S+)$", re.IGNORECASE)
-_BUDGET = re.compile(r"^budget\s+\$?(\d{1,7}(?:\.\d{1,2})?)\$?$", re.IGNORECASE)
+_BUDGET = re.compile(r"^budget\s+(\S+)$", re.IGNORECASE)
+_AMOUNT = re.compile(r"^\$?([0-9]{1,7}(?:\.[0-9]{1,2})?)\$?$")  # dollars: up to 9,999,999.99
 
 
 OwnerEvent = Prompt | Screenshot | Word | Use | SetModel | SetBudget
+
+
+def _budget(amount: str) -> SetBudget:
+    """Any one word after `budget` is the command: an amount it cannot take gets a reply saying
+    what it takes, never a run of the agent."""
+    match = _AMOUNT.match(amount)
+    value = float(match.group(1)) if match else 0.0
+    return SetBudget(value if value > 0 else None, amount)
 
 
 def parse_owner_text(text: str, message_id: str) -> OwnerEvent:
@@ -94,7 +105,7 @@ def parse_owner_text(text: str, message_id: str) -> OwnerEvent:
     if match := _MODEL.match(stripped):
         return SetModel(match.group(1).rstrip(".!"))
     if match := _BUDGET.match(stripped):
-        return SetBudget(float(match.group(1)))
+        return _budget(match.group(1))
     return Prompt(text=stripped, message_id=message_id)
 
 

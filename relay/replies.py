@@ -415,6 +415,13 @@ def budget_warning(level: int, budget: Budget) -> str:
     )
 
 
+def bad_budget(amount: str) -> str:
+    return (
+        f"🤔 “{_clip(amount, 20)}” is not a budget: send *budget <amount>* in dollars, more than $0 and "
+        "at most $9,999,999.99, like *budget 20* or *budget 7.50*."
+    )
+
+
 def budget_set(amount_usd: float) -> str:
     return f"💰 This month's budget is now {_usd(amount_usd)}."
 

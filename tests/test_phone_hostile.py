@@ -91,3 +91,19 @@ async def test_a_run_end_with_absurd_numbers_is_shown_counted_sanely_and_starts_
         await wait_for(lambda: said(stack, "second done"), what="the second answer")
         await reply_to(stack, "budget 9999999", "budget is now")
         await start_run(stack, "third")
+
+
+# --- odd commands -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("amount", ["off", "1e9", "10000000", "-5", "5.555", "0", "$0.00", "five"])
+async def test_budget_with_an_amount_it_cannot_take_says_how_and_never_runs_a_prompt(
+    tmp_path: Path, amount: str
+) -> None:
+    # Two words starting with "budget" are the command, as "use" and "model" are: a typo in the
+    # amount must not become a prompt that the agent runs (and the month pays for).
+    async with relay_stack(tmp_path) as stack:
+        refusal = await reply_to(stack, f"budget {amount}", "budget <amount>")
+        assert "9,999,999.99" in refusal and "more than $0" in refusal
+        assert stack.worker.commands() == []
+        assert "$7.50" in await reply_to(stack, "Budget $7.50", "budget is now")
