@@ -116,7 +116,7 @@ class Context:
     repos: tuple[Repo, ...] = ()  # REPOS; empty: the worker's own REPO_URL
     default_model: str = ""  # CLAUDE_MODEL
     run_budget_usd: float | None = None  # RUN_BUDGET_USD
-    budget: Budget | None = None  # the owner's month against MONTHLY_BUDGET_USD (for prompts only)
+    budget: Budget | None = None  # the owner's month against their ceiling, when a prompt may start
     buttons: bool = False  # messages with quick replies must fit Twilio's 1,024 characters
 
 
@@ -188,10 +188,19 @@ def _start(conv: Conversation, job: Job, ctx: Context) -> list[Effect]:
 
 def _next_or_idle(conv: Conversation, ctx: Context) -> list[Effect]:
     conv.state, conv.job, conv.approval_deadline, conv.applying, conv.run = "idle", None, None, "", ""
+    if conv.queue and _spent(ctx) and conv.kept is None:
+        # Queued before the month was spent, but not started: it waits, kept for `retry`, which
+        # starts it (and then the rest) once the owner raises the budget. Nothing is lost.
+        conv.kept = conv.queue.pop(0)
+        return [Send(replies.held_for_budget(conv.kept.text, len(conv.queue)))]
     if conv.queue:
         job = conv.queue.pop(0)
         return [Send(replies.starting_queued(job.text, len(conv.queue))), *_start(conv, job, ctx)]
     return []
+
+
+def _spent(ctx: Context) -> bool:
+    return ctx.budget is not None and ctx.budget.spent_usd >= ctx.budget.limit_usd
 
 
 def _close_run(conv: Conversation) -> None:
@@ -282,7 +291,7 @@ def _refused(conv: Conversation, event: Prompt, ctx: Context) -> list[Effect] | 
     """Why this prompt cannot be taken (empty, or the month's budget is spent), if it cannot."""
     if not event.text:
         return [Send(replies.EMPTY)]
-    if ctx.budget is not None and ctx.budget.spent_usd >= ctx.budget.limit_usd:
+    if ctx.budget is not None and _spent(ctx):
         return [Send(replies.budget_reached(ctx.budget))]
     return None
 
@@ -360,6 +369,8 @@ def check_applying(conv: Conversation, event: Word, ctx: Context) -> list[Effect
 def retry(conv: Conversation, event: Word, ctx: Context) -> list[Effect]:
     if conv.kept is None:
         return [Send(replies.NOTHING_TO_RETRY)]
+    if ctx.budget is not None and _spent(ctx):  # a kept prompt is a prompt: it waits too
+        return [Send(replies.budget_reached(ctx.budget))]
     return [Send(replies.RETRYING), *_start(conv, conv.kept, ctx)]
 
 

@@ -41,7 +41,6 @@ from relay.events import (
     DropCommand,
     Effect,
     Event,
-    Prompt,
     RecordBudget,
     ReportStatus,
     ReportUsage,
@@ -111,11 +110,13 @@ def process_next(conn: sqlite3.Connection, phone: str, ctx: Context, pricing: Pr
         before = conv
         try:
             event = decode_event(data)
-            if isinstance(event, Prompt):  # a prompt is refused once the month's budget is spent
+            # A run's end is counted first, so the prompt it may start next is weighed with it.
+            counted = isinstance(event, Report) and event.type in TERMINAL and _count(conn, before, event, ctx)
+            if _may_start_a_run(event):  # no prompt starts (new, queued, kept) once the month is spent
                 ctx = replace(ctx, budget=_budget(conn, phone, ctx.now, pricing))
             conv, effects = apply(conv, event, ctx)
-            if isinstance(event, Report) and event.type in TERMINAL:
-                effects += _account(conn, before, event, ctx, pricing)
+            if counted:
+                effects += _budget_notice(conn, phone, ctx, pricing)
         except Exception:
             # A poison event must not block the owner's lane forever: log it and move on.
             logger.exception("could not handle inbox event %s of type %r", inbox_id, data.get("type"))
@@ -145,32 +146,35 @@ def _periods(conn: sqlite3.Connection, phone: str, now: float, pricing: Pricing)
     return usage.today_and_month(conn, phone, now, awake_since, pricing.hourly_usd)
 
 
-def _account(
-    conn: sqlite3.Connection, conv: Conversation, report: Report, ctx: Context, pricing: Pricing
-) -> list[Effect]:
-    """Count a run's end (once), and tell the owner when it took the month past 80% or 100% of
-    their budget. `conv` is the conversation as it was before the report. A failure here is
-    logged and costs the owner nothing: the report's answer and the next prompt still go."""
+def _may_start_a_run(event: Event) -> bool:
+    """Whether handling `event` may start one of the owner's prompts: every event but the
+    worker's progress lines and notices, which are the most frequent and start nothing."""
+    return not (isinstance(event, Report) and event.type in ("progress", "notice"))
+
+
+def _count(conn: sqlite3.Connection, conv: Conversation, report: Report, ctx: Context) -> bool:
+    """Count a run's end, once; False when it was counted before. `conv` is the conversation
+    as it was before the report. A failure here is logged and costs the owner nothing: the
+    report's answer and the next prompt still go."""
     try:
-        return _count_run(conn, conv, report, ctx, pricing)
+        job = conv.job if conv.job is not None and conv.job.message_id == report.run_id else None
+        current = current_repo(conv, ctx)
+        repo = job.repo if job is not None and job.repo else current.name if current else ""
+        return usage.record_run(conn, conv.phone, report, repo, conv.model or ctx.default_model, ctx.now)
     except Exception:
         logger.exception("could not count the end of run %s", report.run_id)
-        return []
+        return False
 
 
-def _count_run(
-    conn: sqlite3.Connection, conv: Conversation, report: Report, ctx: Context, pricing: Pricing
-) -> list[Effect]:
-    job = conv.job if conv.job is not None and conv.job.message_id == report.run_id else None
-    current = current_repo(conv, ctx)
-    repo = job.repo if job is not None and job.repo else current.name if current else ""
-    if not usage.record_run(conn, conv.phone, report, repo, conv.model or ctx.default_model, ctx.now):
+def _budget_notice(conn: sqlite3.Connection, phone: str, ctx: Context, pricing: Pricing) -> list[Effect]:
+    """Tell the owner, once each, when a run took the month past 80% or 100% of their budget."""
+    try:
+        budget = ctx.budget or _budget(conn, phone, ctx.now, pricing)
+        level = usage.threshold_to_tell(conn, phone, budget, ctx.now) if budget is not None else 0
+    except Exception:
+        logger.exception("could not weigh a run's end against the budget of %s", mask_phone(phone))
         return []
-    budget = _budget(conn, conv.phone, ctx.now, pricing)
-    if budget is None:
-        return []
-    level = usage.threshold_to_tell(conn, conv.phone, budget, ctx.now)
-    return [Send(replies.budget_warning(level, budget))] if level else []
+    return [Send(replies.budget_warning(level, budget))] if level and budget is not None else []
 
 
 def _record(
@@ -183,7 +187,9 @@ def _record(
         effect = Send(_usage_text(conn, conv.phone, now, pricing))
     elif isinstance(effect, RecordBudget):
         usage.set_limit(conn, conv.phone, effect.amount_usd, now)
-        effect = Send(replies.budget_set(effect.amount_usd) + "\n\n" + _usage_text(conn, conv.phone, now, pricing))
+        waiting = conv.kept.text if conv.kept else None  # a prompt held for the budget, say
+        text = replies.budget_set(effect.amount_usd, waiting) + "\n\n" + _usage_text(conn, conv.phone, now, pricing)
+        effect = Send(text)
     if isinstance(effect, Send):
         _enqueue(conn, conv.phone, effect, now, buttons=effect.buttons if ctx.buttons else "")
         outcome.sends = True

@@ -422,8 +422,18 @@ def bad_budget(amount: str) -> str:
     )
 
 
-def budget_set(amount_usd: float) -> str:
-    return f"💰 This month's budget is now {_usd(amount_usd)}."
+def budget_set(amount_usd: float, waiting: str | None = None) -> str:
+    """`waiting`: a prompt kept for `retry` (held for the budget, or never received by the VM)."""
+    retry = f"\n🔁 Send *retry* to start “{_clip(waiting, 60)}”." if waiting else ""
+    return f"💰 This month's budget is now {_usd(amount_usd)}.{retry}"
+
+
+def held_for_budget(text: str, more: int) -> str:
+    queued = f" ({more} more queued behind it)" if more else ""
+    return (
+        f"⏸️ This month's budget is spent, so “{_clip(text, 60)}” waits for a higher budget{queued}: "
+        "raise it with *budget <amount>*, then send *retry*."
+    )
 
 
 def _usd(amount: float) -> str:

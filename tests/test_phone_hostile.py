@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from common.protocol import VERSION, Answer
+from fakes.servers import reserve_port, run_server
 from fakes.wiring import OWNER, WORKER_TOKEN
 from tests.support.relay_harness import Stack, relay_stack
 from tests.support.waiting import wait_for
@@ -65,7 +66,7 @@ async def test_an_absurd_awake_time_is_refused_or_bounded_never_a_500(tmp_path: 
 async def test_a_run_end_with_absurd_numbers_is_shown_counted_sanely_and_starts_the_next(
     tmp_path: Path, fields: dict[str, Any]
 ) -> None:
-    async with relay_stack(tmp_path, MONTHLY_BUDGET_USD="10", VM_COST_PER_HOUR_USD="0") as stack:
+    async with relay_stack(tmp_path, VM_COST_PER_HOUR_USD="0") as stack:
         command = await start_run(stack, "first")
         await reply_to(stack, "second", "Queued")
         end = {
@@ -107,3 +108,52 @@ async def test_budget_with_an_amount_it_cannot_take_says_how_and_never_runs_a_pr
         assert "9,999,999.99" in refusal and "more than $0" in refusal
         assert stack.worker.commands() == []
         assert "$7.50" in await reply_to(stack, "Budget $7.50", "budget is now")
+
+
+# --- the budget against queues and retries ----------------------------------------------------
+
+
+async def test_queued_prompts_wait_once_a_run_spends_the_month_and_start_when_it_is_raised(tmp_path: Path) -> None:
+    async with relay_stack(tmp_path, MONTHLY_BUDGET_USD="1", VM_COST_PER_HOUR_USD="0") as stack:
+        first = await start_run(stack, "first")
+        await reply_to(stack, "second", "Queued (#1)")
+        await reply_to(stack, "third", "Queued (#2)")
+        await stack.report("answer", run_id=first["message_id"], text="first done", cost_usd=1.5)
+        held = await wait_for(lambda: said(stack, "waits for a higher budget"), what="the hold")
+        assert "“second”" in held[0] and "1 more queued" in held[0] and "*retry*" in held[0]
+        assert [c["text"] for c in stack.worker.commands()] == ["first"]  # nothing ran past the ceiling
+        assert "Kept for *retry*: “second”" in await reply_to(stack, "status", "VM:")
+
+        # Retry is a prompt too: refused while the month is spent.
+        await reply_to(stack, "retry", "This month's budget is spent")
+        assert [c["text"] for c in stack.worker.commands()] == ["first"]
+
+        raised = await reply_to(stack, "budget 5", "budget is now")
+        assert "*retry*" in raised and "“second”" in raised
+        await stack.send("retry")
+        second = await wait_for(lambda: [c for c in stack.worker.commands() if c["text"] == "second"], what="second")
+        await stack.report("answer", run_id=second[0]["message_id"], text="second done", cost_usd=0.1)
+        await wait_for(lambda: [c for c in stack.worker.commands() if c["text"] == "third"], what="third")
+
+
+async def test_a_prompt_kept_when_the_vm_never_woke_is_not_retried_past_the_budget(tmp_path: Path) -> None:
+    sock = reserve_port()
+    async with relay_stack(
+        tmp_path,
+        worker_listening=False,
+        worker_sock=sock,
+        WAKE_TIMEOUT_MS="800",
+        MONTHLY_BUDGET_USD="1",
+        VM_COST_PER_HOUR_USD="3600",
+    ) as stack:
+        await stack.send("expensive")
+        await wait_for(lambda: said(stack, "did not wake up"), what="the prompt kept")
+        async with run_server(stack.worker.app(), sock):
+            # The worker was up a second (a dollar at this price) and went to sleep: spent.
+            await stack.worker.announce(stack.url)
+            sleeping = '{"v": 2, "state": "sleeping", "boot": "fake-boot", "awake_ms": 1000}'
+            assert (await post_raw(stack, "/callback", sleeping)).status_code == 200
+            await reply_to(stack, "retry", "This month's budget is spent")
+            await stack.send("status")
+            await wait_for(lambda: said(stack, "Kept for *retry*"), what="status")
+            assert stack.worker.commands() == []
