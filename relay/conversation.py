@@ -81,6 +81,7 @@ class Conversation:
     check_at: float | None = None  # when to ask the worker, if nothing about the run is heard
     heard_seq: int = 0  # the newest report handled: a worker answer older than it is stale
     repo: str = ""  # the owner's current repository (`use <name>`); "": the first of REPOS
+    run_repo: str = ""  # the repository `run` works in, when the relay started it ("": unknown)
     model: str = ""  # the owner's model (`model <name>`); "": CLAUDE_MODEL
 
     def to_json(self) -> dict[str, Any]:
@@ -104,6 +105,7 @@ class Conversation:
             check_at=data.get("check_at"),
             heard_seq=data.get("heard_seq", 0),
             repo=data.get("repo", ""),
+            run_repo=data.get("run_repo", ""),
             model=data.get("model", ""),
         )
 
@@ -123,6 +125,23 @@ class Context:
 def current_repo(conv: Conversation, ctx: Context) -> Repo | None:
     """The owner's current repository: their choice while it is still configured, else the first."""
     return next((r for r in ctx.repos if r.name == conv.repo), ctx.repos[0] if ctx.repos else None)
+
+
+def run_repo(conv: Conversation, ctx: Context) -> str:
+    """The name of the repository the current run (or its changes) is in: the one it was started
+    in, which may not be the owner's current one (`use` while a kept prompt waited), and may no
+    longer be configured (REPOS changed across a restart). Without a run: the current one."""
+    if conv.run and conv.run_repo:
+        return conv.run_repo
+    current = current_repo(conv, ctx)
+    return current.name if current else ""
+
+
+def _set_run(conv: Conversation, run_id: str) -> None:
+    """The worker's word names the owner's run: a run the relay did not start is in a repository
+    it cannot know (the current one is assumed)."""
+    if run_id != conv.run:
+        conv.run, conv.run_repo = run_id, ""
 
 
 Handler = Callable[[Conversation, Any, Context], list[Effect]]
@@ -183,6 +202,7 @@ def _start(conv: Conversation, job: Job, ctx: Context) -> list[Effect]:
     )
     conv.state, conv.job, conv.kept = "working", job, None
     conv.run, conv.approval_deadline, conv.applying = job.message_id, None, ""
+    conv.run_repo = repo.name if repo else ""
     return [CallWorker(command)]
 
 
@@ -269,7 +289,7 @@ def _move_to(conv: Conversation, answer: Answer, ctx: Context) -> tuple[list[Eff
             conv.job.delivered, conv.job.cancelling = True, answer.state == "cancelling"
         return [], []
     prompt = answer.prompt or "an earlier prompt"
-    conv.run = answer.run_id
+    _set_run(conv, answer.run_id)
     if target == "working":
         conv.state, conv.approval_deadline, conv.applying = "working", None, ""
         conv.job = Job(
@@ -466,7 +486,7 @@ def finished(conv: Conversation, event: Report, ctx: Context) -> list[Effect]:
         return []
     if conv.kept is not None and conv.kept.message_id == event.run_id:
         conv.kept = None  # the VM did get it after all: nothing left to retry
-    conv.run = event.run_id
+    _set_run(conv, event.run_id)
     effects: list[Effect] = [Send(replies.finished(event, shown=False), event.images)]
     if event.changes:  # the approval request never came (a worker from before it came first)
         _await_approval(conv, ctx)
@@ -480,13 +500,12 @@ def approval_required(conv: Conversation, event: Report, ctx: Context) -> list[E
     if not current and not _unknown_while_idle(conv, event):
         return []  # a decision is under way, or the run is not this conversation's
     if conv.state != "awaiting_approval":
-        conv.run = event.run_id
+        _set_run(conv, event.run_id)
         _await_approval(conv, ctx)
-    repo = current_repo(conv, ctx)  # a run's repository: switching waits until it is decided
     text = replies.approval_request(
         event,
         ctx.approval_timeout_s,
-        repo=repo.name if repo else "",
+        repo=run_repo(conv, ctx),
         limit=replies.BUTTONS_LIMIT if ctx.buttons else replies.MESSAGE_LIMIT,
     )
     return [Send(text, event.images, buttons="decide")]
@@ -495,7 +514,7 @@ def approval_required(conv: Conversation, event: Report, ctx: Context) -> list[E
 def applied(conv: Conversation, event: Report, ctx: Context) -> list[Effect]:
     if not _is_current(conv, event) and not _unknown_while_idle(conv, event):
         return []
-    conv.run = event.run_id
+    _set_run(conv, event.run_id)
     _close_run(conv)
     return [Send(replies.applied(event))] + _next_or_idle(conv, ctx)
 
@@ -503,7 +522,7 @@ def applied(conv: Conversation, event: Report, ctx: Context) -> list[Effect]:
 def decision_failed(conv: Conversation, event: Report, ctx: Context) -> list[Effect]:
     if not _is_current(conv, event) and not _unknown_while_idle(conv, event):
         return []
-    conv.run = event.run_id
+    _set_run(conv, event.run_id)
     _await_approval(conv, ctx)
     return [Send(replies.decision_failed(event.type, event.text))]
 

@@ -33,7 +33,7 @@ from common.protocol import (
     message_id_of,
 )
 from relay import replies, store, usage
-from relay.conversation import Context, Conversation, apply, current_repo
+from relay.conversation import Context, Conversation, apply, current_repo, run_repo
 from relay.events import (
     ApprovalExpired,
     CallWorker,
@@ -157,9 +157,8 @@ def _count(conn: sqlite3.Connection, conv: Conversation, report: Report, ctx: Co
     as it was before the report. A failure here is logged and costs the owner nothing: the
     report's answer and the next prompt still go."""
     try:
-        job = conv.job if conv.job is not None and conv.job.message_id == report.run_id else None
         current = current_repo(conv, ctx)
-        repo = job.repo if job is not None and job.repo else current.name if current else ""
+        repo = run_repo(conv, ctx) if report.run_id == conv.run else current.name if current else ""
         return usage.record_run(conn, conv.phone, report, repo, conv.model or ctx.default_model, ctx.now)
     except Exception:
         logger.exception("could not count the end of run %s", report.run_id)
@@ -235,7 +234,6 @@ def _status_text(conn: sqlite3.Connection, conv: Conversation, ctx: Context) -> 
         for r in store.recent_failures(conn, conv.phone)
     ]
     job = conv.job
-    repo = current_repo(conv, ctx)
     return replies.status(
         conv.state,
         job.text if job else None,
@@ -246,7 +244,7 @@ def _status_text(conn: sqlite3.Connection, conv: Conversation, ctx: Context) -> 
         worker,
         failures,
         now,
-        repo=(job.repo if job and job.repo else repo.name if repo else ""),
+        repo=run_repo(conv, ctx),
         model=conv.model or ctx.default_model,
     )
 

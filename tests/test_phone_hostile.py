@@ -15,7 +15,7 @@ from fakes.servers import reserve_port, run_server
 from fakes.wiring import OWNER, WORKER_TOKEN
 from tests.support.relay_harness import Stack, relay_stack
 from tests.support.waiting import wait_for
-from tests.test_phone_commands import reply_to, said, start_run
+from tests.test_phone_commands import REPOS, reply_to, said, start_run
 
 pytestmark = pytest.mark.anyio
 AUTH = {"Authorization": f"Bearer {WORKER_TOKEN}", "Content-Type": "application/json"}
@@ -157,3 +157,32 @@ async def test_a_prompt_kept_when_the_vm_never_woke_is_not_retried_past_the_budg
             await stack.send("status")
             await wait_for(lambda: said(stack, "Kept for *retry*"), what="status")
             assert stack.worker.commands() == []
+
+
+# --- repositories ---------------------------------------------------------------------------
+
+
+async def test_a_kept_prompt_runs_where_it_was_written_and_its_approval_names_that_repository(tmp_path: Path) -> None:
+    sock = reserve_port()
+    async with relay_stack(
+        tmp_path, worker_listening=False, worker_sock=sock, WAKE_TIMEOUT_MS="800", REPOS=REPOS
+    ) as stack:
+        await stack.send("fix the header")  # written while on web
+        await wait_for(lambda: said(stack, "did not wake up"), what="the prompt kept")
+        await reply_to(stack, "use api", "Now on *api*")  # allowed: nothing runs
+        async with run_server(stack.worker.app(), sock):
+            await stack.send("retry")
+            [command] = await wait_for(stack.worker.commands, what="the kept prompt")
+            assert command["repo"] == "web"
+            await wait_for(lambda: said(stack, "Working on it"), what="working")
+            assert "📁 Repository: *web*" in await reply_to(stack, "status", "VM:")
+            await stack.report("approval_required", run_id=command["message_id"], files=[{"path": "a.py", "added": 1}])
+            approval = await wait_for(lambda: said(stack, "1 file changed"), what="the approval")
+            assert "changed in *web*" in approval[0]  # where the changes are, not where the owner is now
+            status = await reply_to(stack, "status", "Changes wait")
+            assert "📁 Repository: *web*" in status
+            await stack.send("reject")
+            await wait_for(lambda: "/reject" in stack.worker.paths(), what="reject")
+            await stack.report("rolled_back", run_id=command["message_id"])
+            await wait_for(lambda: said(stack, "Rolled back"), what="rolled back")
+            assert "📁 Repository: *api*" in await reply_to(stack, "status", "Idle")
