@@ -37,6 +37,9 @@ class Sent:
 
 
 QUICK_REPLY_BODY_LIMIT = 1024  # Twilio refuses a longer quick-reply body
+# Twilio refuses a Content variable that is empty or holds a line break, a tab or more than four
+# spaces in a row (error 21656, twilio.com/docs/api/errors/21656).
+BAD_VARIABLE = re.compile(r"^\s*$|[\n\t]| {5,}")
 
 
 @dataclass
@@ -109,6 +112,8 @@ class FakeTwilio:
             return _twilio_error(400, 21655, "The ContentSid is invalid")
         try:
             variables = json.loads(fields.get("ContentVariables") or "{}")
+            if any(BAD_VARIABLE.search(str(value)) for value in variables.values()):
+                return _twilio_error(400, 21656, "The ContentVariables Parameter is invalid")
             quick = content["types"]["twilio/quick-reply"]
             body = re.sub(r"\{\{(\w+)\}\}", lambda m: str(variables.get(m.group(1), "")), quick["body"])
         except (ValueError, KeyError, TypeError, AttributeError):

@@ -119,7 +119,7 @@ class Context:
     default_model: str = ""  # CLAUDE_MODEL
     run_budget_usd: float | None = None  # RUN_BUDGET_USD
     budget: Budget | None = None  # the owner's month against their ceiling, when a prompt may start
-    buttons: bool = False  # messages with quick replies must fit Twilio's 1,024 characters
+    buttons: bool = False  # BUTTONS: messages carry the quick replies their Send names
 
 
 def current_repo(conv: Conversation, ctx: Context) -> Repo | None:
@@ -506,7 +506,6 @@ def approval_required(conv: Conversation, event: Report, ctx: Context) -> list[E
         event,
         ctx.approval_timeout_s,
         repo=run_repo(conv, ctx),
-        limit=replies.BUTTONS_LIMIT if ctx.buttons else replies.MESSAGE_LIMIT,
     )
     return [Send(text, event.images, buttons="decide")]
 

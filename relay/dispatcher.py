@@ -51,7 +51,7 @@ from relay.events import (
 )
 from relay.lanes import Lanes
 from relay.settings import Settings, mask_phone
-from relay.twilio import BUTTONS_LIMIT, WHATSAPP_LIMIT, SendResult, TwilioSender, split_body
+from relay.twilio import SendResult, TwilioSender, fits_a_quick_reply, split_body
 from relay.worker_client import WorkerClient
 
 logger = logging.getLogger(__name__)
@@ -201,17 +201,23 @@ def _record(
 
 
 def _enqueue(conn: sqlite3.Connection, phone: str, send: Send, now: float, *, buttons: str) -> None:
-    """A message as the outbox rows that carry it: long ones split into numbered parts."""
+    """A message as the outbox rows that carry it: long ones split into numbered parts, images
+    on the last. Buttons go on a quick reply, whose body is sent as one Content variable, and
+    Twilio refuses a variable holding a line break, a tab or five spaces in a row (error 21656):
+    a one-line message is the quick reply itself; any other goes out as it is, and a one-line
+    quick reply after it carries its buttons (an approval request is many lines)."""
     media = list(send.media)
-    if buttons and media:
-        # A quick reply carries no picture: the picture goes first, then the words and buttons.
-        store.enqueue_send(conn, phone, "", media, now)
-        media = []
-    parts = split_body(send.text, BUTTONS_LIMIT if buttons else WHATSAPP_LIMIT)
+    if buttons and fits_a_quick_reply(send.text):
+        if media:  # a quick reply carries no picture: the picture first, then the words and buttons
+            store.enqueue_send(conn, phone, "", media, now)
+        store.enqueue_send(conn, phone, send.text, [], now, buttons)
+        return
+    parts = split_body(send.text)
     for i, part in enumerate(parts):
-        last = i == len(parts) - 1
-        # Images and buttons ride on the last part, after the text that explains them.
-        store.enqueue_send(conn, phone, part, media if last else [], now, buttons if last else "")
+        # Images ride on the last part, after the text that explains them.
+        store.enqueue_send(conn, phone, part, media if i == len(parts) - 1 else [], now)
+    if buttons:
+        store.enqueue_send(conn, phone, replies.BUTTONS_PROMPT[buttons], [], now, buttons)
 
 
 def _usage_text(conn: sqlite3.Connection, phone: str, now: float, pricing: Pricing) -> str:

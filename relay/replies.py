@@ -9,10 +9,8 @@ from dataclasses import dataclass
 from common.protocol import Report
 from common.visible import clip_path, visible
 from relay.settings import Repo
-from relay.twilio import BUTTONS_LIMIT, WHATSAPP_LIMIT
+from relay.twilio import WHATSAPP_LIMIT
 from relay.usage import Budget, Period
-
-__all__ = ["BUTTONS_LIMIT"]
 
 HELP = (
     "🤖 *textslash* drives Claude Code on your VM.\n"
@@ -28,6 +26,11 @@ HELP = (
     "• *usage*: what today and this month cost\n"
     "• *budget <amount>*: this month's ceiling, in dollars"
 )
+# The one-line quick reply that carries a longer message's buttons, just after it.
+BUTTONS_PROMPT = {
+    "decide": "👆 Decide on the changes above: *approve* opens a pull request, *reject* rolls them back.",
+    "cancel": "👆 *cancel* stops the run.",
+}
 WAKING = "⏳ Waking up your VM..."
 WORKING = "🤖 Working on it..."
 EMPTY = "🤔 That message had no text. Send a prompt, or *help*."
@@ -136,10 +139,11 @@ LISTED_FILES = 30  # a phone message names this many; the count says how many in
 MESSAGE_LIMIT = WHATSAPP_LIMIT  # per message (relay/twilio.py splits anything longer)
 
 
-def approval_request(event: Report, window_s: float, *, repo: str = "", limit: int = MESSAGE_LIMIT) -> str:
-    """One WhatsApp message of at most `limit` characters, however big the change: the files
-    first (at most LISTED_FILES that fit, names cut to their ends, and how many more), then as
-    much of the diff excerpt as still fits (the picture has more)."""
+def approval_request(event: Report, window_s: float, *, repo: str = "") -> str:
+    """One WhatsApp message, however big the change: the files first (at most LISTED_FILES that
+    fit, names cut to their ends, and how many more), then as much of the diff excerpt as still
+    fits (the picture has more)."""
+    limit = MESSAGE_LIMIT
     count = max(event.files_count, len(event.files))
     tail = f"\n\nReply *approve* to open a pull request or *reject* to roll back (within {_duration(window_s)})."
     if event.uncovered:

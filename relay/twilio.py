@@ -30,6 +30,9 @@ logger = logging.getLogger(__name__)
 
 WHATSAPP_LIMIT = 1600
 BUTTONS_LIMIT = 1024  # the body of a quick-reply message (Twilio's Content API)
+# What Twilio refuses in a Content variable, which is how a quick reply's body is sent: a line
+# break, a tab or more than four spaces in a row (error 21656).
+_NOT_A_VARIABLE = re.compile(r"[\n\t]| {5,}")
 TWILIO_HOSTS = re.compile(r"^https://(?:api|content)\.twilio\.com(?=/)")
 # Statuses worth another try: Twilio is down or busy. Other 4xx are permanent refusals
 # (63016 outside the 24-hour window, 63015 not joined to the sandbox, 21211 bad number...).
@@ -41,6 +44,11 @@ def signature_is_valid(*, auth_token: str, url: str, params: Mapping[str, Any], 
     if not signature:
         return False
     return bool(RequestValidator(auth_token).validate(url, params, signature))
+
+
+def fits_a_quick_reply(body: str) -> bool:
+    """Whether `body` can be a quick reply's own text: one line, not empty, and short enough."""
+    return bool(body.strip()) and len(body) <= BUTTONS_LIMIT and not _NOT_A_VARIABLE.search(body)
 
 
 def split_body(body: str, limit: int = WHATSAPP_LIMIT) -> list[str]:

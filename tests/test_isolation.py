@@ -45,7 +45,7 @@ as_root = pytest.mark.skipif(os.geteuid() != 0, reason="agents run as their own 
 
 
 def approvals(messages: list[Sent], phone: str) -> list[Sent]:
-    return [m for m in messages if "approve" in m.buttons and m.to == f"whatsapp:{phone}"]
+    return [m for m in messages if m.body.startswith("📝") and m.to == f"whatsapp:{phone}"]
 
 
 @as_root
