@@ -120,10 +120,13 @@ def create_app(
         if phone not in settings.allowed_phone_numbers:
             logger.info("ignored a message from %s: not in ALLOWED_PHONE_NUMBERS", mask_phone(phone))
             return _twiml()
-        # A tapped quick-reply button (relay/buttons.py) means its word, whatever the body says.
-        if (payload := form.get("ButtonPayload", "").strip().lower()) in BUTTON_WORDS:
-            body = payload
         event = {"type": "owner", "text": body, "message_id": sid}
+        # A tapped quick-reply button (relay/buttons.py) means its word, whatever the body says;
+        # Twilio names the message it was on, and so the run it acts on (a stale tap does nothing).
+        if (payload := form.get("ButtonPayload", "").strip().lower()) in BUTTON_WORDS:
+            event["text"] = payload
+            if replied := form.get("OriginalRepliedMessageSid", "").strip():
+                event["tapped"] = replied[:64]
         if not await live().dispatcher.record(phone, f"msg:{sid}", event):
             logger.info("duplicate MessageSid %s ignored", sid)
         return _twiml()

@@ -295,10 +295,10 @@ def _move_to(conv: Conversation, answer: Answer, ctx: Context) -> tuple[list[Eff
         conv.job = Job(
             answer.run_id, prompt, started_at=ctx.now, delivered=True, cancelling=answer.state == "cancelling"
         )
-        return [Send(replies.adopted_run(prompt), buttons="cancel")], []
+        return [Send(replies.adopted_run(prompt), buttons="cancel", run=answer.run_id)], []
     if target == "awaiting_approval":
         _await_approval(conv, ctx)
-        return [Send(replies.adopted_changes(prompt, ctx.approval_timeout_s), buttons="decide")], []
+        return [Send(replies.adopted_changes(prompt, ctx.approval_timeout_s), buttons="decide", run=answer.run_id)], []
     conv.state, conv.job, conv.approval_deadline = "applying", None, None
     conv.applying = "approve" if answer.state == "pushing" else "reject"
     return [Send(replies.APPLYING[conv.applying])], []
@@ -345,7 +345,19 @@ def screenshot(conv: Conversation, event: Screenshot, ctx: Context) -> list[Effe
     return [CallWorker(TakeScreenshot(conv.phone, event.url, event.message_id))]
 
 
+def _stale_tap(conv: Conversation, event: Word) -> list[Effect] | None:
+    """A tapped button acts on the run its message was about, and only while that run is the
+    owner's: a tap on an earlier message (WhatsApp keeps its buttons) must not approve changes
+    it never showed, nor cancel a later run or drop the queue. The owner is told, and can tap
+    the latest message's buttons or type the word."""
+    if event.tapped is None or (event.tapped and event.tapped == conv.run):
+        return None
+    return [Send(replies.stale_button(event.kind, conv.state))]
+
+
 def decide(conv: Conversation, event: Word, ctx: Context) -> list[Effect]:
+    if (stale := _stale_tap(conv, event)) is not None:
+        return stale
     conv.state, conv.applying, conv.approval_deadline = "applying", event.kind, None
     return [Send(replies.APPLYING[event.kind]), CallWorker(OwnerCall(event.kind, conv.phone))]  # type: ignore[arg-type]
 
@@ -353,10 +365,14 @@ def decide(conv: Conversation, event: Word, ctx: Context) -> list[Effect]:
 def ask_worker_to_decide(conv: Conversation, event: Word, ctx: Context) -> list[Effect]:
     """The relay knows of no changes, but the worker may hold some (a fresh database): it decides.
     A worker known to be asleep holds none, and is not woken to say so."""
+    if (stale := _stale_tap(conv, event)) is not None:
+        return stale
     return [CallWorker(OwnerCall(event.kind, conv.phone), mode="if_awake")]  # type: ignore[arg-type]
 
 
 def cancel_when_idle(conv: Conversation, event: Word, ctx: Context) -> list[Effect]:
+    if (stale := _stale_tap(conv, event)) is not None:
+        return stale
     dropped = len(conv.queue) + (conv.kept is not None)
     conv.queue.clear()
     conv.kept = None
@@ -367,6 +383,8 @@ def cancel_when_idle(conv: Conversation, event: Word, ctx: Context) -> list[Effe
 
 def cancel_run(conv: Conversation, event: Word, ctx: Context) -> list[Effect]:
     assert conv.job is not None
+    if (stale := _stale_tap(conv, event)) is not None:
+        return stale
     dropped = len(conv.queue)
     conv.queue.clear()
     if not conv.job.delivered:
@@ -507,7 +525,7 @@ def approval_required(conv: Conversation, event: Report, ctx: Context) -> list[E
         ctx.approval_timeout_s,
         repo=run_repo(conv, ctx),
     )
-    return [Send(text, event.images, buttons="decide")]
+    return [Send(text, event.images, buttons="decide", run=conv.run)]
 
 
 def applied(conv: Conversation, event: Report, ctx: Context) -> list[Effect]:
@@ -538,7 +556,7 @@ def delivered(conv: Conversation, event: Delivered, ctx: Context) -> list[Effect
         job = conv.job
         if conv.state == "working" and job is not None and job.message_id == event.message_id:
             job.delivered = True
-            return [Send(replies.WORKING, buttons="cancel")]
+            return [Send(replies.WORKING, buttons="cancel", run=job.message_id)]
         if event.message_id in conv.ended:
             return []  # its run already reported its end: nothing to stop
         if conv.state == "idle" and not (event.answer and event.answer.state == "idle"):
@@ -682,8 +700,8 @@ TRANSITIONS: dict[State, dict[str, Row]] = {
     },
     "awaiting_approval": {
         "prompt": (prompt_queued, SAME),
-        "approve": (decide, ("applying",)),
-        "reject": (decide, ("applying",)),
+        "approve": (decide, ("applying", "same")),
+        "reject": (decide, ("applying", "same")),
         "cancel": (reply(replies.NOTHING_RUNNING_DECIDE), SAME),
         "retry": (reply(replies.DECIDE_FIRST), SAME),
         "use": (refuse_switch, SAME),

@@ -47,6 +47,7 @@ from relay.events import (
     Send,
     Stalled,
     Unreachable,
+    Word,
     parse_owner_text,
 )
 from relay.lanes import Lanes
@@ -110,6 +111,8 @@ def process_next(conn: sqlite3.Connection, phone: str, ctx: Context, pricing: Pr
         before = conv
         try:
             event = decode_event(data)
+            if isinstance(event, Word) and isinstance(tapped := data.get("tapped"), str):
+                event = replace(event, tapped=store.run_of_buttons(conn, phone, tapped))
             # A run's end is counted first, so the prompt it may start next is weighed with it.
             counted = isinstance(event, Report) and event.type in TERMINAL and _count(conn, before, event, ctx)
             if _may_start_a_run(event):  # no prompt starts (new, queued, kept) once the month is spent
@@ -210,14 +213,14 @@ def _enqueue(conn: sqlite3.Connection, phone: str, send: Send, now: float, *, bu
     if buttons and fits_a_quick_reply(send.text):
         if media:  # a quick reply carries no picture: the picture first, then the words and buttons
             store.enqueue_send(conn, phone, "", media, now)
-        store.enqueue_send(conn, phone, send.text, [], now, buttons)
+        store.enqueue_send(conn, phone, send.text, [], now, buttons, send.run)
         return
     parts = split_body(send.text)
     for i, part in enumerate(parts):
         # Images ride on the last part, after the text that explains them.
         store.enqueue_send(conn, phone, part, media if i == len(parts) - 1 else [], now)
     if buttons:
-        store.enqueue_send(conn, phone, replies.BUTTONS_PROMPT[buttons], [], now, buttons)
+        store.enqueue_send(conn, phone, replies.BUTTONS_PROMPT[buttons], [], now, buttons, send.run)
 
 
 def _usage_text(conn: sqlite3.Connection, phone: str, now: float, pricing: Pricing) -> str:

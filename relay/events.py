@@ -34,9 +34,12 @@ class Screenshot:
 @dataclass(frozen=True)
 class Word:
     """One of the owner's single-word commands: approve, reject, cancel, status, help, new,
-    retry, repos, model, usage."""
+    retry, repos, model, usage. `tapped`: for a tapped button, the run its message's buttons
+    were for ("" when the relay does not know the message); None when typed (or when Twilio
+    named no message)."""
 
     kind: str
+    tapped: str | None = None
 
 
 @dataclass(frozen=True)
@@ -170,6 +173,7 @@ class Send:
     text: str
     media: tuple[str, ...] = ()
     buttons: Buttons = ""
+    run: str = ""  # the run its buttons act on: a tap on them later, when another run is current, is stale
 
 
 CallMode = Literal["wake", "if_awake", "probe"]

@@ -426,6 +426,18 @@ def bad_budget(amount: str) -> str:
     )
 
 
+def stale_button(word: str, state: str) -> str:
+    """A button tapped on an earlier message: it did nothing."""
+    if word == "cancel":
+        now = "send *cancel* to stop the current run" if state == "working" else "nothing runs now"
+        return f"⚠️ That Cancel is on an earlier run's message, so nothing was stopped: {now}."
+    if state == "awaiting_approval":
+        now = "the changes waiting now are in the latest message: tap its buttons, or send *approve* or *reject*"
+    else:
+        now = "those changes are no longer waiting (*status* says what is)"
+    return f"⚠️ That button is on an earlier message, so it did nothing: {now}."
+
+
 def budget_set(amount_usd: float, waiting: str | None = None) -> str:
     """`waiting`: a prompt kept for `retry` (held for the budget, or never received by the VM)."""
     retry = f"\n🔁 Send *retry* to start “{_clip(waiting, 60)}”." if waiting else ""

@@ -43,6 +43,7 @@ CREATE TABLE IF NOT EXISTS outbox (
     body TEXT NOT NULL,
     media TEXT NOT NULL DEFAULT '[]',     -- JSON list of image names
     buttons TEXT NOT NULL DEFAULT '',     -- quick replies it carries: decide | cancel (relay/buttons.py)
+    run_id TEXT NOT NULL DEFAULT '',      -- the run its buttons act on (a tap names the message)
     status TEXT NOT NULL DEFAULT 'pending',  -- pending | sent | failed
     attempts INTEGER NOT NULL DEFAULT 0,
     created_at REAL NOT NULL,
@@ -53,6 +54,7 @@ CREATE TABLE IF NOT EXISTS outbox (
     error TEXT
 );
 CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (phone, id) WHERE status = 'pending';
+CREATE INDEX IF NOT EXISTS outbox_by_sid ON outbox (twilio_sid) WHERE twilio_sid IS NOT NULL;
 CREATE TABLE IF NOT EXISTS worker_calls (
     id INTEGER PRIMARY KEY,
     phone TEXT NOT NULL,
@@ -116,6 +118,7 @@ class Database:
 ADDED_COLUMNS = (
     ("worker_calls", "mode", "TEXT NOT NULL DEFAULT 'wake'"),
     ("outbox", "buttons", "TEXT NOT NULL DEFAULT ''"),
+    ("outbox", "run_id", "TEXT NOT NULL DEFAULT ''"),
     ("worker_state", "up_at", "REAL"),
     ("worker_state", "boot", "TEXT"),
 )
@@ -231,12 +234,22 @@ class Outbound:
 
 
 def enqueue_send(
-    conn: sqlite3.Connection, phone: str, body: str, media: list[str], now: float, buttons: str = ""
+    conn: sqlite3.Connection, phone: str, body: str, media: list[str], now: float, buttons: str = "", run: str = ""
 ) -> None:
     conn.execute(
-        "INSERT INTO outbox (phone, body, media, created_at, next_attempt_at, buttons) VALUES (?, ?, ?, ?, ?, ?)",
-        (phone, body, json.dumps(media), now, now, buttons),
+        "INSERT INTO outbox (phone, body, media, created_at, next_attempt_at, buttons, run_id) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (phone, body, json.dumps(media), now, now, buttons, run),
     )
+
+
+def run_of_buttons(conn: sqlite3.Connection, phone: str, twilio_sid: str) -> str:
+    """The run the buttons of the owner's message `twilio_sid` act on; "" for a message the relay
+    does not know (never its own, pruned, or sent without a run)."""
+    row = conn.execute(
+        "SELECT run_id FROM outbox WHERE twilio_sid = ? AND phone = ? AND buttons != ''", (twilio_sid, phone)
+    ).fetchone()
+    return str(row["run_id"]) if row is not None else ""
 
 
 def next_outbound(conn: sqlite3.Connection, phone: str) -> Outbound | None:

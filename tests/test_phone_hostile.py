@@ -12,7 +12,8 @@ import pytest
 
 from common.protocol import VERSION, Answer
 from fakes.servers import reserve_port, run_server
-from fakes.wiring import OWNER, WORKER_TOKEN
+from fakes.twilio import Sent
+from fakes.wiring import OWNER, WORKER_TOKEN, message_params
 from tests.support.relay_harness import Stack, relay_stack
 from tests.support.waiting import wait_for
 from tests.test_phone_commands import REPOS, reply_to, said, start_run
@@ -186,3 +187,63 @@ async def test_a_kept_prompt_runs_where_it_was_written_and_its_approval_names_th
             await stack.report("rolled_back", run_id=command["message_id"])
             await wait_for(lambda: said(stack, "Rolled back"), what="rolled back")
             assert "📁 Repository: *api*" in await reply_to(stack, "status", "Idle")
+
+
+# --- stale buttons ----------------------------------------------------------------------------
+
+
+def with_buttons(stack: Stack, word: str) -> list[Sent]:
+    return [m for m in stack.twilio.messages if word in m.buttons]
+
+
+async def tap(stack: Stack, word: str, on: Sent | None, sender: str = OWNER) -> None:
+    """A tap on a quick reply, as Twilio posts it: the button's id as ButtonPayload, and the
+    message it was on as OriginalRepliedMessageSid."""
+    params = {**message_params(word.title(), sender=sender), "ButtonPayload": word, "ButtonText": word.title()}
+    if on is not None:
+        params["OriginalRepliedMessageSid"] = on.sid
+    assert (await stack.post_form(params)).status_code == 200
+
+
+async def test_an_approve_button_on_an_earlier_approval_approves_nothing(tmp_path: Path) -> None:
+    async with relay_stack(tmp_path) as stack:
+        first = await start_run(stack, "rename the helper")
+        await stack.report("approval_required", run_id=first["message_id"], files=[{"path": "a.py", "added": 1}])
+        [old] = await wait_for(lambda: with_buttons(stack, "approve"), what="the first approval's buttons")
+        await stack.send("reject")  # typed: the first changes are rolled back
+        await wait_for(lambda: "/reject" in stack.worker.paths(), what="reject")
+        await stack.report("rolled_back", run_id=first["message_id"])
+        await wait_for(lambda: said(stack, "Rolled back"), what="rolled back")
+
+        second = await start_run(stack, "delete the tests")
+        await stack.report("approval_required", run_id=second["message_id"], files=[{"path": "t.py", "removed": 90}])
+        await wait_for(lambda: len(with_buttons(stack, "approve")) == 2, what="the second approval's buttons")
+        # Scrolling up, the owner taps Approve on the first approval: the second changes, which
+        # that message never showed, must not be pushed.
+        await tap(stack, "approve", old)
+        stale = await wait_for(lambda: said(stack, "earlier message"), what="the stale tap's answer")
+        assert "*approve*" in stale[0]
+        assert "/approve" not in stack.worker.paths()
+        # So is a tap on a message the relay never sent (or no longer knows).
+        await tap(stack, "approve", Sent("", "", "", [], 0.0, sid="SM" + "0" * 32))
+        await wait_for(lambda: len(said(stack, "earlier message")) == 2, what="the unknown message's answer")
+        assert "/approve" not in stack.worker.paths()
+
+        # The buttons on the latest approval decide.
+        await tap(stack, "approve", with_buttons(stack, "approve")[-1])
+        await wait_for(lambda: "/approve" in stack.worker.paths(), what="the approve call")
+
+
+async def test_a_cancel_button_on_an_earlier_run_stops_nothing(tmp_path: Path) -> None:
+    async with relay_stack(tmp_path) as stack:
+        first = await start_run(stack, "first")
+        [old] = with_buttons(stack, "cancel")
+        await reply_to(stack, "second", "Queued")
+        await stack.report("answer", run_id=first["message_id"], text="first done")
+        await wait_for(lambda: len(with_buttons(stack, "cancel")) == 2, what="the second run's Cancel")
+        await reply_to(stack, "third", "Queued")
+        await tap(stack, "cancel", old)
+        await wait_for(lambda: said(stack, "nothing was stopped"), what="the stale tap's answer")
+        assert "/cancel" not in stack.worker.paths() and "Queued: 1" in await reply_to(stack, "status", "VM:")
+        await tap(stack, "cancel", with_buttons(stack, "cancel")[-1])
+        await wait_for(lambda: "/cancel" in stack.worker.paths(), what="the cancel call")
