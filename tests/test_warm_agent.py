@@ -251,3 +251,25 @@ async def test_a_run_that_reaches_its_budget_stops_and_says_so(worker: WorkerSta
 def _texts(request: dict[str, object]) -> list[str]:
     messages = request.get("messages")
     return [str(m) for m in messages] if isinstance(messages, list) else []
+
+
+async def test_a_cancelled_run_reports_what_it_cost(worker: WorkerStack) -> None:
+    # The model was asked (and paid) before the cancel: the run's end says so, or the month's
+    # usage misses it and a budget can be run past by cancelling. The next run counts its own.
+    marker = f"textslash-cost-{time.time_ns()}"
+    worker.anthropic.script(
+        "long job",
+        bash(f"python3 -c 'import time; time.sleep(120)' {marker} & sleep 120", "wait a long time"),
+        Text("never reached"),
+    )
+    worker.anthropic.script("after that", Text("Ready."))
+    await worker.command("long job")
+    await wait_for(lambda: pids_with(marker), RUN_TIMEOUT, "the long Bash call to start")
+    assert (await worker.decide("cancel")).status_code == 202
+    [cancelled] = await wait_for(lambda: worker.relay.of_type("cancelled"), 10, "the cancelled report")
+    assert cancelled["cost_usd"] > 0 and cancelled["input_tokens"] == 100
+    await worker.settled()
+    await worker.command("after that")
+    await answers(worker, 1)
+    [answer] = worker.relay.of_type("answer")
+    assert answer["cost_usd"] == pytest.approx(cancelled["cost_usd"])  # one model request each

@@ -205,6 +205,7 @@ class LiveAgent:
         self.pid: int | None = None  # the CLI's, once connected
         self.closed = False
         self._spent = 0.0  # the CLI's cost so far, as its last result said
+        self._interrupted: RunResult | None = None  # the result of a turn cancelled, not yet taken
         self._options, self._cwd, self._locate, self._interval = options, cwd, locate, interval_s
         self._send, self._inbox = anyio.create_memory_object_stream[_Turn](1)
         self._scope = anyio.CancelScope()
@@ -279,6 +280,9 @@ class LiveAgent:
                 await turn.done.wait()
             if not turn.done.is_set():
                 self.close()
+            # The turn's result says what it cost before the interrupt (and moved the CLI's
+            # running total past it): kept for `interrupted`, or the cost would be lost.
+            self._interrupted = turn.result
             raise
         if turn.error is not None:
             if not turn.heard and not isinstance(turn.error, AgentGone):
@@ -286,6 +290,12 @@ class LiveAgent:
             raise turn.error
         assert turn.result is not None
         return turn.result
+
+    def interrupted(self) -> RunResult | None:
+        """The result of the last turn that `ask` was cancelled out of, once: its cost and
+        tokens are the cancelled run's. None when the CLI ended before it said."""
+        result, self._interrupted = self._interrupted, None
+        return result
 
     async def _take(self, client: Any, turn: _Turn) -> None:
         from claude_agent_sdk import AssistantMessage, ResultMessage, SystemMessage, TextBlock, ToolUseBlock

@@ -311,6 +311,8 @@ class Worker:
             failure = f"{type(exc).__name__}: {str(exc)[:200]}"
         finally:
             self._scopes.pop(phone, None)
+            if result is None and (agent := self._agents.get(phone)) is not None:
+                result = agent.interrupted()  # a cancelled run cost what its turn said
             with anyio.CancelScope(shield=True):  # nothing the run started outlives it
                 await self._reap(phone, owner, keep_agent=True)
         if self._stopping:
