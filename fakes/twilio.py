@@ -1,11 +1,15 @@
-"""A loopback fake of Twilio's Messages REST API that records sends and can be told to fail."""
+"""A loopback fake of Twilio's Messages REST API that records sends and can be told to fail,
+and of its media: `GET .../Media/<sid>` needs Basic auth and redirects (302) to the file on a
+second loopback server standing in for Twilio's CDN (`cdn_app`), as the real one does."""
 
 from __future__ import annotations
 
 import base64
 import itertools
 import random
+import secrets
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl
@@ -13,7 +17,7 @@ from urllib.parse import parse_qsl
 import anyio
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 # A scripted answer: an HTTP status (500, 429), (status, twilio error code), or "stall".
@@ -31,6 +35,15 @@ class Sent:
 
 
 @dataclass
+class Media:
+    data: bytes
+    content_type: str
+    filename: str
+    chunked: bool
+    token: str  # the CDN's unguessable name for it
+
+
+@dataclass
 class FakeTwilio:
     account_sid: str
     auth_token: str
@@ -43,6 +56,21 @@ class FakeTwilio:
     failure_rate: float = 0.0  # this share of requests fails at random: 500, 429, or a stall
     rng: random.Random = field(default_factory=lambda: random.Random(7))
     _sids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    # Media: the base URLs the harness serves `app()` and `cdn_app()` at, the files by media
+    # sid, and every request each side got (path, its Authorization header).
+    api_url: str = ""
+    cdn_url: str = ""
+    media: dict[str, Media] = field(default_factory=dict)
+    media_requests: list[tuple[str, str]] = field(default_factory=list)
+    cdn_requests: list[tuple[str, str]] = field(default_factory=list)
+    cdn_hold: anyio.Event | None = None  # set: the CDN holds every download until it is set
+
+    def add_media(self, data: bytes, content_type: str, *, filename: str = "", chunked: bool = False) -> str:
+        """A file Twilio holds for an inbound message; returns its media URL, as a webhook names it.
+        `chunked`: the CDN sends it without a Content-Length (the relay must cap the stream)."""
+        sid = f"ME{secrets.token_hex(16)}"
+        self.media[sid] = Media(data, content_type, filename, chunked, secrets.token_urlsafe(16))
+        return f"{self.api_url}/2010-04-01/Accounts/{self.account_sid}/Messages/MM{secrets.token_hex(16)}/Media/{sid}"
 
     def fail_next(self, *answers: Scripted) -> None:
         self.script.extend(answers)
@@ -51,7 +79,45 @@ class FakeTwilio:
         return [m.body for m in self.messages if to is None or m.to == f"whatsapp:{to}"]
 
     def app(self) -> Starlette:
-        return Starlette(routes=[Route("/2010-04-01/Accounts/{sid}/Messages.json", self._create, methods=["POST"])])
+        return Starlette(
+            routes=[
+                Route("/2010-04-01/Accounts/{sid}/Messages.json", self._create, methods=["POST"]),
+                Route("/2010-04-01/Accounts/{sid}/Messages/{message}/Media/{media}", self._media, methods=["GET"]),
+            ]
+        )
+
+    def cdn_app(self) -> Starlette:
+        return Starlette(routes=[Route("/files/{token}", self._cdn, methods=["GET"])])
+
+    def _authorized(self, request: Request) -> bool:
+        expected = base64.b64encode(f"{self.account_sid}:{self.auth_token}".encode()).decode()
+        return request.headers.get("authorization") == f"Basic {expected}"
+
+    async def _media(self, request: Request) -> Response:
+        self.media_requests.append((request.url.path, request.headers.get("authorization", "")))
+        if not self._authorized(request) or request.path_params["sid"] != self.account_sid:
+            return _twilio_error(401, 20003, "Authenticate")
+        item = self.media.get(request.path_params["media"])
+        if item is None:
+            return _twilio_error(404, 20404, "The requested resource was not found")
+        return RedirectResponse(f"{self.cdn_url}/files/{item.token}", status_code=302)
+
+    async def _cdn(self, request: Request) -> Response:
+        self.cdn_requests.append((request.url.path, request.headers.get("authorization", "")))
+        item = next((m for m in self.media.values() if m.token == request.path_params["token"]), None)
+        if item is None:
+            return Response("not found", status_code=404)
+        if self.cdn_hold is not None:
+            await self.cdn_hold.wait()
+        headers = {"Content-Disposition": f'attachment; filename="{item.filename}"'} if item.filename else {}
+        if item.chunked:
+
+            async def chunks() -> AsyncIterator[bytes]:
+                for start in range(0, len(item.data), 65536):
+                    yield item.data[start : start + 65536]
+
+            return StreamingResponse(chunks(), media_type=item.content_type, headers=headers)
+        return Response(item.data, media_type=item.content_type, headers=headers)
 
     async def _create(self, request: Request) -> JSONResponse:
         self.attempts += 1

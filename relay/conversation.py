@@ -14,11 +14,11 @@ call says where the owner's run stands, and the conversation moves there (`_adop
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
-from common.protocol import Answer, OwnerCall, Report, RunPrompt, RunState, TakeScreenshot
+from common.protocol import Answer, Attachment, OwnerCall, Report, RunPrompt, RunState, TakeScreenshot
 from relay import replies
 from relay.events import (
     ApprovalExpired,
@@ -56,6 +56,14 @@ class Job:
     delivered: bool = False
     cancelling: bool = False
     new_session: bool = False  # sent after `new`: kept with the prompt, so a resend keeps it too
+    attachments: tuple[Attachment, ...] = ()  # the prompt's files: kept with it, queued or kept for retry
+
+    def __post_init__(self) -> None:
+        self.attachments = _attachments(self.attachments)  # as saved: JSON objects
+
+
+def _attachments(items: Iterable[Any]) -> tuple[Attachment, ...]:
+    return tuple(a if isinstance(a, Attachment) else Attachment(**a) for a in items)
 
 
 @dataclass
@@ -147,7 +155,7 @@ def _from_owner(event: Event) -> bool:
 def _start(conv: Conversation, job: Job, ctx: Context) -> list[Effect]:
     job = replace(job, started_at=ctx.now, delivered=False, new_session=job.new_session or conv.fresh_session)
     conv.fresh_session = False
-    command = RunPrompt(conv.phone, job.text, job.message_id, new_session=job.new_session)
+    command = RunPrompt(conv.phone, job.text, job.message_id, new_session=job.new_session, attachments=job.attachments)
     conv.state, conv.job, conv.kept = "working", job, None
     conv.run, conv.approval_deadline, conv.applying = job.message_id, None, ""
     return [CallWorker(command)]
@@ -248,7 +256,7 @@ def _move_to(conv: Conversation, answer: Answer, ctx: Context) -> tuple[list[Eff
 def prompt_when_idle(conv: Conversation, event: Prompt, ctx: Context) -> list[Effect]:
     if not event.text:
         return [Send(replies.EMPTY)]
-    job = Job(event.message_id, event.text)
+    job = Job(event.message_id, event.text, attachments=event.attachments)
     if conv.kept is None and not conv.queue:
         return _start(conv, job, ctx)
     # Prompts the VM never received go first, in the order they were sent: this one waits.
@@ -260,7 +268,7 @@ def prompt_when_idle(conv: Conversation, event: Prompt, ctx: Context) -> list[Ef
 def prompt_queued(conv: Conversation, event: Prompt, ctx: Context) -> list[Effect]:
     if not event.text:
         return [Send(replies.EMPTY)]
-    conv.queue.append(Job(event.message_id, event.text))
+    conv.queue.append(Job(event.message_id, event.text, attachments=event.attachments))
     return [Send(replies.queued(len(conv.queue), conv.state))]
 
 
