@@ -121,6 +121,8 @@ class FakeAnthropic:
                 if key in texts:
                     done = sum(1 for m in messages[index + 1 :] if m.get("role") == "assistant")
                     return steps[done] if done < len(steps) else Text("Done.")
+            if self.default and texts.strip():
+                break  # the prompt matches no script: the default answers it, not an older prompt's script
         if self.default:
             last_prompt = max((i for i, m in enumerate(messages) if m.get("role") == "user" and _texts(m)), default=0)
             done = sum(1 for m in messages[last_prompt + 1 :] if m.get("role") == "assistant")
