@@ -42,6 +42,7 @@ from relay import replies
 from relay.events import Prompt
 
 logger = logging.getLogger(__name__)
+mimetypes.init()  # reads the system's type tables now, at start-up, not on the event loop later
 
 MAX_ITEMS = MAX_ATTACHMENTS  # WhatsApp's own limit per message is 10 too
 MAX_IMAGE_BYTES = 5 * 1024 * 1024  # what Claude (and WhatsApp) take per image
@@ -79,7 +80,7 @@ def media_list(form: Mapping[str, str]) -> dict[str, Any] | None:
 def _media_type(value: str) -> str:
     """`audio/ogg; codecs=opus` -> `audio/ogg`; anything that is not a media type -> octet-stream."""
     kind = value.split(";", 1)[0].strip().lower()
-    return kind if re.fullmatch(r"[a-z0-9.+-]{1,50}/[a-z0-9.+-]{1,100}", kind) else "application/octet-stream"
+    return kind if re.fullmatch(r"[a-z0-9.+-]{1,40}/[a-z0-9.+-]{1,59}", kind) else "application/octet-stream"
 
 
 def is_twilio_media(url: str, *, api_base: str, account_sid: str) -> bool:
@@ -253,7 +254,8 @@ def _name(number: int, content_type: str, disposition: str) -> str:
         header = Message()
         header["content-disposition"] = disposition
         given = os.path.basename((header.get_filename() or "").replace("\\", "/"))[-100:]
-        if given.strip(". "):
+        given = re.sub(r"[^\w. -]", "_", given)  # readable, and nothing the protocol would refuse
+        if given.strip(". _"):
             return given
     ext = EXTENSIONS.get(content_type) or mimetypes.guess_extension(content_type) or ".bin"
     return f"{'photo' if content_type in IMAGE_TYPES else 'file'}-{number}{ext}"

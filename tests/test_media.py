@@ -158,6 +158,26 @@ async def test_a_photo_without_caption_that_cannot_be_fetched_runs_nothing(stack
     assert stack.worker.commands() == []
 
 
+@pytest.mark.parametrize(
+    "media",
+    [
+        pytest.param({"NumMedia": "-1", "MediaUrl0": "x"}, id="negative-count"),
+        pytest.param({"NumMedia": "99999999999"}, id="huge-count"),
+        pytest.param({"NumMedia": "1"}, id="no-url"),
+        pytest.param({"NumMedia": "1", "MediaUrl0": "http://[::1", "MediaContentType0": "\u202e/x"}, id="garbage"),
+        pytest.param({"NumMedia": "2", "MediaUrl1": "x" * 30_000, "MediaContentType1": "image/png"}, id="long-url"),
+    ],
+)
+async def test_odd_media_fields_never_fail_the_webhook_or_hold_up_the_owner(
+    stack: Stack, media: dict[str, str]
+) -> None:
+    params = {**message_params("look"), **media}
+    assert (await stack.post_form(params)).status_code == 200
+    await stack.send("status")  # the owner's lane goes on past it
+    await wait_for(lambda: any("VM:" in b for b in stack.twilio.bodies(OWNER)), what="the status")
+    assert stack.twilio.media_requests == []
+
+
 # --- a restart between the webhook and the fetch ---------------------------------------------
 
 
