@@ -138,6 +138,7 @@ async def run(opts: Options) -> None:
             bot_number=env.get("TWILIO_WHATSAPP_NUMBER", SANDBOX_NUMBER),
             http=http,
             demo=opts.demo,
+            api_url="" if real_twilio else chat_url,  # the relay's TWILIO_API_BASE_URL (below)
         )
         worker_env = {
             **env,

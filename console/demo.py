@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 from fakes.anthropic import FakeAnthropic, Text, bash, edit, write
+from vm.workspace import ATTACHMENTS_DIR
 
 README = "# demo app\n\nA tiny app to try textslash on.\n"
 APP = "def main():\n    print('demo app')\n\n\nif __name__ == '__main__':\n    main()\n"
@@ -34,6 +35,15 @@ def demo_model() -> FakeAnthropic:
             "model). Reply *approve* to open a pull request, or *reject* to roll it back."
         ),
     ]
+    # A photo or a file (the paperclip in the chat): the worker names where it saved it.
+    model.script(
+        "The owner attached",
+        bash(f"ls -l {ATTACHMENTS_DIR}", "look at what you sent"),
+        Text(
+            "📎 Got it: it is saved in the checkout, where git ignores it. (This is the scripted demo model, "
+            "which cannot look at it; the real Claude sees a photo as an image and reads the files.)"
+        ),
+    )
     return model
 
 

@@ -62,6 +62,11 @@ class Settings:
         """The relay's image cache lives beside its database, on the same volume."""
         return self.relay_db.parent / "images"
 
+    @property
+    def media_dir(self) -> Path:
+        """The photos and files owners send, kept until their prompt is done (relay/media.py)."""
+        return self.relay_db.parent / "media"
+
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
         reader = EnvReader(env)

@@ -19,8 +19,9 @@ from typing import Any, TypeVar
 import anyio
 from anyio.abc import TaskGroup
 
-from common.protocol import Answer, Report, RunPrompt, TakeScreenshot
+from common.protocol import Answer, Attachment, Report, RunPrompt, TakeScreenshot
 from common.visible import clip_path, visible
+from vm import attachments
 from vm.agent import Agent, AgentGone, LiveAgent, RunResult
 from vm.browser import BrowserPool, ScreenshotError
 from vm.callbacks import CallbackSender
@@ -69,10 +70,17 @@ class Worker:
     _write_failure: str = ""  # why the last state or spool write failed; "" once one succeeds
     _last_seq: dict[str, int] = field(default_factory=dict)  # per owner: the last report spooled
     _booted_ns: int = field(default_factory=time.time_ns)
+    _fetcher: attachments.Fetcher = field(init=False)
 
     def __post_init__(self) -> None:
         self._store = OwnerStore(self.settings.state_dir / "owners")
         self._owners = {o.phone: o for o in self._store.all()}
+        self._fetcher = attachments.Fetcher(
+            self.callbacks.http,
+            self.settings.relay_callback_url,
+            self.settings.worker_token,
+            self.settings.state_dir / "incoming",
+        )
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -190,7 +198,7 @@ class Worker:
         owner.snapshot = owner.baseline if command.phone not in self._settling else None
         owner.baseline = None
         self._save(owner)
-        self._spawn(command.phone, self._run, command.phone)
+        self._spawn(command.phone, self._run, command.phone, command.attachments)
         return self._answer(owner, 202)
 
     def screenshot(self, command: TakeScreenshot) -> Reply:
@@ -291,7 +299,7 @@ class Worker:
                 self.sandbox.end(agent.pid)
             agent.close()
 
-    async def _run(self, phone: str) -> None:
+    async def _run(self, phone: str, files: tuple[Attachment, ...] = ()) -> None:
         owner = self._owner(phone)
         run_id, workspace = owner.run_id, self.workspace(phone)
         result: RunResult | None = None
@@ -303,8 +311,9 @@ class Worker:
         try:
             with scope:
                 await self._begin(phone, owner, workspace)
-                result = await self._ask(phone, owner)
-        except (GitError, SandboxError) as exc:
+                received = await self._receive(phone, files)
+                result = await self._ask(phone, owner, received)
+        except (GitError, SandboxError, attachments.AttachmentError) as exc:
             failure = str(exc)
         except Exception as exc:  # the agent's CLI died, the SDK failed...: tell the owner, keep going
             logger.exception("run %s failed", run_id)
@@ -353,11 +362,25 @@ class Worker:
         if not taken:
             self._save(owner)
 
-    async def _ask(self, phone: str, owner: OwnerState) -> RunResult:
+    async def _receive(self, phone: str, files: tuple[Attachment, ...]) -> list[attachments.Received]:
+        """The prompt's photos and files, from the relay into the checkout (vm/attachments.py),
+        while nothing of the agent's runs: its folders are set up by `_begin`, its kept CLI is
+        stopped."""
+        if not files:
+            return []
+        space = self._spaces.get(phone)
+        if space is None:  # `_begin` prepares it before any run: this would be a bug
+            raise attachments.AttachmentError("the agent's folders are not set up")
+        owner = (space.uid, space.gid) if self.sandbox.isolated else None
+        return await attachments.receive(self._fetcher, files, space.checkout, owner)
+
+    async def _ask(self, phone: str, owner: OwnerState, received: list[attachments.Received]) -> RunResult:
         """The prompt, as a new query on the owner's kept CLI, continued from where it was
         stopped; else (none kept, or it ended before it heard the prompt) on a new CLI that
-        resumes the owner's session by id."""
+        resumes the owner's session by id. The owner's images go with it as image blocks."""
         run_id = owner.run_id
+        prompt = attachments.prompt_with(owner.prompt, received)
+        images = [(r.image, r.data) for r in received if r.image]
 
         def progress(text: str) -> None:
             self._report(phone, Report("progress", run_id, text=text))
@@ -368,12 +391,12 @@ class Worker:
         agent = self._kept_agent(owner)
         if agent is not None and agent.pid is not None and self.sandbox.resume(agent.pid):
             try:
-                return await agent.ask(owner.prompt, on_progress=progress, on_session=session)
+                return await agent.ask(prompt, on_progress=progress, on_session=session, images=images)
             except AgentGone as exc:
                 logger.warning("the kept agent of run %s could not take the prompt (%s); starting another", run_id, exc)
         self._drop_agent(phone)
         agent = await self._open_agent(phone, owner)
-        return await agent.ask(owner.prompt, on_progress=progress, on_session=session)
+        return await agent.ask(prompt, on_progress=progress, on_session=session, images=images)
 
     async def _open_agent(self, phone: str, owner: OwnerState) -> LiveAgent:
         space = self._spaces[phone]
@@ -427,7 +450,10 @@ class Worker:
         self._side_tasks += 1
         try:
             workspace = self.workspace(phone)
-            await self._prepare(phone, workspace)
+            space = await self._prepare(phone, workspace)
+            # Off the next prompt's path, with nothing of the agent's running: old attachments go.
+            if removed := await anyio.to_thread.run_sync(attachments.expire, space.checkout):
+                logger.info("removed %d attachments older than %d days", removed, attachments.KEEP_S // 86400)
             owner.baseline = (await workspace.snapshot()).to_json()
             self._save(owner)
         except Exception:  # the next run takes its own snapshot, as it would without one
