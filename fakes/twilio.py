@@ -112,42 +112,20 @@ class FakeTwilio:
             return _twilio_error(401, 20003, "Authenticate")
         if self.content_down:
             return _twilio_error(500, None, "outage")
-        if request.headers.get("content-type", "").split(";")[0] != "application/json":
-            return _twilio_error(400, 20001, "expected a JSON body")
-        try:
-            body = json.loads(await request.body())
-            actions = body["types"]["twilio/quick-reply"]["actions"]
-            valid = isinstance(body["friendly_name"], str) and 1 <= len(actions) <= 3
-        except (ValueError, KeyError, TypeError):
-            valid = False
-        if not valid:
-            return _twilio_error(400, 20001, "a quick reply needs a name and 1 to 3 actions")
-        sid = f"HX{len(self.contents) + 1:032d}"
-        self.contents[sid] = {**body, "sid": sid, "account_sid": self.account_sid}
-        return JSONResponse(self.contents[sid], status_code=201)
+        return await create_content(self.contents, self.account_sid, request)
 
     async def _content_list(self, request: Request) -> JSONResponse:
         if not self._authorized(request):
             return _twilio_error(401, 20003, "Authenticate")
         if self.content_down:
             return _twilio_error(500, None, "outage")
-        meta = {"key": "contents", "page": 0, "page_size": 50, "next_page_url": None, "previous_page_url": None}
-        return JSONResponse({"contents": list(self.contents.values()), "meta": meta})
+        return list_contents(self.contents)
 
     def _render(self, fields: dict[str, Any]) -> tuple[str, list[str]] | JSONResponse:
-        """A content message's body (its `{{n}}` filled in) and buttons, or Twilio's refusal."""
-        content = self.contents.get(fields.get("ContentSid", ""))
-        if content is None or self.refuse_content_sends:
+        if self.refuse_content_sends:
             return _twilio_error(400, 21655, "The ContentSid is invalid")
-        try:
-            variables = json.loads(fields.get("ContentVariables") or "{}")
-            quick = content["types"]["twilio/quick-reply"]
-            body = re.sub(r"\{\{(\w+)\}\}", lambda m: str(variables.get(m.group(1), "")), quick["body"])
-        except (ValueError, KeyError, TypeError, AttributeError):
-            return _twilio_error(400, 21656, "The ContentVariables are invalid")
-        if len(body) > QUICK_REPLY_BODY_LIMIT:
-            return _twilio_error(400, 21656, "The quick reply's body is over 1024 characters")
-        return body, [a["id"] for a in quick["actions"]]
+        rendered = render_content(self.contents, fields)
+        return rendered if isinstance(rendered, JSONResponse) else (rendered[0], [i for i, _ in rendered[1]])
 
     async def _media(self, request: Request) -> Response:
         self.media_requests.append((request.url.path, request.headers.get("authorization", "")))
@@ -233,6 +211,51 @@ class FakeTwilio:
             },
             status_code=201,
         )
+
+
+# --- the Content API's quick replies, shared with the local console (console/chat.py) ---------
+
+
+async def create_content(contents: dict[str, dict[str, Any]], account_sid: str, request: Request) -> JSONResponse:
+    """`POST /v1/Content` for a `twilio/quick-reply`: a JSON body, a name, 1 to 3 actions."""
+    if request.headers.get("content-type", "").split(";")[0] != "application/json":
+        return _twilio_error(400, 20001, "expected a JSON body")
+    try:
+        body = json.loads(await request.body())
+        actions = body["types"]["twilio/quick-reply"]["actions"]
+        valid = isinstance(body["friendly_name"], str) and 1 <= len(actions) <= 3
+    except (ValueError, KeyError, TypeError):
+        valid = False
+    if not valid:
+        return _twilio_error(400, 20001, "a quick reply needs a name and 1 to 3 actions")
+    sid = f"HX{len(contents) + 1:032d}"
+    contents[sid] = {**body, "sid": sid, "account_sid": account_sid}
+    return JSONResponse(contents[sid], status_code=201)
+
+
+def list_contents(contents: dict[str, dict[str, Any]]) -> JSONResponse:
+    meta = {"key": "contents", "page": 0, "page_size": 50, "next_page_url": None, "previous_page_url": None}
+    return JSONResponse({"contents": list(contents.values()), "meta": meta})
+
+
+def render_content(
+    contents: dict[str, dict[str, Any]], fields: dict[str, Any]
+) -> tuple[str, list[tuple[str, str]]] | JSONResponse:
+    """A content message's body (its `{{n}}` filled in) and buttons as (id, title), or Twilio's
+    refusal."""
+    content = contents.get(fields.get("ContentSid", ""))
+    if content is None:
+        return _twilio_error(400, 21655, "The ContentSid is invalid")
+    try:
+        variables = json.loads(fields.get("ContentVariables") or "{}")
+        quick = content["types"]["twilio/quick-reply"]
+        body = re.sub(r"\{\{(\w+)\}\}", lambda m: str(variables.get(m.group(1), "")), quick["body"])
+        buttons = [(str(a["id"]), str(a["title"])) for a in quick["actions"]]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return _twilio_error(400, 21656, "The ContentVariables are invalid")
+    if len(body) > QUICK_REPLY_BODY_LIMIT:
+        return _twilio_error(400, 21656, "The quick reply's body is over 1024 characters")
+    return body, buttons
 
 
 def _twilio_error(status: int, code: int | None, message: str) -> JSONResponse:
