@@ -16,9 +16,11 @@ import json
 import os
 import re
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from common.protocol import Report
@@ -27,9 +29,11 @@ from fakes.origin import HttpOrigin, branches, make_origin, show
 from fakes.servers import make_certificate, run_server
 from fakes.wiring import FILES, GITHUB_TOKEN, OWNER, OWNER2, new_message_id, open_for_agents
 from relay import replies
-from tests.support.processes import clis_of
+from tests.support.processes import child, clis_of, wait_exit, wait_healthy
 from tests.support.waiting import wait_for
 from tests.support.worker_harness import WorkerStack, worker_stack
+from tests.test_worker_process import AUTH
+from tests.test_worker_process import fakes as process_fakes
 from vm.sandbox import Sandbox
 
 pytestmark = pytest.mark.anyio
@@ -171,6 +175,27 @@ async def test_a_checkout_from_before_repos_moves_into_the_named_layout(tmp_path
         assert second["url"] == "https://github.com/owner/demo/pull/2"
         assert show(worker.origin, second["text"], "wip.txt") == "uncommitted work\n"
         await worker.settled()
+
+
+async def test_after_a_restart_a_pending_approval_is_pushed_to_the_repository_it_was_made_in(tmp_path: Path) -> None:
+    """The state file records the run's repository; approve names none."""
+    alpha = make_origin(tmp_path / "alpha", ALPHA)
+    async with process_fakes(tmp_path) as f, httpx.AsyncClient(timeout=30) as http:
+        checkout = Path(f.env["WORKSPACE_DIR"]) / f"{NUMBER}-alpha"
+        f.anthropic.script("tune alpha", edit(f"{checkout}/alpha.py", "A = 1", "A = 10"), Text("Tuned."))
+        with child("vm", f.env, f.log) as proc:
+            await wait_healthy(f.url, proc)
+            body = {"phone": OWNER, "text": "tune alpha", "message_id": new_message_id(), **named("alpha", alpha)}
+            assert (await http.post(f"{f.url}/command", json=body, headers=AUTH)).status_code == 202
+            await wait_for(lambda: f.relay.of_type("approval_required"), RUN_TIMEOUT, "the approval request")
+            proc.send_signal(signal.SIGKILL)
+            await wait_exit(proc, 5)
+        with child("vm", f.env, f.log) as proc:
+            await wait_healthy(f.url, proc)
+            assert (await http.post(f"{f.url}/approve", json={"phone": OWNER}, headers=AUTH)).status_code == 202
+            opened = (await wait_for(lambda: f.relay.of_type("pr_opened"), 30, "the push after the restart"))[0]
+            assert show(alpha, opened["text"], "alpha.py") == "A = 10\n" and opened.get("url", "") == ""
+            assert branches(tmp_path / "git" / "origin.git") == ["main"]
 
 
 async def test_the_github_token_goes_to_the_workers_own_repository_never_to_one_a_prompt_names(
