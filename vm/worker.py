@@ -427,7 +427,8 @@ class Worker:
         legacy = self._workspace_of(owner.phone, "", self.settings.repo_url)
         if not await adopt_legacy(legacy, named):
             return
-        moved = await anyio.to_thread.run_sync(self.sandbox.move_sessions, space, legacy.path)
+        with anyio.CancelScope(shield=True):  # a cancel now would leave the session behind
+            moved = await anyio.to_thread.run_sync(self.sandbox.move_sessions, space, legacy.path)
         if moved and "" in owner.sessions and repo not in owner.sessions:
             owner.sessions[repo] = owner.sessions.pop("")
         self._save(owner)
