@@ -136,8 +136,10 @@ _CWD = re.compile(r"Primary working directory: ([^\s\\]+)")
 def _fill_cwd(step: Step, body: dict[str, Any]) -> Step:
     if not isinstance(step, ToolUse) or "{cwd}" not in json.dumps(step.input):
         return step
-    match = _CWD.search(json.dumps(body))
-    cwd = match.group(1) if match else "."
+    # The latest place the CLI said it runs in: a resumed session's history may hold an older
+    # one (a checkout that moved).
+    places = _CWD.findall(json.dumps(body.get("messages", []))) or _CWD.findall(json.dumps(body))
+    cwd = places[-1] if places else "."
     return ToolUse(step.name, json.loads(json.dumps(step.input).replace("{cwd}", cwd)))
 
 

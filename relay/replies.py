@@ -177,7 +177,12 @@ def _cut_at_line(text: str, limit: int) -> str:
 
 def applied(event: Report) -> str:
     if event.type == "pr_opened":
-        done = f"✅ Pull request opened: {event.url}" if event.url else f"✅ Pushed branch {event.text or ''}".rstrip()
+        done = (
+            f"✅ Pull request opened: {event.url}"
+            if event.url
+            else f"✅ Pushed branch {event.text or '(unnamed)'}. No pull request: they are opened only for "
+            "repositories on GitHub, and only when the VM has a GITHUB_TOKEN."
+        )
         return done + left_out(event)
     done = "↩️ Rolled back: the checkout is as it was before the run."
     count = max(event.left_out_count, len(event.left_out))

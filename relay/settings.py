@@ -106,7 +106,7 @@ def _repos(env: Mapping[str, str]) -> tuple[Repo, ...]:
         if not url:
             return ()
         if problem := repo_url_problem(url):
-            raise ConfigError(f"REPO_URL is malformed: {problem}")
+            raise ConfigError(f"REPO_URL {problem}")
         return (Repo(_name_from_url(url), url),)
     repos: list[Repo] = []
     # Values are never echoed: a malformed pair may hold a URL with a token in it.
@@ -118,7 +118,7 @@ def _repos(env: Mapping[str, str]) -> tuple[Repo, ...]:
         if not REPO_NAME.match(name):
             raise ConfigError(f"{where}: a name starts with a-z, then a-z, 0-9, _ or - (at most 40)")
         if problem := repo_url_problem(url):
-            raise ConfigError(f"{where}: its URL {problem}")
+            raise ConfigError(f"{where}: its URL {problem}")  # (no URL in it: "is malformed: ...")
         if any(r.name == name for r in repos):
             raise ConfigError(f"{where} repeats the name {name}")
         repos.append(Repo(name, url))

@@ -214,6 +214,11 @@ class LiveAgent:
         self._turn: _Turn | None = None
 
     @property
+    def cwd(self) -> Path:
+        """The checkout the CLI works in."""
+        return self._cwd
+
+    @property
     def idle(self) -> bool:
         """Open, and between prompts."""
         return not self.closed and self._turn is None

@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import anyio
 
@@ -69,6 +70,11 @@ HANDED_OVER = "textslash-handed-over"  # in the git dir: the agent was given the
 # still need, not the run's work. The worker expires its files itself.
 ATTACHMENTS_DIR = ".textslash-attachments"
 NOT_ATTACHMENTS = f":(top,exclude){ATTACHMENTS_DIR}"
+
+NO_REPOSITORY = (
+    "no repository to work on: this prompt names none and the VM has no REPO_URL "
+    "(set REPOS on the relay, or REPO_URL on the worker)"
+)
 # Only the worker writes the git dir; with isolation the owner's group may read it.
 SHARED = "0640"
 
@@ -280,7 +286,7 @@ class Changes:
 
 
 class Workspace:
-    """One checkout of REPO_URL at `path`, with its git dir at `git_dir`."""
+    """One checkout of `repo_url` at `path`, with its git dir at `git_dir`."""
 
     def __init__(
         self,
@@ -359,13 +365,16 @@ class Workspace:
         return out[: out.rfind(separator, 0, limit) + 1].decode(errors="replace"), True
 
     def _auth_env(self) -> dict[str, str]:
-        # The token travels in git's environment-only config, never in argv, URLs or logs.
+        """The token travels in git's environment-only config, never in argv, URLs or logs; and
+        only to this repository's host over https (`http.<url>.extraHeader`): whatever else git
+        might be sent to, nothing there gets it. Which repositories have a token at all is the
+        worker's choice (Settings.token_for)."""
         if not self._token or not self.repo_url.startswith("https://"):
             return {}
         basic = base64.b64encode(f"x-access-token:{self._token}".encode()).decode()
         return {
             "GIT_CONFIG_COUNT": "1",
-            "GIT_CONFIG_KEY_0": "http.extraHeader",
+            "GIT_CONFIG_KEY_0": f"http.https://{urlsplit(self.repo_url).netloc}/.extraHeader",
             "GIT_CONFIG_VALUE_0": f"Authorization: Basic {basic}",
         }
 
@@ -419,7 +428,17 @@ class Workspace:
             shutil.rmtree(gitfile)
         write_new_file(gitfile, f"gitdir: {self.git_dir}\n")
 
+    async def origin_url(self) -> str:
+        """The URL the git dir pushes to (its config is the worker's alone: see _write_config)."""
+        config = ("config", "--file", str(self.git_dir / "config"), "--get", "remote.origin.url")
+        return (await self.git(*config, check=False, cwd=self.git_dir)).strip()
+
+    async def set_origin(self, url: str) -> None:
+        await self.git("remote", "set-url", "origin", url, cwd=self.git_dir, env={"GIT_DIR": str(self.git_dir)})
+
     async def _clone(self) -> None:
+        if not self.repo_url:
+            raise GitError(NO_REPOSITORY)
         self.git_dir.parent.mkdir(parents=True, exist_ok=True)
         partial = Path(tempfile.mkdtemp(prefix=".clone-", dir=self.git_dir.parent))
         try:
