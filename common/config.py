@@ -32,6 +32,29 @@ class ConfigError(ValueError):
     """A missing or malformed setting; the message names the variable."""
 
 
+_REPO_URL_SCHEMES = re.compile(r"^(https://|http://|ssh://|git@|file://|/)")
+# A password in any URL, or anything before an @ in an http(s) one: `https://<token>@host/` is a
+# token all the same.
+_CREDENTIALS_IN_URL = re.compile(r"^[a-z]+://[^/@]*:[^/@]*@|^https?://[^/]*@")
+
+
+def repo_url_problem(url: str) -> str:
+    """Why `url` cannot be a repository to clone and push ("" when it can), worded to follow its
+    name: "REPO_URL " + problem. One check for the worker's REPO_URL, the relay's REPOS and the
+    `repo_url` a prompt carries, so none of them takes what another would refuse."""
+    if not _REPO_URL_SCHEMES.match(url):
+        return "is malformed: expected an https, ssh or file URL"
+    if re.search(r"[\x00-\x1f\x7f]", url):
+        return "is malformed: it holds a control character"
+    if _CREDENTIALS_IN_URL.match(url):
+        # It would sit in the git dir's config, which the owner's agent may read.
+        return "must not hold a password or token: put the token in GITHUB_TOKEN"
+    authority = re.match(r"^(?:[a-z]+://|git@)?([^/:]*)", url)
+    if authority is not None and authority.group(1).rpartition("@")[2].startswith("-"):
+        return "is malformed: a host cannot start with -"  # git would read it as an option
+    return ""
+
+
 @dataclass(frozen=True)
 class EnvReader:
     """Reads and checks one variable at a time; every error names the variable."""
@@ -55,6 +78,13 @@ class EnvReader:
         value = self.required(name)
         if not re.fullmatch(pattern, value):
             raise ConfigError(f"{name} is malformed: expected {meaning}")
+        return value
+
+    def repo_url(self, name: str) -> str:
+        """A repository's clone URL (see `repo_url_problem`), or "" when not set."""
+        value = self.env.get(name, "").strip()
+        if value and (problem := repo_url_problem(value)):
+            raise ConfigError(f"{name} {problem}")
         return value
 
     def url(self, name: str, default: str | None = None) -> str:
@@ -118,16 +148,3 @@ class EnvReader:
         if raw in ("0", "false", "no", "off"):
             return False
         raise ConfigError(f"{name} is malformed: expected true or false, got {raw!r}")
-
-
-def repo_url_problem(url: str) -> str:
-    """Why a repository URL cannot be cloned for an owner, or "" when it can. A URL holding a
-    password or token is refused: it would sit in the git dir's config, which the owner's agent
-    may read (the token goes in GITHUB_TOKEN)."""
-    if not re.match(r"^(https://|http://|ssh://|git@|file://|/)", url):
-        return "expected an https, ssh or file URL"
-    if re.match(r"^[a-z]+://[^/@]*:[^/@]*@", url):
-        return "must not hold a password or token: put the token in GITHUB_TOKEN"
-    if any(c.isspace() or ord(c) < 32 for c in url):
-        return "must not contain spaces or control characters"
-    return ""

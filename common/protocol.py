@@ -21,7 +21,7 @@ import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, ClassVar, Literal, get_args
 
-from common.config import E164
+from common.config import E164, repo_url_problem
 
 # 2: a prompt names its repository, model, run budget and attachments; a run's end carries its
 # tokens; `sleeping` says how long the worker was awake. Version 1 messages are still read.
@@ -83,8 +83,10 @@ def _message_id(data: dict[str, Any]) -> str:
 
 MAX_PROMPT = 20_000
 MAX_ATTACHMENTS = 10
-REPO_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,39}$")  # a repository's name in REPOS (and in paths)
-MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\[\]-]{0,99}$")  # an alias or a full model id
+MAX_REPO_URL = 2_000
+# A repository's name in REPOS, and in the worker's paths. \Z, not $: "app\n" is no name.
+REPO_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,39}\Z")
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\[\]-]{0,99}\Z")  # an alias or a full model id
 
 
 @dataclass(frozen=True)
@@ -180,11 +182,16 @@ def _decode_prompt(phone: str, data: dict[str, Any]) -> RunPrompt:
     attachments = _attachments(data)
     if not text.strip() and not attachments:
         raise ProtocolError("text must be a non-empty string (or the prompt must carry attachments)")
-    repo, repo_url = _string(data, "repo", 40), _string(data, "repo_url", 2_000)
+    # Read past their limits, so that an over-long one is refused rather than cut to another.
+    repo, repo_url = _string(data, "repo", 100), _string(data, "repo_url", MAX_REPO_URL + 1)
     if repo and not REPO_NAME.match(repo):
         raise ProtocolError("repo must be a name like my-app (a-z, 0-9, _ and -)")
     if bool(repo) != bool(repo_url):
         raise ProtocolError("repo and repo_url go together")
+    if len(repo_url) > MAX_REPO_URL:
+        raise ProtocolError(f"repo_url is too long (at most {MAX_REPO_URL} characters)")
+    if repo_url and (problem := repo_url_problem(repo_url)):
+        raise ProtocolError(f"repo_url {problem}")
     model = _string(data, "model", 100)
     if model and not MODEL_NAME.match(model):
         raise ProtocolError("model must be an alias (opus, sonnet, haiku) or a model id")

@@ -30,7 +30,7 @@ import uvicorn
 from dotenv import load_dotenv
 
 from console.chat import Chat
-from console.demo import demo_model, make_demo_repo
+from console.demo import SITE_FILES, demo_model, make_demo_repo
 from fakes.flyproxy import FlyProxy
 from fakes.github import FakeGitHub
 from fakes.machines import FakeMachines
@@ -138,6 +138,7 @@ async def run(opts: Options) -> None:
             bot_number=env.get("TWILIO_WHATSAPP_NUMBER", SANDBOX_NUMBER),
             http=http,
             demo=opts.demo,
+            api_url="" if real_twilio else chat_url,  # the relay's TWILIO_API_BASE_URL (below)
         )
         worker_env = {
             **env,
@@ -153,7 +154,8 @@ async def run(opts: Options) -> None:
         if shutil.which("chromium") and not env.get("CHROMIUM_PATH"):
             worker_env["CHROMIUM_PATH"] = shutil.which("chromium") or ""
         worker_env["AGENT_ISOLATION"] = _isolation(env, opts.data)
-        async with _stand_ins(opts, env, worker_env, http) as notes:
+        relay_extra: dict[str, str] = {}
+        async with _stand_ins(opts, env, worker_env, relay_extra, http) as notes:
             notes.append(ISOLATION_NOTES[worker_env["AGENT_ISOLATION"]])
             proxy = FlyProxy(
                 lambda: spawn("vm", worker_env, opts.data / "worker.log"),
@@ -185,6 +187,7 @@ async def run(opts: Options) -> None:
                 "RELAY_DB": str(opts.data / "relay.sqlite3"),
                 "PORT": str(relay_port),
                 "HOST": "127.0.0.1",
+                **relay_extra,
             }
             if not real_twilio:
                 relay_env["TWILIO_API_BASE_URL"] = chat_url
@@ -213,9 +216,10 @@ async def run(opts: Options) -> None:
 
 @asynccontextmanager
 async def _stand_ins(
-    opts: Options, env: dict[str, str], worker_env: dict[str, str], http: httpx.AsyncClient
+    opts: Options, env: dict[str, str], worker_env: dict[str, str], relay_env: dict[str, str], http: httpx.AsyncClient
 ) -> AsyncIterator[list[str]]:
-    """In demo mode (or without a repository or GitHub token), local stand-ins for the outside."""
+    """In demo mode (or without a repository or GitHub token), local stand-ins for the outside:
+    what they need set goes into `worker_env` and `relay_env`."""
     notes: list[str] = []
     async with anyio.create_task_group() as tg:
         servers: list[Any] = []
@@ -235,8 +239,15 @@ async def _stand_ins(
             notes.append("model: scripted (demo)")
         if opts.demo or not env.get("REPO_URL"):
             origin = make_demo_repo(opts.data / "origin.git")
-            worker_env["REPO_URL"] = f"file://{origin}"
-            notes.append(f"repository: {origin}")
+            worker_env["REPO_URL"] = f"file://{origin}"  # for prompts that name no repository
+            if env.get("REPOS"):
+                notes.append(f"repository: {origin}")
+            else:
+                # Two repositories for the owner, so `repos` and `use` can be tried (the relay reads
+                # REPOS); `demo` is REPO_URL's, whose pull requests go to the GitHub stand-in.
+                site = make_demo_repo(opts.data / "site.git", SITE_FILES)
+                relay_env["REPOS"] = f"demo=file://{origin},site=file://{site}"
+                notes.append(f"repositories: demo ({origin}), site ({site}; pushed, no pull request)")
         if opts.demo or not env.get("GITHUB_TOKEN"):
             github_port = free_port()
             github = FakeGitHub(token=secrets.token_hex(16), web_url=f"http://127.0.0.1:{github_port}")

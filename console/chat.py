@@ -3,14 +3,20 @@
 The page's messages become webhooks signed with the twilio SDK, exactly as Twilio would sign
 them, posted to the relay. The relay, pointed here by TWILIO_API_BASE_URL, sends its replies
 through the same REST call it makes to Twilio, so every outbound message appears in the page
-as it is sent, images included.
+as it is sent, images included; quick-reply buttons (the relay makes them through the Content
+API, served here as by `fakes/twilio.py`) show under their message, and a tap posts what
+Twilio posts (`ButtonPayload`, `ButtonText`). A photo or file attached on the page is held here as Twilio
+holds media: the webhook names it with `MediaUrl0` under this server's Twilio API path, which
+needs Basic auth and redirects to the file (`/cdn/...`), as Twilio's redirects to its CDN.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import hmac
 import itertools
+import re
 import secrets
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,12 +28,25 @@ import anyio
 import httpx
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 from twilio.request_validator import RequestValidator
 
+from fakes.twilio import create_content, list_contents, render_content
+
 PAGE = Path(__file__).with_name("page.html")
 MAX_TEXT = 4096
+MAX_FILE = 16 * 1024 * 1024  # WhatsApp's limit for media (the relay takes 5 MB per image)
+
+
+@dataclass(frozen=True)
+class Held:
+    """A file attached on the page, held as Twilio holds a message's media."""
+
+    data: bytes
+    content_type: str
+    name: str
+    token: str  # its unguessable name at `/cdn/` (Twilio's CDN, here)
 
 
 @dataclass
@@ -37,6 +56,7 @@ class ChatMessage:
     body: str
     media: list[str]
     at: float
+    buttons: list[dict[str, str]] = field(default_factory=list)  # quick replies: {id, title}
 
 
 @dataclass
@@ -51,7 +71,10 @@ class Chat:
     bot_number: str
     http: httpx.AsyncClient
     demo: bool = False
+    api_url: str = ""  # this server, as the relay's TWILIO_API_BASE_URL: "" when the relay uses real Twilio
     messages: list[ChatMessage] = field(default_factory=list)
+    media: dict[str, Held] = field(default_factory=dict)  # by media sid
+    contents: dict[str, dict[str, Any]] = field(default_factory=dict)  # the Content API's, by SID
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     _changed: anyio.Event = field(default_factory=anyio.Event)
     _closing: bool = False
@@ -64,11 +87,17 @@ class Chat:
                 Route("/api/send", self._send, methods=["POST"]),
                 Route("/api/messages", self._messages),
                 Route("/2010-04-01/Accounts/{sid}/Messages.json", self._twilio_create, methods=["POST"]),
+                Route("/v1/Content", self._content_create, methods=["POST"]),
+                Route("/v1/Content", self._content_list, methods=["GET"]),
+                Route("/2010-04-01/Accounts/{sid}/Messages/{message}/Media/{media}", self._twilio_media),
+                Route("/cdn/{token}/{name}", self._cdn),
             ]
         )
 
-    def _add(self, sender: str, body: str, media: list[str]) -> ChatMessage:
-        message = ChatMessage(next(self._ids), sender, body, media, time.time())
+    def _add(
+        self, sender: str, body: str, media: list[str], buttons: list[dict[str, str]] | None = None
+    ) -> ChatMessage:
+        message = ChatMessage(next(self._ids), sender, body, media, time.time(), buttons or [])
         self.messages.append(message)
         self._changed.set()
         self._changed = anyio.Event()
@@ -78,16 +107,19 @@ class Chat:
         return HTMLResponse(PAGE.read_text(encoding="utf-8"))
 
     async def _info(self, request: Request) -> JSONResponse:
-        return JSONResponse({"owner": self.owner, "demo": self.demo})
+        return JSONResponse({"owner": self.owner, "demo": self.demo, "attach": bool(self.api_url)})
 
     async def _send(self, request: Request) -> JSONResponse:
         try:
-            text = str((await request.json())["text"]).strip()
-        except (ValueError, KeyError, TypeError):
-            return JSONResponse({"detail": 'expected {"text": ...}'}, status_code=400)
-        if not text or len(text) > MAX_TEXT:
-            return JSONResponse({"detail": f"a message has 1 to {MAX_TEXT} characters"}, status_code=400)
-        self._add("owner", text, [])
+            body = await request.json()
+            text = str(body["text"]).strip()
+            held = self._hold(body.get("file"))
+            button = str(body.get("button") or "")
+        except (ValueError, KeyError, TypeError, binascii.Error) as exc:
+            detail = str(exc) if isinstance(exc, ValueError) else 'expected {"text": ..., "file"?: {name, type, data}}'
+            return JSONResponse({"detail": detail}, status_code=400)
+        if not (text or held) or len(text) > MAX_TEXT:
+            return JSONResponse({"detail": f"a message has up to {MAX_TEXT} characters, or a file"}, status_code=400)
         params = {
             "MessageSid": "SM" + secrets.token_hex(16),
             "AccountSid": self.account_sid,
@@ -97,6 +129,16 @@ class Chat:
             "NumMedia": "0",
             "ProfileName": "You",
         }
+        if button:  # a tapped quick reply: its title as the body, its id as the payload
+            params.update(ButtonPayload=button, ButtonText=text)
+        shown: list[str] = []
+        if held is not None:
+            sid = "ME" + secrets.token_hex(16)
+            self.media[sid] = held
+            media = f"/2010-04-01/Accounts/{self.account_sid}/Messages/{params['MessageSid']}/Media/{sid}"
+            params.update(NumMedia="1", MediaUrl0=self.api_url + media, MediaContentType0=held.content_type)
+            shown.append(f"/cdn/{held.token}/{held.name}")
+        self._add("owner", text, shown)
         signature = RequestValidator(self.auth_token).compute_signature(f"{self.public_url}/webhook", params)
         try:
             response = await self.http.post(
@@ -106,6 +148,34 @@ class Chat:
             self._add("textslash", f"⚠️ The relay is not answering ({type(exc).__name__}).", [])
             return JSONResponse({"detail": "relay unreachable"}, status_code=502)
         return JSONResponse({"relay_status": response.status_code})
+
+    def _hold(self, file: Any) -> Held | None:
+        """The file attached on the page (`{name, type, data}`, data in base64), or None."""
+        if file is None:
+            return None
+        if not self.api_url:
+            raise ValueError("attachments go through Twilio here: send them from your phone")
+        data = base64.b64decode(str(file["data"]), validate=True)
+        content_type = str(file.get("type") or "application/octet-stream").lower()
+        if len(data) > MAX_FILE or not re.fullmatch(r"[a-z0-9.+-]+/[a-z0-9.+-]+", content_type):
+            raise ValueError(f"a file of at most {MAX_FILE // 1024 // 1024} MB, with a media type")
+        name = re.sub(r"[^A-Za-z0-9._-]+", "_", str(file.get("name") or "file"))[-100:].lstrip(".") or "file"
+        return Held(data, content_type, name, secrets.token_urlsafe(16))
+
+    async def _twilio_media(self, request: Request) -> Response:
+        """Twilio's media URL: Basic auth, then a redirect to the file (as Twilio's to its CDN)."""
+        if not self._authorized(request) or request.path_params["sid"] != self.account_sid:
+            return _unauthorized()
+        held = self.media.get(request.path_params["media"])
+        if held is None:
+            return JSONResponse({"code": 20404, "message": "Not found", "status": 404}, status_code=404)
+        return RedirectResponse(f"/cdn/{held.token}/{held.name}", status_code=302)
+
+    async def _cdn(self, request: Request) -> Response:
+        held = next((h for h in self.media.values() if h.token == request.path_params["token"]), None)
+        if held is None:
+            return Response("not found", status_code=404)
+        return Response(held.data, media_type=held.content_type)
 
     def close(self) -> None:
         """Answer every waiting long poll now, so the server stops without cancelling them."""
@@ -123,15 +193,31 @@ class Chat:
                 await self._changed.wait()
         return JSONResponse([asdict(m) for m in self.messages if m.id > after])
 
+    def _authorized(self, request: Request) -> bool:
+        expected = base64.b64encode(f"{self.account_sid}:{self.auth_token}".encode()).decode()
+        return hmac.compare_digest(request.headers.get("authorization", ""), f"Basic {expected}")
+
+    async def _content_create(self, request: Request) -> Response:
+        if not self._authorized(request):
+            return _unauthorized()
+        return await create_content(self.contents, self.account_sid, request)
+
+    async def _content_list(self, request: Request) -> Response:
+        return list_contents(self.contents) if self._authorized(request) else _unauthorized()
+
     async def _twilio_create(self, request: Request) -> Response:
         """Twilio's `Messages.json`, as the relay's twilio client calls it."""
-        expected = base64.b64encode(f"{self.account_sid}:{self.auth_token}".encode()).decode()
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given, f"Basic {expected}") or request.path_params["sid"] != self.account_sid:
-            return JSONResponse({"code": 20003, "message": "Authenticate", "status": 401}, status_code=401)
+        if not self._authorized(request) or request.path_params["sid"] != self.account_sid:
+            return _unauthorized()
         form = parse_qsl((await request.body()).decode(), keep_blank_values=True)
         fields: dict[str, Any] = dict(form)
-        message = self._add("textslash", fields.get("Body", ""), [v for k, v in form if k == "MediaUrl"])
+        body, buttons = fields.get("Body", ""), list[dict[str, str]]()
+        if fields.get("ContentSid"):
+            rendered = render_content(self.contents, fields)
+            if isinstance(rendered, Response):
+                return rendered
+            body, buttons = rendered[0], [{"id": i, "title": t} for i, t in rendered[1]]
+        message = self._add("textslash", body, [v for k, v in form if k == "MediaUrl"], buttons)
         sid = f"SM{message.id:032d}"
         return JSONResponse(
             {
@@ -139,8 +225,12 @@ class Chat:
                 "status": "queued",
                 "to": fields.get("To"),
                 "from": fields.get("From"),
-                "body": fields.get("Body"),
+                "body": body,
                 "account_sid": self.account_sid,
             },
             status_code=201,
         )
+
+
+def _unauthorized() -> JSONResponse:
+    return JSONResponse({"code": 20003, "message": "Authenticate", "status": 401}, status_code=401)

@@ -74,6 +74,16 @@ class FakeAnthropic:
         """For each request, the user texts it carried (to check what a session remembers)."""
         return [_user_texts(r["messages"]) for r in self.requests]
 
+    def user_turns(self) -> list[list[dict[str, Any]]]:
+        """For each request, the content blocks of its last user message that carries text (the
+        prompt, with any images the owner sent; later messages hold tool results)."""
+        turns = []
+        for request in self.requests:
+            prompts = [m for m in request.get("messages", []) if m.get("role") == "user" and _texts(m)]
+            content = prompts[-1].get("content") if prompts else []
+            turns.append([{"type": "text", "text": content}] if isinstance(content, str) else list(content or []))
+        return turns
+
     async def _count(self, request: Request) -> JSONResponse:
         return JSONResponse({"input_tokens": 100})
 
@@ -111,6 +121,8 @@ class FakeAnthropic:
                 if key in texts:
                     done = sum(1 for m in messages[index + 1 :] if m.get("role") == "assistant")
                     return steps[done] if done < len(steps) else Text("Done.")
+            if self.default and texts.strip():
+                break  # the prompt matches no script: the default answers it, not an older prompt's script
         if self.default:
             last_prompt = max((i for i, m in enumerate(messages) if m.get("role") == "user" and _texts(m)), default=0)
             done = sum(1 for m in messages[last_prompt + 1 :] if m.get("role") == "assistant")
@@ -124,8 +136,10 @@ _CWD = re.compile(r"Primary working directory: ([^\s\\]+)")
 def _fill_cwd(step: Step, body: dict[str, Any]) -> Step:
     if not isinstance(step, ToolUse) or "{cwd}" not in json.dumps(step.input):
         return step
-    match = _CWD.search(json.dumps(body))
-    cwd = match.group(1) if match else "."
+    # The latest place the CLI said it runs in: a resumed session's history may hold an older
+    # one (a checkout that moved).
+    places = _CWD.findall(json.dumps(body.get("messages", []))) or _CWD.findall(json.dumps(body))
+    cwd = places[-1] if places else "."
     return ToolUse(step.name, json.loads(json.dumps(step.input).replace("{cwd}", cwd)))
 
 

@@ -53,17 +53,20 @@ class HttpOrigin:
     """Bare repositories below `root`, served over git's smart HTTP protocol by `git
     http-backend`, as GitHub serves them. A service named in `stall` (`git-receive-pack` for a
     push, `git-upload-pack` for a clone) takes the request and never answers, as a stalled
-    connection does; `hung_up` counts the stalled requests whose client went away."""
+    connection does; `hung_up` counts the stalled requests whose client went away. `requests`
+    records each request's path and the Authorization header it came with ("" for none)."""
 
     root: Path
     stall: set[str] = field(default_factory=set)
     hung_up: int = 0
+    requests: list[tuple[str, str]] = field(default_factory=list)
 
     def app(self) -> Starlette:
         return Starlette(routes=[Route("/{path:path}", self._serve, methods=["GET", "POST"])])
 
     async def _serve(self, request: Request) -> Response:
         path = "/" + request.path_params["path"]
+        self.requests.append((path, request.headers.get("authorization", "")))
         body = await request.body()
         if request.method == "POST" and path.rsplit("/", 1)[-1] in self.stall:
             while (await request.receive())["type"] != "http.disconnect":

@@ -1,5 +1,5 @@
 """A loopback stand-in for the relay's callback routes: records the worker's reports, and its
-presence with the moment each arrived."""
+presence with the moment each arrived; serves the owner's files (`GET /media/{id}`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from common.protocol import Presence, decode_presence
@@ -21,14 +21,26 @@ class FakeRelay:
     events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     refuse: int = 0  # answer this many callbacks with 503 first, as a relay restarting would
     presence: list[tuple[float, Presence]] = field(default_factory=list)  # (time.monotonic(), what)
+    media: dict[str, bytes] = field(default_factory=dict)  # the owner's files by id, as the relay keeps them
+    media_requests: list[str] = field(default_factory=list)  # ids asked for, with the right token
 
     def app(self) -> Starlette:
         return Starlette(
             routes=[
                 Route("/callback", self._presence, methods=["POST"]),
                 Route("/callback/{phone}", self._callback, methods=["POST"]),
+                Route("/media/{id}", self._media, methods=["GET"]),
             ]
         )
+
+    async def _media(self, request: Request) -> Response:
+        if request.headers.get("authorization") != f"Bearer {self.token}":
+            return JSONResponse({"detail": "unauthorized"}, status_code=401)
+        self.media_requests.append(request.path_params["id"])
+        data = self.media.get(request.path_params["id"])
+        if data is None:
+            return JSONResponse({"detail": "no such file"}, status_code=404)
+        return Response(data, media_type="application/octet-stream")
 
     def states(self) -> list[str]:
         return [said.state for _, said in self.presence]

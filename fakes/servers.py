@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -38,19 +40,42 @@ def url_of(sock: socket.socket) -> str:
 
 @asynccontextmanager
 async def run_server(
-    app: Any, sock: socket.socket | None = None, *, listening: Listening | None = None
+    app: Any, sock: socket.socket | None = None, *, listening: Listening | None = None, tls: Path | None = None
 ) -> AsyncIterator[str]:
     """Serve `app` with uvicorn (lifespan included) until the block ends; yields its base URL.
-    `listening` is set the moment the socket listens, as in the real processes."""
+    `listening` is set the moment the socket listens, as in the real processes. `tls`: a folder
+    with cert.pem and key.pem (`make_certificate`), to serve https."""
     sock = sock or reserve_port()
     with contextlib.closing(sock):
-        async with _serving(app, sock, listening) as url:
+        async with _serving(app, sock, listening, tls) as url:
             yield url
 
 
+def make_certificate(folder: Path) -> Path:
+    """A self-signed certificate for 127.0.0.1, made by openssl: `folder`/cert.pem and key.pem."""
+    folder.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1"]
+        + ["-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(folder / "key.pem")]
+        + ["-out", str(folder / "cert.pem")],
+        check=True,
+        capture_output=True,
+    )
+    return folder
+
+
 @asynccontextmanager
-async def _serving(app: Any, sock: socket.socket, listening: Listening | None) -> AsyncIterator[str]:
-    config = uvicorn.Config(app, log_level="warning", lifespan="auto", timeout_graceful_shutdown=2)
+async def _serving(
+    app: Any, sock: socket.socket, listening: Listening | None, tls: Path | None = None
+) -> AsyncIterator[str]:
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        lifespan="auto",
+        timeout_graceful_shutdown=2,
+        ssl_certfile=str(tls / "cert.pem") if tls else None,
+        ssl_keyfile=str(tls / "key.pem") if tls else None,
+    )
     server = Server(config, listening)
     # uvicorn would take over SIGINT/SIGTERM from the main thread; tests must keep pytest's.
     server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
@@ -70,7 +95,8 @@ async def _serving(app: Any, sock: socket.socket, listening: Listening | None) -
                     raise RuntimeError("server failed to start")
                 await anyio.sleep(0.005)
         try:
-            yield url_of(sock)
+            url = url_of(sock)
+            yield url.replace("http://", "https://", 1) if tls else url
         finally:
             server.should_exit = True
             # Wait for the graceful shutdown here, even when the block failed: leaving the task

@@ -1,5 +1,7 @@
-"""A loopback fake of Twilio's REST APIs (Messages, and the Content API's quick replies) that
-records sends and can be told to fail. Both APIs answer on one base URL, as the relay's
+"""A loopback fake of Twilio's REST APIs that records sends and can be told to fail: Messages,
+the Content API's quick replies, and inbound media (`GET .../Media/<sid>` needs Basic auth and
+redirects (302) to the file on a second loopback server standing in for Twilio's CDN,
+`cdn_app`, as the real one does). The APIs answer on one base URL, as the relay's
 TWILIO_API_BASE_URL seam sends them there (their paths do not overlap)."""
 
 from __future__ import annotations
@@ -9,7 +11,9 @@ import itertools
 import json
 import random
 import re
+import secrets
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl
@@ -17,7 +21,7 @@ from urllib.parse import parse_qsl
 import anyio
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 # A scripted answer: an HTTP status (500, 429), (status, twilio error code), or "stall".
@@ -43,6 +47,15 @@ BAD_VARIABLE = re.compile(r"^\s*$|[\n\t]| {5,}")
 
 
 @dataclass
+class Media:
+    data: bytes
+    content_type: str
+    filename: str
+    chunked: bool
+    token: str  # the CDN's unguessable name for it
+
+
+@dataclass
 class FakeTwilio:
     account_sid: str
     auth_token: str
@@ -58,6 +71,21 @@ class FakeTwilio:
     content_down: bool = False  # the Content API answers 500 (creating and listing)
     refuse_content_sends: bool = False  # a message with a ContentSid is refused (400), as for a bad one
     _sids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    # Media: the base URLs the harness serves `app()` and `cdn_app()` at, the files by media
+    # sid, and every request each side got (path, its Authorization header).
+    api_url: str = ""
+    cdn_url: str = ""
+    media: dict[str, Media] = field(default_factory=dict)
+    media_requests: list[tuple[str, str]] = field(default_factory=list)
+    cdn_requests: list[tuple[str, str]] = field(default_factory=list)
+    cdn_hold: anyio.Event | None = None  # set: the CDN holds every download until it is set
+
+    def add_media(self, data: bytes, content_type: str, *, filename: str = "", chunked: bool = False) -> str:
+        """A file Twilio holds for an inbound message; returns its media URL, as a webhook names it.
+        `chunked`: the CDN sends it without a Content-Length (the relay must cap the stream)."""
+        sid = f"ME{secrets.token_hex(16)}"
+        self.media[sid] = Media(data, content_type, filename, chunked, secrets.token_urlsafe(16))
+        return f"{self.api_url}/2010-04-01/Accounts/{self.account_sid}/Messages/MM{secrets.token_hex(16)}/Media/{sid}"
 
     def fail_next(self, *answers: Scripted) -> None:
         self.script.extend(answers)
@@ -71,8 +99,12 @@ class FakeTwilio:
                 Route("/2010-04-01/Accounts/{sid}/Messages.json", self._create, methods=["POST"]),
                 Route("/v1/Content", self._content_create, methods=["POST"]),
                 Route("/v1/Content", self._content_list, methods=["GET"]),
+                Route("/2010-04-01/Accounts/{sid}/Messages/{message}/Media/{media}", self._media, methods=["GET"]),
             ]
         )
+
+    def cdn_app(self) -> Starlette:
+        return Starlette(routes=[Route("/files/{token}", self._cdn, methods=["GET"])])
 
     def _authorized(self, request: Request) -> bool:
         expected = base64.b64encode(f"{self.account_sid}:{self.auth_token}".encode()).decode()
@@ -83,44 +115,46 @@ class FakeTwilio:
             return _twilio_error(401, 20003, "Authenticate")
         if self.content_down:
             return _twilio_error(500, None, "outage")
-        if request.headers.get("content-type", "").split(";")[0] != "application/json":
-            return _twilio_error(400, 20001, "expected a JSON body")
-        try:
-            body = json.loads(await request.body())
-            actions = body["types"]["twilio/quick-reply"]["actions"]
-            valid = isinstance(body["friendly_name"], str) and 1 <= len(actions) <= 3
-        except (ValueError, KeyError, TypeError):
-            valid = False
-        if not valid:
-            return _twilio_error(400, 20001, "a quick reply needs a name and 1 to 3 actions")
-        sid = f"HX{len(self.contents) + 1:032d}"
-        self.contents[sid] = {**body, "sid": sid, "account_sid": self.account_sid}
-        return JSONResponse(self.contents[sid], status_code=201)
+        return await create_content(self.contents, self.account_sid, request)
 
     async def _content_list(self, request: Request) -> JSONResponse:
         if not self._authorized(request):
             return _twilio_error(401, 20003, "Authenticate")
         if self.content_down:
             return _twilio_error(500, None, "outage")
-        meta = {"key": "contents", "page": 0, "page_size": 50, "next_page_url": None, "previous_page_url": None}
-        return JSONResponse({"contents": list(self.contents.values()), "meta": meta})
+        return list_contents(self.contents)
 
     def _render(self, fields: dict[str, Any]) -> tuple[str, list[str]] | JSONResponse:
-        """A content message's body (its `{{n}}` filled in) and buttons, or Twilio's refusal."""
-        content = self.contents.get(fields.get("ContentSid", ""))
-        if content is None or self.refuse_content_sends:
+        if self.refuse_content_sends:
             return _twilio_error(400, 21655, "The ContentSid is invalid")
-        try:
-            variables = json.loads(fields.get("ContentVariables") or "{}")
-            if any(BAD_VARIABLE.search(str(value)) for value in variables.values()):
-                return _twilio_error(400, 21656, "The ContentVariables Parameter is invalid")
-            quick = content["types"]["twilio/quick-reply"]
-            body = re.sub(r"\{\{(\w+)\}\}", lambda m: str(variables.get(m.group(1), "")), quick["body"])
-        except (ValueError, KeyError, TypeError, AttributeError):
-            return _twilio_error(400, 21656, "The ContentVariables are invalid")
-        if len(body) > QUICK_REPLY_BODY_LIMIT:
-            return _twilio_error(400, 21656, "The quick reply's body is over 1024 characters")
-        return body, [a["id"] for a in quick["actions"]]
+        rendered = render_content(self.contents, fields)
+        return rendered if isinstance(rendered, JSONResponse) else (rendered[0], [i for i, _ in rendered[1]])
+
+    async def _media(self, request: Request) -> Response:
+        self.media_requests.append((request.url.path, request.headers.get("authorization", "")))
+        if not self._authorized(request) or request.path_params["sid"] != self.account_sid:
+            return _twilio_error(401, 20003, "Authenticate")
+        item = self.media.get(request.path_params["media"])
+        if item is None:
+            return _twilio_error(404, 20404, "The requested resource was not found")
+        return RedirectResponse(f"{self.cdn_url}/files/{item.token}", status_code=302)
+
+    async def _cdn(self, request: Request) -> Response:
+        self.cdn_requests.append((request.url.path, request.headers.get("authorization", "")))
+        item = next((m for m in self.media.values() if m.token == request.path_params["token"]), None)
+        if item is None:
+            return Response("not found", status_code=404)
+        if self.cdn_hold is not None:
+            await self.cdn_hold.wait()
+        headers = {"Content-Disposition": f'attachment; filename="{item.filename}"'} if item.filename else {}
+        if item.chunked:
+
+            async def chunks() -> AsyncIterator[bytes]:
+                for start in range(0, len(item.data), 65536):
+                    yield item.data[start : start + 65536]
+
+            return StreamingResponse(chunks(), media_type=item.content_type, headers=headers)
+        return Response(item.data, media_type=item.content_type, headers=headers)
 
     async def _create(self, request: Request) -> JSONResponse:
         self.attempts += 1
@@ -180,6 +214,53 @@ class FakeTwilio:
             },
             status_code=201,
         )
+
+
+# --- the Content API's quick replies, shared with the local console (console/chat.py) ---------
+
+
+async def create_content(contents: dict[str, dict[str, Any]], account_sid: str, request: Request) -> JSONResponse:
+    """`POST /v1/Content` for a `twilio/quick-reply`: a JSON body, a name, 1 to 3 actions."""
+    if request.headers.get("content-type", "").split(";")[0] != "application/json":
+        return _twilio_error(400, 20001, "expected a JSON body")
+    try:
+        body = json.loads(await request.body())
+        actions = body["types"]["twilio/quick-reply"]["actions"]
+        valid = isinstance(body["friendly_name"], str) and 1 <= len(actions) <= 3
+    except (ValueError, KeyError, TypeError):
+        valid = False
+    if not valid:
+        return _twilio_error(400, 20001, "a quick reply needs a name and 1 to 3 actions")
+    sid = f"HX{len(contents) + 1:032d}"
+    contents[sid] = {**body, "sid": sid, "account_sid": account_sid}
+    return JSONResponse(contents[sid], status_code=201)
+
+
+def list_contents(contents: dict[str, dict[str, Any]]) -> JSONResponse:
+    meta = {"key": "contents", "page": 0, "page_size": 50, "next_page_url": None, "previous_page_url": None}
+    return JSONResponse({"contents": list(contents.values()), "meta": meta})
+
+
+def render_content(
+    contents: dict[str, dict[str, Any]], fields: dict[str, Any]
+) -> tuple[str, list[tuple[str, str]]] | JSONResponse:
+    """A content message's body (its `{{n}}` filled in) and buttons as (id, title), or Twilio's
+    refusal."""
+    content = contents.get(fields.get("ContentSid", ""))
+    if content is None:
+        return _twilio_error(400, 21655, "The ContentSid is invalid")
+    try:
+        variables = json.loads(fields.get("ContentVariables") or "{}")
+        if any(BAD_VARIABLE.search(str(value)) for value in variables.values()):
+            return _twilio_error(400, 21656, "The ContentVariables Parameter is invalid")
+        quick = content["types"]["twilio/quick-reply"]
+        body = re.sub(r"\{\{(\w+)\}\}", lambda m: str(variables.get(m.group(1), "")), quick["body"])
+        buttons = [(str(a["id"]), str(a["title"])) for a in quick["actions"]]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return _twilio_error(400, 21656, "The ContentVariables are invalid")
+    if len(body) > QUICK_REPLY_BODY_LIMIT:
+        return _twilio_error(400, 21656, "The quick reply's body is over 1024 characters")
+    return body, buttons
 
 
 def _twilio_error(status: int, code: int | None, message: str) -> JSONResponse:

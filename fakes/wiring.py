@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 from twilio.request_validator import RequestValidator
@@ -54,16 +55,22 @@ def signed_form(url: str, params: dict[str, str], token: str = AUTH_TOKEN) -> di
     return {"X-Twilio-Signature": RequestValidator(token).compute_signature(url, params)}
 
 
-def message_params(body: str, *, sender: str = OWNER, sid: str | None = None) -> dict[str, str]:
-    return {
+def message_params(
+    body: str, *, sender: str = OWNER, sid: str | None = None, media: Sequence[tuple[str, str]] = ()
+) -> dict[str, str]:
+    """A webhook's form; `media`: (MediaUrl, MediaContentType) of each photo or file, as Twilio names them."""
+    params = {
         "MessageSid": sid or new_sid(),
         "AccountSid": ACCOUNT_SID,
         "From": f"whatsapp:{sender}",
         "To": f"whatsapp:{SANDBOX_NUMBER}",
         "Body": body,
-        "NumMedia": "0",
+        "NumMedia": str(len(media)),
         "ProfileName": "Owner",
     }
+    for n, (url, content_type) in enumerate(media):
+        params[f"MediaUrl{n}"], params[f"MediaContentType{n}"] = url, content_type
+    return params
 
 
 GITHUB_TOKEN = "ghs_test_token_for_the_fake"

@@ -23,6 +23,7 @@ from relay import store, usage
 from relay.dispatcher import Dispatcher
 from relay.events import BUTTON_WORDS
 from relay.images import ImageCache
+from relay.media import Media, MediaStore, media_list
 from relay.settings import E164, Settings, mask_phone
 from relay.twilio import TwilioSender, signature_is_valid
 from relay.worker_client import WorkerClient
@@ -40,6 +41,7 @@ class Services:
 
     dispatcher: Dispatcher
     images: ImageCache
+    media: MediaStore
 
 
 def create_app(
@@ -72,13 +74,21 @@ def create_app(
         worker = WorkerClient(
             client, base_url=settings.claude_host, token=settings.worker_token, poll_interval=settings.wake_poll_s
         )
-        dispatcher = Dispatcher(settings, db, twilio, worker, clock)
-        services = Services(dispatcher, ImageCache(settings.images_dir, worker))
+        files = MediaStore(settings.media_dir)
+        media = Media(
+            files,
+            client,
+            api_base=settings.twilio_api_base_url,
+            account_sid=settings.twilio_account_sid,
+            auth_token=settings.twilio_auth_token,
+        )
+        dispatcher = Dispatcher(settings, db, twilio, worker, clock, media)
+        services = Services(dispatcher, ImageCache(settings.images_dir, worker), files)
         try:
             # The sender's aiohttp session lives exactly as long as the lanes that send.
             async with twilio, anyio.create_task_group() as tg:
                 await dispatcher.run(tg)
-                tg.start_soon(_housekeeping, db, services.images, settings, clock)
+                tg.start_soon(_housekeeping, db, services, settings, clock)
                 yield
                 # uvicorn has stopped taking requests; give lanes a moment to finish the
                 # send or call in hand (all state is in SQLite, so cutting them loses nothing).
@@ -120,13 +130,15 @@ def create_app(
         if phone not in settings.allowed_phone_numbers:
             logger.info("ignored a message from %s: not in ALLOWED_PHONE_NUMBERS", mask_phone(phone))
             return _twiml()
-        event = {"type": "owner", "text": body, "message_id": sid}
+        event: dict[str, object] = {"type": "owner", "text": body, "message_id": sid}
         # A tapped quick-reply button (relay/buttons.py) means its word, whatever the body says;
         # Twilio names the message it was on, and so the run it acts on (a stale tap does nothing).
         if (payload := form.get("ButtonPayload", "").strip().lower()) in BUTTON_WORDS:
             event["text"] = payload
             if replied := form.get("OriginalRepliedMessageSid", "").strip():
                 event["tapped"] = replied[:64]
+        if media := media_list(form):  # taken from Twilio later, in the owner's inbox lane
+            event["media"] = media
         if not await live().dispatcher.record(phone, f"msg:{sid}", event):
             logger.info("duplicate MessageSid %s ignored", sid)
         return _twiml()
@@ -184,12 +196,23 @@ def create_app(
             return error(404, "no such image")
         return FileResponse(path, media_type="image/png", headers={"Cache-Control": "private, max-age=86400"})
 
+    async def media_file(request: Request) -> Response:
+        """A file the owner sent, for the worker (relay/media.py); ids are unguessable and never
+        logged, and the route needs the worker's token too."""
+        if not bearer_ok(request, settings.worker_token):
+            return error(401, "missing or wrong bearer token")
+        path = live().media.path(request.path_params["id"])
+        if path is None:
+            return error(404, "no such file")
+        return FileResponse(path, media_type="application/octet-stream", headers={"Cache-Control": "no-store"})
+
     routes = [
         Route("/health", health, methods=["GET"]),
         Route("/webhook", webhook, methods=["POST"]),
         Route("/callback", presence, methods=["POST"]),
         Route("/callback/{phone}", callback, methods=["POST"]),
         Route("/images/{name}", image, methods=["GET"]),
+        Route("/media/{id}", media_file, methods=["GET"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.router.redirect_slashes = False  # a path either is a route or is a 404; never a redirect
@@ -202,12 +225,17 @@ def _parse_form(body: bytes) -> ImmutableMultiDict[str, str]:
     return ImmutableMultiDict(parse_qsl(text, keep_blank_values=True, errors="strict"))
 
 
-async def _housekeeping(db: store.Database, images: ImageCache, settings: Settings, clock: Callable[[], float]) -> None:
-    """Hourly: cached images past their 48 hours, and finished rows past RETENTION_DAYS."""
+async def _housekeeping(db: store.Database, services: Services, settings: Settings, clock: Callable[[], float]) -> None:
+    """Hourly: cached images past their 48 hours, the owner's files no prompt needs any more
+    (48 hours on), and finished rows past RETENTION_DAYS."""
     while True:
-        removed = await anyio.to_thread.run_sync(images.prune, clock())
+        removed = await anyio.to_thread.run_sync(services.images.prune, clock())
         if removed:
             logger.info("pruned %d cached images", removed)
+        in_use = await db.run(store.media_in_use)
+        removed = await anyio.to_thread.run_sync(services.media.prune, clock(), in_use)
+        if removed:
+            logger.info("pruned %d of the owners' files", removed)
         rows, batch = 0, -1
         while batch != 0:
             batch = await db.run(store.prune, clock() - settings.retention_s)

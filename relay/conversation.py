@@ -14,11 +14,11 @@ call says where the owner's run stands, and the conversation moves there (`_adop
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
-from common.protocol import MODEL_NAME, Answer, OwnerCall, Report, RunPrompt, RunState, TakeScreenshot
+from common.protocol import MODEL_NAME, Answer, Attachment, OwnerCall, Report, RunPrompt, RunState, TakeScreenshot
 from relay import replies
 from relay.events import (
     ApprovalExpired,
@@ -64,6 +64,14 @@ class Job:
     cancelling: bool = False
     new_session: bool = False  # sent after `new`: kept with the prompt, so a resend keeps it too
     repo: str = ""  # the repository current when the owner wrote it ("": the only one)
+    attachments: tuple[Attachment, ...] = ()  # the prompt's files: kept with it, queued or kept for retry
+
+    def __post_init__(self) -> None:
+        self.attachments = _attachments(self.attachments)  # as saved: JSON objects
+
+
+def _attachments(items: Iterable[Any]) -> tuple[Attachment, ...]:
+    return tuple(a if isinstance(a, Attachment) else Attachment(**a) for a in items)
 
 
 @dataclass
@@ -199,6 +207,7 @@ def _start(conv: Conversation, job: Job, ctx: Context) -> list[Effect]:
         repo_url=repo.url if repo else "",
         model=conv.model or ctx.default_model,
         budget_usd=ctx.run_budget_usd,
+        attachments=job.attachments,
     )
     conv.state, conv.job, conv.kept = "working", job, None
     conv.run, conv.approval_deadline, conv.applying = job.message_id, None, ""
@@ -318,7 +327,7 @@ def _refused(conv: Conversation, event: Prompt, ctx: Context) -> list[Effect] | 
 
 def _job(conv: Conversation, event: Prompt, ctx: Context) -> Job:
     repo = current_repo(conv, ctx)
-    return Job(event.message_id, event.text, repo=repo.name if repo else "")
+    return Job(event.message_id, event.text, repo=repo.name if repo else "", attachments=event.attachments)
 
 
 def prompt_when_idle(conv: Conversation, event: Prompt, ctx: Context) -> list[Effect]:

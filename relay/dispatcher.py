@@ -51,6 +51,7 @@ from relay.events import (
     parse_owner_text,
 )
 from relay.lanes import Lanes
+from relay.media import Media, Taken, prompt_of
 from relay.settings import Settings, mask_phone
 from relay.twilio import SendResult, TwilioSender, fits_a_quick_reply, split_body
 from relay.worker_client import WorkerClient
@@ -65,6 +66,8 @@ MAX_FAILS_WHILE_UP = 3  # a call that fails this often while /health answers is 
 def decode_event(data: dict[str, Any]) -> Event:
     kind = data.get("type")
     if kind == "owner":
+        if data.get("attachments"):  # taken from Twilio before this (`Dispatcher._take_media`)
+            return prompt_of(data)
         return parse_owner_text(data["text"], data["message_id"])
     if kind == "delivered":
         return Delivered(
@@ -90,6 +93,7 @@ def decode_event(data: dict[str, Any]) -> Event:
 class Outcome:
     sends: bool = False
     calls: bool = False
+    media: tuple[int, dict[str, Any]] | None = None  # not handled: its media must be taken first
 
 
 @dataclass(frozen=True)
@@ -107,6 +111,8 @@ def process_next(conn: sqlite3.Connection, phone: str, ctx: Context, pricing: Pr
         if item is None:
             return None
         inbox_id, data = item
+        if data.get("type") == "owner" and data.get("media") and "attachments" not in data:
+            return Outcome(media=item)
         conv = store.load_conversation(conn, phone)
         before = conv
         try:
@@ -265,6 +271,7 @@ class Dispatcher:
     sender: TwilioSender
     worker: WorkerClient
     clock: Callable[[], float] = time.time
+    media: Media | None = None  # takes the owner's photos and files from Twilio
     inbox: Lanes = field(init=False)
     outbox: Lanes = field(init=False)
     calls: Lanes = field(init=False)
@@ -311,6 +318,9 @@ class Dispatcher:
         outcome = await self.db.run(process_next, phone, ctx, pricing)
         if outcome is None:
             return None
+        if outcome.media is not None:
+            await self._take_media(phone, *outcome.media)
+            return 0
         if outcome.sends:
             self.outbox.notify(phone)
         if outcome.calls:
@@ -326,6 +336,15 @@ class Dispatcher:
         if new:
             self.inbox.notify(phone)
         return new
+
+    async def _take_media(self, phone: str, inbox_id: int, data: dict[str, Any]) -> None:
+        """Take the files an owner's message names from Twilio, before the message is handled:
+        recorded with it, or the message refused, in one transaction. A crash before that takes
+        them again (a half-taken file is never named, and is pruned)."""
+        taken = Taken() if self.media is None else await self.media.take(data["media"])
+        await self.db.run(_record_media, phone, inbox_id, data, taken, self.clock())
+        if taken.refused or taken.left_out:
+            self.outbox.notify(phone)
 
     # --- outbox ---------------------------------------------------------------------
 
@@ -460,6 +479,26 @@ class Dispatcher:
                 if await self.db.run(store.insert_inbox, phone, key, event, now):
                     self.inbox.notify(phone)
             await anyio.sleep(0.5)
+
+
+def _record_media(
+    conn: sqlite3.Connection, phone: str, inbox_id: int, data: dict[str, Any], taken: Taken, now: float
+) -> None:
+    """What became of a message's media: the files recorded with it, what was left out told, and
+    a message with nothing left to run (refused, or no text and no file) handled here."""
+    with store.transaction(conn):
+        store.update_inbox_event(conn, inbox_id, {**data, **taken.record()})
+        goes_ahead = not taken.refused and bool(taken.attachments or str(data.get("text", "")).strip())
+        if taken.refused:
+            store.enqueue_send(conn, phone, taken.refused, [], now)
+        elif taken.left_out:
+            left_out = [(x.number, x.content_type, x.reason) for x in taken.left_out]
+            store.enqueue_send(conn, phone, replies.media_left_out(left_out, goes_ahead=goes_ahead), [], now)
+        if not goes_ahead:
+            store.mark_handled(conn, inbox_id, now)
+        logger.info(
+            "%s: media taken, %d kept, %d left out", mask_phone(phone), len(taken.attachments), len(taken.left_out)
+        )
 
 
 def _pending_calls(conn: sqlite3.Connection) -> tuple[list[store.WorkerCall], bool]:

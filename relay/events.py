@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from common.protocol import Answer, Command, Report
+from common.protocol import Answer, Attachment, Command, Report
 
 # --- the owner's words -------------------------------------------------------------
 
@@ -22,6 +22,7 @@ class Prompt:
     kind: ClassVar[str] = "prompt"
     text: str
     message_id: str
+    attachments: tuple[Attachment, ...] = ()  # photos and files sent with it (relay/media.py)
 
 
 @dataclass(frozen=True)

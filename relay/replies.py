@@ -181,7 +181,12 @@ def _cut_at_line(text: str, limit: int) -> str:
 
 def applied(event: Report) -> str:
     if event.type == "pr_opened":
-        done = f"✅ Pull request opened: {event.url}" if event.url else f"✅ Pushed branch {event.text or ''}".rstrip()
+        done = (
+            f"✅ Pull request opened: {event.url}"
+            if event.url
+            else f"✅ Pushed branch {event.text or '(unnamed)'}. No pull request: they are opened only for "
+            "repositories on GitHub, and only when the VM has a GITHUB_TOKEN."
+        )
         return done + left_out(event)
     done = "↩️ Rolled back: the checkout is as it was before the run."
     count = max(event.left_out_count, len(event.left_out))
@@ -457,3 +462,45 @@ def _usd(amount: float) -> str:
     if 0 < amount < 0.01:
         return "$" + f"{amount:.5f}".rstrip("0") if amount >= 0.00001 else "<$0.00001"
     return f"${amount:.2f}"
+
+
+# --- photos and files (relay/media.py) ---------------------------------------------------
+
+VOICE_NOT_UNDERSTOOD = (
+    "🎙️ Voice notes and other audio are not understood yet, so nothing was sent to the agent. Please type your prompt."
+)
+VIDEO_NOT_UNDERSTOOD = (
+    "🎬 Videos are not understood yet, so nothing was sent to the agent. "
+    "Send a screenshot instead, or describe it in words."
+)
+NOT_FROM_TWILIO = "not a Twilio media link, so it was not fetched"
+NOT_STORED = "the relay could not store it"
+
+
+def too_many_attachments(count: int, limit: int) -> str:
+    return (
+        f"📎 That message had {count} attachments; one prompt takes at most {limit}. "
+        "Nothing was sent to the agent: send them in smaller groups."
+    )
+
+
+def not_fetched(why: str) -> str:
+    return f"could not be fetched ({why})"
+
+
+def over_limit(limit_bytes: int) -> str:
+    return f"over {limit_bytes // (1024 * 1024)} MB"
+
+
+def media_left_out(items: list[tuple[int, str, str]], *, goes_ahead: bool) -> str:
+    """Attachments that could not be passed on, each named by its place in the message and
+    its type, with the reason; and whether the message runs without them."""
+    names = "\n".join(f"• attachment {number} ({kind or 'unknown type'}): {why}" for number, kind, why in items)
+    tail = "Your message goes ahead without them." if goes_ahead else "Nothing was left to send to the agent."
+    return f"⚠️ Not passed on:\n{names}\n{tail}"
+
+
+def look_at(images: int, files: int) -> str:
+    """The prompt of a message that has attachments and no caption."""
+    what = [f"image{'s' if images > 1 else ''}" if images else "", f"file{'s' if files > 1 else ''}" if files else ""]
+    return f"Look at the attached {' and '.join(w for w in what if w)}."

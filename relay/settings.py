@@ -62,6 +62,11 @@ class Settings:
         """The relay's image cache lives beside its database, on the same volume."""
         return self.relay_db.parent / "images"
 
+    @property
+    def media_dir(self) -> Path:
+        """The photos and files owners send, kept until their prompt is done (relay/media.py)."""
+        return self.relay_db.parent / "media"
+
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
         reader = EnvReader(env)
@@ -101,7 +106,7 @@ def _repos(env: Mapping[str, str]) -> tuple[Repo, ...]:
         if not url:
             return ()
         if problem := repo_url_problem(url):
-            raise ConfigError(f"REPO_URL is malformed: {problem}")
+            raise ConfigError(f"REPO_URL {problem}")
         return (Repo(_name_from_url(url), url),)
     repos: list[Repo] = []
     # Values are never echoed: a malformed pair may hold a URL with a token in it.
@@ -113,7 +118,7 @@ def _repos(env: Mapping[str, str]) -> tuple[Repo, ...]:
         if not REPO_NAME.match(name):
             raise ConfigError(f"{where}: a name starts with a-z, then a-z, 0-9, _ or - (at most 40)")
         if problem := repo_url_problem(url):
-            raise ConfigError(f"{where}: its URL {problem}")
+            raise ConfigError(f"{where}: its URL {problem}")  # (no URL in it: "is malformed: ...")
         if any(r.name == name for r in repos):
             raise ConfigError(f"{where} repeats the name {name}")
         repos.append(Repo(name, url))

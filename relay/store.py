@@ -184,6 +184,11 @@ def mark_handled(conn: sqlite3.Connection, inbox_id: int, now: float) -> None:
     conn.execute("UPDATE inbox SET handled_at = ? WHERE id = ?", (now, inbox_id))
 
 
+def update_inbox_event(conn: sqlite3.Connection, inbox_id: int, event: dict[str, Any]) -> None:
+    """An event completed before it is handled (an owner's message, with the files it carries)."""
+    conn.execute("UPDATE inbox SET event = ? WHERE id = ?", (json.dumps(event), inbox_id))
+
+
 # --- conversations ----------------------------------------------------------------------
 
 
@@ -403,6 +408,20 @@ def phones_with_work(conn: sqlite3.Connection) -> tuple[list[str], list[str]]:
 
 
 # --- housekeeping -----------------------------------------------------------------------
+
+
+def media_in_use(conn: sqlite3.Connection) -> set[str]:
+    """The ids of the owner's files a prompt still needs: one not yet handled, queued, kept for
+    `retry`, or the current run's (handed to the worker, which fetches it before the run)."""
+    found: set[str] = set()
+    for row in conn.execute("SELECT event FROM inbox WHERE handled_at IS NULL AND event LIKE '%\"attachments\"%'"):
+        found.update(a["id"] for a in json.loads(row["event"]).get("attachments", []))
+    for row in conn.execute("SELECT data FROM conversations"):  # one row per owner
+        data = json.loads(row["data"])
+        for job in [data.get("job"), data.get("kept"), *data.get("queue", [])]:
+            found.update(a["id"] for a in (job or {}).get("attachments", []))
+    return found
+
 
 # What is finished and older than the retention: handled events, sent or failed messages,
 # calls that reached an end. Pending work is never touched, whatever its age.

@@ -44,11 +44,17 @@ async def test_the_demo_loop_in_a_browser(tmp_path: Path) -> None:
                 bot = page.locator(".msg.textslash")
                 await expect(bot.filter(has_text="Waking up your VM")).to_have_count(1, timeout=STEP)
                 await expect(bot.filter(has_text="running ls")).to_have_count(1, timeout=STEP)
-                diff = bot.filter(has_text="files changed").locator("img")
+                # The approval with the diff's picture, then a one-line quick reply with its buttons
+                # (Twilio takes no line break in a quick reply's body, and the stand-in neither).
+                await expect(bot.filter(has_text="files changed")).to_have_count(1, timeout=STEP)
+                approval = bot.filter(has_text="Decide on the changes above")
+                await expect(approval.get_by_role("button", name="Approve")).to_have_count(1, timeout=STEP)
+                await expect(approval.get_by_role("button", name="Reject")).to_have_count(1)
+                diff = bot.locator("img")
                 await expect(diff).to_have_count(1, timeout=STEP)
                 await expect(diff).to_have_js_property("complete", True)
                 assert await diff.evaluate("img => img.naturalWidth") > 400  # the PNG really loaded
-                await say(page, "approve")
+                await approval.get_by_role("button", name="Approve").click()  # a tap, as Twilio posts it
                 link = bot.filter(has_text="Pull request opened").locator("a")
                 await expect(link).to_have_count(1, timeout=STEP)
                 pr_url = await link.get_attribute("href")

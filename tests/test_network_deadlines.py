@@ -99,9 +99,9 @@ async def test_a_clone_that_hangs_ends_the_run_with_an_error_and_the_next_run_cl
 async def test_a_pull_request_that_hangs_ends_in_a_github_error() -> None:
     github = FakeGitHub(GITHUB_TOKEN, stall=True)
     async with run_server(github.app()) as url, httpx.AsyncClient() as client:
-        api = GitHub(LazyHTTP(client), api_url=url, token=GITHUB_TOKEN, repo="owner/demo", deadline_s=0.5)
+        api = GitHub(LazyHTTP(client), api_url=url, token=GITHUB_TOKEN, deadline_s=0.5)
         with pytest.raises(GitHubError, match=r"^GitHub did not answer within 0\.5 s$"):
-            await api.open_pull_request(head="textslash/abc", base="main", title="t", body="b")
+            await api.open_pull_request(repo="owner/demo", head="textslash/abc", base="main", title="t", body="b")
         await wait_for(lambda: github.hung_up == 1, 5, "the request to be dropped")
 
 

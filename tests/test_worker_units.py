@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from html import escape
@@ -13,13 +14,15 @@ import pytest
 from common.protocol import Report
 from fakes.relay import FakeRelay
 from fakes.servers import run_server
-from fakes.wiring import OWNER, WORKER_TOKEN
+from fakes.wiring import OWNER, OWNER2, WORKER_TOKEN
 from tests.support.waiting import wait_for
 from vm.agent import ProgressThrottle, describe_tool
 from vm.callbacks import CallbackSender
 from vm.diff_image import DIFF_CUT, MAX_ROWS, ROW_CHARS, diff_html, diff_lines, phone_excerpt
 from vm.images import ImageStore
 from vm.lazy_http import LazyHTTP
+from vm.repos import same_repository
+from vm.runs import OwnerStore
 from vm.settings import ConfigError, Settings, github_repo_from_url
 from vm.workspace import Changes, FileChange
 
@@ -45,6 +48,51 @@ def test_github_repo_from_url(url: str, repo: str) -> None:
     assert github_repo_from_url(url) == repo
 
 
+def test_the_github_token_goes_only_to_the_workers_own_repository_and_to_github() -> None:
+    own = "https://git.example.com/own.git"
+    settings = Settings.from_env({**BASE, "REPO_URL": own, "GITHUB_TOKEN": "ghs_x", "GITHUB_REPO": "acme/own"})
+    assert settings.token_for(own) == "ghs_x" and settings.token_for("https://github.com/acme/widgets.git") == "ghs_x"
+    for url in (
+        "https://git.example.com/other.git",
+        "https://github.com.evil.example/a/b.git",
+        "https://evil.example/github.com/a/b.git",
+        "http://github.com/a/b.git",
+        "https://github.com/../..",
+        "",
+    ):
+        assert settings.token_for(url) == "", url
+    # Pull requests: GITHUB_REPO for REPO_URL, the URL's own owner/name on GitHub, none elsewhere.
+    assert settings.pull_request_repo(own) == "acme/own"
+    assert settings.pull_request_repo("git@github.com:acme/widgets.git") == "acme/widgets"
+    assert settings.pull_request_repo("https://gitlab.com/acme/widgets.git") == ""
+    assert settings.pull_request_repo("https://github.com/../..") == ""
+    assert Settings.from_env({k: v for k, v in BASE.items() if k != "REPO_URL"}).repo_url == ""
+
+
+def test_two_urls_of_one_repository() -> None:
+    assert same_repository("https://github.com/Acme/Widgets", "git@github.com:acme/widgets.git")
+    assert same_repository("file:///srv/a.git", "file:///srv/a.git")
+    assert not same_repository("https://github.com/acme/widgets", "https://github.com/acme/gadgets")
+    assert not same_repository("file:///srv/a.git", "file:///srv/b.git")
+
+
+def test_an_owner_state_from_before_repos_reads_its_session_as_the_unnamed_repositorys(tmp_path: Path) -> None:
+    store = OwnerStore(tmp_path)
+    old = {"phone": OWNER, "state": "awaiting_approval", "session_id": "s-1", "run_id": "r", "prompt": "p"}
+    (tmp_path / f"{OWNER.lstrip('+')}.json").write_text(json.dumps(old))
+    (owner,) = store.all()
+    assert owner.repo == "" and owner.session_id == "s-1" and owner.state == "awaiting_approval"
+    owner.repo = "app"
+    assert owner.session_id is None  # each repository has its own
+    owner.session_id = "s-2"
+    store.save(owner)
+    (again,) = store.all()
+    assert again.repo == "app" and again.sessions == {"": "s-1", "app": "s-2"}
+    # A state naming something that is no repository names no folder: it is set aside.
+    (tmp_path / f"{OWNER2.lstrip('+')}.json").write_text(json.dumps({"phone": OWNER2, "repo": "../x"}))
+    assert [o.phone for o in store.all()] == [OWNER]
+
+
 def test_worker_defaults() -> None:
     settings = Settings.from_env(BASE)
     assert settings.github_repo == "acme/widgets" and settings.port == 3001
@@ -61,8 +109,10 @@ def test_worker_defaults() -> None:
         ("WORKER_TOKEN", ""),
         ("WORKER_TOKEN", "short"),
         ("RELAY_CALLBACK_URL", "relay:3000"),
-        ("REPO_URL", ""),
         ("REPO_URL", "ftp://x/y"),
+        ("REPO_URL", "https://me:secret@example.com/a.git"),
+        ("REPO_URL", "https://ghp_token@github.com/a/b.git"),
+        ("REPO_URL", "ssh://-oProxyCommand=x/a.git"),
         ("GITHUB_REPO", "not a repo"),
         ("IDLE_TIMEOUT_MS", "later"),
         ("IMAGE_TTL_HOURS", "0"),

@@ -10,10 +10,11 @@ worker answers /health before it has loaded.
 
 from __future__ import annotations
 
+import base64
 import logging
 import posixpath
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,7 @@ class RunResult:
 
 Progress = Callable[[str], None]
 ToolServers = Callable[[], dict[str, Any]]
+Image = tuple[str, bytes]  # media type (image/png...) and the bytes
 
 
 def describe_tool(name: str, args: Mapping[str, Any], cwd: Path) -> str:
@@ -174,6 +176,7 @@ class _Turn:
     prompt: str
     on_progress: Progress
     on_session: Callable[[str], None]
+    images: Sequence[Image] = ()
     done: anyio.Event = field(default_factory=anyio.Event)
     interrupt: anyio.Event = field(default_factory=anyio.Event)
     heard: bool = False  # the CLI answered something of this prompt
@@ -210,6 +213,11 @@ class LiveAgent:
         self._send, self._inbox = anyio.create_memory_object_stream[_Turn](1)
         self._scope = anyio.CancelScope()
         self._turn: _Turn | None = None
+
+    @property
+    def cwd(self) -> Path:
+        """The checkout the CLI works in."""
+        return self._cwd
 
     @property
     def idle(self) -> bool:
@@ -262,10 +270,18 @@ class LiveAgent:
             waiting.error = AgentGone("the agent's client closed")
             waiting.done.set()
 
-    async def ask(self, prompt: str, *, on_progress: Progress, on_session: Callable[[str], None]) -> RunResult:
-        """One prompt, as a new query on this client. Cancelled, it interrupts the turn and
-        waits up to INTERRUPT_S for the CLI to end it; after that the client is closed."""
-        turn = _Turn(prompt, on_progress, on_session)
+    async def ask(
+        self,
+        prompt: str,
+        *,
+        on_progress: Progress,
+        on_session: Callable[[str], None],
+        images: Sequence[Image] = (),
+    ) -> RunResult:
+        """One prompt, as a new query on this client, with `images` (the owner's photos) as
+        image blocks in the same user message. Cancelled, it interrupts the turn and waits up
+        to INTERRUPT_S for the CLI to end it; after that the client is closed."""
+        turn = _Turn(prompt, on_progress, on_session, images)
         if self.closed:
             raise AgentGone("the agent's client is closed")
         try:
@@ -307,7 +323,7 @@ class LiveAgent:
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(_flush_loop, throttle)
-                await client.query(turn.prompt)
+                await client.query(_with_images(turn.prompt, turn.images) if turn.images else turn.prompt)
                 tg.start_soon(_interrupt_when_asked, client, turn)  # an interrupt before the query is lost
                 async for message in client.receive_response():
                     turn.heard = True
@@ -360,6 +376,18 @@ class LiveAgent:
 def _count(usage: Mapping[str, Any], key: str) -> int:
     value = usage.get(key)
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+async def _with_images(text: str, images: Sequence[Image]) -> AsyncIterator[dict[str, Any]]:
+    """One user message of stream-json, as the SDK's `query` takes an iterable of them: the
+    images first, then the text (the Messages API reads images best before the words about
+    them). `query` fills in the session id, as it does for a plain prompt."""
+    content: list[dict[str, Any]] = [
+        {"type": "image", "source": {"type": "base64", "media_type": kind, "data": base64.b64encode(data).decode()}}
+        for kind, data in images
+    ]
+    content.append({"type": "text", "text": text})
+    yield {"type": "user", "message": {"role": "user", "content": content}, "parent_tool_use_id": None}
 
 
 async def _flush_loop(throttle: ProgressThrottle) -> None:

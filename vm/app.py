@@ -93,11 +93,12 @@ def create_app(
         callbacks = CallbackSender(
             settings.state_dir / "outbox", settings.relay_callback_url, settings.worker_token, client
         )
-        github = None
-        if settings.github_token and settings.github_repo:
-            github = GitHub(
-                client, api_url=settings.github_api_url, token=settings.github_token, repo=settings.github_repo
-            )
+        # Each pull request names its repository (Settings.pull_request_repo).
+        github = (
+            GitHub(client, api_url=settings.github_api_url, token=settings.github_token)
+            if settings.github_token
+            else None
+        )
         browser = BrowserPool(settings.chromium_path)
         images = ImageStore(settings.images_dir, settings.image_ttl_s)
         sandbox = Sandbox(

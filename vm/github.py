@@ -22,37 +22,35 @@ class GitHubError(RuntimeError):
 
 
 class GitHub:
-    def __init__(
-        self, http: LazyHTTP, *, api_url: str, token: str, repo: str, deadline_s: float = PR_TIMEOUT_S
-    ) -> None:
+    def __init__(self, http: LazyHTTP, *, api_url: str, token: str, deadline_s: float = PR_TIMEOUT_S) -> None:
         self._http = http
         self._deadline_s = deadline_s
         self._api = api_url.rstrip("/")
-        self._repo = repo
         self._headers = {
             "Authorization": f"Bearer {token}",
             "Accept": "application/vnd.github+json",
             "X-GitHub-Api-Version": API_VERSION,
         }
 
-    async def open_pull_request(self, *, head: str, base: str, title: str, body: str) -> str:
-        """Create the PR (or find the one already open for `head`); returns its web URL."""
+    async def open_pull_request(self, *, repo: str, head: str, base: str, title: str, body: str) -> str:
+        """Create the PR on `repo` (owner/name), or find the one already open for `head`;
+        returns its web URL."""
         try:
             with anyio.fail_after(self._deadline_s):
-                return await self._open(head=head, base=base, title=title, body=body)
+                return await self._open(repo=repo, head=head, base=base, title=title, body=body)
         except TimeoutError:
             raise GitHubError(f"GitHub did not answer within {self._deadline_s:g} s") from None
 
-    async def _open(self, *, head: str, base: str, title: str, body: str) -> str:
+    async def _open(self, *, repo: str, head: str, base: str, title: str, body: str) -> str:
         import httpx  # on first use, not at boot (see vm/lazy_http.py)
 
-        url = f"{self._api}/repos/{self._repo}/pulls"
+        url = f"{self._api}/repos/{repo}/pulls"
         payload = {"title": title, "head": head, "base": base, "body": body}
         client = await self._http.get()
         try:
             response = await client.post(url, json=payload, headers=self._headers, timeout=20.0)
             if response.status_code == 422 and "already exists" in response.text:
-                owner = self._repo.split("/")[0]
+                owner = repo.split("/")[0]
                 found = await client.get(
                     url, params={"head": f"{owner}:{head}", "state": "open"}, headers=self._headers, timeout=20.0
                 )

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from common.files import set_aside, write_durably
-from common.protocol import RunState
+from common.protocol import REPO_NAME, RunState
 
 TRANSITIONS: dict[str, dict[str, str]] = {
     "idle": {"start": "running"},
@@ -46,7 +46,12 @@ class IllegalRunTransition(RuntimeError):
 class OwnerState:
     phone: str
     state: RunState = "idle"
-    session_id: str | None = None
+    # The repository of the current run, or of the last one while idle; the snapshot, the
+    # baseline and any pending approval are in its checkout. "": the worker's own REPO_URL (a
+    # prompt that names no repository, and every run from before REPOS).
+    repo: str = ""
+    repo_url: str = ""  # as the prompt named it ("" with repo "")
+    sessions: dict[str, str] = field(default_factory=dict)  # Claude's session in each repository
     run_id: str = ""
     prompt: str = ""
     snapshot: dict[str, Any] | None = None
@@ -59,6 +64,18 @@ class OwnerState:
     seen: list[str] = field(default_factory=list)
     model: str = ""  # the run's model ("" = Claude Code's default), as the relay asked
     budget_usd: float | None = None  # the run's budget (RUN_BUDGET_USD)
+
+    @property
+    def session_id(self) -> str | None:
+        """Claude's session in the current repository."""
+        return self.sessions.get(self.repo)
+
+    @session_id.setter
+    def session_id(self, value: str | None) -> None:
+        if value:
+            self.sessions[self.repo] = value
+        else:
+            self.sessions.pop(self.repo, None)
 
     def fire(self, event: str) -> None:
         target = TRANSITIONS[self.state].get(event)
@@ -96,8 +113,7 @@ class OwnerStore:
         owners = []
         for path in sorted(self.root.glob("*.json")):
             try:
-                data = json.loads(path.read_bytes())
-                owner = OwnerState(**data)
+                owner = _owner_from(json.loads(path.read_bytes()))
                 if owner.state not in TRANSITIONS or self._path(owner.phone) != path:
                     raise ValueError(f"unexpected state {owner.state!r} or phone")
             except (OSError, ValueError, TypeError) as exc:
@@ -105,3 +121,22 @@ class OwnerStore:
                 continue
             owners.append(owner)
         return owners
+
+
+def _owner_from(data: Any) -> OwnerState:
+    """An owner's state as saved. Files from before REPOS name no repository and hold one
+    `session_id`: the session of the worker's own repository."""
+    if not isinstance(data, dict):
+        raise ValueError("not an object")
+    legacy_session = data.pop("session_id", None)
+    owner = OwnerState(**data)
+    sessions = owner.sessions
+    if not isinstance(sessions, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in sessions.items()
+    ):
+        raise ValueError("unexpected sessions")
+    if owner.repo and not REPO_NAME.match(owner.repo):  # it names folders
+        raise ValueError(f"unexpected repository name {owner.repo!r}")
+    if legacy_session and "" not in sessions:
+        sessions[""] = str(legacy_session)
+    return owner

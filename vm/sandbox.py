@@ -6,12 +6,18 @@ the volume so files keep their owner across boots) and starts Claude Code throug
 `vm/agent-exec`, which drops to that user, its own group, no supplementary groups, no
 capabilities and no way to regain any. What that user owns, and nothing else of the worker's:
 
-    WORKSPACE_DIR/<number>/          the checkout (0700), with a `.git` file naming the git dir
-    WORKSPACE_DIR/.homes/<number>/   HOME and TMPDIR (0700)
-    CLAUDE_CONFIG_DIR/<number>/      Claude Code's sessions (0700)
-    WORKSPACE_DIR/.repos/<number>/   the git dir: root's, readable by the owner's group only
+    WORKSPACE_DIR/<number>-<repo>/        the checkout of a named repository (0700), with a
+                                          `.git` file naming its git dir
+    WORKSPACE_DIR/<number>/               the checkout of the worker's own REPO_URL, for a prompt
+                                          that names no repository (and from before REPOS)
+    WORKSPACE_DIR/.homes/<number>/        HOME and TMPDIR (0700), one for all the owner's checkouts
+    CLAUDE_CONFIG_DIR/<number>/           Claude Code's sessions (0700), kept per checkout inside
+    WORKSPACE_DIR/.repos/<number>-<repo>/ the git dirs (and `.repos/<number>/`): root's, readable
+                                          by the owner's group only
 
-The roots above are 0711 (reachable, not listable); the worker's own state and images are 0700.
+A number is digits and a repository's name starts with a letter (common/protocol.REPO_NAME), so
+no two owners' or repositories' folders can ever be the same. The roots above are 0711
+(reachable, not listable); the worker's own state and images are 0700.
 With AGENT_ISOLATION=off (a developer's machine) the layout is the same, but everything runs as
 the worker's user, which the agent can then read all of.
 """
@@ -35,6 +41,7 @@ from pathlib import Path
 import anyio
 
 from common.files import write_durably
+from common.protocol import REPO_NAME
 from vm.reaper import kill_pids, marked_pids, our_child, parent_of, signal_all, stopped_child, user_pids
 from vm.workspace import write_new_file
 
@@ -136,16 +143,21 @@ class Sandbox:
 
     # --- paths (the same whether isolated or not) --------------------------------------
 
-    def checkout(self, phone: str) -> Path:
-        return self._workspace / _digits(phone)
+    def checkout(self, phone: str, repo: str = "") -> Path:
+        """The owner's checkout of `repo` ("": the worker's own REPO_URL)."""
+        return self._workspace / _folder(phone, repo)
 
-    def git_dir(self, phone: str) -> Path:
-        return self._workspace / ".repos" / _digits(phone)
+    def git_dir(self, phone: str, repo: str = "") -> Path:
+        return self._workspace / ".repos" / _folder(phone, repo)
 
-    def _space(self, phone: str, uid: int, gid: int) -> AgentSpace:
+    def _checkouts(self, phone: str) -> list[Path]:
+        """Every checkout the owner has on disk, of any repository."""
+        return [self.checkout(phone), *self._workspace.glob(f"{_digits(phone)}-*")]
+
+    def _space(self, phone: str, uid: int, gid: int, repo: str = "") -> AgentSpace:
         home = self._workspace / ".homes" / _digits(phone)
         claude = self._claude_root / _digits(phone) if self._claude_root else home / ".claude"
-        return AgentSpace(phone, uid, gid, self.checkout(phone), self.git_dir(phone), home, claude)
+        return AgentSpace(phone, uid, gid, self.checkout(phone, repo), self.git_dir(phone, repo), home, claude)
 
     async def start(self, *private: Path) -> None:
         """At boot: reachable-not-listable roots for the agents, private paths for the worker,
@@ -192,12 +204,13 @@ class Sandbox:
 
     # --- an owner's space ---------------------------------------------------------------
 
-    async def prepare(self, phone: str, keep: int | None = None) -> AgentSpace:
-        """The owner's user (made on first use) and folders, owned and locked down. `keep`: the
-        owner's Claude Code CLI, kept between prompts (see `quiesce`)."""
+    async def prepare(self, phone: str, keep: int | None = None, repo: str = "") -> AgentSpace:
+        """The owner's user (made on first use) and folders, with the checkout of `repo` ("":
+        the worker's own), owned and locked down. `keep`: the owner's Claude Code CLI, kept
+        between prompts (see `quiesce`)."""
         async with self._lock:
             uid, gid = (await self._ensure_user(phone)) if self.isolated else (os.getuid(), os.getgid())
-        space = self._space(phone, uid, gid)
+        space = self._space(phone, uid, gid, repo)
         await self.quiesce(space, keep)  # nothing of the agent's may race what root does next
         try:
             for folder in (space.home, space.tmp, space.claude_dir, space.checkout):
@@ -225,7 +238,7 @@ class Sandbox:
         keeps them per working directory, so the owner's folder moves into the owner's own."""
         if self._claude_root is None:
             return
-        legacy = self._claude_root / "projects" / re.sub(r"[^A-Za-z0-9]", "-", str(space.checkout))
+        legacy = self._claude_root / "projects" / _project(space.checkout)
         target = space.claude_dir / "projects" / legacy.name
         if legacy.is_dir() and not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -306,8 +319,26 @@ class Sandbox:
     def has_session(self, space: AgentSpace, session_id: str) -> bool:
         """Whether Claude Code saved the session (a CLI ended before its first write leaves an
         id that nothing can resume: "No conversation found")."""
-        project = re.sub(r"[^A-Za-z0-9]", "-", str(space.checkout))
-        return (space.claude_dir / "projects" / project / f"{session_id}.jsonl").is_file()
+        return (space.claude_dir / "projects" / _project(space.checkout) / f"{session_id}.jsonl").is_file()
+
+    def move_sessions(self, space: AgentSpace, old_checkout: Path) -> bool:
+        """Claude Code keeps sessions per working directory: when a checkout moves (vm/repos.py),
+        its sessions move with it, so the owner's conversation resumes there. Only while no
+        process of the agent's runs; the agent's folders are opened without following a link
+        it may have left in their place. False if there was nothing to move."""
+        try:
+            fd = os.open(space.claude_dir / "projects", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError:  # no sessions yet (or not a real folder: nothing of ours to move)
+            return False
+        try:
+            if os.fstat(fd).st_uid != space.uid:  # (`.claude` in the agent's home may be a link)
+                return False
+            os.rename(_project(old_checkout), _project(space.checkout), src_dir_fd=fd, dst_dir_fd=fd)
+        except OSError:  # none there, or the new place is taken: the sessions stay where they were
+            return False
+        finally:
+            os.close(fd)
+        return True
 
     @staticmethod
     def resume(pid: int) -> bool:
@@ -452,7 +483,7 @@ class Sandbox:
         return uid, existing.pw_gid
 
     def _uid_on_disk(self, phone: str) -> int | None:
-        for folder in (self.checkout(phone), self._space(phone, 0, 0).home):
+        for folder in (*self._checkouts(phone), self._space(phone, 0, 0).home):
             try:
                 uid = folder.stat().st_uid
             except OSError:
@@ -497,6 +528,20 @@ def _stop(pid: int) -> None:
 
 def _digits(phone: str) -> str:
     return phone.lstrip("+")
+
+
+def _folder(phone: str, repo: str) -> str:
+    """`<number>` for the worker's own repository, `<number>-<repo>` for a named one."""
+    if not repo:
+        return _digits(phone)
+    if not REPO_NAME.match(repo):  # checked by the protocol; a path must never take anything else
+        raise SandboxError(f"{repo!r} is not a repository name")
+    return f"{_digits(phone)}-{repo}"
+
+
+def _project(checkout: Path) -> str:
+    """The folder below CLAUDE_CONFIG_DIR/projects where Claude Code keeps a checkout's sessions."""
+    return re.sub(r"[^A-Za-z0-9]", "-", str(checkout))
 
 
 def _free_uid(taken: set[int]) -> int:

@@ -10,7 +10,7 @@ from pathlib import Path
 from common.config import ConfigError, EnvReader
 from vm.workspace import CLONE_TIMEOUT_S, PUSH_TIMEOUT_S
 
-__all__ = ["ConfigError", "Settings", "github_repo_from_url"]
+__all__ = ["ConfigError", "Settings", "github_repo_from_url", "is_github_https"]
 
 _GITHUB_URL = re.compile(
     r"^(?:https://github\.com/|git@github\.com:|ssh://git@github\.com/)([\w.-]+/[\w.-]+?)(?:\.git)?/?$"
@@ -20,14 +20,22 @@ _GITHUB_URL = re.compile(
 def github_repo_from_url(url: str) -> str:
     """`owner/name` for a GitHub clone URL, or "" for anything else."""
     match = _GITHUB_URL.match(url.strip())
-    return match.group(1) if match else ""
+    if match is None or any(part in (".", "..") for part in match.group(1).split("/")):
+        return ""
+    return match.group(1)
+
+
+def is_github_https(url: str) -> bool:
+    """An https clone URL of a repository on github.com: the only kind a prompt may name that
+    gets the GitHub token."""
+    return url.startswith("https://github.com/") and bool(github_repo_from_url(url))
 
 
 @dataclass(frozen=True)
 class Settings:
     worker_token: str = field(repr=False)
     relay_callback_url: str
-    repo_url: str
+    repo_url: str = ""  # the worker's own repository, for prompts that name none ("": none)
     workspace_dir: Path = Path("/tmp/workspace")
     github_token: str = field(default="", repr=False)
     github_api_url: str = "https://api.github.com"
@@ -55,15 +63,24 @@ class Settings:
         """Pending approvals, sessions and unsent callbacks: on the volume, beside the checkouts."""
         return self.workspace_dir / ".textslash"
 
+    def token_for(self, url: str) -> str:
+        """The GitHub token for git's calls to `url`: the worker's own REPO_URL gets it (its
+        operator chose that host), and so does an https URL on github.com; any other URL a
+        prompt names gets none, so the relay cannot have the token sent to a host of its choice."""
+        return self.github_token if url and (url == self.repo_url or is_github_https(url)) else ""
+
+    def pull_request_repo(self, url: str) -> str:
+        """owner/name to open pull requests on for changes pushed to `url`, or "" for none.
+        GITHUB_REPO belongs to REPO_URL; any other repository's comes from its GitHub URL."""
+        if not url:
+            return ""
+        return self.github_repo if url == self.repo_url else github_repo_from_url(url)
+
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
         reader = EnvReader(env)
-        repo_url = reader.required("REPO_URL")
-        if not re.match(r"^(https://|http://|ssh://|git@|file://|/)", repo_url):
-            raise ConfigError("REPO_URL is malformed: expected an https, ssh or file URL")
-        if re.match(r"^[a-z]+://[^/@]*:[^/@]*@", repo_url):
-            # It would sit in the git dir's config, which the owner's agent may read.
-            raise ConfigError("REPO_URL must not hold a password or token: put the token in GITHUB_TOKEN")
+        # Optional: with REPOS on the relay, every prompt names its repository.
+        repo_url = reader.repo_url("REPO_URL")
         github_repo = env.get("GITHUB_REPO", "").strip() or github_repo_from_url(repo_url)
         if github_repo and not re.fullmatch(r"[\w.-]+/[\w.-]+", github_repo):
             raise ConfigError("GITHUB_REPO is malformed: expected owner/name")

@@ -19,8 +19,9 @@ from typing import Any, TypeVar
 import anyio
 from anyio.abc import TaskGroup
 
-from common.protocol import Answer, Report, RunPrompt, TakeScreenshot
+from common.protocol import Answer, Attachment, Report, RunPrompt, TakeScreenshot
 from common.visible import clip_path, visible
+from vm import attachments
 from vm.agent import Agent, AgentGone, LiveAgent, RunResult
 from vm.browser import BrowserPool, ScreenshotError
 from vm.callbacks import CallbackSender
@@ -28,6 +29,7 @@ from vm.diff_image import phone_excerpt, render_diff
 from vm.github import GitHub, GitHubError
 from vm.images import ImageStore
 from vm.reaper import stopped_child
+from vm.repos import adopt_legacy, keep_origin
 from vm.runs import IllegalRunTransition, OwnerState, OwnerStore
 from vm.sandbox import AgentSpace, Sandbox, SandboxError
 from vm.settings import Settings
@@ -69,10 +71,17 @@ class Worker:
     _write_failure: str = ""  # why the last state or spool write failed; "" once one succeeds
     _last_seq: dict[str, int] = field(default_factory=dict)  # per owner: the last report spooled
     _booted_ns: int = field(default_factory=time.time_ns)
+    _fetcher: attachments.Fetcher = field(init=False)
 
     def __post_init__(self) -> None:
         self._store = OwnerStore(self.settings.state_dir / "owners")
         self._owners = {o.phone: o for o in self._store.all()}
+        self._fetcher = attachments.Fetcher(
+            self.callbacks.http,
+            self.settings.relay_callback_url,
+            self.settings.worker_token,
+            self.settings.state_dir / "incoming",
+        )
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -128,12 +137,17 @@ class Worker:
         pending = self.callbacks.pending_for(owner.phone)
         return Reply(status, Answer(owner.state, run, owner.prompt[:200] if run else "", detail, seq, pending))
 
-    def workspace(self, phone: str) -> Workspace:
+    def workspace(self, owner: OwnerState) -> Workspace:
+        """The checkout of the owner's current repository (the worker's own REPO_URL when the
+        run named none)."""
+        return self._workspace_of(owner.phone, owner.repo, owner.repo_url if owner.repo else self.settings.repo_url)
+
+    def _workspace_of(self, phone: str, repo: str, url: str) -> Workspace:
         return Workspace(
-            self.sandbox.checkout(phone),
-            self.sandbox.git_dir(phone),
-            self.settings.repo_url,
-            github_token=self.settings.github_token,
+            self.sandbox.checkout(phone, repo),
+            self.sandbox.git_dir(phone, repo),
+            url,
+            github_token=self.settings.token_for(url),
             push_timeout_s=self.settings.push_timeout_s,
             clone_timeout_s=self.settings.clone_timeout_s,
         )
@@ -180,8 +194,13 @@ class Worker:
         except IllegalRunTransition as exc:
             return self._answer(owner, 409, str(exc))
         owner.remember(command.message_id)
+        if (command.repo, command.repo_url) != (owner.repo, owner.repo_url):
+            # Another repository (the relay refuses a switch while anything is pending, and so
+            # does `start`): the baseline was the last one's checkout, and so is the kept CLI
+            # (`_kept_agent` ends it); its session stays for when the owner comes back to it.
+            owner.repo, owner.repo_url, owner.baseline = command.repo, command.repo_url, None
         if command.new_session:
-            owner.session_id = None
+            owner.session_id = None  # the session of this repository
         owner.run_id, owner.prompt = command.message_id, command.text
         owner.model, owner.budget_usd = command.model, command.budget_usd
         owner.shown_tree, owner.branch, owner.commit = "", "", ""
@@ -190,7 +209,7 @@ class Worker:
         owner.snapshot = owner.baseline if command.phone not in self._settling else None
         owner.baseline = None
         self._save(owner)
-        self._spawn(command.phone, self._run, command.phone)
+        self._spawn(command.phone, self._run, command.phone, command.attachments)
         return self._answer(owner, 202)
 
     def screenshot(self, command: TakeScreenshot) -> Reply:
@@ -270,14 +289,14 @@ class Worker:
 
     def _kept_agent(self, owner: OwnerState) -> LiveAgent | None:
         """The owner's kept CLI, if it can take their next prompt: still there, stopped, on their
-        session (after `new` it is not), with the model and budget the prompt asks for. One that
-        cannot is ended."""
+        session in the checkout of their repository (after `new`, or for another repository, it
+        is not), with the model and budget the prompt asks for. One that cannot is ended."""
         agent = self._agents.get(owner.phone)
         pid = self._keepable(owner.phone)
         if (
             agent is None
             or pid is None
-            or agent.session_id != owner.session_id
+            or not self._on_repository(agent, owner)
             or (agent.model, agent.budget_usd) != (owner.model, owner.budget_usd)
             or not stopped_child(pid)
         ):
@@ -285,15 +304,18 @@ class Worker:
             return None
         return agent
 
+    def _on_repository(self, agent: LiveAgent, owner: OwnerState) -> bool:
+        return agent.session_id == owner.session_id and agent.cwd == self.sandbox.checkout(owner.phone, owner.repo)
+
     def _drop_agent(self, phone: str) -> None:
         if (agent := self._agents.pop(phone, None)) is not None:
             if agent.pid is not None:
                 self.sandbox.end(agent.pid)
             agent.close()
 
-    async def _run(self, phone: str) -> None:
+    async def _run(self, phone: str, files: tuple[Attachment, ...] = ()) -> None:
         owner = self._owner(phone)
-        run_id, workspace = owner.run_id, self.workspace(phone)
+        run_id = owner.run_id
         result: RunResult | None = None
         failure = ""
         scope = self._scopes[phone] = anyio.CancelScope()
@@ -302,9 +324,10 @@ class Worker:
         started = time.monotonic()
         try:
             with scope:
-                await self._begin(phone, owner, workspace)
-                result = await self._ask(phone, owner)
-        except (GitError, SandboxError) as exc:
+                await self._begin(phone, owner, self.workspace(owner))
+                received = await self._receive(phone, files)
+                result = await self._ask(phone, owner, received)
+        except (GitError, SandboxError, attachments.AttachmentError) as exc:
             failure = str(exc)
         except Exception as exc:  # the agent's CLI died, the SDK failed...: tell the owner, keep going
             logger.exception("run %s failed", run_id)
@@ -349,17 +372,31 @@ class Worker:
             owner.snapshot = owner.baseline
         owner.baseline = None
         if owner.snapshot is None or self._kept_agent(owner) is None:
-            await self._prepare(phone, workspace)
+            await self._prepare(owner, workspace)
         if owner.snapshot is None:
             owner.snapshot = (await workspace.snapshot()).to_json()
         if not taken:
             self._save(owner)
 
-    async def _ask(self, phone: str, owner: OwnerState) -> RunResult:
+    async def _receive(self, phone: str, files: tuple[Attachment, ...]) -> list[attachments.Received]:
+        """The prompt's photos and files, from the relay into the checkout (vm/attachments.py),
+        while nothing of the agent's runs: its folders are set up by `_begin`, its kept CLI is
+        stopped."""
+        if not files:
+            return []
+        space = self._spaces.get(phone)
+        if space is None:  # `_begin` prepares it before any run: this would be a bug
+            raise attachments.AttachmentError("the agent's folders are not set up")
+        owner = (space.uid, space.gid) if self.sandbox.isolated else None
+        return await attachments.receive(self._fetcher, files, space.checkout, owner)
+
+    async def _ask(self, phone: str, owner: OwnerState, received: list[attachments.Received]) -> RunResult:
         """The prompt, as a new query on the owner's kept CLI, continued from where it was
         stopped; else (none kept, or it ended before it heard the prompt) on a new CLI that
-        resumes the owner's session by id."""
+        resumes the owner's session by id. The owner's images go with it as image blocks."""
         run_id = owner.run_id
+        prompt = attachments.prompt_with(owner.prompt, received)
+        images = [(r.image, r.data) for r in received if r.image]
 
         def progress(text: str) -> None:
             self._report(phone, Report("progress", run_id, text=text))
@@ -370,15 +407,15 @@ class Worker:
         agent = self._kept_agent(owner)
         if agent is not None and agent.pid is not None and self.sandbox.resume(agent.pid):
             try:
-                return await agent.ask(owner.prompt, on_progress=progress, on_session=session)
+                return await agent.ask(prompt, on_progress=progress, on_session=session, images=images)
             except AgentGone as exc:
                 logger.warning("the kept agent of run %s could not take the prompt (%s); starting another", run_id, exc)
         self._drop_agent(phone)
         agent = await self._open_agent(phone, owner)
-        return await agent.ask(owner.prompt, on_progress=progress, on_session=session)
+        return await agent.ask(prompt, on_progress=progress, on_session=session, images=images)
 
     async def _open_agent(self, phone: str, owner: OwnerState) -> LiveAgent:
-        space = self._spaces[phone]
+        space = self._spaces[phone]  # prepared for this run's repository (`_begin`)
         if owner.session_id and not self.sandbox.has_session(space, owner.session_id):
             logger.warning("session of run %s was never saved; starting a new one", owner.run_id)
             owner.session_id = None
@@ -404,19 +441,40 @@ class Worker:
             raise
         return agent
 
-    async def _prepare(self, phone: str, workspace: Workspace) -> AgentSpace:
-        """The owner's agent user and folders, the git dir and checkout, all owned as they should
-        be, and no process of the agent's running but its kept CLI, stopped."""
+    async def _prepare(self, owner: OwnerState, workspace: Workspace) -> AgentSpace:
+        """The owner's agent user and folders, the git dir and checkout of their repository,
+        all owned as they should be, and no process of the agent's running but its kept CLI
+        (of this repository), stopped."""
+        phone, repo = owner.phone, owner.repo  # (the workspace's, whatever comes meanwhile)
+        if (agent := self._agents.get(phone)) is not None and not self._on_repository(agent, owner):
+            self._drop_agent(phone)  # its working directory is another checkout, maybe one about to move
         keep = self._keepable(phone)
-        space = self._spaces[phone] = await self.sandbox.prepare(phone, keep)
+        space = self._spaces[phone] = await self.sandbox.prepare(phone, keep, repo)
         if keep is not None and not stopped_child(keep):
             self._drop_agent(phone)
+        if repo:
+            await self._adopt_legacy(owner, repo, space, workspace)
         if await workspace.ensure_clone(self.settings.state_dir / "legacy-git"):
             await self.sandbox.share_git_dir(space)
             await self.sandbox.hand_over(space)
             workspace.mark_handed_over()
+        if repo:
+            await keep_origin(workspace, repo)
         self.sandbox.own(space, workspace.path / ".git")
         return space
+
+    async def _adopt_legacy(self, owner: OwnerState, repo: str, space: AgentSpace, named: Workspace) -> None:
+        """The owner's checkout from before REPOS becomes the named repository's, if it was
+        cloned from it (vm/repos.py), and Claude's session there comes along."""
+        legacy = self._workspace_of(owner.phone, "", self.settings.repo_url)
+        if not await adopt_legacy(legacy, named):
+            return
+        with anyio.CancelScope(shield=True):  # a cancel now would leave the session behind
+            moved = await anyio.to_thread.run_sync(self.sandbox.move_sessions, space, legacy.path)
+        if moved and "" in owner.sessions and repo not in owner.sessions:
+            owner.sessions[repo] = owner.sessions.pop("")
+        self._save(owner)
+        logger.info("moved an owner's checkout from before REPOS to the one of %s", repo)
 
     async def _settle(self, owner: OwnerState) -> None:
         """The owner is idle again and nothing of their agent runs (its kept CLI is stopped): take
@@ -427,11 +485,17 @@ class Worker:
             return
         settled = self._settling[phone] = anyio.Event()
         self._side_tasks += 1
+        repository = (owner.repo, owner.repo_url)
         try:
-            workspace = self.workspace(phone)
-            await self._prepare(phone, workspace)
-            owner.baseline = (await workspace.snapshot()).to_json()
-            self._save(owner)
+            workspace = self.workspace(owner)
+            space = await self._prepare(owner, workspace)
+            # Off the next prompt's path, with nothing of the agent's running: old attachments go.
+            if removed := await anyio.to_thread.run_sync(attachments.expire, space.checkout):
+                logger.info("removed %d attachments older than %d days", removed, attachments.KEEP_S // 86400)
+            baseline = (await workspace.snapshot()).to_json()
+            if (owner.repo, owner.repo_url) == repository:  # else a prompt for another one came meanwhile
+                owner.baseline = baseline
+                self._save(owner)
         except Exception:  # the next run takes its own snapshot, as it would without one
             logger.exception("could not take the next run's snapshot")
         finally:
@@ -458,7 +522,7 @@ class Worker:
         if not owner.snapshot:
             return Changes((), "")
         try:
-            return await self.workspace(owner.phone).changes_since(Snapshot.from_json(owner.snapshot))
+            return await self.workspace(owner).changes_since(Snapshot.from_json(owner.snapshot))
         except Exception as exc:
             logger.exception("could not diff the checkout of run %s", owner.run_id)
             reason = str(exc) if isinstance(exc, GitError) else type(exc).__name__
@@ -495,9 +559,9 @@ class Worker:
         """Commit the tree the owner was shown (not whatever the checkout holds now), push it,
         open the pull request, and tell the owner about anything written after the diff."""
         owner = self._owner(phone)
-        workspace = self.workspace(phone)
+        workspace = self.workspace(owner)  # the run's repository, which the state file records
         try:
-            await self._prepare(phone, workspace)
+            await self._prepare(owner, workspace)
             if not owner.shown_tree:
                 raise GitError("no record of what you were shown; send reject, then the prompt again")
             if not owner.commit:
@@ -506,8 +570,11 @@ class Worker:
                 self._save(owner)  # a retry pushes the same commit
             await workspace.push(owner.commit, owner.branch)
             url = ""
-            if self.github is not None:
+            # On GitHub, a pull request on the repository pushed to; elsewhere the pushed branch
+            # is all there is (`pr_opened` without a URL).
+            if self.github is not None and (repo := self.settings.pull_request_repo(workspace.repo_url)):
                 url = await self.github.open_pull_request(
+                    repo=repo,
                     head=owner.branch,
                     base=await workspace.default_branch(),
                     title=_title(owner.prompt),
@@ -543,10 +610,10 @@ class Worker:
 
     async def _roll_back(self, phone: str) -> None:
         owner = self._owner(phone)
-        workspace = self.workspace(phone)
+        workspace = self.workspace(owner)
         stuck: list[str] = []
         try:
-            space = await self._prepare(phone, workspace)  # no process of the agent's races the restore
+            space = await self._prepare(owner, workspace)  # no process of the agent's races the restore
             if owner.snapshot:
                 stuck = await workspace.restore(Snapshot.from_json(owner.snapshot))
                 await self.sandbox.hand_over(space)  # restored files are root's
@@ -614,7 +681,7 @@ class Worker:
         """A change shown by a version that kept no record of the shown tree (before isolation):
         show it again, so that approve commits what the owner sees now."""
         try:
-            await self._prepare(owner.phone, self.workspace(owner.phone))
+            await self._prepare(owner, self.workspace(owner))
         except (GitError, SandboxError):
             logger.exception("could not set up the checkout of run %s", owner.run_id)
             return  # reject stays possible; approve says why it cannot

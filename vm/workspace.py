@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import anyio
 
@@ -61,6 +62,19 @@ CLONE_TIMEOUT_S = 600.0
 EMPTY_TREE = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"
 BIG_FILE = "1m"  # git shows files above this as binary: a huge file must not fill the memory
 HANDED_OVER = "textslash-handed-over"  # in the git dir: the agent was given the checkout's files
+# The owner's photos and files for the agent (vm/attachments.py): ignored through the git dir's
+# info/exclude (root's), and left out of every snapshot, diff and reject by pathspec as well,
+# which no .gitignore of the agent's can undo. Never in a diff; never kept in a snapshot's tree
+# of ignored files (a 16 MB PDF would bloat every snapshot and crowd out the owner's .env);
+# never removed or "restored" by reject: it is the owner's input, which a follow-up prompt may
+# still need, not the run's work. The worker expires its files itself.
+ATTACHMENTS_DIR = ".textslash-attachments"
+NOT_ATTACHMENTS = f":(top,exclude){ATTACHMENTS_DIR}"
+
+NO_REPOSITORY = (
+    "no repository to work on: this prompt names none and the VM has no REPO_URL "
+    "(set REPOS on the relay, or REPO_URL on the worker)"
+)
 # Only the worker writes the git dir; with isolation the owner's group may read it.
 SHARED = "0640"
 
@@ -187,6 +201,24 @@ def write_new_file(path: Path, text: str, mode: int = 0o600) -> None:
         out.write(text)
 
 
+def _exclude_attachments(git_dir: Path) -> None:
+    """Have git ignore ATTACHMENTS_DIR, in the git dir's own exclude file: root's, so the agent
+    cannot change it, and readable by the agent's git (a new file takes the folder's group)."""
+    exclude, line = git_dir / "info" / "exclude", f"/{ATTACHMENTS_DIR}/"
+    try:
+        current = exclude.read_text()
+    except FileNotFoundError:
+        current = ""
+    if line in current.splitlines():
+        return
+    if not exclude.parent.is_dir():
+        exclude.parent.mkdir()
+        os.chmod(exclude.parent, 0o2750 if (git_dir.stat().st_mode & stat.S_ISGID) else 0o750)
+    if current and not current.endswith("\n"):
+        current += "\n"
+    write_new_file(exclude, f"{current}{line}\n", 0o640)
+
+
 def _duration(seconds: float) -> str:
     return f"{seconds / 60:g} min" if seconds >= 60 else f"{seconds:g} s"
 
@@ -254,7 +286,7 @@ class Changes:
 
 
 class Workspace:
-    """One checkout of REPO_URL at `path`, with its git dir at `git_dir`."""
+    """One checkout of `repo_url` at `path`, with its git dir at `git_dir`."""
 
     def __init__(
         self,
@@ -333,13 +365,16 @@ class Workspace:
         return out[: out.rfind(separator, 0, limit) + 1].decode(errors="replace"), True
 
     def _auth_env(self) -> dict[str, str]:
-        # The token travels in git's environment-only config, never in argv, URLs or logs.
+        """The token travels in git's environment-only config, never in argv, URLs or logs; and
+        only to this repository's host over https (`http.<url>.extraHeader`): whatever else git
+        might be sent to, nothing there gets it. Which repositories have a token at all is the
+        worker's choice (Settings.token_for)."""
         if not self._token or not self.repo_url.startswith("https://"):
             return {}
         basic = base64.b64encode(f"x-access-token:{self._token}".encode()).decode()
         return {
             "GIT_CONFIG_COUNT": "1",
-            "GIT_CONFIG_KEY_0": "http.extraHeader",
+            "GIT_CONFIG_KEY_0": f"http.https://{urlsplit(self.repo_url).netloc}/.extraHeader",
             "GIT_CONFIG_VALUE_0": f"Authorization: Basic {basic}",
         }
 
@@ -371,6 +406,7 @@ class Workspace:
             else:
                 await self.git("reset", "--quiet", "--hard", "HEAD")
         self.write_git_file()
+        _exclude_attachments(self.git_dir)
         return not (self.git_dir / HANDED_OVER).exists()
 
     def mark_handed_over(self) -> None:
@@ -392,7 +428,17 @@ class Workspace:
             shutil.rmtree(gitfile)
         write_new_file(gitfile, f"gitdir: {self.git_dir}\n")
 
+    async def origin_url(self) -> str:
+        """The URL the git dir pushes to (its config is the worker's alone: see _write_config)."""
+        config = ("config", "--file", str(self.git_dir / "config"), "--get", "remote.origin.url")
+        return (await self.git(*config, check=False, cwd=self.git_dir)).strip()
+
+    async def set_origin(self, url: str) -> None:
+        await self.git("remote", "set-url", "origin", url, cwd=self.git_dir, env={"GIT_DIR": str(self.git_dir)})
+
     async def _clone(self) -> None:
+        if not self.repo_url:
+            raise GitError(NO_REPOSITORY)
         self.git_dir.parent.mkdir(parents=True, exist_ok=True)
         partial = Path(tempfile.mkdtemp(prefix=".clone-", dir=self.git_dir.parent))
         try:
@@ -408,6 +454,7 @@ class Workspace:
                 deadline_s=self._clone_timeout_s,
             )
             await self._write_config(partial / "git")
+            _exclude_attachments(partial / "git")
             os.replace(partial / "git", self.git_dir)  # a half-finished clone never looks like one
         finally:
             shutil.rmtree(partial, ignore_errors=True)
@@ -488,11 +535,17 @@ class Workspace:
             env = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
             await self.git("read-tree", "HEAD" if await self.head() else "--empty", env=env)
             await self.git("add", "--all", env=env)
+            if await anyio.to_thread.run_sync(os.path.lexists, self.path / ATTACHMENTS_DIR):
+                # Ignored through info/exclude; but a .gitignore of the agent's comes first and
+                # could un-ignore it. (An exclude pathspec would do it in the `add`, but git
+                # then fails on the ignored folder it names.)
+                drop = ("rm", "--cached", "-r", "--quiet", "--ignore-unmatch", "--", ATTACHMENTS_DIR)
+                await self.git(*drop, env=env)
             return (await self.git("write-tree", env=env)).strip()
 
     async def _ignored(self) -> list[str]:
         out = await self.git("ls-files", "--others", "--ignored", "--exclude-standard", "--directory", "-z")
-        return [p for p in out.split("\0") if p]
+        return [p for p in out.split("\0") if p and p.split("/", 1)[0] != ATTACHMENTS_DIR]
 
     async def changes_since(self, snap: Snapshot, *, max_diff_chars: int = 100_000) -> Changes:
         """Nothing if the run left the working state as it found it; else HEAD -> now."""
@@ -563,7 +616,9 @@ class Workspace:
             await self._restore_files(snap)
         stuck = []
         keep = set((await self.git("ls-tree", "-r", "-z", "--name-only", snap.tree)).split("\0"))
-        untracked = (await self.git("ls-files", "--others", "--exclude-standard", "-z")).split("\0")
+        untracked = (await self.git("ls-files", "--others", "--exclude-standard", "-z", "--", NOT_ATTACHMENTS)).split(
+            "\0"
+        )
         for rel in [p for p in untracked if p and p not in keep]:
             if not await self._remove(rel):
                 stuck.append(rel)

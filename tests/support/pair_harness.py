@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, ExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,8 +68,8 @@ class Pair:
         proc.send_signal(sig)
         return await wait_exit(proc, 15)
 
-    async def text(self, body: str, *, sender: str = OWNER) -> None:
-        params = message_params(body, sender=sender)
+    async def text(self, body: str, *, sender: str = OWNER, media: Sequence[tuple[str, str]] = ()) -> None:
+        params = message_params(body, sender=sender, media=media)
         response = await self.http.post(
             f"{self.relay_url}/webhook", data=params, headers=signed_form(PUBLIC_URL + "/webhook", params)
         )
@@ -97,7 +97,8 @@ async def pair_stack(tmp: Path, *, idle_ms: str = "600000", **worker_overrides: 
     relay_url, worker_url = f"http://127.0.0.1:{relay_port}", f"http://127.0.0.1:{worker_port}"
     async with AsyncExitStack() as stack:
         http = await stack.enter_async_context(httpx.AsyncClient(timeout=30))
-        twilio_url = await stack.enter_async_context(run_server(twilio.app()))
+        twilio_url = twilio.api_url = await stack.enter_async_context(run_server(twilio.app()))
+        twilio.cdn_url = await stack.enter_async_context(run_server(twilio.cdn_app()))
         model_url = await stack.enter_async_context(run_server(model.app()))
         github_url = await stack.enter_async_context(run_server(github.app()))
         renv = relay_env(tmp / "relay.sqlite3", twilio_url, worker_url, PORT=str(relay_port), HOST="127.0.0.1")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,9 +38,12 @@ class Stack:
     worker: FakeWorker
     http: httpx.AsyncClient
 
-    async def send(self, body: str, *, sender: str = OWNER, sid: str | None = None) -> httpx.Response:
-        """Deliver a WhatsApp message the way Twilio does: a signed form post."""
-        params = message_params(body, sender=sender, sid=sid)
+    async def send(
+        self, body: str, *, sender: str = OWNER, sid: str | None = None, media: Sequence[tuple[str, str]] = ()
+    ) -> httpx.Response:
+        """Deliver a WhatsApp message the way Twilio does: a signed form post. `media`: the
+        (URL, content type) of each photo or file it carries (`FakeTwilio.add_media`)."""
+        params = message_params(body, sender=sender, sid=sid, media=media)
         return await self.post_form(params)
 
     async def post_form(self, params: dict[str, str], headers: dict[str, str] | None = None) -> httpx.Response:
@@ -70,7 +73,8 @@ async def relay_stack(
     async with AsyncExitStack() as stack:
         stack.callback(worker_sock.close)
         stack.push_async_callback(worker.aclose)
-        twilio_url = await stack.enter_async_context(run_server(twilio.app()))
+        twilio_url = twilio.api_url = await stack.enter_async_context(run_server(twilio.app()))
+        twilio.cdn_url = await stack.enter_async_context(run_server(twilio.cdn_app()))
         if worker_listening:
             await stack.enter_async_context(run_server(worker.app(), worker_sock))
         settings = Settings.from_env(relay_env(tmp / "relay.sqlite3", twilio_url, url_of(worker_sock), **env))

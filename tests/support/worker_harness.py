@@ -32,8 +32,9 @@ class WorkerStack:
     origin: Path
     http: httpx.AsyncClient
 
-    def checkout(self, phone: str = OWNER) -> Path:
-        return self.settings.workspace_dir / phone.lstrip("+")
+    def checkout(self, phone: str = OWNER, repo: str = "") -> Path:
+        """The owner's checkout of `repo` ("": the worker's own REPO_URL)."""
+        return self.settings.workspace_dir / (f"{phone.lstrip('+')}-{repo}" if repo else phone.lstrip("+"))
 
     async def post(self, route: str, body: dict[str, Any], token: str = WORKER_TOKEN) -> httpx.Response:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
