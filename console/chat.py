@@ -115,6 +115,7 @@ class Chat:
             text = str(body["text"]).strip()
             held = self._hold(body.get("file"))
             button = str(body.get("button") or "")
+            replied = int(body.get("replied_to") or 0)  # the message whose button was tapped
         except (ValueError, KeyError, TypeError, binascii.Error) as exc:
             detail = str(exc) if isinstance(exc, ValueError) else 'expected {"text": ..., "file"?: {name, type, data}}'
             return JSONResponse({"detail": detail}, status_code=400)
@@ -131,6 +132,8 @@ class Chat:
         }
         if button:  # a tapped quick reply: its title as the body, its id as the payload
             params.update(ButtonPayload=button, ButtonText=text)
+            if replied:  # and the message it was under, as Twilio names it (stale taps are refused)
+                params["OriginalRepliedMessageSid"] = _message_sid(replied)
         shown: list[str] = []
         if held is not None:
             sid = "ME" + secrets.token_hex(16)
@@ -218,7 +221,7 @@ class Chat:
                 return rendered
             body, buttons = rendered[0], [{"id": i, "title": t} for i, t in rendered[1]]
         message = self._add("textslash", body, [v for k, v in form if k == "MediaUrl"], buttons)
-        sid = f"SM{message.id:032d}"
+        sid = _message_sid(message.id)
         return JSONResponse(
             {
                 "sid": sid,
@@ -230,6 +233,10 @@ class Chat:
             },
             status_code=201,
         )
+
+
+def _message_sid(message_id: int) -> str:
+    return f"SM{message_id:032d}"
 
 
 def _unauthorized() -> JSONResponse:
