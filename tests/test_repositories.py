@@ -283,6 +283,17 @@ async def test_a_name_given_to_another_repository_is_refused_not_pushed_there(tm
         assert f"cloned from file://{alpha}, not file://{beta}" in error["text"] and "REPOS" in error["text"]
         assert (worker.checkout(repo="app") / "alpha.py").is_file() and branches(beta) == ["main"]
         await worker.settled()
+        # The way out it names works: deleting what it says (the checkout alone kept the old
+        # git dir, and its origin, so every later prompt was refused the same way).
+        named_paths = [Path(p) for p in re.findall(r"(/\S+?)(?=[ ,)])", error["text"]) if "app" in Path(p).name]
+        assert named_paths and all(p.exists() for p in named_paths)
+        for path in named_paths:
+            shutil.rmtree(path)
+        worker.anthropic.script("greet beta", Text("Hi, beta."))
+        await worker.command("greet beta", **named("app", beta))
+        assert (await reports(worker, "answer", 2))[1]["text"] == "Hi, beta."
+        assert (worker.checkout(repo="app") / "beta.py").is_file()
+        await worker.settled()
 
 
 @as_root
