@@ -50,7 +50,7 @@ def repo_url_problem(url: str) -> str:
         # It would sit in the git dir's config, which the owner's agent may read.
         return "must not hold a password or token: put the token in GITHUB_TOKEN"
     authority = re.match(r"^(?:[a-z]+://|git@)?([^/:]*)", url)
-    if authority is not None and authority.group(1).rpartition("@")[2].startswith("-"):
+    if authority is not None and authority.group(1).rpartition("@")[2].lstrip("[").startswith("-"):
         return "is malformed: a host cannot start with -"  # git would read it as an option
     return ""
 

@@ -198,6 +198,35 @@ async def test_pipes_and_huge_files_neither_stick_the_owner_nor_fill_the_worker(
         await wait_for(lambda: len(worker.relay.of_type("approval_required")) == 2, STEP, "the next run's approval")
 
 
+@as_root
+async def test_a_deep_folder_in_place_of_the_git_file_never_wedges_the_owner(tmp_path: Path) -> None:
+    """The agent swaps the checkout's `.git` file for a folder thousands deep. Root puts the file
+    back before every run, reject and approve: a walker that recurses (Python's rmtree) stopped
+    there, and every later prompt, reject and approve of that owner failed."""
+    async with worker_stack(tmp_path) as worker:
+        checkout = worker.checkout()
+        worker.anthropic.script(
+            "dig",
+            bash(
+                "rm .git && python3 -c \"import os; os.mkdir('.git'); os.chdir('.git'); "
+                "[(os.mkdir('d'), os.chdir('d')) for _ in range(2500)]\"",
+                "dig",
+            ),
+            Text("Dug."),
+        )
+        worker.anthropic.script("carry on", write(f"{checkout}/ok.txt", "ok\n"), Text("Done."))
+        await worker.command("dig")
+        await wait_for(lambda: worker.relay.of_type("answer"), STEP, "the answer")
+        await worker.settled()
+        await worker.command("carry on")
+        approval = await wait_for(lambda: worker.relay.of_type("approval_required", "error"), STEP, "the run")
+        assert approval[0]["type"] == "approval_required", approval[0].get("text")
+        assert [f["path"] for f in approval[0]["files"]] == ["ok.txt"]
+        assert (checkout / ".git").is_file()
+        assert (await worker.decide("reject")).status_code == 202
+        await wait_for(lambda: worker.relay.of_type("rolled_back"), STEP, "the rollback")
+
+
 async def test_approve_commits_the_tree_that_was_shown(tmp_path: Path) -> None:
     async with pair_stack(tmp_path) as pair:
         checkout = pair.checkout

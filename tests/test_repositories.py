@@ -283,6 +283,17 @@ async def test_a_name_given_to_another_repository_is_refused_not_pushed_there(tm
         assert f"cloned from file://{alpha}, not file://{beta}" in error["text"] and "REPOS" in error["text"]
         assert (worker.checkout(repo="app") / "alpha.py").is_file() and branches(beta) == ["main"]
         await worker.settled()
+        # The way out it names works: deleting what it says (the checkout alone kept the old
+        # git dir, and its origin, so every later prompt was refused the same way).
+        named_paths = [Path(p) for p in re.findall(r"(/\S+?)(?=[ ,)])", error["text"]) if "app" in Path(p).name]
+        assert named_paths and all(p.exists() for p in named_paths)
+        for path in named_paths:
+            shutil.rmtree(path)
+        worker.anthropic.script("greet beta", Text("Hi, beta."))
+        await worker.command("greet beta", **named("app", beta))
+        assert (await reports(worker, "answer", 2))[1]["text"] == "Hi, beta."
+        assert (worker.checkout(repo="app") / "beta.py").is_file()
+        await worker.settled()
 
 
 @as_root
@@ -313,3 +324,30 @@ async def test_named_checkouts_are_the_owners_agents_and_rebuild_its_uid(tmp_pat
     # At boot, what is below the roots stays the agent's and private.
     await sandbox().start(state)
     assert one.checkout.stat().st_mode & 0o777 == 0o700 and one.checkout.stat().st_uid == one.uid
+
+
+@as_root
+async def test_a_lost_map_never_gives_a_new_owner_the_group_of_another_owners_git_dir(tmp_path: Path) -> None:
+    """A git dir is root's, with its owner's group (= uid): what it holds (every snapshot, the
+    kept ignored files among them) is that owner's. With the map lost and the owner's other
+    folders gone (deleted by hand, say), the git dir still says whose group it is."""
+    open_for_agents(tmp_path)
+    workspace, state = tmp_path / "ws", tmp_path / "ws" / ".textslash"
+
+    def sandbox() -> Sandbox:
+        return Sandbox(
+            workspace_dir=workspace, state_dir=state, claude_config_dir=str(tmp_path / "claude"), isolated=True
+        )
+
+    first = sandbox()
+    await first.start(state)
+    one = await first.prepare(OWNER, repo="app")
+    one.git_dir.mkdir(parents=True)
+    (one.git_dir / "HEAD").write_text("ref: refs/heads/main\n")
+    await first.share_git_dir(one)
+    (state / "agent-users.json").unlink()
+    for folder in (one.checkout, one.home, one.claude_dir):
+        shutil.rmtree(folder)
+    other = await sandbox().prepare(OWNER2)
+    assert other.gid != one.git_dir.stat().st_gid and other.uid != one.uid
+    assert (await sandbox().prepare(OWNER, repo="app")).uid == one.uid  # and the owner gets its own back

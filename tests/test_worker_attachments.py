@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import re
 import secrets
 from collections.abc import AsyncIterator
 from dataclasses import asdict
@@ -204,3 +205,26 @@ async def test_no_gitignore_of_the_agents_brings_the_folder_into_a_diff_or_a_rej
     assert await workspace.restore(snap) == []
     assert (workspace.path / ".gitignore").read_text() == ".env\n"
     assert sorted(p.name for p in folder.iterdir()) == ["made-by-the-run.txt", "report.pdf"]  # left alone
+
+
+def test_a_folder_the_agent_filled_with_every_numbered_name_still_takes_the_file(tmp_path: Path) -> None:
+    """The folder is the agent's: one that took `notes.txt` up to `notes-999.txt` (and set their
+    times in the future, so they never expire) must not keep the owner's files out for good."""
+    folder = tmp_path / "checkout" / ATTACHMENTS_DIR
+    folder.mkdir(parents=True)
+    for name in ["notes.txt", *(f"notes-{n}.txt" for n in range(2, 1000))]:
+        (folder / name).symlink_to(tmp_path / "elsewhere")
+    source = tmp_path / "incoming"
+    source.write_bytes(PDF)
+    saved = place(tmp_path / "checkout", source, "notes.txt", "text/plain", None)
+    assert re.fullmatch(r"notes-[0-9a-f]{8}\.txt", saved.name) and saved.read_bytes() == PDF
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_a_copy_that_fails_leaves_no_file_behind(tmp_path: Path) -> None:
+    """Nothing half-written (and, before it is the agent's, root's) stays in the agent's folder."""
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    with pytest.raises(FileNotFoundError):
+        place(checkout, tmp_path / "gone", "notes.txt", "text/plain", None)
+    assert list((checkout / ATTACHMENTS_DIR).iterdir()) == []

@@ -113,6 +113,8 @@ def test_worker_defaults() -> None:
         ("REPO_URL", "https://me:secret@example.com/a.git"),
         ("REPO_URL", "https://ghp_token@github.com/a/b.git"),
         ("REPO_URL", "ssh://-oProxyCommand=x/a.git"),
+        ("REPO_URL", "ssh://[-oProxyCommand=x]/a.git"),  # git takes the brackets off (an IPv6 host)
+        ("REPO_URL", "git@[-oProxyCommand=x]:a.git"),
         ("GITHUB_REPO", "not a repo"),
         ("IDLE_TIMEOUT_MS", "later"),
         ("IMAGE_TTL_HOURS", "0"),

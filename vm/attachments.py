@@ -29,6 +29,7 @@ import secrets
 import shutil
 import stat
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,21 +154,36 @@ def place(checkout: Path, source: Path, wanted: str, content_type: str, owner: t
     folder = _open_folder(checkout, owner)
     try:
         stem, ext = _split(safe_name(wanted, content_type))
-        for n in range(1, 1000):
-            name = f"{stem}{'' if n == 1 else f'-{n}'}{ext}"
+        for name in _names(stem, ext):
             try:
                 fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=folder)
             except FileExistsError:
                 continue
-            with os.fdopen(fd, "wb") as out, source.open("rb") as data:
-                shutil.copyfileobj(data, out)
+            try:
+                # The agent's before a byte is in it: a copy cut short (a full disk, a crash)
+                # leaves no file of root's in the agent's folder.
                 if owner is not None:
-                    os.fchown(out.fileno(), *owner)
-                os.fchmod(out.fileno(), 0o600)
+                    os.fchown(fd, *owner)
+                os.fchmod(fd, 0o600)
+                with os.fdopen(fd, "wb", closefd=False) as out, source.open("rb") as data:
+                    shutil.copyfileobj(data, out)
+            except BaseException:
+                os.unlink(name, dir_fd=folder)
+                raise
+            finally:
+                os.close(fd)
             return checkout / ATTACHMENTS_DIR / name
-        raise AttachmentError(f"too many files named like {stem}{ext} in {ATTACHMENTS_DIR}")
+        raise AttachmentError(f"could not find a free name for {stem}{ext} in {ATTACHMENTS_DIR}")
     finally:
         os.close(folder)
+
+
+def _names(stem: str, ext: str) -> Iterator[str]:
+    """`report.pdf`, `report-2.pdf`, ... and then names no one can have guessed: the folder is
+    the agent's, and one that filled every numbered name must not keep the owner's files out."""
+    yield f"{stem}{ext}"
+    yield from (f"{stem}-{n}{ext}" for n in range(2, 100))
+    yield from (f"{stem}-{secrets.token_hex(4)}{ext}" for _ in range(10))
 
 
 def _open_folder(checkout: Path, owner: tuple[int, int] | None) -> int:

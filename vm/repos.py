@@ -64,7 +64,9 @@ async def keep_origin(workspace: Workspace, name: str) -> None:
     if same_repository(current, workspace.repo_url):
         await workspace.set_origin(workspace.repo_url)
         return
+    # Both folders: the git dir alone records the origin, so deleting the checkout is not enough.
     raise GitError(
         f"your checkout of {name} was cloned from {current}, not {workspace.repo_url}: give the new "
-        "repository another name in REPOS (or delete the old checkout on the VM)"
+        f"repository another name in REPOS, or delete {workspace.path} and {workspace.git_dir} on the VM "
+        "(anything uncommitted there goes too)"
     )

@@ -483,23 +483,32 @@ class Sandbox:
         return uid, existing.pw_gid
 
     def _uid_on_disk(self, phone: str) -> int | None:
-        for folder in (*self._checkouts(phone), self._space(phone, 0, 0).home):
+        """The uid the owner's folders say is theirs: a checkout's or the home's owner, else the
+        group of a git dir (root's, the agent's group, whose gid is its uid)."""
+        git_dirs = [self.git_dir(phone), *(self._workspace / ".repos").glob(f"{_digits(phone)}-*")]
+        owned = [(f, False) for f in (*self._checkouts(phone), self._space(phone, 0, 0).home)]
+        for folder, by_group in [*owned, *((f, True) for f in git_dirs)]:
             try:
-                uid = folder.stat().st_uid
+                st = folder.lstat()
             except OSError:
                 continue
+            uid = st.st_gid if by_group else st.st_uid
             if uid >= AGENT_UID_BASE:
                 return uid
         return None
 
     def _uids_on_disk(self) -> set[int]:
-        found = set()
-        for root in (self._workspace, self._workspace / ".homes", self._claude_root):
+        """Every uid a folder on the volume is someone's by: owners below the roots, and the
+        groups of the git dirs, which a new owner's group must never be."""
+        found: set[int] = set()
+        roots = (self._workspace, self._workspace / ".homes", self._claude_root, self._workspace / ".repos")
+        for root in roots:
             for entry in root.iterdir() if root is not None and root.is_dir() else ():
                 try:
-                    found.add(entry.lstat().st_uid)
+                    st = entry.lstat()
                 except OSError:
-                    pass
+                    continue
+                found.update((st.st_uid, st.st_gid))
         return found
 
     def _load_users(self) -> dict[str, int]:

@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import stat
+import subprocess
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -188,11 +189,18 @@ def _legacy_branch(legacy: Path) -> str:
     return branch if ref.startswith("ref: refs/heads/") and re.fullmatch(r"[\w./-]{1,100}", branch) else "main"
 
 
+def remove_tree(path: Path) -> None:
+    """Remove a folder the agent may have made: GNU `rm -rf` handles any depth and follows no
+    symlink. (shutil.rmtree recurses, one frame and one descriptor a level: a folder a few
+    thousand deep stops it, and the owner's every later run, reject and approve with it.)"""
+    subprocess.run(["rm", "-rf", "--one-file-system", "--", str(path)], capture_output=True, check=False)
+
+
 def write_new_file(path: Path, text: str, mode: int = 0o600) -> None:
     """Replace `path` with a new file, never writing through what stood there: in a folder the
     agent owns, a symlink or a hard link it left could point at any file of root's."""
     if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
+        remove_tree(path)
     else:
         path.unlink(missing_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
@@ -423,10 +431,7 @@ class Workspace:
 
     def write_git_file(self) -> None:
         """Point the agent's git at the worker's git dir (the agent may have removed the file)."""
-        gitfile = self.path / ".git"
-        if gitfile.is_dir() and not gitfile.is_symlink():
-            shutil.rmtree(gitfile)
-        write_new_file(gitfile, f"gitdir: {self.git_dir}\n")
+        write_new_file(self.path / ".git", f"gitdir: {self.git_dir}\n")  # a folder there goes too
 
     async def origin_url(self) -> str:
         """The URL the git dir pushes to (its config is the worker's alone: see _write_config)."""
