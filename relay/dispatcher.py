@@ -145,14 +145,15 @@ def _budget(conn: sqlite3.Connection, phone: str, now: float, pricing: Pricing) 
     limit = usage.limit_for(conn, phone, now, pricing.monthly_budget_usd)
     if limit is None:
         return None
-    _, month = _periods(conn, phone, now, pricing)
+    # Every prompt asks this: the month alone, not the day `usage` shows beside it.
+    month = usage.this_month(conn, phone, now, _awake_since(conn), pricing.hourly_usd)
     return usage.Budget(limit, month.total_usd)
 
 
-def _periods(conn: sqlite3.Connection, phone: str, now: float, pricing: Pricing) -> tuple[usage.Period, usage.Period]:
+def _awake_since(conn: sqlite3.Connection) -> float | None:
+    """When the worker, awake now, came up: its hours so far count."""
     row = store.worker_state(conn)
-    awake_since = row["up_at"] if row is not None and row["awake"] == 1 else None
-    return usage.today_and_month(conn, phone, now, awake_since, pricing.hourly_usd)
+    return row["up_at"] if row is not None and row["awake"] == 1 else None
 
 
 def _may_start_a_run(event: Event) -> bool:
@@ -230,7 +231,7 @@ def _enqueue(conn: sqlite3.Connection, phone: str, send: Send, now: float, *, bu
 
 
 def _usage_text(conn: sqlite3.Connection, phone: str, now: float, pricing: Pricing) -> str:
-    today, month = _periods(conn, phone, now, pricing)
+    today, month = usage.today_and_month(conn, phone, now, _awake_since(conn), pricing.hourly_usd)
     limit = usage.limit_for(conn, phone, now, pricing.monthly_budget_usd)
     owners = conn.execute("SELECT COUNT(*) FROM conversations").fetchone()[0]
     return replies.usage(today, month, None if limit is None else usage.Budget(limit, month.total_usd), owners)

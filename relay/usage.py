@@ -165,13 +165,17 @@ def period(
     return Period(row["n"], row["tin"], row["tout"], row["usd"], hours, hours * hourly_usd)
 
 
+def this_month(
+    conn: sqlite3.Connection, phone: str, now: float, awake_since: float | None, hourly_usd: float
+) -> Period:
+    return period(conn, phone, _month_start(now), now, awake_since, hourly_usd)
+
+
 def today_and_month(
     conn: sqlite3.Connection, phone: str, now: float, awake_since: float | None, hourly_usd: float
 ) -> tuple[Period, Period]:
-    return (
-        period(conn, phone, _day_start(now), now, awake_since, hourly_usd),
-        period(conn, phone, _month_start(now), now, awake_since, hourly_usd),
-    )
+    today = period(conn, phone, _day_start(now), now, awake_since, hourly_usd)
+    return today, this_month(conn, phone, now, awake_since, hourly_usd)
 
 
 def limit_for(conn: sqlite3.Connection, phone: str, now: float, default: float | None) -> float | None:
