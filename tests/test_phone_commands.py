@@ -17,14 +17,11 @@ from fakes.wiring import (
     AUTH_TOKEN,
     OWNER,
     OWNER2,
-    PUBLIC_URL,
-    SANDBOX_NUMBER,
     WORKER_TOKEN,
     message_params,
 )
 from relay.buttons import content_name
-from relay.twilio import TwilioSender
-from tests.support.relay_harness import Stack, relay_stack
+from tests.support.relay_harness import Stack, relay_stack, twilio_sender
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.anyio
@@ -115,14 +112,7 @@ async def test_the_buttons_are_found_again_by_name_after_a_restart(tmp_path: Pat
     twilio = FakeTwilio(ACCOUNT_SID, AUTH_TOKEN)
     async with run_server(twilio.app()) as url:
         for _ in range(2):  # two relay processes' worth of senders, one after the other
-            sender = TwilioSender(
-                account_sid=ACCOUNT_SID,
-                auth_token=AUTH_TOKEN,
-                from_number=SANDBOX_NUMBER,
-                base_url=url,
-                media_base_url=f"{PUBLIC_URL}/images",
-            )
-            async with sender:
+            async with twilio_sender(url) as sender:
                 assert (await sender.send(OWNER, "Reply *approve* or *reject*.", [], "decide")).ok
     assert len(twilio.contents) == 1
     assert [m.buttons for m in twilio.messages] == [["approve", "reject"], ["approve", "reject"]]

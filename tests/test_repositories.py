@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import signal
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -296,15 +297,22 @@ async def test_a_name_given_to_another_repository_is_refused_not_pushed_there(tm
         await worker.settled()
 
 
+def isolated_sandbox(tmp_path: Path) -> Sandbox:
+    """A sandbox over `tmp_path/ws`, as the worker makes one; a new one is a new boot."""
+    workspace = tmp_path / "ws"
+    return Sandbox(
+        workspace_dir=workspace,
+        state_dir=workspace / ".textslash",
+        claude_config_dir=str(tmp_path / "claude"),
+        isolated=True,
+    )
+
+
 @as_root
 async def test_named_checkouts_are_the_owners_agents_and_rebuild_its_uid(tmp_path: Path) -> None:
     open_for_agents(tmp_path)
     workspace, state = tmp_path / "ws", tmp_path / "ws" / ".textslash"
-
-    def sandbox() -> Sandbox:
-        return Sandbox(
-            workspace_dir=workspace, state_dir=state, claude_config_dir=str(tmp_path / "claude"), isolated=True
-        )
+    sandbox = partial(isolated_sandbox, tmp_path)
 
     first = sandbox()
     await first.start(state)
@@ -332,12 +340,8 @@ async def test_a_lost_map_never_gives_a_new_owner_the_group_of_another_owners_gi
     kept ignored files among them) is that owner's. With the map lost and the owner's other
     folders gone (deleted by hand, say), the git dir still says whose group it is."""
     open_for_agents(tmp_path)
-    workspace, state = tmp_path / "ws", tmp_path / "ws" / ".textslash"
-
-    def sandbox() -> Sandbox:
-        return Sandbox(
-            workspace_dir=workspace, state_dir=state, claude_config_dir=str(tmp_path / "claude"), isolated=True
-        )
+    state = tmp_path / "ws" / ".textslash"
+    sandbox = partial(isolated_sandbox, tmp_path)
 
     first = sandbox()
     await first.start(state)

@@ -52,6 +52,21 @@ async def answers(worker: WorkerStack, n: int) -> None:
     await wait_for(lambda: len(worker.relay.of_type("answer")) >= n, RUN_TIMEOUT, f"answer {n}")
 
 
+async def start_long_job(worker: WorkerStack, tag: str) -> str:
+    """A run whose Bash call (marked, to be found among processes) waits two minutes; "after
+    that" is scripted for the prompt that follows. Returns the marker once the call runs."""
+    marker = f"textslash-{tag}-{time.time_ns()}"
+    worker.anthropic.script(
+        "long job",
+        bash(f"python3 -c 'import time; time.sleep(120)' {marker} & sleep 120", "wait a long time"),
+        Text("never reached"),
+    )
+    worker.anthropic.script("after that", Text("Ready."))
+    await worker.command("long job")
+    await wait_for(lambda: pids_with(marker), RUN_TIMEOUT, "the long Bash call to start")
+    return marker
+
+
 async def test_a_follow_up_is_a_new_query_on_the_cli_kept_stopped_since_the_last_prompt(worker: WorkerStack) -> None:
     worker.anthropic.script("remember the number 4172", Text("Noted."))
     worker.anthropic.script("which number", Text("4172."))
@@ -149,15 +164,7 @@ async def test_new_closes_the_kept_cli_and_starts_fresh(worker: WorkerStack) -> 
 
 
 async def test_cancel_interrupts_the_turn_ends_its_processes_and_keeps_the_cli(worker: WorkerStack) -> None:
-    marker = f"textslash-warm-{time.time_ns()}"
-    worker.anthropic.script(
-        "long job",
-        bash(f"python3 -c 'import time; time.sleep(120)' {marker} & sleep 120", "wait a long time"),
-        Text("never reached"),
-    )
-    worker.anthropic.script("after that", Text("Ready."))
-    await worker.command("long job")
-    await wait_for(lambda: pids_with(marker), RUN_TIMEOUT, "the long Bash call to start")
+    marker = await start_long_job(worker, "warm")
     [cli] = clis()
     asked = time.monotonic()
     assert (await worker.decide("cancel")).status_code == 202
@@ -256,15 +263,7 @@ def _texts(request: dict[str, object]) -> list[str]:
 async def test_a_cancelled_run_reports_what_it_cost(worker: WorkerStack) -> None:
     # The model was asked (and paid) before the cancel: the run's end says so, or the month's
     # usage misses it and a budget can be run past by cancelling. The next run counts its own.
-    marker = f"textslash-cost-{time.time_ns()}"
-    worker.anthropic.script(
-        "long job",
-        bash(f"python3 -c 'import time; time.sleep(120)' {marker} & sleep 120", "wait a long time"),
-        Text("never reached"),
-    )
-    worker.anthropic.script("after that", Text("Ready."))
-    await worker.command("long job")
-    await wait_for(lambda: pids_with(marker), RUN_TIMEOUT, "the long Bash call to start")
+    await start_long_job(worker, "cost")
     assert (await worker.decide("cancel")).status_code == 202
     [cancelled] = await wait_for(lambda: worker.relay.of_type("cancelled"), 10, "the cancelled report")
     assert cancelled["cost_usd"] > 0 and cancelled["input_tokens"] == 100

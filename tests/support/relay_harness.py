@@ -57,6 +57,18 @@ class Stack:
         return response
 
 
+def twilio_sender(twilio_url: str, *, timeout: float = 10.0) -> TwilioSender:
+    """The relay's sender, pointed at a fake Twilio; open it with `async with`."""
+    return TwilioSender(
+        account_sid=ACCOUNT_SID,
+        auth_token=AUTH_TOKEN,
+        from_number=SANDBOX_NUMBER,
+        base_url=twilio_url,
+        media_base_url=f"{PUBLIC_URL}/images",
+        timeout=timeout,
+    )
+
+
 @asynccontextmanager
 async def relay_stack(
     tmp: Path,
@@ -78,14 +90,7 @@ async def relay_stack(
         if worker_listening:
             await stack.enter_async_context(run_server(worker.app(), worker_sock))
         settings = Settings.from_env(relay_env(tmp / "relay.sqlite3", twilio_url, url_of(worker_sock), **env))
-        sender = TwilioSender(
-            account_sid=ACCOUNT_SID,
-            auth_token=AUTH_TOKEN,
-            from_number=SANDBOX_NUMBER,
-            base_url=twilio_url,
-            media_base_url=f"{PUBLIC_URL}/images",
-            timeout=send_timeout,
-        )
+        sender = twilio_sender(twilio_url, timeout=send_timeout)
         relay_url = await stack.enter_async_context(run_server(create_app(settings, sender=sender)))
         http = await stack.enter_async_context(httpx.AsyncClient())
         yield Stack(relay_url, settings, twilio, worker, http)
