@@ -25,7 +25,8 @@ from common.config import E164, repo_url_problem
 
 # 2: a prompt names its repository, model, run budget and attachments; a run's end carries its
 # tokens; `sleeping` says how long the worker was awake. Version 1 messages are still read.
-VERSION = 2
+# 3: a prompt may be `unattended` (a schedule fired it: its approval lets the worker sleep).
+VERSION = 3
 
 
 class ProtocolError(ValueError):
@@ -116,6 +117,9 @@ class RunPrompt:
     model: str = ""  # "" = Claude Code's default
     budget_usd: float | None = None  # the run stops when its cost reaches this (RUN_BUDGET_USD)
     attachments: tuple[Attachment, ...] = ()
+    # Fired by a schedule, with nobody watching: the changes it leaves wait for the owner with
+    # the worker asleep (docs/ARCHITECTURE.md, "Schedules").
+    unattended: bool = False
 
 
 @dataclass(frozen=True)
@@ -158,6 +162,8 @@ def encode_command(command: Command) -> dict[str, Any]:
             data["budget_usd"] = command.budget_usd
         if command.attachments:
             data["attachments"] = [asdict(a) for a in command.attachments]
+        if command.unattended:
+            data["unattended"] = True
     elif isinstance(command, TakeScreenshot):
         data.update(url=command.url, message_id=command.message_id)
     return data
@@ -208,6 +214,7 @@ def _decode_prompt(phone: str, data: dict[str, Any]) -> RunPrompt:
         model=model,
         budget_usd=budget,
         attachments=attachments,
+        unattended=data.get("unattended") is True,
     )
 
 

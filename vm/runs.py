@@ -64,6 +64,7 @@ class OwnerState:
     seen: list[str] = field(default_factory=list)
     model: str = ""  # the run's model ("" = Claude Code's default), as the relay asked
     budget_usd: float | None = None  # the run's budget (RUN_BUDGET_USD)
+    unattended: bool = False  # a schedule fired the run: its changes may wait with the worker asleep
 
     @property
     def session_id(self) -> str | None:
@@ -92,8 +93,10 @@ class OwnerState:
 
     @property
     def busy(self) -> bool:
-        """Anything the idle timer must wait for: a run, or changes that wait for a decision."""
-        return self.state != "idle"
+        """Anything the idle timer must wait for: a run, or changes that wait for the owner's
+        decision, unless a schedule made them. Nobody watched that run, and the owner may answer
+        hours later: the changes wait on the volume, and `approve` wakes the worker."""
+        return self.state != "idle" and not (self.state == "awaiting_approval" and self.unattended)
 
 
 class OwnerStore:

@@ -203,6 +203,7 @@ class Worker:
             owner.session_id = None  # the session of this repository
         owner.run_id, owner.prompt = command.message_id, command.text
         owner.model, owner.budget_usd = command.model, command.budget_usd
+        owner.unattended = command.unattended
         owner.shown_tree, owner.branch, owner.commit = "", "", ""
         # The baseline becomes the run's snapshot, saved with the run (one write on a follow-up's
         # path); one still being taken is picked up by `_begin`.
