@@ -21,26 +21,35 @@ from typing import Any, Literal
 from common.protocol import MODEL_NAME, Answer, Attachment, OwnerCall, Report, RunPrompt, RunState, TakeScreenshot
 from relay import replies
 from relay.events import (
+    AddSchedule,
     ApprovalExpired,
     CallWorker,
     Delivered,
     DropCommand,
     Effect,
     Event,
+    Fired,
+    ListSchedules,
+    NewSchedule,
     Prompt,
     RecordBudget,
+    RemoveSchedule,
     ReportStatus,
     ReportUsage,
+    Rezone,
     Screenshot,
     Send,
     SetBudget,
     SetModel,
+    SetZone,
     Stalled,
     Unreachable,
+    Unschedule,
     Use,
     Word,
     event_kind,
 )
+from relay.schedules import zone
 from relay.settings import Repo
 from relay.usage import Budget
 
@@ -65,6 +74,7 @@ class Job:
     new_session: bool = False  # sent after `new`: kept with the prompt, so a resend keeps it too
     repo: str = ""  # the repository current when the owner wrote it ("": the only one)
     attachments: tuple[Attachment, ...] = ()  # the prompt's files: kept with it, queued or kept for retry
+    schedule: int = 0  # the schedule that fired it (its row), 0 for the owner's own prompt
 
     def __post_init__(self) -> None:
         self.attachments = _attachments(self.attachments)  # as saved: JSON objects
@@ -91,6 +101,8 @@ class Conversation:
     repo: str = ""  # the owner's current repository (`use <name>`); "": the first of REPOS
     run_repo: str = ""  # the repository `run` works in, when the relay started it ("": unknown)
     model: str = ""  # the owner's model (`model <name>`); "": CLAUDE_MODEL
+    tz: str = ""  # the owner's time zone (`tz <name>`); "": OWNER_TZ
+    unattended: bool = False  # a schedule started `run`: its changes wait with no deadline
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -115,6 +127,8 @@ class Conversation:
             repo=data.get("repo", ""),
             run_repo=data.get("run_repo", ""),
             model=data.get("model", ""),
+            tz=data.get("tz", ""),
+            unattended=data.get("unattended", False),
         )
 
 
@@ -128,6 +142,12 @@ class Context:
     run_budget_usd: float | None = None  # RUN_BUDGET_USD
     budget: Budget | None = None  # the owner's month against their ceiling, when a prompt may start
     buttons: bool = False  # BUTTONS: messages carry the quick replies their Send names
+    owner_tz: str = "UTC"  # OWNER_TZ: the zone of owners who did not name their own
+
+
+def zone_of(conv: Conversation, ctx: Context) -> str:
+    """The owner's time zone: their own (`tz <name>`), else OWNER_TZ."""
+    return conv.tz or ctx.owner_tz
 
 
 def current_repo(conv: Conversation, ctx: Context) -> Repo | None:
@@ -149,7 +169,7 @@ def _set_run(conv: Conversation, run_id: str) -> None:
     """The worker's word names the owner's run: a run the relay did not start is in a repository
     it cannot know (the current one is assumed)."""
     if run_id != conv.run:
-        conv.run, conv.run_repo = run_id, ""
+        conv.run, conv.run_repo, conv.unattended = run_id, "", False
 
 
 Handler = Callable[[Conversation, Any, Context], list[Effect]]
@@ -187,7 +207,9 @@ def _watch(old: Conversation, new: Conversation, event: Event, ctx: Context) -> 
 
 
 def _from_owner(event: Event) -> bool:
-    return isinstance(event, Prompt | Screenshot | Word | Use | SetModel | SetBudget)
+    return isinstance(
+        event, Prompt | Screenshot | Word | Use | SetModel | SetBudget | NewSchedule | Unschedule | SetZone
+    )
 
 
 # --- starting and finishing work ----------------------------------------------------
@@ -208,8 +230,10 @@ def _start(conv: Conversation, job: Job, ctx: Context) -> list[Effect]:
         model=conv.model or ctx.default_model,
         budget_usd=ctx.run_budget_usd,
         attachments=job.attachments,
+        unattended=bool(job.schedule),
     )
     conv.state, conv.job, conv.kept = "working", job, None
+    conv.unattended = bool(job.schedule)
     conv.run, conv.approval_deadline, conv.applying = job.message_id, None, ""
     conv.run_repo = repo.name if repo else ""
     return [CallWorker(command)]
@@ -217,6 +241,7 @@ def _start(conv: Conversation, job: Job, ctx: Context) -> list[Effect]:
 
 def _next_or_idle(conv: Conversation, ctx: Context) -> list[Effect]:
     conv.state, conv.job, conv.approval_deadline, conv.applying, conv.run = "idle", None, None, "", ""
+    conv.unattended = False
     if conv.queue and _spent(ctx) and conv.kept is None:
         # Queued before the month was spent, but not started: it waits, kept for `retry`, which
         # starts it (and then the rest) once the owner raises the budget. Nothing is lost.
@@ -240,8 +265,11 @@ def _close_run(conv: Conversation) -> None:
 
 
 def _await_approval(conv: Conversation, ctx: Context) -> None:
+    """Changes wait for the owner: for APPROVAL_TIMEOUT_MS, after which they are rolled back;
+    a scheduled run's changes wait until the owner answers, however late (nobody watched it
+    start, and the worker sleeps meanwhile: docs/ARCHITECTURE.md, "Schedules")."""
     conv.state, conv.job, conv.applying = "awaiting_approval", None, ""
-    conv.approval_deadline = ctx.now + ctx.approval_timeout_s
+    conv.approval_deadline = None if conv.unattended else ctx.now + ctx.approval_timeout_s
 
 
 def _is_current(conv: Conversation, report: Report) -> bool:
@@ -333,7 +361,10 @@ def _job(conv: Conversation, event: Prompt, ctx: Context) -> Job:
 def prompt_when_idle(conv: Conversation, event: Prompt, ctx: Context) -> list[Effect]:
     if (refusal := _refused(conv, event, ctx)) is not None:
         return refusal
-    job = _job(conv, event, ctx)
+    return _start_or_kept_first(conv, _job(conv, event, ctx), ctx)
+
+
+def _start_or_kept_first(conv: Conversation, job: Job, ctx: Context) -> list[Effect]:
     if conv.kept is None and not conv.queue:
         return _start(conv, job, ctx)
     # Prompts the VM never received go first, in the order they were sent: this one waits.
@@ -434,6 +465,49 @@ def usage(conv: Conversation, event: Word, ctx: Context) -> list[Effect]:
     return [ReportUsage()]
 
 
+def fired(conv: Conversation, event: Fired, ctx: Context) -> list[Effect]:
+    """A schedule came due: its prompt starts like the owner's own (or queues), said with ⏰."""
+    if event.late:
+        return [Send(replies.fired_late(event.number, event.text, event.due, zone_of(conv, ctx), ctx.now))]
+    if ctx.budget is not None and _spent(ctx):
+        return [Send(replies.fired_over_budget(event.text, ctx.budget))]
+    if any(job.schedule == event.schedule for job in [conv.kept, *conv.queue] if job is not None):
+        # Its last prompt has not started yet: one waiting is enough.
+        return [Send(replies.fired_still_waiting(event.text))]
+    job = Job(event.message_id, event.text, repo=event.repo, schedule=event.schedule)
+    if conv.state == "idle":
+        return [Send(replies.fired(event.text)), *_start_or_kept_first(conv, job, ctx)]
+    conv.queue.append(job)
+    return [Send(replies.fired(event.text) + "\n" + replies.queued(len(conv.queue), conv.state))]
+
+
+def add_schedule(conv: Conversation, event: NewSchedule, ctx: Context) -> list[Effect]:
+    if event.problem:
+        return [Send(replies.bad_schedule(event.problem))]
+    repo = current_repo(conv, ctx)
+    return [AddSchedule(event, repo.name if repo else "", zone_of(conv, ctx))]
+
+
+def list_schedules(conv: Conversation, event: Word, ctx: Context) -> list[Effect]:
+    return [ListSchedules(zone_of(conv, ctx))]
+
+
+def unschedule(conv: Conversation, event: Unschedule, ctx: Context) -> list[Effect]:
+    return [RemoveSchedule(event.number)]
+
+
+def show_zone(conv: Conversation, event: Word, ctx: Context) -> list[Effect]:
+    return [Send(replies.zone_is(zone_of(conv, ctx), ctx.now))]
+
+
+def set_zone(conv: Conversation, event: SetZone, ctx: Context) -> list[Effect]:
+    found = zone(event.name)
+    if found is None:
+        return [Send(replies.bad_zone(event.name))]
+    conv.tz = str(found)
+    return [Rezone(conv.tz)]
+
+
 def set_budget(conv: Conversation, event: SetBudget, ctx: Context) -> list[Effect]:
     if event.amount_usd is None:
         return [Send(replies.bad_budget(event.amount))]
@@ -501,7 +575,9 @@ def reply(text: str) -> Handler:
 
 
 def progress(conv: Conversation, event: Report, ctx: Context) -> list[Effect]:
-    if conv.state == "working" and _is_current(conv, event) and event.text:
+    # A scheduled run tells only how it ended: nobody watches it, and its lines would wait for
+    # the owner's next message (the 24-hour window) to arrive all at once.
+    if conv.state == "working" and _is_current(conv, event) and event.text and not conv.unattended:
         return [Send(event.text)]
     return []  # a late line from a run that already ended here: nothing to say
 
@@ -529,11 +605,8 @@ def approval_required(conv: Conversation, event: Report, ctx: Context) -> list[E
     if conv.state != "awaiting_approval":
         _set_run(conv, event.run_id)
         _await_approval(conv, ctx)
-    text = replies.approval_request(
-        event,
-        ctx.approval_timeout_s,
-        repo=run_repo(conv, ctx),
-    )
+    window = None if conv.unattended else ctx.approval_timeout_s
+    text = replies.approval_request(event, window, repo=run_repo(conv, ctx))
     return [Send(text, event.images, buttons="decide", run=conv.run)]
 
 
@@ -671,6 +744,11 @@ ANY_STATE: dict[str, Row] = {
     "usage": (usage, SAME),
     "budget": (usage, SAME),
     "set_budget": (set_budget, SAME),
+    "schedule": (add_schedule, SAME),
+    "schedules": (list_schedules, SAME),
+    "unschedule": (unschedule, SAME),
+    "tz": (show_zone, SAME),
+    "set_tz": (set_zone, SAME),
     "new": (new_session, SAME),
     "screenshot": (screenshot, SAME),
     "progress": (progress, SAME),
@@ -693,6 +771,7 @@ ANY_STATE: dict[str, Row] = {
 TRANSITIONS: dict[State, dict[str, Row]] = {
     "idle": {
         "prompt": (prompt_when_idle, ("working", "same")),
+        "fired": (fired, ("working", "same")),
         "approve": (ask_worker_to_decide, SAME),
         "reject": (ask_worker_to_decide, SAME),
         "cancel": (cancel_when_idle, SAME),
@@ -701,6 +780,7 @@ TRANSITIONS: dict[State, dict[str, Row]] = {
     },
     "working": {
         "prompt": (prompt_queued, SAME),
+        "fired": (fired, SAME),
         "approve": (reply(replies.STILL_WORKING), SAME),
         "reject": (reply(replies.STILL_WORKING), SAME),
         "cancel": (cancel_run, ("idle", "same")),
@@ -709,6 +789,7 @@ TRANSITIONS: dict[State, dict[str, Row]] = {
     },
     "awaiting_approval": {
         "prompt": (prompt_queued, SAME),
+        "fired": (fired, SAME),
         "approve": (decide, ("applying", "same")),
         "reject": (decide, ("applying", "same")),
         "cancel": (reply(replies.NOTHING_RUNNING_DECIDE), SAME),
@@ -717,6 +798,7 @@ TRANSITIONS: dict[State, dict[str, Row]] = {
     },
     "applying": {
         "prompt": (prompt_queued, SAME),
+        "fired": (fired, SAME),
         "approve": (reply(replies.ALREADY_APPLYING), SAME),
         "reject": (reply(replies.ALREADY_APPLYING), SAME),
         "cancel": (check_applying, SAME),

@@ -32,18 +32,23 @@ from common.protocol import (
     encode_command,
     message_id_of,
 )
-from relay import replies, store, usage
+from relay import replies, schedules, store, usage
 from relay.conversation import Context, Conversation, apply, current_repo, run_repo
 from relay.events import (
+    AddSchedule,
     ApprovalExpired,
     CallWorker,
     Delivered,
     DropCommand,
     Effect,
     Event,
+    Fired,
+    ListSchedules,
     RecordBudget,
+    RemoveSchedule,
     ReportStatus,
     ReportUsage,
+    Rezone,
     Send,
     Stalled,
     Unreachable,
@@ -86,6 +91,16 @@ def decode_event(data: dict[str, Any]) -> Event:
         return ApprovalExpired(deadline=data["deadline"])
     if kind == "stalled":
         return Stalled(check_at=data["check_at"])
+    if kind == "fired":
+        return Fired(
+            schedule=data["schedule"],
+            number=data["number"],
+            text=data["text"],
+            message_id=data["message_id"],
+            repo=data.get("repo", ""),
+            due=data.get("due", 0.0),
+            late=bool(data.get("late")),
+        )
     return decode_report(data)
 
 
@@ -199,6 +214,8 @@ def _record(
         waiting = conv.kept.text if conv.kept else None  # a prompt held for the budget, say
         text = replies.budget_set(effect.amount_usd, waiting) + "\n\n" + _usage_text(conn, conv.phone, now, pricing)
         effect = Send(text)
+    elif isinstance(effect, AddSchedule | ListSchedules | RemoveSchedule | Rezone):
+        effect = _schedules(conn, conv.phone, effect, now)
     if isinstance(effect, Send):
         _enqueue(conn, conv.phone, effect, now, buttons=effect.buttons if ctx.buttons else "")
         outcome.sends = True
@@ -208,6 +225,71 @@ def _record(
         outcome.calls = True
     elif isinstance(effect, DropCommand):
         store.drop_command(conn, conv.phone, effect.message_id)
+
+
+def _schedules(
+    conn: sqlite3.Connection, phone: str, effect: AddSchedule | ListSchedules | RemoveSchedule | Rezone, now: float
+) -> Send:
+    """The owner's schedules (relay/schedules.py), changed or shown; what to tell the owner."""
+    if isinstance(effect, AddSchedule):
+        return Send(_add_schedule(conn, phone, effect, now))
+    if isinstance(effect, ListSchedules):
+        return Send(replies.schedule_list(schedules.owned(conn, phone), effect.tz, now))
+    if isinstance(effect, RemoveSchedule):
+        gone = schedules.remove(conn, phone, effect.number)
+        if not gone and effect.number is not None:
+            return Send(replies.no_such_schedule(effect.number))
+        return Send(replies.unscheduled(gone))
+    tz = schedules.zone(effect.tz)
+    assert tz is not None  # the conversation found it
+    schedules.rezone(conn, phone, tz, now)
+    return Send(replies.zone_set(effect.tz, now))
+
+
+def _add_schedule(conn: sqlite3.Connection, phone: str, effect: AddSchedule, now: float) -> str:
+    new, tz = effect.schedule, schedules.zone(effect.tz) or schedules.zone("UTC")
+    assert tz is not None
+    clock = "" if new.clock is None else f"{new.clock[0]:02d}:{new.clock[1]:02d}"
+    if new.clock is None:  # in <N>
+        next_at = now + new.delay_s
+    else:  # every <days> HH:MM, or at HH:MM: the next such time
+        next_at = schedules.next_time(schedules.Rule(new.days, *new.clock), now, tz)
+    added = schedules.add(
+        conn,
+        phone,
+        days=new.days,
+        clock=clock,
+        tz=str(tz),
+        prompt=new.prompt,
+        repo=effect.repo,
+        next_at=next_at,
+        now=now,
+    )
+    return replies.scheduled(added, now) if added else replies.too_many_schedules(schedules.MAX_SCHEDULES)
+
+
+def fire_schedules(conn: sqlite3.Connection, now: float) -> list[str]:
+    """Fire every schedule that is due: its event goes to the owner's inbox, keyed by the
+    schedule and its due time, and the schedule moves on to its next time, in one transaction.
+    So a due time fires once, across any crash or restart. One due more than MAX_LATE_S ago
+    (the relay was down) fires as a word that it was skipped. Returns the owners to wake."""
+    owners: list[str] = []
+    with store.transaction(conn):
+        for s in schedules.due(conn, now):
+            event = {
+                "type": "fired",
+                "schedule": s.id,
+                "number": s.number,
+                "text": s.prompt,
+                "message_id": f"sched-{s.id}-{s.next_at:.0f}",
+                "repo": s.repo,
+                "due": s.next_at,
+                "late": now - s.next_at > schedules.MAX_LATE_S,
+            }
+            if store.insert_inbox(conn, s.phone, f"schedule:{s.id}:{s.next_at!r}", event, now):
+                owners.append(s.phone)
+            schedules.move_on(conn, s, now)
+    return owners
 
 
 def _enqueue(conn: sqlite3.Connection, phone: str, send: Send, now: float, *, buttons: str) -> None:
@@ -314,6 +396,7 @@ class Dispatcher:
             default_model=settings.claude_model,
             run_budget_usd=settings.run_budget_usd,
             buttons=settings.buttons,
+            owner_tz=settings.owner_tz,
         )
         pricing = Pricing(settings.vm_cost_per_hour_usd, settings.monthly_budget_usd)
         outcome = await self.db.run(process_next, phone, ctx, pricing)
@@ -465,9 +548,12 @@ class Dispatcher:
     # --- timers ---------------------------------------------------------------------
 
     async def _timers(self) -> None:
-        """Approval windows that closed, and runs silent long enough to ask the worker about."""
+        """Schedules that came due, approval windows that closed, and runs silent long enough to
+        ask the worker about."""
         while True:
             now = self.clock()
+            for phone in await self.db.run(fire_schedules, now):
+                self.inbox.notify(phone)
             due = [
                 (phone, f"expire:{phone}:{deadline!r}", {"type": "approval_expired", "deadline": deadline})
                 for phone, deadline in await self.db.run(store.expired_approvals, now)

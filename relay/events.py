@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 from common.protocol import Answer, Attachment, Command, Report
+from relay.schedules import EVERY_DAY, MAX_DELAY_S, WEEKDAYS, WORK_DAYS
 
 # --- the owner's words -------------------------------------------------------------
 
@@ -60,6 +61,36 @@ class SetModel:
 
 
 @dataclass(frozen=True)
+class NewSchedule:
+    """`every day|weekday|<weekday> HH:MM <prompt>`, `at HH:MM <prompt>` or `in <N>s|m|h|d
+    <prompt>` (relay/schedules.py). `problem`: what is wrong with one the owner clearly meant
+    as a schedule (nothing is scheduled, and nothing runs)."""
+
+    kind: ClassVar[str] = "schedule"
+    prompt: str
+    days: frozenset[int] = frozenset()  # the weekdays it repeats on (Monday 0); empty: once
+    clock: tuple[int, int] | None = None  # hour and minute, in the owner's zone (every, at)
+    delay_s: float = 0.0  # `in`: this long from now
+    problem: str = ""
+
+
+@dataclass(frozen=True)
+class Unschedule:
+    """`unschedule <n>` (`number` None: `unschedule all`)."""
+
+    kind: ClassVar[str] = "unschedule"
+    number: int | None
+
+
+@dataclass(frozen=True)
+class SetZone:
+    """`tz <name>`: the owner's time zone, an IANA name."""
+
+    kind: ClassVar[str] = "set_tz"
+    name: str
+
+
+@dataclass(frozen=True)
 class SetBudget:
     """`budget <amount>`: the owner's ceiling for this month, in dollars; `amount_usd` is None
     when `amount` is not one the relay takes (the owner is told what it takes)."""
@@ -70,7 +101,21 @@ class SetBudget:
 
 
 OWNER_WORDS = frozenset(
-    {"approve", "reject", "cancel", "status", "help", "new", "retry", "repos", "model", "usage", "budget"}
+    {
+        "approve",
+        "reject",
+        "cancel",
+        "status",
+        "help",
+        "new",
+        "retry",
+        "repos",
+        "model",
+        "usage",
+        "budget",
+        "schedules",
+        "tz",
+    }
 )
 # Tapped quick-reply buttons (relay/buttons.py): the button's id is the word.
 BUTTON_WORDS = frozenset({"approve", "reject", "cancel"})
@@ -80,9 +125,26 @@ _USE = re.compile(r"^use\s+(\S+)$", re.IGNORECASE)
 _MODEL = re.compile(r"^model\s+(\S+)$", re.IGNORECASE)
 _BUDGET = re.compile(r"^budget\s+(\S+)$", re.IGNORECASE)
 _AMOUNT = re.compile(r"^\$?([0-9]{1,7}(?:\.[0-9]{1,2})?)\$?$")  # dollars: up to 9,999,999.99
+_TZ = re.compile(r"^tz\s+(\S+)$", re.IGNORECASE)
+_UNSCHEDULE = re.compile(r"^unschedule\s+(?:#?([0-9]{1,6})|(all))$", re.IGNORECASE)
+# A time of day: 9:00, 21:05, 9am, 9:30pm. `every <day> <digits>` is a schedule whatever follows
+# (a bad time is explained); `at` needs a colon or am/pm, since "at 5 places..." is a prompt.
+_TIME = r"(?P<time>[0-9]{1,2}(?::[0-9]{2})?(?:\s*[ap]\.?m\.?)?)"
+_DAY = r"(?P<days>day|weekdays?|mon|tue|tues|wed|thu|thur|thurs|fri|sat|sun|" + "|".join(WEEKDAYS) + r")s?"
+_EVERY = re.compile(rf"^every\s+{_DAY}\s+(?:at\s+)?{_TIME}(?:\s+(?P<prompt>.*))?$", re.IGNORECASE | re.DOTALL)
+_AT = re.compile(
+    r"^at\s+(?P<time>[0-9]{1,2}(?::[0-9]{2}(?:\s*[ap]\.?m\.?)?|\s*[ap]\.?m\.?))(?:\s+(?P<prompt>.*))?$",
+    re.IGNORECASE | re.DOTALL,
+)
+_IN = re.compile(
+    r"^in\s+(?P<n>[0-9]{1,7})\s*(?P<unit>s|secs?|seconds?|m|mins?|minutes?|h|hrs?|hours?|d|days?)"
+    r"(?:\s+(?P<prompt>.*))?$",
+    re.IGNORECASE | re.DOTALL,
+)
+_UNIT_S = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
-OwnerEvent = Prompt | Screenshot | Word | Use | SetModel | SetBudget
+OwnerEvent = Prompt | Screenshot | Word | Use | SetModel | SetBudget | NewSchedule | Unschedule | SetZone
 
 
 def _budget(amount: str) -> SetBudget:
@@ -110,7 +172,54 @@ def parse_owner_text(text: str, message_id: str) -> OwnerEvent:
         return SetModel(match.group(1).rstrip(".!"))
     if match := _BUDGET.match(stripped):
         return _budget(match.group(1))
+    if match := _TZ.match(stripped):
+        return SetZone(match.group(1))
+    if match := _UNSCHEDULE.match(stripped):
+        return Unschedule(int(match.group(1)) if match.group(1) else None)
+    if schedule := _schedule(stripped):
+        return schedule
     return Prompt(text=stripped, message_id=message_id)
+
+
+def _schedule(text: str) -> NewSchedule | None:
+    if match := _EVERY.match(text):
+        word = match.group("days").lower().rstrip("s") or "day"
+        days = EVERY_DAY if word == "day" else WORK_DAYS if word == "weekday" else _weekday(word)
+        return _at_clock(match.group("time"), match.group("prompt"), days)
+    if match := _AT.match(text):
+        return _at_clock(match.group("time"), match.group("prompt"), frozenset())
+    if match := _IN.match(text):
+        prompt = (match.group("prompt") or "").strip()
+        delay = int(match.group("n")) * _UNIT_S[match.group("unit")[0].lower()]
+        if not 1 <= delay <= MAX_DELAY_S:
+            return NewSchedule(prompt, delay_s=delay, problem="a delay from 1 s to a year")
+        return NewSchedule(prompt, delay_s=delay, problem="" if prompt else "a prompt after the delay")
+    return None
+
+
+def _weekday(word: str) -> frozenset[int]:
+    return frozenset(i for i, name in enumerate(WEEKDAYS) if name.startswith(word[:3]))
+
+
+def _at_clock(time_text: str, prompt: str | None, days: frozenset[int]) -> NewSchedule:
+    prompt = (prompt or "").strip()
+    clock = _clock(time_text)
+    if clock is None:
+        return NewSchedule(prompt, days, problem="a time like 09:00, 21:30 or 9am")
+    return NewSchedule(prompt, days, clock, problem="" if prompt else "a prompt after the time")
+
+
+def _clock(text: str) -> tuple[int, int] | None:
+    """Hour and minute of 9:00, 21:05, 9am or 9:30pm; None for anything else (9, 25:00, 13pm)."""
+    match = re.fullmatch(r"([0-9]{1,2})(?::([0-9]{2}))?\s*(?:([ap])\.?m\.?)?", text.strip().lower())
+    if match is None or (match.group(2) is None and match.group(3) is None):
+        return None
+    hour, minute, half = int(match.group(1)), int(match.group(2) or 0), match.group(3)
+    if half:
+        if not 1 <= hour <= 12:
+            return None
+        hour = hour % 12 + (12 if half == "p" else 0)
+    return (hour, minute) if hour <= 23 and minute <= 59 else None
 
 
 # --- the relay's own events --------------------------------------------------------
@@ -153,7 +262,22 @@ class Stalled:
     check_at: float
 
 
-Event = OwnerEvent | Report | Delivered | Unreachable | ApprovalExpired | Stalled
+@dataclass(frozen=True)
+class Fired:
+    """A schedule came due (relay/dispatcher.py `fire_schedules`): its prompt runs, or, when it
+    was due more than an hour ago (the relay was down), the owner hears it was skipped."""
+
+    kind: ClassVar[str] = "fired"
+    schedule: int  # the schedule's row: one schedule waits in the queue at most once
+    number: int  # the owner's number for it
+    text: str
+    message_id: str  # sched-<row>-<due>: the run's id, one per due time
+    repo: str = ""
+    due: float = 0.0
+    late: bool = False
+
+
+Event = OwnerEvent | Report | Delivered | Unreachable | ApprovalExpired | Stalled | Fired
 
 
 def event_kind(event: Event) -> str:
@@ -214,4 +338,41 @@ class RecordBudget:
     amount_usd: float
 
 
-Effect = Send | CallWorker | DropCommand | ReportStatus | ReportUsage | RecordBudget
+@dataclass(frozen=True)
+class AddSchedule:
+    """Record a schedule (relay/schedules.py) and tell the owner when it runs."""
+
+    schedule: NewSchedule
+    repo: str  # the owner's current repository
+    tz: str  # the owner's zone
+
+
+@dataclass(frozen=True)
+class ListSchedules:
+    tz: str
+
+
+@dataclass(frozen=True)
+class RemoveSchedule:
+    number: int | None  # None: all of the owner's
+
+
+@dataclass(frozen=True)
+class Rezone:
+    """The owner changed zone: their repeating schedules keep their wall-clock times in it."""
+
+    tz: str
+
+
+Effect = (
+    Send
+    | CallWorker
+    | DropCommand
+    | ReportStatus
+    | ReportUsage
+    | RecordBudget
+    | AddSchedule
+    | ListSchedules
+    | RemoveSchedule
+    | Rezone
+)

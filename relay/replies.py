@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from common.protocol import Report
 from common.visible import clip_path, visible
+from relay.schedules import Schedule, describe_days, when, zone
 from relay.settings import Repo
 from relay.twilio import WHATSAPP_LIMIT
 from relay.usage import Budget, Period
@@ -24,7 +25,10 @@ HELP = (
     "• *repos* / *use <name>*: your repositories, and switching between them\n"
     "• *model* / *model <name>*: the model (opus, sonnet, haiku or a model id)\n"
     "• *usage*: what today and this month cost\n"
-    "• *budget <amount>*: this month's ceiling, in dollars"
+    "• *budget <amount>*: this month's ceiling, in dollars\n"
+    "• *every day 09:00 <prompt>* (or *every weekday*, *every monday*...), *at 14:30 <prompt>*, "
+    "*in 10m <prompt>*: run it later; *schedules* lists them, *unschedule <n>* removes one\n"
+    "• *tz* / *tz <zone>*: your time zone, e.g. tz Europe/Paris"
 )
 # The one-line quick reply that carries a longer message's buttons, just after it.
 BUTTONS_PROMPT = {
@@ -139,13 +143,15 @@ LISTED_FILES = 30  # a phone message names this many; the count says how many in
 MESSAGE_LIMIT = WHATSAPP_LIMIT  # per message (relay/twilio.py splits anything longer)
 
 
-def approval_request(event: Report, window_s: float, *, repo: str = "") -> str:
+def approval_request(event: Report, window_s: float | None, *, repo: str = "") -> str:
     """One WhatsApp message, however big the change: the files first (at most LISTED_FILES that
     fit, names cut to their ends, and how many more), then as much of the diff excerpt as still
     fits (the picture has more)."""
     limit = MESSAGE_LIMIT
     count = max(event.files_count, len(event.files))
-    tail = f"\n\nReply *approve* to open a pull request or *reject* to roll back (within {_duration(window_s)})."
+    # No window: a scheduled run's changes wait for the owner, with the VM asleep meanwhile.
+    within = f"within {_duration(window_s)}" if window_s is not None else "they wait for you; the VM sleeps meanwhile"
+    tail = f"\n\nReply *approve* to open a pull request or *reject* to roll back ({within})."
     if event.uncovered:
         names = ", ".join(clip_path(visible(p), 40) for p in event.uncovered[:5])
         more = f" and {len(event.uncovered) - 5} more" if len(event.uncovered) > 5 else ""
@@ -504,3 +510,91 @@ def look_at(images: int, files: int) -> str:
     """The prompt of a message that has attachments and no caption."""
     what = [f"image{'s' if images > 1 else ''}" if images else "", f"file{'s' if files > 1 else ''}" if files else ""]
     return f"Look at the attached {' and '.join(w for w in what if w)}."
+
+
+# --- schedules ---------------------------------------------------------------------------
+
+
+def scheduled(schedule: Schedule, now: float) -> str:
+    """The answer to a schedule command: when it runs, and how to take it back."""
+    tz = zone(schedule.tz)
+    assert tz is not None  # recorded from a zone the relay found
+    how = describe_days(schedule.days)
+    first = "Runs" if not schedule.repeats else "First run"
+    return (
+        f"⏰ Scheduled *{schedule.number}*, {how}: “{_clip(schedule.prompt, 80)}”.\n"
+        f"{first} {when(schedule.next_at, now, tz)} ({schedule.tz}). *unschedule {schedule.number}* removes it."
+    )
+
+
+def schedule_list(items: Sequence[Schedule], tz_name: str, now: float) -> str:
+    """One line per schedule, its number first, then its time as HH:MM."""
+    if not items:
+        return "⏰ No schedules. Try *every weekday 09:00 run the tests*, *at 14:30 …* or *in 10m …*."
+    tz = zone(tz_name)
+    assert tz is not None
+    lines = [f"⏰ Your schedules ({tz_name}):"]
+    for s in items:
+        clock = when(s.next_at, now, tz).rsplit(" ", 1)[1]
+        repeat = describe_days(s.days)
+        lines.append(f"{s.number}. {clock} {repeat}: “{_clip(s.prompt, 60)}”, next {when(s.next_at, now, tz)}")
+    lines.append("*unschedule <n>* removes one.")
+    return "\n".join(lines)
+
+
+def unscheduled(gone: Sequence[Schedule]) -> str:
+    if len(gone) == 1:
+        return f"🗑️ Removed schedule {gone[0].number}: “{_clip(gone[0].prompt, 80)}”."
+    return f"🗑️ Removed {len(gone)} schedules." if gone else "⏰ No schedules to remove."
+
+
+def no_such_schedule(number: int) -> str:
+    return f"⏰ There is no schedule {number}. *schedules* lists them."
+
+
+def too_many_schedules(limit: int) -> str:
+    return f"⏰ You have {limit} schedules, the most there can be. *unschedule <n>* removes one."
+
+
+def bad_schedule(needs: str) -> str:
+    return (
+        f"🤔 A schedule needs {needs}: *every day 09:00 <prompt>*, *every weekday 9am <prompt>*, "
+        "*every monday 18:30 <prompt>*, *at 14:30 <prompt>* or *in 10m <prompt>* (s, m, h, d)."
+    )
+
+
+def fired(prompt: str) -> str:
+    return f"⏰ {_clip(prompt, 200)}"
+
+
+def fired_late(number: int, prompt: str, due: float, tz_name: str, now: float) -> str:
+    tz = zone(tz_name) or zone("UTC")
+    assert tz is not None
+    return (
+        f"⏰ Skipped schedule {number}, “{_clip(prompt, 80)}”: it was due {when(due, now, tz)} and the relay was down "
+        "for more than an hour after. Send the prompt to run it now."
+    )
+
+
+def fired_over_budget(prompt: str, budget: Budget) -> str:
+    return f"⏰ Skipped “{_clip(prompt, 80)}”: " + budget_reached(budget)
+
+
+def fired_still_waiting(prompt: str) -> str:
+    return f"⏰ Skipped “{_clip(prompt, 80)}”: its last run has not started yet (it waits in your queue)."
+
+
+def zone_is(tz_name: str, now: float) -> str:
+    tz = zone(tz_name)
+    clock = when(now, now, tz).rsplit(" ", 1)[1] if tz else "?"
+    return f"🕐 Your time zone: {tz_name} (it is {clock} there). *tz <zone>* changes it, e.g. *tz Europe/Paris*."
+
+
+def zone_set(tz_name: str, now: float) -> str:
+    tz = zone(tz_name)
+    clock = when(now, now, tz).rsplit(" ", 1)[1] if tz else "?"
+    return f"🕐 Your time zone is now {tz_name} (it is {clock} there). Repeating schedules keep their times in it."
+
+
+def bad_zone(name: str) -> str:
+    return f"🤔 “{_clip(name, 40)}” is not a time zone I know. Use a name like Europe/Paris, America/New_York or UTC."

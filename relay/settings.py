@@ -12,6 +12,7 @@ from pathlib import Path
 
 from common.config import E164, ConfigError, EnvReader, mask_phone, repo_url_problem
 from common.protocol import MODEL_NAME, REPO_NAME
+from relay.schedules import zone
 
 __all__ = ["E164", "ConfigError", "Repo", "Settings", "mask_phone"]
 
@@ -53,6 +54,7 @@ class Settings:
     monthly_budget_usd: float | None = None  # per owner, per calendar month (UTC); None: no ceiling
     run_budget_usd: float | None = None  # one run stops when its cost reaches this
     vm_cost_per_hour_usd: float = FLY_WORKER_HOUR_USD
+    owner_tz: str = "UTC"  # the zone of schedules' times, until an owner names theirs (`tz <name>`)
     deployed_sha: str = "dev"
     port: int = 3000
     host: str = "0.0.0.0"
@@ -92,6 +94,7 @@ class Settings:
             monthly_budget_usd=reader.amount("MONTHLY_BUDGET_USD"),
             run_budget_usd=reader.amount("RUN_BUDGET_USD"),
             vm_cost_per_hour_usd=_hourly(reader),
+            owner_tz=_zone(env),
             deployed_sha=env.get("DEPLOYED_SHA") or "dev",
             port=reader.integer("PORT", 3000, minimum=1, maximum=65535),
             host=env.get("HOST") or "0.0.0.0",
@@ -137,6 +140,14 @@ def _model(env: Mapping[str, str]) -> str:
     if model and not MODEL_NAME.match(model):
         raise ConfigError("CLAUDE_MODEL is malformed: expected opus, sonnet, haiku or a model id")
     return model
+
+
+def _zone(env: Mapping[str, str]) -> str:
+    name = env.get("OWNER_TZ", "").strip() or "UTC"
+    found = zone(name)
+    if found is None:
+        raise ConfigError("OWNER_TZ is not a time zone this machine knows: use an IANA name like Europe/Paris")
+    return str(found)
 
 
 def _hourly(reader: EnvReader) -> float:

@@ -10,12 +10,17 @@ from common.protocol import Answer, OwnerCall, Report, RunPrompt
 from relay import replies
 from relay.conversation import ANY_STATE, STATES, TRANSITIONS, Context, Conversation, IllegalTransition, Job, apply
 from relay.events import (
+    AddSchedule,
     ApprovalExpired,
     CallWorker,
     Delivered,
     DropCommand,
+    Fired,
+    ListSchedules,
     Prompt,
+    RemoveSchedule,
     ReportStatus,
+    Rezone,
     Screenshot,
     Send,
     Stalled,
@@ -25,6 +30,7 @@ from relay.events import (
 )
 
 CTX = Context(now=1000.0, approval_timeout_s=60.0)
+EFFECTS = Send | CallWorker | DropCommand | ReportStatus | AddSchedule | ListSchedules | RemoveSchedule | Rezone
 PHONE = "+15550001111"
 
 
@@ -76,6 +82,10 @@ ALL_EVENTS: list[Any] = [
     Unreachable("cancel", reason="timeout"),
     ApprovalExpired(1060.0),
     Stalled(1120.0),
+    Fired(7, 1, "run the tests", "sched-7-1"),
+    Fired(7, 1, "run the tests", "sched-7-1", late=True),
+    *[parse_owner_text(t, "m7") for t in ("every day 09:00 x", "in 3s x", "unschedule 1", "tz UTC")],
+    *[Word(w) for w in ("schedules", "tz")],
 ]
 
 
@@ -84,7 +94,12 @@ ALL_EVENTS: list[Any] = [
 def test_every_pair_has_an_answer(state: str, event: Any) -> None:
     new, effects = apply(conv(state), event, CTX)
     assert new.state in STATES
-    assert all(isinstance(e, Send | CallWorker | DropCommand | ReportStatus) for e in effects)
+    assert all(
+        isinstance(
+            e, Send | CallWorker | DropCommand | ReportStatus | AddSchedule | ListSchedules | RemoveSchedule | Rezone
+        )
+        for e in effects
+    )
 
 
 def test_a_missing_pair_raises_the_named_error() -> None:
