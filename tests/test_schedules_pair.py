@@ -81,5 +81,5 @@ async def test_a_schedule_missed_by_more_than_an_hour_is_skipped_with_a_message(
         listing = (await wait_for(lambda: pair.said("Your schedules"), STEP, "the list"))[0]
         assert "1. 09:00 every day: “daily check”" in listing and "one-off" not in listing
         [(next_at,)] = relay_db(pair, "SELECT next_at FROM schedules")
-        assert time.time() < float(next_at) <= time.time() + 86400  # moved on to its next 09:00
+        assert time.time() < float(str(next_at)) <= time.time() + 86400  # moved on to its next 09:00
         assert not pair.said("Waking up") and not pair.model.requests  # nothing ran
