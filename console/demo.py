@@ -51,6 +51,15 @@ def demo_model() -> FakeAnthropic:
             "which cannot look at it; the real Claude sees a photo as an image and reads the files.)"
         ),
     )
+    # A schedule to try: `in 10s run the tests` (or `every weekday 09:00 run the tests`).
+    model.script(
+        "run the tests",
+        bash("python3 app.py", "run the app"),
+        Text(
+            "✅ The app runs: it printed “demo app”, and nothing changed. (The scripted demo model: try "
+            "*in 10s run the tests*, then *schedules*.)"
+        ),
+    )
     return model
 
 
