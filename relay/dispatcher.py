@@ -33,7 +33,7 @@ from common.protocol import (
     message_id_of,
 )
 from relay import replies, schedules, store, usage
-from relay.conversation import Context, Conversation, apply, current_repo, run_repo
+from relay.conversation import Context, Conversation, apply, current_repo, run_repo, zone_of
 from relay.events import (
     AddSchedule,
     ApprovalExpired,
@@ -332,7 +332,7 @@ def _status_text(conn: sqlite3.Connection, conv: Conversation, ctx: Context) -> 
         for r in store.recent_failures(conn, conv.phone)
     ]
     job = conv.job
-    return replies.status(
+    text = replies.status(
         conv.state,
         job.text if job else None,
         job.started_at if job else None,
@@ -345,6 +345,8 @@ def _status_text(conn: sqlite3.Connection, conv: Conversation, ctx: Context) -> 
         repo=run_repo(conv, ctx),
         model=conv.model or ctx.default_model,
     )
+    owned = schedules.owned(conn, conv.phone)
+    return text + ("\n" + replies.schedules_line(owned, zone_of(conv, ctx), now) if owned else "")
 
 
 @dataclass

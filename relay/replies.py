@@ -542,6 +542,15 @@ def schedule_list(items: Sequence[Schedule], tz_name: str, now: float) -> str:
     return "\n".join(lines)
 
 
+def schedules_line(items: Sequence[Schedule], tz_name: str, now: float) -> str:
+    """`status`'s line about the owner's schedules: how many, and the next one due."""
+    tz = zone(tz_name)
+    assert tz is not None
+    soonest = min(items, key=lambda s: s.next_at)
+    count = f"{len(items)} schedule{'s' if len(items) != 1 else ''}"
+    return f"⏰ {count}; next {when(soonest.next_at, now, tz)}: “{_clip(soonest.prompt, 40)}”"
+
+
 def unscheduled(gone: Sequence[Schedule]) -> str:
     if len(gone) == 1:
         return f"🗑️ Removed schedule {gone[0].number}: “{_clip(gone[0].prompt, 80)}”."

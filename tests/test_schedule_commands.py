@@ -57,6 +57,8 @@ async def test_schedules_lists_number_time_and_next_in_the_owners_zone(tmp_path:
         assert listing[0] == "⏰ Your schedules (America/New_York):"
         assert listing[1].startswith("1. 09:00 every weekday: “run the tests”, next ")
         assert listing[2].startswith("2. 19:15 once: “check the deploy”, next ")
+        await stack.send("status")
+        assert "⏰ 2 schedules; next " in await said(stack, "⏰ 2 schedules")
         await stack.send("tz Mars/Olympus")
         assert "not a time zone" in await said(stack, "not a time zone")
 
