@@ -49,9 +49,9 @@ from relay.events import (
     Word,
     event_kind,
 )
-from relay.schedules import zone
 from relay.settings import Repo
 from relay.usage import Budget
+from relay.zones import zone
 
 State = Literal["idle", "working", "awaiting_approval", "applying"]
 STATES: tuple[State, ...] = ("idle", "working", "awaiting_approval", "applying")

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import anyio
 
@@ -60,6 +61,7 @@ from relay.media import Media, Taken, prompt_of
 from relay.settings import Settings, mask_phone
 from relay.twilio import SendResult, TwilioSender, fits_a_quick_reply, split_body
 from relay.worker_client import WorkerClient
+from relay.zones import UTC, zone
 
 logger = logging.getLogger(__name__)
 
@@ -137,10 +139,10 @@ def process_next(conn: sqlite3.Connection, phone: str, ctx: Context, pricing: Pr
             # A run's end is counted first, so the prompt it may start next is weighed with it.
             counted = isinstance(event, Report) and event.type in TERMINAL and _count(conn, before, event, ctx)
             if _may_start_a_run(event):  # no prompt starts (new, queued, kept) once the month is spent
-                ctx = replace(ctx, budget=_budget(conn, phone, ctx.now, pricing))
+                ctx = replace(ctx, budget=_budget(conn, phone, ctx.now, pricing, _zone(conv, ctx)))
             conv, effects = apply(conv, event, ctx)
             if counted:
-                effects += _budget_notice(conn, phone, ctx, pricing)
+                effects += _budget_notice(conn, phone, ctx, pricing, _zone(conv, ctx))
         except Exception:
             # A poison event must not block the owner's lane forever: log it and move on.
             logger.exception("could not handle inbox event %s of type %r", inbox_id, data.get("type"))
@@ -156,13 +158,18 @@ def process_next(conn: sqlite3.Connection, phone: str, ctx: Context, pricing: Pr
     return outcome
 
 
-def _budget(conn: sqlite3.Connection, phone: str, now: float, pricing: Pricing) -> usage.Budget | None:
-    limit = usage.limit_for(conn, phone, now, pricing.monthly_budget_usd)
+def _budget(conn: sqlite3.Connection, phone: str, now: float, pricing: Pricing, tz: ZoneInfo) -> usage.Budget | None:
+    limit = usage.limit_for(conn, phone, now, pricing.monthly_budget_usd, tz)
     if limit is None:
         return None
     # Every prompt asks this: the month alone, not the day `usage` shows beside it.
-    month = usage.this_month(conn, phone, now, _awake_since(conn), pricing.hourly_usd)
+    month = usage.this_month(conn, phone, now, _awake_since(conn), pricing.hourly_usd, tz)
     return usage.Budget(limit, month.total_usd)
+
+
+def _zone(conv: Conversation, ctx: Context) -> ZoneInfo:
+    """The owner's zone, for their days and months."""
+    return zone(zone_of(conv, ctx)) or UTC
 
 
 def _awake_since(conn: sqlite3.Connection) -> float | None:
@@ -190,11 +197,11 @@ def _count(conn: sqlite3.Connection, conv: Conversation, report: Report, ctx: Co
         return False
 
 
-def _budget_notice(conn: sqlite3.Connection, phone: str, ctx: Context, pricing: Pricing) -> list[Effect]:
+def _budget_notice(conn: sqlite3.Connection, phone: str, ctx: Context, pricing: Pricing, tz: ZoneInfo) -> list[Effect]:
     """Tell the owner, once each, when a run took the month past 80% or 100% of their budget."""
     try:
-        budget = ctx.budget or _budget(conn, phone, ctx.now, pricing)
-        level = usage.threshold_to_tell(conn, phone, budget, ctx.now) if budget is not None else 0
+        budget = ctx.budget or _budget(conn, phone, ctx.now, pricing, tz)
+        level = usage.threshold_to_tell(conn, phone, budget, ctx.now, tz) if budget is not None else 0
     except Exception:
         logger.exception("could not weigh a run's end against the budget of %s", mask_phone(phone))
         return []
@@ -208,11 +215,12 @@ def _record(
     if isinstance(effect, ReportStatus):
         effect = Send(_status_text(conn, conv, ctx))
     elif isinstance(effect, ReportUsage):
-        effect = Send(_usage_text(conn, conv.phone, now, pricing))
+        effect = Send(_usage_text(conn, conv.phone, now, pricing, _zone(conv, ctx)))
     elif isinstance(effect, RecordBudget):
-        usage.set_limit(conn, conv.phone, effect.amount_usd, now)
+        tz = _zone(conv, ctx)
+        usage.set_limit(conn, conv.phone, effect.amount_usd, now, tz)
         waiting = conv.kept.text if conv.kept else None  # a prompt held for the budget, say
-        text = replies.budget_set(effect.amount_usd, waiting) + "\n\n" + _usage_text(conn, conv.phone, now, pricing)
+        text = replies.budget_set(effect.amount_usd, waiting) + "\n\n" + _usage_text(conn, conv.phone, now, pricing, tz)
         effect = Send(text)
     elif isinstance(effect, AddSchedule | ListSchedules | RemoveSchedule | Rezone):
         effect = _schedules(conn, conv.phone, effect, now)
@@ -240,14 +248,14 @@ def _schedules(
         if not gone and effect.number is not None:
             return Send(replies.no_such_schedule(effect.number))
         return Send(replies.unscheduled(gone))
-    tz = schedules.zone(effect.tz)
+    tz = zone(effect.tz)
     assert tz is not None  # the conversation found it
     schedules.rezone(conn, phone, tz, now)
     return Send(replies.zone_set(effect.tz, now))
 
 
 def _add_schedule(conn: sqlite3.Connection, phone: str, effect: AddSchedule, now: float) -> str:
-    new, tz = effect.schedule, schedules.zone(effect.tz) or schedules.zone("UTC")
+    new, tz = effect.schedule, zone(effect.tz) or zone("UTC")
     assert tz is not None
     clock = "" if new.clock is None else f"{new.clock[0]:02d}:{new.clock[1]:02d}"
     if new.clock is None:  # in <N>
@@ -312,11 +320,13 @@ def _enqueue(conn: sqlite3.Connection, phone: str, send: Send, now: float, *, bu
         store.enqueue_send(conn, phone, replies.BUTTONS_PROMPT[buttons], [], now, buttons, send.run)
 
 
-def _usage_text(conn: sqlite3.Connection, phone: str, now: float, pricing: Pricing) -> str:
-    today, month = usage.today_and_month(conn, phone, now, _awake_since(conn), pricing.hourly_usd)
-    limit = usage.limit_for(conn, phone, now, pricing.monthly_budget_usd)
+def _usage_text(conn: sqlite3.Connection, phone: str, now: float, pricing: Pricing, tz: ZoneInfo) -> str:
+    """`usage`: today and this month in the owner's zone."""
+    today, month = usage.today_and_month(conn, phone, now, _awake_since(conn), pricing.hourly_usd, tz)
+    limit = usage.limit_for(conn, phone, now, pricing.monthly_budget_usd, tz)
     owners = conn.execute("SELECT COUNT(*) FROM conversations").fetchone()[0]
-    return replies.usage(today, month, None if limit is None else usage.Budget(limit, month.total_usd), owners)
+    budget = None if limit is None else usage.Budget(limit, month.total_usd)
+    return replies.usage(today, month, budget, owners, str(tz))
 
 
 def _status_text(conn: sqlite3.Connection, conv: Conversation, ctx: Context) -> str:
@@ -344,6 +354,7 @@ def _status_text(conn: sqlite3.Connection, conv: Conversation, ctx: Context) -> 
         now,
         repo=run_repo(conv, ctx),
         model=conv.model or ctx.default_model,
+        tz=_zone(conv, ctx),
     )
     owned = schedules.owned(conn, conv.phone)
     return text + ("\n" + replies.schedules_line(owned, zone_of(conv, ctx), now) if owned else "")

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from zoneinfo import ZoneInfo
 
 from common.protocol import Report
 from common.visible import clip_path, visible
-from relay.schedules import Schedule, describe_days, when, zone
+from relay.schedules import Schedule, describe_days, when
 from relay.settings import Repo
 from relay.twilio import WHATSAPP_LIMIT
 from relay.usage import Budget, Period
+from relay.zones import UTC, zone
 
 HELP = (
     "🤖 *textslash* drives Claude Code on your VM.\n"
@@ -266,6 +267,7 @@ def status(
     *,
     repo: str = "",
     model: str = "",
+    tz: ZoneInfo = UTC,
 ) -> str:
     lines = [_state_line(conv_state, job_text, job_started, deadline, now)]
     if repo:
@@ -275,7 +277,7 @@ def status(
         lines.append(f"📥 Queued: {len(queue)} (next: “{_clip(queue[0], 60)}”)")
     if kept:
         lines.append(f"🔁 Kept for *retry*: “{_clip(kept, 60)}”")
-    lines.append(_worker_line(worker, now))
+    lines.append(_worker_line(worker, now, tz))
     for failure in failures:
         code = f"error {failure.error_code}" if failure.error_code else "error"
         lines.append(f"⚠️ A message could not be delivered {_ago(failure.at, now)} ago: {code} {failure.error}".rstrip())
@@ -294,13 +296,13 @@ def _state_line(state: str, job_text: str | None, started: float | None, deadlin
     return "💤 Idle: nothing running."
 
 
-def _worker_line(worker: WorkerInfo, now: float) -> str:
+def _worker_line(worker: WorkerInfo, now: float, tz: ZoneInfo) -> str:
     if worker.awake is None:
         return "🖥️ VM: not heard from yet."
     if worker.awake:
         seen = f" (last heard {_ago(worker.last_seen_at, now)} ago)" if worker.last_seen_at else ""
         return f"🖥️ VM: awake{seen}."
-    since = f" since {time.strftime('%H:%M UTC', time.gmtime(worker.slept_at))}" if worker.slept_at else ""
+    since = f" since {when(worker.slept_at, now, tz)}" if worker.slept_at else ""
     return f"🖥️ VM: asleep{since}; your next prompt wakes it."
 
 
@@ -382,10 +384,10 @@ def bad_model(name: str) -> str:
 # --- usage and the budget ------------------------------------------------------------------
 
 
-def usage(today: Period, month: Period, budget: Budget | None, owners: int) -> str:
+def usage(today: Period, month: Period, budget: Budget | None, owners: int, tz: str = "UTC") -> str:
     shared = " (one VM for all owners)" if owners > 1 else ""
     lines = [
-        "📊 Usage (UTC)",
+        f"📊 Usage ({tz})",
         "*Today:* " + _period(today),
         "*This month:* " + _period(month),
     ]

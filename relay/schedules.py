@@ -17,8 +17,9 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
-from functools import cache
 from zoneinfo import ZoneInfo
+
+from relay.zones import zone
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS schedules (
@@ -43,23 +44,6 @@ WORK_DAYS = frozenset(range(5))
 MAX_SCHEDULES = 20  # per owner
 MAX_LATE_S = 3600.0  # due while the relay was down: fired at start when less late, else skipped
 MAX_DELAY_S = 366 * 86400.0  # `in <N>` at most a year ahead
-
-
-@cache
-def zone_names() -> dict[str, str]:
-    """Every IANA zone this machine knows, by its name in lower case (`tz europe/paris` works)."""
-    from zoneinfo import available_timezones
-
-    names = {name.lower(): name for name in available_timezones()}
-    names.setdefault("utc", "UTC")
-    return names
-
-
-def zone(name: str) -> ZoneInfo | None:
-    """The zone an owner named, or None when there is no such zone. Only names from the zone
-    list are looked up: a name is never a path."""
-    canonical = zone_names().get(name.strip().lower())
-    return ZoneInfo(canonical) if canonical else None
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from common.config import E164, ConfigError, EnvReader, mask_phone, repo_url_problem
 from common.protocol import MODEL_NAME, REPO_NAME
-from relay.schedules import zone
+from relay.zones import zone
 
 __all__ = ["E164", "ConfigError", "Repo", "Settings", "mask_phone"]
 

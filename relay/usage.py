@@ -3,7 +3,7 @@
 Runs are recorded from the worker's report of each run's end (cost, tokens, duration, once per
 run); the worker's hours from its presence (`sleeping` says how long it was up, and a worker
 that never said so is counted from its `up` to the last time it was heard from). Days and
-months are UTC.
+months are the owner's, in their time zone (OWNER_TZ, or `tz <zone>`).
 
 One worker serves every owner (WORKER_MODE=shared): its hours are the machine's, shown to each
 owner whole and counted whole against each owner's budget. A ceiling errs on the side of the
@@ -12,13 +12,14 @@ bill; with one owner, the usual case, it is the bill.
 
 from __future__ import annotations
 
-import calendar
 import math
 import sqlite3
-import time
 from dataclasses import dataclass, replace
+from datetime import datetime
+from zoneinfo import ZoneInfo
 
 from common.protocol import Report
+from relay.zones import UTC
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -43,7 +44,7 @@ CREATE TABLE IF NOT EXISTS awake (
 CREATE INDEX IF NOT EXISTS awake_by_time ON awake (ended_at);
 CREATE TABLE IF NOT EXISTS budgets (
     phone TEXT NOT NULL,
-    month TEXT NOT NULL,                  -- YYYY-MM (UTC)
+    month TEXT NOT NULL,                  -- YYYY-MM, in the owner's zone
     amount_usd REAL,                      -- the owner's `budget <amount>`; NULL: MONTHLY_BUDGET_USD
     warned INTEGER NOT NULL DEFAULT 0,    -- the highest threshold told: 0, 80 or 100 (percent)
     PRIMARY KEY (phone, month)
@@ -80,18 +81,16 @@ class Period:
         return self.model_usd + self.vm_usd
 
 
-def month_of(now: float) -> str:
-    return time.strftime("%Y-%m", time.gmtime(now))
+def month_of(now: float, tz: ZoneInfo = UTC) -> str:
+    return datetime.fromtimestamp(now, tz).strftime("%Y-%m")
 
 
-def _day_start(now: float) -> float:
-    t = time.gmtime(now)
-    return float(calendar.timegm((t.tm_year, t.tm_mon, t.tm_mday, 0, 0, 0)))
+def _day_start(now: float, tz: ZoneInfo) -> float:
+    return datetime.fromtimestamp(now, tz).replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
 
 
-def _month_start(now: float) -> float:
-    t = time.gmtime(now)
-    return float(calendar.timegm((t.tm_year, t.tm_mon, 1, 0, 0, 0)))
+def _month_start(now: float, tz: ZoneInfo) -> float:
+    return datetime.fromtimestamp(now, tz).replace(day=1, hour=0, minute=0, second=0, microsecond=0).timestamp()
 
 
 # --- recording ----------------------------------------------------------------------------
@@ -166,46 +165,59 @@ def period(
 
 
 def this_month(
-    conn: sqlite3.Connection, phone: str, now: float, awake_since: float | None, hourly_usd: float
+    conn: sqlite3.Connection,
+    phone: str,
+    now: float,
+    awake_since: float | None,
+    hourly_usd: float,
+    tz: ZoneInfo = UTC,
 ) -> Period:
-    return period(conn, phone, _month_start(now), now, awake_since, hourly_usd)
+    return period(conn, phone, _month_start(now, tz), now, awake_since, hourly_usd)
 
 
 def today_and_month(
-    conn: sqlite3.Connection, phone: str, now: float, awake_since: float | None, hourly_usd: float
+    conn: sqlite3.Connection,
+    phone: str,
+    now: float,
+    awake_since: float | None,
+    hourly_usd: float,
+    tz: ZoneInfo = UTC,
 ) -> tuple[Period, Period]:
-    today = period(conn, phone, _day_start(now), now, awake_since, hourly_usd)
-    return today, this_month(conn, phone, now, awake_since, hourly_usd)
+    today = period(conn, phone, _day_start(now, tz), now, awake_since, hourly_usd)
+    return today, this_month(conn, phone, now, awake_since, hourly_usd, tz)
 
 
-def limit_for(conn: sqlite3.Connection, phone: str, now: float, default: float | None) -> float | None:
+def limit_for(
+    conn: sqlite3.Connection, phone: str, now: float, default: float | None, tz: ZoneInfo = UTC
+) -> float | None:
     """This month's ceiling: the owner's `budget <amount>`, else MONTHLY_BUDGET_USD."""
     row = conn.execute(
-        "SELECT amount_usd FROM budgets WHERE phone = ? AND month = ?", (phone, month_of(now))
+        "SELECT amount_usd FROM budgets WHERE phone = ? AND month = ?", (phone, month_of(now, tz))
     ).fetchone()
     return row["amount_usd"] if row is not None and row["amount_usd"] is not None else default
 
 
-def set_limit(conn: sqlite3.Connection, phone: str, amount_usd: float, now: float) -> None:
+def set_limit(conn: sqlite3.Connection, phone: str, amount_usd: float, now: float, tz: ZoneInfo = UTC) -> None:
     """The owner's ceiling for this month; the warnings start over against it."""
     conn.execute(
         "INSERT INTO budgets (phone, month, amount_usd, warned) VALUES (?, ?, ?, 0) "
         "ON CONFLICT (phone, month) DO UPDATE SET amount_usd = excluded.amount_usd, warned = 0",
-        (phone, month_of(now), amount_usd),
+        (phone, month_of(now, tz), amount_usd),
     )
 
 
-def threshold_to_tell(conn: sqlite3.Connection, phone: str, budget: Budget, now: float) -> int:
+def threshold_to_tell(conn: sqlite3.Connection, phone: str, budget: Budget, now: float, tz: ZoneInfo = UTC) -> int:
     """80 or 100 when the month's spend just passed that share of the ceiling (each told once a
     month, and again after the owner sets a new budget); 0 when there is nothing new to say."""
     reached = 100 if budget.share >= 1 else 80 if budget.share >= WARN_AT else 0
-    row = conn.execute("SELECT warned FROM budgets WHERE phone = ? AND month = ?", (phone, month_of(now))).fetchone()
+    month = month_of(now, tz)
+    row = conn.execute("SELECT warned FROM budgets WHERE phone = ? AND month = ?", (phone, month)).fetchone()
     told = row["warned"] if row is not None else 0
     if reached <= told:
         return 0
     conn.execute(
         "INSERT INTO budgets (phone, month, warned) VALUES (?, ?, ?) "
         "ON CONFLICT (phone, month) DO UPDATE SET warned = excluded.warned",
-        (phone, month_of(now), reached),
+        (phone, month, reached),
     )
     return reached

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from common.protocol import MAX_IMAGE_BYTES
+from common.protocol import MAX_IMAGE_BYTES, VERSION
 from fakes.wiring import OWNER, OWNER2, PUBLIC_URL, WORKER_TOKEN
 from fakes.worker import PNG
 from tests.support.relay_harness import Stack, relay_stack
@@ -55,7 +55,7 @@ async def test_progress_answer_approval_and_pr(stack: Stack) -> None:
 
     await stack.send("Approve")
     await wait_for(lambda: "/approve" in stack.worker.paths(), what="approve call")
-    assert stack.worker.calls[-1].body == {"v": 2, "phone": OWNER}
+    assert stack.worker.calls[-1].body == {"v": VERSION, "phone": OWNER}
     await stack.report("pr_opened", run_id=run_id, url="https://github.com/o/r/pull/7")
     await wait_for(lambda: any("pull/7" in b for b in stack.twilio.bodies(OWNER)), what="PR link")
 

@@ -25,8 +25,9 @@ from relay.events import (
     Word,
     parse_owner_text,
 )
-from relay.schedules import EVERY_DAY, WORK_DAYS, Rule, next_time, zone
+from relay.schedules import EVERY_DAY, WORK_DAYS, Rule, next_time
 from relay.usage import Budget
+from relay.zones import zone
 
 NY, BERLIN, UTC = ZoneInfo("America/New_York"), ZoneInfo("Europe/Berlin"), ZoneInfo("UTC")
 PHONE = "+15550001111"
@@ -233,3 +234,13 @@ def test_a_schedule_command_records_the_current_repository_and_zone() -> None:
     assert effects == [AddSchedule(event, "", "Europe/Paris")]  # type: ignore[arg-type]
     _, effects = apply(Conversation(PHONE), SetZone("Mars/Base"), CTX)
     assert "not a time zone" in effects[0].text  # type: ignore[union-attr]
+
+
+def test_usage_counts_the_owners_days_and_months() -> None:
+    from relay import usage
+
+    tokyo = ZoneInfo("Asia/Tokyo")
+    evening = at(UTC, 2026, 11, 30, 20, 0)  # already 1 December, 05:00, in Tokyo
+    assert usage.month_of(evening) == "2026-11" and usage.month_of(evening, tokyo) == "2026-12"
+    assert usage._day_start(evening, tokyo) == at(tokyo, 2026, 12, 1, 0, 0)
+    assert usage._month_start(evening, UTC) == at(UTC, 2026, 11, 1, 0, 0)
