@@ -32,7 +32,7 @@ from common.protocol import (
     encode_command,
     message_id_of,
 )
-from relay import replies, store, usage
+from relay import credentials, replies, store, usage
 from relay.conversation import Context, Conversation, apply, current_repo, run_repo
 from relay.events import (
     ApprovalExpired,
@@ -262,7 +262,7 @@ def _status_text(conn: sqlite3.Connection, conv: Conversation, ctx: Context) -> 
         now,
         repo=run_repo(conv, ctx),
         model=conv.model or ctx.default_model,
-    )
+    ) + "".join(f"\n{line}" for line in credentials.status_lines(conn, now))
 
 
 @dataclass
