@@ -82,10 +82,6 @@ class CallbackSender:
         mine = f"-{phone.lstrip('+')}"
         return sum(1 for path in self._files() if path.stem.endswith(mine) or "-" not in path.stem)
 
-    def pending_named(self, name: str) -> int:
-        """Messages spooled by `tell` with this name, not yet taken by the relay."""
-        return sum(1 for path in self._files() if path.stem.endswith(f"-{name}"))
-
     async def run(self) -> None:
         """Deliver spooled reports forever, oldest first; a failure holds the line and retries."""
         delay = 0.2
@@ -107,6 +103,8 @@ class CallbackSender:
     async def _deliver(self, path: str, event: dict[str, Any]) -> bool:
         import httpx  # on first use, not at boot (see vm/lazy_http.py)
 
+        kind = event.get("type") or path.strip("/")  # a report's type; else its route (credentials)
+
         client = await self.http.get()
         headers = {"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"}
         try:
@@ -114,7 +112,7 @@ class CallbackSender:
                 f"{self.relay_url}{path}", content=report_bytes(event), headers=headers, timeout=10.0
             )
         except httpx.HTTPError as exc:
-            logger.warning("callback %s failed (%s); will retry", event.get("type"), type(exc).__name__)
+            logger.warning("callback %s failed (%s); will retry", kind, type(exc).__name__)
             return False
         if response.status_code < 300:
             return True
@@ -122,12 +120,12 @@ class CallbackSender:
             # The relay will never take this one (malformed); holding it would block every later report.
             logger.error(
                 "relay refused a %s report for good: HTTP %s %s",
-                event.get("type"),
+                kind,
                 response.status_code,
                 response.text[:200],
             )
             return True
-        logger.warning("callback %s got HTTP %s; will retry", event.get("type"), response.status_code)
+        logger.warning("callback %s got HTTP %s; will retry", kind, response.status_code)
         return False
 
 
