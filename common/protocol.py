@@ -1,6 +1,6 @@
 """The one protocol between the relay and the worker, imported by both halves and the fakes.
 
-Four kinds of message, each a JSON object carrying `v` (VERSION):
+Five kinds of message, each a JSON object carrying `v` (VERSION):
 - a **command** the relay sends (`POST /<route>` on the worker, bearer WORKER_TOKEN);
 - the worker's **answer** to it: the HTTP status and the owner's run state as the worker
   knows it, which the relay adopts (the worker is the source of truth for a run);
@@ -9,6 +9,8 @@ Four kinds of message, each a JSON object carrying `v` (VERSION):
 - the worker's **presence** (`POST /callback` on the relay): it is up (sent at once on boot and
   on resume, so the relay stops waiting for it) or going to sleep. Never spooled: a stale one
   delivered later would lie.
+- the worker's word on a **credential** it depends on (`POST /credentials` on the relay): Claude's
+  or GitHub's, accepted, expiring or rejected. Spooled like a report.
 
 Every encoder here makes a message the matching decoder accepts, and a report never grows
 past MAX_REPORT_BYTES, which the relay always accepts.
@@ -26,6 +28,9 @@ from common.config import E164, repo_url_problem
 # 2: a prompt names its repository, model, run budget and attachments; a run's end carries its
 # tokens; `sleeping` says how long the worker was awake. Version 1 messages are still read.
 # 3: a prompt may be `unattended` (a schedule fired it: its approval lets the worker sleep).
+# 3: the worker's `Credentials` report (`POST /credentials` on the relay): the health of a
+#    credential it depends on (Claude's, GitHub's). A relay without the route refuses it (404),
+#    and the worker drops it: nothing else depends on it.
 VERSION = 3
 
 
@@ -523,3 +528,71 @@ def decode_presence(data: Any) -> Presence:
     if awake_ms > MAX_AWAKE_MS:  # no float holds some integers JSON may carry
         raise ProtocolError(f"awake_ms must be at most {MAX_AWAKE_MS} (a year)")
     return Presence(state, _string(data, "boot", 100), awake_ms)
+
+
+# --- credentials ----------------------------------------------------------------------
+
+CredentialService = Literal["claude", "github"]
+CredentialState = Literal["ok", "expiring", "rejected"]
+CREDENTIAL_SERVICES: tuple[str, ...] = get_args(CredentialService)
+CREDENTIAL_STATES: tuple[str, ...] = get_args(CredentialState)
+# Which secret it is, so the relay can say how to renew it: a variable of the worker's, or
+# `login` (Claude Code's own sign-in, kept in CLAUDE_CONFIG_DIR/.credentials.json).
+CREDENTIAL_NAMES = ("ANTHROPIC_API_KEY", "CLAUDE_CODE_OAUTH_TOKEN", "login", "GITHUB_TOKEN")
+APP_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}\Z")  # a Fly app's name
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """What the worker found about one credential it depends on (vm/credentials.py): never the
+    secret itself, only which one it is, whether the service takes it, and when it expires."""
+
+    service: CredentialService
+    state: CredentialState
+    credential: str  # one of CREDENTIAL_NAMES
+    checked_at: float  # seconds since the epoch
+    expires_at: float | None = None  # seconds since the epoch, where known
+    detail: str = ""  # what the service said ("HTTP 401"), short and free of secrets
+    app: str = ""  # the worker's Fly app (FLY_APP_NAME), for the `fly secrets set` line
+
+
+def encode_credentials(found: Credentials) -> dict[str, Any]:
+    data: dict[str, Any] = {"v": VERSION, **asdict(found)}
+    data["detail"] = found.detail[:200]
+    return data
+
+
+def decode_credentials(data: Any) -> Credentials:
+    if not isinstance(data, dict):
+        raise ProtocolError("body must be a JSON object")
+    _check_version(data)
+    service, state, credential = data.get("service"), data.get("state"), data.get("credential")
+    if service not in CREDENTIAL_SERVICES:
+        raise ProtocolError(f"service must be one of {', '.join(CREDENTIAL_SERVICES)}")
+    if state not in CREDENTIAL_STATES:
+        raise ProtocolError(f"state must be one of {', '.join(CREDENTIAL_STATES)}")
+    if credential not in CREDENTIAL_NAMES:
+        raise ProtocolError(f"credential must be one of {', '.join(CREDENTIAL_NAMES)}")
+    try:
+        checked_at = _number(data, "checked_at")
+        expires_at = _number(data, "expires_at")
+    except ValueError as exc:
+        raise ProtocolError(str(exc)) from None
+    for name, value in (("checked_at", checked_at), ("expires_at", expires_at)):
+        # Between 2000 and 2200: anything else is no date a credential has (and no float trouble).
+        if value is not None and not 946_684_800 <= value <= 7_258_118_400:
+            raise ProtocolError(f"{name} must be a date (seconds since the epoch)")
+    if checked_at is None:
+        raise ProtocolError("checked_at is required")
+    app = _string(data, "app", 63)
+    if app and not APP_NAME.match(app):
+        raise ProtocolError("app must be a Fly app's name")
+    return Credentials(
+        service,
+        state,
+        credential,
+        checked_at,
+        expires_at,
+        _string(data, "detail", 200),
+        app,
+    )

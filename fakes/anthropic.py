@@ -6,6 +6,9 @@ counts the assistant turns since, and streams the next step: text, or a tool cal
 streams as `input_json_delta` like the real API. The CLI then runs the tool for real, so Write,
 Edit and Bash change a real checkout. `{cwd}` in a tool's input becomes the CLI's working
 directory, read from the environment block Claude Code sends.
+
+`refuse_credentials` makes it answer every request 401 `authentication_error`, as the API answers
+a revoked key or token; `GET /v1/models` (the worker's free check of an API key) answers too.
 """
 
 from __future__ import annotations
@@ -57,6 +60,9 @@ class FakeAnthropic:
     requests: list[dict[str, Any]] = field(default_factory=list)
     arrived: list[float] = field(default_factory=list)  # time.monotonic() as each request came in
     delay_s: float = 0.0
+    refuse_credentials: bool = False
+    refused: int = 0  # requests answered 401
+    model_checks: int = 0  # GET /v1/models
     _ids: int = 0
 
     def script(self, key: str, *steps: Step) -> None:
@@ -67,6 +73,7 @@ class FakeAnthropic:
             routes=[
                 Route("/v1/messages", self._messages, methods=["POST"]),
                 Route("/v1/messages/count_tokens", self._count, methods=["POST"]),
+                Route("/v1/models", self._models, methods=["GET"]),
             ]
         )
 
@@ -84,11 +91,27 @@ class FakeAnthropic:
             turns.append([{"type": "text", "text": content}] if isinstance(content, str) else list(content or []))
         return turns
 
+    def _refusal(self) -> JSONResponse:
+        self.refused += 1
+        error = {"type": "authentication_error", "message": "invalid x-api-key"}
+        return JSONResponse({"type": "error", "error": error}, status_code=401)
+
     async def _count(self, request: Request) -> JSONResponse:
+        if self.refuse_credentials:
+            return self._refusal()
         return JSONResponse({"input_tokens": 100})
+
+    async def _models(self, request: Request) -> JSONResponse:
+        self.model_checks += 1
+        if self.refuse_credentials or not request.headers.get("x-api-key"):
+            return self._refusal()
+        model = {"type": "model", "id": "claude-sonnet-4-5", "display_name": "Claude Sonnet 4.5"}
+        return JSONResponse({"data": [model], "has_more": False, "first_id": model["id"], "last_id": model["id"]})
 
     async def _messages(self, request: Request) -> StreamingResponse | JSONResponse:
         self.arrived.append(time.monotonic())
+        if self.refuse_credentials:
+            return self._refusal()
         body = await request.json()
         self.requests.append(body)
         step = _fill_cwd(self._next_step(body.get("messages", [])), body)

@@ -1,7 +1,8 @@
 """A local stand-in for GitHub's pull-request API: for `--demo`, local runs and the tests.
 
 Pull requests are recorded (and can be made to fail, or to stall); each gets a small web page,
-so the link the owner receives opens something real.
+so the link the owner receives opens something real. `GET /user` answers as GitHub does for the
+token: 401 for any other (or once `revoked`), and the token's expiry in GitHub's header.
 """
 
 from __future__ import annotations
@@ -24,10 +25,14 @@ class FakeGitHub:
     fail_next: list[int] = field(default_factory=list)
     stall: bool = False  # take a pull request and never answer; `hung_up` counts clients that left
     hung_up: int = 0
+    revoked: bool = False  # the token is refused everywhere, as GitHub refuses a revoked one
+    expiration: str = ""  # `github-authentication-token-expiration` on every answer ("": none)
+    user_requests: int = 0
 
     def app(self) -> Starlette:
         return Starlette(
             routes=[
+                Route("/user", self._user, methods=["GET"]),
                 Route("/repos/{owner}/{repo}/pulls", self._pulls, methods=["GET", "POST"]),
                 Route("/{owner}/{repo}/pull/{number:int}", self._page),
             ]
@@ -46,9 +51,23 @@ class FakeGitHub:
             f"<pre style='white-space:pre-wrap'>{escape(pull.get('body') or '')}</pre></body>"
         )
 
-    async def _pulls(self, request: Request) -> JSONResponse:
-        if request.headers.get("authorization") != f"Bearer {self.token}":
+    def _refused(self, request: Request) -> JSONResponse | None:
+        if self.revoked or request.headers.get("authorization") != f"Bearer {self.token}":
             return JSONResponse({"message": "Bad credentials"}, status_code=401)
+        return None
+
+    def _headers(self) -> dict[str, str]:
+        return {"github-authentication-token-expiration": self.expiration} if self.expiration else {}
+
+    async def _user(self, request: Request) -> JSONResponse:
+        self.user_requests += 1
+        if (refused := self._refused(request)) is not None:
+            return refused
+        return JSONResponse({"login": "textslash-bot", "id": 1}, headers=self._headers())
+
+    async def _pulls(self, request: Request) -> JSONResponse:
+        if (refused := self._refused(request)) is not None:
+            return refused
         repo = f"{request.path_params['owner']}/{request.path_params['repo']}"
         if request.method == "GET":
             head = request.query_params.get("head", "").split(":")[-1]

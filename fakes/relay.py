@@ -1,5 +1,5 @@
-"""A loopback stand-in for the relay's callback routes: records the worker's reports, and its
-presence with the moment each arrived; serves the owner's files (`GET /media/{id}`)."""
+"""A loopback stand-in for the relay's callback routes: records the worker's reports, its
+credentials' health, and its presence with the moment each arrived; serves the owner's files (`GET /media/{id}`)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from common.protocol import Presence, decode_presence
+from common.protocol import Credentials, Presence, decode_credentials, decode_presence
 
 
 @dataclass
@@ -23,6 +23,7 @@ class FakeRelay:
     presence: list[tuple[float, Presence]] = field(default_factory=list)  # (time.monotonic(), what)
     media: dict[str, bytes] = field(default_factory=dict)  # the owner's files by id, as the relay keeps them
     media_requests: list[str] = field(default_factory=list)  # ids asked for, with the right token
+    credentials: list[Credentials] = field(default_factory=list)  # the worker's findings, in order
 
     def app(self) -> Starlette:
         return Starlette(
@@ -30,6 +31,7 @@ class FakeRelay:
                 Route("/callback", self._presence, methods=["POST"]),
                 Route("/callback/{phone}", self._callback, methods=["POST"]),
                 Route("/media/{id}", self._media, methods=["GET"]),
+                Route("/credentials", self._credentials, methods=["POST"]),
             ]
         )
 
@@ -58,6 +60,12 @@ class FakeRelay:
             self.refuse -= 1
             return JSONResponse({"detail": "restarting"}, status_code=503)
         self.events.append((request.path_params["phone"], await request.json()))
+        return JSONResponse({"ok": True})
+
+    async def _credentials(self, request: Request) -> JSONResponse:
+        if request.headers.get("authorization") != f"Bearer {self.token}":
+            return JSONResponse({"detail": "unauthorized"}, status_code=401)
+        self.credentials.append(decode_credentials(await request.json()))
         return JSONResponse({"ok": True})
 
     async def _presence(self, request: Request) -> JSONResponse:

@@ -18,8 +18,8 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from common.http import Problem, bearer_ok, error, read_body, read_message
-from common.protocol import decode_presence, decode_report, encode_report
-from relay import store, usage
+from common.protocol import decode_credentials, decode_presence, decode_report, encode_report
+from relay import credentials, store, usage
 from relay.dispatcher import Dispatcher
 from relay.events import BUTTON_WORDS
 from relay.images import ImageCache
@@ -188,6 +188,20 @@ def create_app(
             await dispatcher.worker_sleeping(said.awake_ms / 1000 if said.awake_ms else None, said.boot)
         return JSONResponse({"ok": True})
 
+    async def credentials_found(request: Request) -> Response:
+        """What the worker found about a credential it depends on (relay/credentials.py)."""
+        if not bearer_ok(request, settings.worker_token):
+            return error(401, "missing or wrong bearer token")
+        try:
+            found = await read_message(request, MAX_CALLBACK_BYTES, decode_credentials)
+        except Problem as exc:
+            return error(exc.status, exc.detail)
+        dispatcher = live().dispatcher
+        told = await dispatcher.db.run(credentials.record, found, clock())
+        for phone in told:
+            dispatcher.outbox.notify(phone)
+        return JSONResponse({"ok": True, "told": len(told)})
+
     async def image(request: Request) -> Response:
         # Only what a worker callback put in the cache: anyone may ask, so a miss never reaches
         # the worker (over Flycast that request would start its Machine).
@@ -211,6 +225,7 @@ def create_app(
         Route("/webhook", webhook, methods=["POST"]),
         Route("/callback", presence, methods=["POST"]),
         Route("/callback/{phone}", callback, methods=["POST"]),
+        Route("/credentials", credentials_found, methods=["POST"]),
         Route("/images/{name}", image, methods=["GET"]),
         Route("/media/{id}", media_file, methods=["GET"]),
     ]

@@ -33,7 +33,7 @@ from common.protocol import (
     encode_command,
     message_id_of,
 )
-from relay import replies, schedules, store, usage
+from relay import credentials, replies, schedules, store, usage
 from relay.conversation import Context, Conversation, apply, current_repo, run_repo, zone_of
 from relay.events import (
     AddSchedule,
@@ -356,6 +356,7 @@ def _status_text(conn: sqlite3.Connection, conv: Conversation, ctx: Context) -> 
         model=conv.model or ctx.default_model,
         tz=_zone(conv, ctx),
     )
+    text += "".join(f"\n{line}" for line in credentials.status_lines(conn, now))
     owned = schedules.owned(conn, conv.phone)
     return text + ("\n" + replies.schedules_line(owned, zone_of(conv, ctx), now) if owned else "")
 

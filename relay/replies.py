@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from zoneinfo import ZoneInfo
 
-from common.protocol import Report
+from common.protocol import Credentials, Report
 from common.visible import clip_path, visible
 from relay.schedules import Schedule, describe_days, when
 from relay.settings import Repo
@@ -609,3 +611,77 @@ def zone_set(tz_name: str, now: float) -> str:
 
 def bad_zone(name: str) -> str:
     return f"🤔 “{_clip(name, 40)}” is not a time zone I know. Use a name like Europe/Paris, America/New_York or UTC."
+
+
+# --- credentials (relay/credentials.py) --------------------------------------------------
+
+SERVICE_NAMES = {"claude": "Claude", "github": "GitHub"}
+GITHUB_SCOPES = "Contents and Pull requests: read and write (a classic token: repo)"
+
+
+def credentials_warning(found: Credentials, now: float) -> str:
+    """What every owner is told once when a credential the worker depends on is rejected or
+    expires within a week: which service, what is wrong, and how to renew it."""
+    service = SERVICE_NAMES[found.service]
+    what = _credential_name(found)
+    if found.state == "rejected":
+        why = f" ({found.detail})" if found.detail else ""
+        head = f"🔑 {service} refused the VM's {what}{why}: runs that need it fail until it is renewed."
+    else:
+        head = f"🔑 The VM's {what} for {service} {_expiry(found.expires_at, now)}."
+    return f"{head}\nTo renew it: {how_to_renew(found)}"
+
+
+def how_to_renew(found: Credentials) -> str:
+    app = found.app or "<worker app>"
+    if found.credential == "ANTHROPIC_API_KEY":
+        return (
+            "make a new key at console.anthropic.com/settings/keys, then run "
+            f"`fly secrets set ANTHROPIC_API_KEY=<key> -a {app}`"
+        )
+    if found.service == "claude":  # an OAuth token (or Claude Code's own login)
+        return (
+            f"run `claude setup-token` on a computer, then `fly secrets set CLAUDE_CODE_OAUTH_TOKEN=<token> -a {app}`"
+        )
+    return (
+        f"make a new token at github.com/settings/tokens with {GITHUB_SCOPES}, then run "
+        f"`fly secrets set GITHUB_TOKEN=<token> -a {app}`"
+    )
+
+
+def credentials_line(found: Credentials, now: float) -> str:
+    """One line of `status` per service the worker depends on."""
+    service = SERVICE_NAMES[found.service]
+    what = _credential_name(found)
+    checked = f"checked {_ago(found.checked_at, now)} ago"
+    if found.state == "rejected":
+        why = f" ({found.detail})" if found.detail else ""
+        return f"🔑 {service}: the {what} was refused{why}, {checked}. Renew it: {how_to_renew(found)}"
+    if found.state == "expiring":
+        return f"🔑 {service}: the {what} {_expiry(found.expires_at, now)}, {checked}."
+    until = f", until {_date(found.expires_at)}" if found.expires_at is not None else ""
+    return f"🔑 {service}: the {what} works{until}, {checked}."
+
+
+CREDENTIALS_UNCHECKED = "🔑 Credentials: not checked yet (the VM checks them when it wakes)."
+
+
+def _credential_name(found: Credentials) -> str:
+    return {
+        "ANTHROPIC_API_KEY": "API key (ANTHROPIC_API_KEY)",
+        "CLAUDE_CODE_OAUTH_TOKEN": "token (CLAUDE_CODE_OAUTH_TOKEN)",
+        "login": "Claude Code login",
+        "GITHUB_TOKEN": "token (GITHUB_TOKEN)",
+    }.get(found.credential, found.credential)
+
+
+def _expiry(expires_at: float | None, now: float) -> str:
+    if expires_at is None:
+        return "is about to expire"
+    days = math.ceil(max(0.0, expires_at - now) / 86400)
+    when = "today" if days <= 0 else "tomorrow" if days == 1 else f"in {days} days"
+    return f"expires on {_date(expires_at)}, {when}"
+
+
+def _date(at: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(at or 0))

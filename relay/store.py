@@ -17,7 +17,7 @@ from typing import Any, ParamSpec, TypeVar
 import anyio
 import anyio.lowlevel
 
-from relay import schedules, usage
+from relay import credentials, schedules, usage
 from relay.conversation import Conversation
 
 SCHEMA = """
@@ -95,7 +95,7 @@ class Database:
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=NORMAL")
         self.conn.execute("PRAGMA busy_timeout=5000")
-        self.conn.executescript(SCHEMA + usage.SCHEMA + schedules.SCHEMA)
+        self.conn.executescript(SCHEMA + usage.SCHEMA + schedules.SCHEMA + credentials.SCHEMA)
         _migrate(self.conn)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import os
 import posixpath
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -32,11 +33,17 @@ SYSTEM_APPEND = (
     "Your changes are shown to the owner as a diff for approval, so do not commit or push them. "
     "Use the screenshot tool to look at web pages you build (it also sends the picture to the owner)."
 )
+CREDENTIAL_VARS = ("ANTHROPIC_API_KEY", "CLAUDE_CODE_OAUTH_TOKEN", "ANTHROPIC_BASE_URL", "CLAUDE_CONFIG_DIR", "HOME")
 # Tools that would wait for a person at a terminal; nobody is there.
 DISALLOWED = ["AskUserQuestion", "EnterPlanMode", "ExitPlanMode"]
 # What a result counts as input: the prompt's tokens, and those written to and read from the cache.
 INPUT_TOKENS = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
 INTERRUPT_S = 3.0  # how long `cancel` lets the CLI end its turn before the CLI itself is ended
+# Claude Code retries a 401 like any API error, for about three minutes, and says so on each
+# retry (a system message `api_retry`, with `error_status` and `error`: measured with the CLI
+# this SDK bundles). This many in a turn end it: the second, not the first, because Claude
+# Code's own login renews its token on a 401 and tries again, and that retry should get through.
+AUTH_REFUSALS = 2
 
 
 @dataclass(frozen=True)
@@ -124,6 +131,12 @@ class Agent:
         self._interval = progress_interval_s
         self._max_turns = max_turns
 
+    def credentials_env(self) -> dict[str, str]:
+        """The variables the CLI finds its model credentials in (the worker's own environment,
+        under what this Agent adds), for the credentials check (vm/credentials.py)."""
+        merged = {**os.environ, **self._env}
+        return {k: merged[k] for k in CREDENTIAL_VARS if merged.get(k)}
+
     def open(
         self,
         *,
@@ -165,6 +178,19 @@ class Agent:
             max_budget_usd=budget_usd,
         )
         return LiveAgent(options, session_id, cwd, locate, self._interval, model=model, budget_usd=budget_usd)
+
+
+class ModelRefused(RuntimeError):
+    """The model's API refused the worker's credentials (401): the turn ends now, with this as
+    the reason, instead of after the CLI's retries."""
+
+
+def auth_refusal(data: Mapping[str, Any]) -> str:
+    """What an `api_retry` report says when the API refused the credentials; "" otherwise."""
+    status, error = data.get("error_status"), data.get("error")
+    if status != 401 and error != "authentication_failed":
+        return ""
+    return f"HTTP {status}, {error}" if isinstance(error, str) and error else f"HTTP {status}"
 
 
 class AgentGone(RuntimeError):
@@ -319,6 +345,7 @@ class LiveAgent:
         throttle = ProgressThrottle(turn.on_progress, self._interval)
         texts: list[str] = []
         result: Any = None
+        refusals = 0
         started = time.monotonic()
         try:
             async with anyio.create_task_group() as tg:
@@ -333,6 +360,11 @@ class LiveAgent:
                                 throttle.note(describe_tool(block.name, block.input, self._cwd))
                             elif isinstance(block, TextBlock) and block.text.strip():
                                 texts.append(block.text.strip())
+                    elif isinstance(message, SystemMessage) and message.subtype == "api_retry":
+                        if refused := auth_refusal(message.data):
+                            refusals += 1
+                            if refusals >= AUTH_REFUSALS:
+                                raise ModelRefused(f"Claude refused the worker's credentials ({refused})")
                     elif isinstance(message, SystemMessage) and message.subtype == "init":
                         # Known from the start, so even a cancelled run can be resumed.
                         if sid := message.data.get("session_id"):

@@ -28,6 +28,7 @@ from common.serve import Listening
 from vm.agent import Agent
 from vm.browser import BrowserPool
 from vm.callbacks import CallbackSender
+from vm.credentials import CredentialCheck, model_credentials
 from vm.github import GitHub
 from vm.idle import IdleWatch
 from vm.images import ImageStore
@@ -108,7 +109,17 @@ def create_app(
             isolated=settings.agent_isolation,
         )
         await sandbox.start(settings.state_dir, settings.images_dir)
-        worker = Worker(settings, callbacks, agent or Agent(env), browser, images, github, sandbox)
+        model = agent or Agent(env)
+        credentials = CredentialCheck(
+            settings.state_dir / "credentials.json",
+            model_credentials(model.credentials_env(), settings.claude_config_dir),
+            settings.github_token,
+            settings.github_api_url,
+            client,
+            callbacks,
+            app=settings.fly_app_name,
+        )
+        worker = Worker(settings, callbacks, model, browser, images, github, sandbox, credentials=credentials)
         announcer = Announcer(settings.relay_callback_url, settings.worker_token)
 
         async def announce_then_build() -> None:
@@ -118,6 +129,7 @@ def create_app(
                 await listening.wait()
             await announcer.up()
             await client.build()
+            await credentials.on_wake()  # at most once a day (vm/credentials.py)
 
         async def idle() -> bool:
             """Sleep: suspended (True once resumed) or, failing that, exiting (False)."""
@@ -139,6 +151,8 @@ def create_app(
         async def after_resume() -> None:
             await client.renew()  # connections made before the snapshot cannot be trusted
             await announcer.up()
+            credentials.new_wake()  # a resume is a wake
+            await credentials.on_wake()
 
         watch = IdleWatch(settings.idle_timeout_s, busy=lambda: worker.busy, on_idle=idle)
         machine = Machine(settings.fly_api_socket, settings.fly_app_name, settings.fly_machine_id)

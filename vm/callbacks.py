@@ -52,6 +52,14 @@ class CallbackSender:
         self._wakeup.set()
         return seq
 
+    def tell(self, route: str, name: str, data: dict[str, Any]) -> None:
+        """Spool a message about the worker itself, not an owner's run (a credential's health:
+        vm/credentials.py), for `POST /<route>` on the relay; it goes out in order with the
+        reports. `name` ends the file's name, and is no owner's number."""
+        self._last_seq = seq = max(time.time_ns(), self._last_seq + 1)
+        write_durably(self.spool / f"{seq:020d}-{name}.json", json.dumps({"route": route, "event": data}).encode())
+        self._wakeup.set()
+
     def _files(self) -> list[Path]:
         return sorted(p for p in self.spool.iterdir() if p.suffix == ".json" and not p.name.startswith("."))
 
@@ -92,17 +100,19 @@ class CallbackSender:
                 await anyio.sleep(delay)
                 delay = min(delay * 2, 10.0)
 
-    async def _deliver(self, phone: str, event: dict[str, Any]) -> bool:
+    async def _deliver(self, path: str, event: dict[str, Any]) -> bool:
         import httpx  # on first use, not at boot (see vm/lazy_http.py)
+
+        kind = event.get("type") or path.strip("/")  # a report's type; else its route (credentials)
 
         client = await self.http.get()
         headers = {"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"}
         try:
             response = await client.post(
-                f"{self.relay_url}/callback/{phone}", content=report_bytes(event), headers=headers, timeout=10.0
+                f"{self.relay_url}{path}", content=report_bytes(event), headers=headers, timeout=10.0
             )
         except httpx.HTTPError as exc:
-            logger.warning("callback %s failed (%s); will retry", event.get("type"), type(exc).__name__)
+            logger.warning("callback %s failed (%s); will retry", kind, type(exc).__name__)
             return False
         if response.status_code < 300:
             return True
@@ -110,25 +120,27 @@ class CallbackSender:
             # The relay will never take this one (malformed); holding it would block every later report.
             logger.error(
                 "relay refused a %s report for good: HTTP %s %s",
-                event.get("type"),
+                kind,
                 response.status_code,
                 response.text[:200],
             )
             return True
-        logger.warning("callback %s got HTTP %s; will retry", event.get("type"), response.status_code)
+        logger.warning("callback %s got HTTP %s; will retry", kind, response.status_code)
         return False
 
 
 def _read(path: Path) -> tuple[str, dict[str, Any]] | None:
-    """A spooled report, or None once an unreadable one is set aside."""
+    """Where a spooled message goes on the relay and the message, or None once an unreadable
+    one is set aside. A report names its owner; a message of `tell`, its route."""
     try:
         item = json.loads(path.read_bytes())
-        phone, event = item["phone"], item["event"]
-        if not isinstance(phone, str) or not isinstance(event, dict):
+        event = item["event"]
+        target = f"/callback/{item['phone']}" if "phone" in item else f"/{item['route']}"
+        if not isinstance(item.get("phone", item.get("route")), str) or not isinstance(event, dict):
             raise ValueError("not a spooled report")
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError) as exc:
         set_aside(path, type(exc).__name__)
         return None
-    return phone, event
+    return target, event

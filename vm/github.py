@@ -20,6 +20,10 @@ PR_TIMEOUT_S = 60.0
 class GitHubError(RuntimeError):
     """The API refused or could not be reached; the message is safe to show the owner."""
 
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status  # GitHub's HTTP status, when it answered
+
 
 class GitHub:
     def __init__(self, http: LazyHTTP, *, api_url: str, token: str, deadline_s: float = PR_TIMEOUT_S) -> None:
@@ -59,7 +63,9 @@ class GitHub:
         except httpx.HTTPError as exc:
             raise GitHubError(f"GitHub could not be reached ({type(exc).__name__})") from None
         if response.status_code != 201:
-            raise GitHubError(f"GitHub answered HTTP {response.status_code}: {_message(response)}")
+            raise GitHubError(
+                f"GitHub answered HTTP {response.status_code}: {_message(response)}", response.status_code
+            )
         return str(response.json()["html_url"])
 
 

@@ -22,9 +22,10 @@ from anyio.abc import TaskGroup
 from common.protocol import Answer, Attachment, Report, RunPrompt, TakeScreenshot
 from common.visible import clip_path, visible
 from vm import attachments
-from vm.agent import Agent, AgentGone, LiveAgent, RunResult
+from vm.agent import Agent, AgentGone, LiveAgent, ModelRefused, RunResult
 from vm.browser import BrowserPool, ScreenshotError
 from vm.callbacks import CallbackSender
+from vm.credentials import CredentialCheck, refused_by_origin
 from vm.diff_image import phone_excerpt, render_diff
 from vm.github import GitHub, GitHubError
 from vm.images import ImageStore
@@ -59,6 +60,7 @@ class Worker:
     github: GitHub | None
     sandbox: Sandbox
     boot_id: str = field(default_factory=lambda: secrets.token_hex(4))
+    credentials: CredentialCheck | None = None  # checked again at once after a 401 (vm/credentials.py)
     _owners: dict[str, OwnerState] = field(default_factory=dict)
     _scopes: dict[str, anyio.CancelScope] = field(default_factory=dict)
     _spaces: dict[str, AgentSpace] = field(default_factory=dict)
@@ -330,6 +332,9 @@ class Worker:
                 result = await self._ask(phone, owner, received)
         except (GitError, SandboxError, attachments.AttachmentError) as exc:
             failure = str(exc)
+        except ModelRefused as exc:  # a plain line for the owner, not the CLI's retries or a trace
+            failure = f"{exc}, so the run stopped. Send *status* to see which credential and how to renew it."
+            self._check_credentials(model_refused=str(exc).rpartition("(")[2].rstrip(")"))
         except Exception as exc:  # the agent's CLI died, the SDK failed...: tell the owner, keep going
             logger.exception("run %s failed", run_id)
             failure = f"{type(exc).__name__}: {str(exc)[:200]}"
@@ -586,6 +591,8 @@ class Worker:
             left_out = await workspace.paths_differing(owner.shown_tree)
         except Exception as exc:  # the changes stay, and the owner can try again
             text = str(exc) if isinstance(exc, GitError | GitHubError | SandboxError) else type(exc).__name__
+            if refused_by_origin(exc):
+                self._check_credentials()
             if not isinstance(exc, GitError | GitHubError):
                 logger.exception("approve of run %s failed", owner.run_id)
             owner.fire("push_failed")
@@ -640,6 +647,23 @@ class Worker:
             ),
         )
         await self._settle(owner)
+
+    # --- credentials ------------------------------------------------------------------
+
+    def _check_credentials(self, *, model_refused: str = "") -> None:
+        """A 401 just now: check the credentials at once (the owners hear which one, and how to
+        renew it), beside whatever the owner's task does next."""
+        if self.credentials is None or self._tg is None or self._stopping:
+            return
+        self._side_tasks += 1  # the finding is spooled before the worker may sleep
+
+        async def check(credentials: CredentialCheck) -> None:
+            try:
+                await credentials.check(model_refused=model_refused)
+            finally:
+                self._side_tasks -= 1
+
+        self._tg.start_soon(check, self.credentials)
 
     # --- screenshots ------------------------------------------------------------------
 

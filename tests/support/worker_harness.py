@@ -64,9 +64,17 @@ class WorkerStack:
 
 @asynccontextmanager
 async def worker_stack(
-    tmp: Path, *, files: dict[str, str] | None = None, progress_interval_s: float = 0.0, **env: str
+    tmp: Path,
+    *,
+    files: dict[str, str] | None = None,
+    progress_interval_s: float = 0.0,
+    anthropic: FakeAnthropic | None = None,
+    github: FakeGitHub | None = None,
+    **env: str,
 ) -> AsyncIterator[WorkerStack]:
-    anthropic, relay, github = FakeAnthropic(), FakeRelay(WORKER_TOKEN), FakeGitHub(GITHUB_TOKEN)
+    """`anthropic` and `github`: fakes set up before the worker boots (it checks its credentials
+    with them at once: vm/credentials.py)."""
+    anthropic, relay, github = anthropic or FakeAnthropic(), FakeRelay(WORKER_TOKEN), github or FakeGitHub(GITHUB_TOKEN)
     origin = make_origin(tmp / "git", files or FILES)
     async with AsyncExitStack() as stack:
         anthropic_url = await stack.enter_async_context(run_server(anthropic.app()))
