@@ -16,10 +16,13 @@ import pytest
 
 from fakes.anthropic import Text, bash, write
 from fakes.wiring import OWNER
+from fakes.worker import PNG
 from tests.support.pair_harness import Pair, pair_stack
 from tests.support.processes import clis_of
 from tests.support.waiting import wait_for
+from tests.test_media_pair import PDF
 from tests.test_worker_control import pids_with
+from vm.workspace import ATTACHMENTS_DIR
 
 pytestmark = pytest.mark.anyio
 STEP = 60.0
@@ -44,9 +47,12 @@ def tool_uses(request: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
+def owner_file(pair: Pair) -> Path:
+    return Path(pair.worker_env["WORKSPACE_DIR"]) / ".textslash" / "owners" / f"{OWNER.lstrip('+')}.json"
+
+
 def owner_state(pair: Pair) -> dict[str, Any]:
-    path = Path(pair.worker_env["WORKSPACE_DIR"]) / ".textslash" / "owners" / f"{OWNER.lstrip('+')}.json"
-    data: dict[str, Any] = json.loads(path.read_text())
+    data: dict[str, Any] = json.loads(owner_file(pair).read_text())
     return data
 
 
@@ -141,6 +147,49 @@ async def test_a_cancel_cut_short_is_reported_not_continued(tmp_path: Path) -> N
         await wait_for(lambda: pair.said("half.txt +1"), STEP, "approval for what it left")
         assert not pair.said(NOTICE)
         assert not any(RESTATED in t for r in pair.model.requests for t in _texts(r))
+
+
+async def test_a_continued_run_names_the_files_it_was_sent_without_a_second_copy(tmp_path: Path) -> None:
+    async with pair_stack(tmp_path) as pair:
+        marker, hold = long_command("files")
+        pair.model.script(RESTATED, Text("read them again"))
+        pair.model.script("use these", write(f"{pair.checkout}/page.html", "<h1>hi</h1>\n"), hold, Text("never"))
+        photo = pair.twilio.add_media(PNG, "image/png")
+        brief = pair.twilio.add_media(PDF, "application/pdf", filename="brief.pdf")
+        await pair.start_relay()
+        await pair.start_worker()
+        await pair.text("use these", media=[(photo, "image/png"), (brief, "application/pdf")])
+        await crash_mid_run(pair, marker)
+        await wait_for(lambda: pair.said("read them again"), STEP, "the run's answer")
+        continued = next(r for r in pair.model.requests if any(RESTATED in t for t in _texts(r)))
+        restated = _texts(continued)[-1]
+        saved = sorted((pair.checkout / ATTACHMENTS_DIR).iterdir())
+        assert [p.name for p in saved] == ["brief.pdf", "photo-1.png"]  # received once: no brief-2.pdf
+        for path in saved:
+            assert str(path.relative_to(pair.checkout)) in restated
+        assert "open an image to see it again" in restated
+
+
+async def test_a_run_with_no_session_on_disk_goes_on_in_a_new_one(tmp_path: Path) -> None:
+    async with pair_stack(tmp_path) as pair:
+        marker, hold = long_command("fresh")
+        pair.model.script(RESTATED, Text("started over"))
+        pair.model.script("risky job", write(f"{pair.checkout}/half.txt", "half\n"), hold, Text("never"))
+        await pair.start_relay()
+        await pair.start_worker()
+        await pair.text("risky job")
+        await wait_for(lambda: pids_with(marker), STEP, "the run to be under way")
+        await pair.kill("worker")
+        # As if it died before Claude Code named its session (or a worker from before saved none).
+        state = owner_state(pair)
+        assert state["sessions"], "the session was saved while the run went"
+        state["sessions"] = {}
+        owner_file(pair).write_text(json.dumps(state))
+        await pair.start_worker()
+        await wait_for(lambda: pair.said("started over"), STEP, "the run's answer")
+        continued = next(r for r in pair.model.requests if any(RESTATED in t for t in _texts(r)))
+        assert "risky job" not in _texts(continued)[:-1] and not tool_uses(continued)  # a new session
+        await wait_for(lambda: pair.said("half.txt +1"), STEP, "what the first part wrote, for approval")
 
 
 def _texts(request: dict[str, Any]) -> list[str]:
