@@ -4,44 +4,16 @@ After each the owner gets every message, in order, once, and is told what happen
 from __future__ import annotations
 
 import signal
-import time
 from pathlib import Path
 
 import pytest
 
-from fakes.anthropic import Text, bash, write
+from fakes.anthropic import Text, write
 from tests.support.pair_harness import pair_stack
 from tests.support.waiting import wait_for
-from tests.test_worker_control import pids_with
 
 pytestmark = pytest.mark.anyio
 STEP = 60.0
-
-
-async def test_worker_killed_in_the_middle_of_a_run(tmp_path: Path) -> None:
-    async with pair_stack(tmp_path) as pair:
-        marker = f"textslash-kill-{time.time_ns()}"
-        pair.model.script(
-            "risky job",
-            write(f"{pair.checkout}/half.txt", "half\n"),
-            bash(f"python3 -c 'import time; time.sleep(120)' {marker}"),
-            Text("never"),
-        )
-        await pair.start_relay()
-        await pair.start_worker()
-        await pair.text("risky job")
-        await wait_for(lambda: pids_with(marker), STEP, "the run to be under way")
-        await pair.kill("worker")
-        await pair.start_worker()
-        told = await wait_for(lambda: pair.said("The run failed"), STEP, "the owner told")
-        assert "restarted during the run" in told[0]
-        # What the dead run left waits for a decision, like any run's changes.
-        await wait_for(lambda: pair.said("half.txt +1"), STEP, "approval for what it left")
-        await pair.text("reject")
-        await wait_for(lambda: pair.said("Rolled back"), STEP, "rollback")
-        assert not (pair.checkout / "half.txt").exists()
-        for fragment in ("The run failed", "half.txt +1", "Rolled back"):
-            assert len(pair.said(fragment)) == 1, fragment
 
 
 async def test_relay_killed_between_webhook_and_reply(tmp_path: Path) -> None:

@@ -101,6 +101,8 @@ async def test_sigterm_ends_the_run_keeps_its_state_and_exits_quickly(tmp_path: 
     marker = f"textslash-term-{time.time_ns()}"
     async with fakes(tmp_path) as f, httpx.AsyncClient(timeout=30) as http:
         checkout = Path(f.env["WORKSPACE_DIR"]) / OWNER.lstrip("+")
+        # What the run does once the next boot continues it (vm/resume.py).
+        f.anthropic.script("restarted while you were working", Text("done after the stop"))
         f.anthropic.script(
             "slow work",
             write(f"{checkout}/started.txt", "1\n"),
@@ -118,6 +120,11 @@ async def test_sigterm_ends_the_run_keeps_its_state_and_exits_quickly(tmp_path: 
             assert not pids_with(marker)
         with child("vm", f.env, f.log) as proc:
             await wait_healthy(f.url, proc)
-            error = await wait_for(lambda: f.relay.of_type("error"), 20, "the interrupted run's report")
-            assert "restarted" in error[0]["text"] and error[0]["changes"] is True
-            await wait_for(lambda: f.relay.of_type("approval_required"), 20, "approval for what it left")
+            # A stop reports nothing of the run, so the next boot continues it, as after a crash.
+            answer = await wait_for(lambda: f.relay.of_type("answer"), 60, "the continued run's answer")
+            assert answer[0]["text"] == "done after the stop" and answer[0]["changes"] is True
+            progress = [r["text"] for r in f.relay.of_type("progress")]
+            assert "♻️ The VM restarted; continuing your run" in progress
+            approval = await wait_for(lambda: f.relay.of_type("approval_required"), 20, "approval")
+            assert [file["path"] for file in approval[0]["files"]] == ["started.txt"]
+            assert not f.relay.of_type("error")

@@ -93,6 +93,22 @@ def test_an_owner_state_from_before_repos_reads_its_session_as_the_unnamed_repos
     assert [o.phone for o in store.all()] == [OWNER]
 
 
+def test_a_running_owner_state_from_before_resume_is_continued_once(tmp_path: Path) -> None:
+    """A state file written before a run could be continued: nothing says it was, so the next
+    boot continues it; its attachments and where they went are lists, or the file is set aside."""
+    store = OwnerStore(tmp_path)
+    old = {"phone": OWNER, "state": "running", "run_id": "r", "prompt": "p", "sessions": {"": "s-1"}}
+    (tmp_path / f"{OWNER.lstrip('+')}.json").write_text(json.dumps(old))
+    (owner,) = store.all()
+    assert owner.resumed is False and owner.attachments == [] and owner.received == []
+    owner.resumed, owner.received = True, [{"path": "a/b.png", "content_type": "image/png", "size": 3}]
+    store.save(owner)
+    (again,) = store.all()
+    assert again.resumed is True and again.received[0]["path"] == "a/b.png"
+    (tmp_path / f"{OWNER2.lstrip('+')}.json").write_text(json.dumps({"phone": OWNER2, "received": "a/b.png"}))
+    assert [o.phone for o in store.all()] == [OWNER]
+
+
 def test_worker_defaults() -> None:
     settings = Settings.from_env(BASE)
     assert settings.github_repo == "acme/widgets" and settings.port == 3001

@@ -32,6 +32,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import anyio
 
@@ -295,6 +296,18 @@ async def receive(
             source.unlink(missing_ok=True)
         received.append(Received(path, attachment.content_type, attachment.size, kind, data))
     return received
+
+
+def record(received: Received) -> dict[str, Any]:
+    """Where an attachment is, for the owner's state file: not its bytes."""
+    return {"path": str(received.path), "content_type": received.content_type, "size": received.size}
+
+
+def from_record(data: dict[str, Any]) -> Received:
+    """An attachment received before the worker restarted: named again, not shown again. Its
+    file is the agent's now (it may have changed it), so its bytes are not sent as an image
+    block; Claude can open it by its path."""
+    return Received(Path(str(data["path"])), str(data["content_type"]), int(data["size"]))
 
 
 def prompt_with(text: str, received: list[Received]) -> str:

@@ -65,6 +65,14 @@ class OwnerState:
     model: str = ""  # the run's model ("" = Claude Code's default), as the relay asked
     budget_usd: float | None = None  # the run's budget (RUN_BUDGET_USD)
     unattended: bool = False  # a schedule fired the run: its changes may wait with the worker asleep
+    # The run's attachments as the relay named them (common/protocol.py Attachment), and once
+    # they are in the checkout, where (vm/attachments.py Received, without the bytes): a run
+    # continued after a crash names the same files, or fetches them again if it never had them.
+    attachments: list[dict[str, Any]] = field(default_factory=list)
+    received: list[dict[str, Any]] = field(default_factory=list)
+    # The run was cut short once and continued at boot (vm/resume.py): cut short again, it is
+    # reported as failed. Saved before it is continued, so a crash in between counts too.
+    resumed: bool = False
 
     @property
     def session_id(self) -> str | None:
@@ -138,6 +146,9 @@ def _owner_from(data: Any) -> OwnerState:
         isinstance(k, str) and isinstance(v, str) for k, v in sessions.items()
     ):
         raise ValueError("unexpected sessions")
+    for records in (owner.attachments, owner.received):
+        if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+            raise ValueError("unexpected attachments")
     if owner.repo and not REPO_NAME.match(owner.repo):  # it names folders
         raise ValueError(f"unexpected repository name {owner.repo!r}")
     if legacy_session and "" not in sessions:

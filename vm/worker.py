@@ -13,7 +13,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, TypeVar
 
 import anyio
@@ -21,8 +21,8 @@ from anyio.abc import TaskGroup
 
 from common.protocol import Answer, Attachment, Report, RunPrompt, TakeScreenshot
 from common.visible import clip_path, visible
-from vm import attachments
-from vm.agent import Agent, AgentGone, LiveAgent, ModelRefused, RunResult
+from vm import attachments, resume
+from vm.agent import Agent, AgentGone, Image, LiveAgent, ModelRefused, RunResult
 from vm.browser import BrowserPool, ScreenshotError
 from vm.callbacks import CallbackSender
 from vm.credentials import CredentialCheck, refused_by_origin
@@ -206,6 +206,8 @@ class Worker:
         owner.run_id, owner.prompt = command.message_id, command.text
         owner.model, owner.budget_usd = command.model, command.budget_usd
         owner.unattended = command.unattended
+        owner.attachments, owner.received = [asdict(a) for a in command.attachments], []
+        owner.resumed = False
         owner.shown_tree, owner.branch, owner.commit = "", "", ""
         # The baseline becomes the run's snapshot, saved with the run (one write on a follow-up's
         # path); one still being taken is picked up by `_begin`.
@@ -316,7 +318,9 @@ class Worker:
                 self.sandbox.end(agent.pid)
             agent.close()
 
-    async def _run(self, phone: str, files: tuple[Attachment, ...] = ()) -> None:
+    async def _run(self, phone: str, files: tuple[Attachment, ...] = (), resumed: bool = False) -> None:
+        """One run, from the snapshot to its end reported. `resumed`: the run was cut short by a
+        crash and goes on at boot (`_continue`), from the snapshot it started with."""
         owner = self._owner(phone)
         run_id = owner.run_id
         result: RunResult | None = None
@@ -328,8 +332,8 @@ class Worker:
         try:
             with scope:
                 await self._begin(phone, owner, self.workspace(owner))
-                received = await self._receive(phone, files)
-                result = await self._ask(phone, owner, received)
+                prompt, images = await self._prompt(phone, owner, files, resumed=resumed)
+                result = await self._ask(phone, owner, prompt, images)
         except (GitError, SandboxError, attachments.AttachmentError) as exc:
             failure = str(exc)
         except ModelRefused as exc:  # a plain line for the owner, not the CLI's retries or a trace
@@ -384,6 +388,26 @@ class Worker:
         if not taken:
             self._save(owner)
 
+    async def _prompt(
+        self, phone: str, owner: OwnerState, files: tuple[Attachment, ...], *, resumed: bool
+    ) -> tuple[str, list[Image]]:
+        """What Claude is asked, and the owner's images to show with it. The files go into the
+        checkout first, and where they went is saved: a run continued after a crash names the
+        same files (and fetches them again only if it never had them)."""
+        if resumed and owner.received:
+            received = [attachments.from_record(r) for r in owner.received]
+        else:
+            if resumed:
+                files = tuple(Attachment(**a) for a in owner.attachments)
+            received = await self._receive(phone, files)
+            if received:
+                owner.received = [attachments.record(r) for r in received]
+                self._save(owner)
+        asked = attachments.prompt_with(owner.prompt, received)
+        if resumed:
+            asked = resume.restate(asked, attached=bool(received))
+        return asked, [(r.image, r.data) for r in received if r.image]
+
     async def _receive(self, phone: str, files: tuple[Attachment, ...]) -> list[attachments.Received]:
         """The prompt's photos and files, from the relay into the checkout (vm/attachments.py),
         while nothing of the agent's runs: its folders are set up by `_begin`, its kept CLI is
@@ -396,19 +420,24 @@ class Worker:
         owner = (space.uid, space.gid) if self.sandbox.isolated else None
         return await attachments.receive(self._fetcher, files, space.checkout, owner)
 
-    async def _ask(self, phone: str, owner: OwnerState, received: list[attachments.Received]) -> RunResult:
+    async def _ask(self, phone: str, owner: OwnerState, prompt: str, images: list[Image]) -> RunResult:
         """The prompt, as a new query on the owner's kept CLI, continued from where it was
         stopped; else (none kept, or it ended before it heard the prompt) on a new CLI that
         resumes the owner's session by id. The owner's images go with it as image blocks."""
         run_id = owner.run_id
-        prompt = attachments.prompt_with(owner.prompt, received)
-        images = [(r.image, r.data) for r in received if r.image]
 
         def progress(text: str) -> None:
             self._report(phone, Report("progress", run_id, text=text))
 
         def session(session_id: str) -> None:
+            if session_id == owner.session_id:
+                return
             owner.session_id = session_id
+            # On disk at once: a run cut short by a crash is continued in this session.
+            try:
+                self._save(owner)
+            except OSError:  # saved with the run's end; until then a crash starts a new session
+                logger.warning("could not save the session of run %s", run_id)
 
         agent = self._kept_agent(owner)
         if agent is not None and agent.pid is not None and self.sandbox.resume(agent.pid):
@@ -688,9 +717,15 @@ class Worker:
     # --- after a restart --------------------------------------------------------------
 
     async def _recover(self, owner: OwnerState) -> None:
-        """Report what a previous process left unfinished; pending approvals simply stay."""
-        if owner.state in ("running", "cancelling"):
-            await self._finish(owner, Report("error", owner.run_id, text="the VM restarted during the run"))
+        """Continue or report what a previous process left unfinished; pending approvals simply
+        stay. A run cut short (still `running`: its end was never reported, and the owner did not
+        cancel it) is continued once (vm/resume.py); a cancel under way, or a run cut short again,
+        is reported as failed with its changes offered for a decision."""
+        if owner.state == "running" and not owner.resumed:
+            self._continue(owner)
+        elif owner.state in ("running", "cancelling"):
+            text = resume.FAILED_AGAIN if owner.state == "running" else resume.FAILED
+            await self._finish(owner, Report("error", owner.run_id, text=text))
         elif owner.state == "pushing":
             owner.fire("push_failed")
             self._save(owner)
@@ -701,6 +736,16 @@ class Worker:
             self._report(owner.phone, Report("reject_failed", owner.run_id, text="the VM restarted while rolling back"))
         if owner.state == "awaiting_approval" and not owner.shown_tree:
             await self._show_again(owner)
+
+    def _continue(self, owner: OwnerState) -> None:
+        """Continue a run cut short, in its session, from the snapshot it started with (so the
+        diff shows everything it changed, before and after). That it was continued is on disk
+        before anything else, so a crash from here on is reported, not continued again."""
+        owner.resumed = True
+        self._save(owner)
+        logger.info("continuing run %s, cut short by a restart", owner.run_id)
+        self._report(owner.phone, Report("progress", owner.run_id, text=resume.NOTICE))
+        self._spawn(owner.phone, self._run, owner.phone, (), True)
 
     async def _show_again(self, owner: OwnerState) -> None:
         """A change shown by a version that kept no record of the shown tree (before isolation):
