@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from common.protocol import Report
@@ -11,6 +11,7 @@ from common.visible import clip_path, visible
 from relay.settings import Repo
 from relay.twilio import WHATSAPP_LIMIT
 from relay.usage import Budget, Period
+from relay.window import Released
 
 HELP = (
     "🤖 *textslash* drives Claude Code on your VM.\n"
@@ -504,3 +505,36 @@ def look_at(images: int, files: int) -> str:
     """The prompt of a message that has attachments and no caption."""
     what = [f"image{'s' if images > 1 else ''}" if images else "", f"file{'s' if files > 1 else ''}" if files else ""]
     return f"Look at the attached {' and '.join(w for w in what if w)}."
+
+
+# --- WhatsApp's 24-hour window (relay/window.py) ---------------------------------------------
+
+_HELD_WORDS = (
+    ("result", "result", "results"),
+    ("approval", "approval", "approvals"),
+    ("message", "message", "messages"),
+)
+
+
+def held_summary(counts: Mapping[str, int]) -> str:
+    """What waits, in plain words: the template's one variable ("2 results and 1 approval")."""
+    parts = [f"{n} {one if n == 1 else many}" for kind, one, many in _HELD_WORDS if (n := counts.get(kind, 0))]
+    if not parts:
+        return "a message"
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def held_released(released: Released | None) -> str:
+    """For `status`, when the message that asked released what WhatsApp's window had held: those
+    went just before this answer; and whether the template told the owner about them."""
+    if released is None:
+        return ""
+    what = held_summary(released.counts)
+    line = f"\n📬 {what} waited for you (WhatsApp's 24-hour window had closed): they are just above."
+    if released.template == "sent" and released.template_at is not None:
+        return line + f" A reminder went at {time.strftime('%H:%M UTC', time.gmtime(released.template_at))}."
+    if released.template == "failed":
+        return line + f" The reminder template could not be sent: {released.template_error or 'refused'}."
+    if released.template == "unset":
+        return line + " No reminder went: TWILIO_TEMPLATE_CONTENT_SID is not set on the relay."
+    return line
