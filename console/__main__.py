@@ -191,6 +191,9 @@ async def run(opts: Options) -> None:
             }
             if not real_twilio:
                 relay_env["TWILIO_API_BASE_URL"] = chat_url
+                # The page's "24 h later" closes WhatsApp's window; this template reopens it.
+                template = chat.add_template("textslash: {{1}} waiting for you. Reply to see them.")
+                relay_env["TWILIO_TEMPLATE_CONTENT_SID"] = template  # (the page is Twilio: only it knows this one)
             relay = spawn("relay", relay_env, opts.data / "relay.log")
             try:
                 # The page must not take a message the relay cannot receive yet.

@@ -75,6 +75,11 @@ class Chat:
     messages: list[ChatMessage] = field(default_factory=list)
     media: dict[str, Held] = field(default_factory=dict)  # by media sid
     contents: dict[str, dict[str, Any]] = field(default_factory=dict)  # the Content API's, by SID
+    # WhatsApp's 24-hour window, to try (relay/window.py): the page's "24 h later" closes it, so
+    # free-form sends fail with 63016 as Twilio's would; the approved template still goes; the
+    # owner's next message opens it again.
+    template_sid: str = ""
+    window_closed: bool = False
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     _changed: anyio.Event = field(default_factory=anyio.Event)
     _closing: bool = False
@@ -86,6 +91,7 @@ class Chat:
                 Route("/api/info", self._info),
                 Route("/api/send", self._send, methods=["POST"]),
                 Route("/api/messages", self._messages),
+                Route("/api/window", self._close_window, methods=["POST"]),
                 Route("/2010-04-01/Accounts/{sid}/Messages.json", self._twilio_create, methods=["POST"]),
                 Route("/v1/Content", self._content_create, methods=["POST"]),
                 Route("/v1/Content", self._content_list, methods=["GET"]),
@@ -107,7 +113,20 @@ class Chat:
         return HTMLResponse(PAGE.read_text(encoding="utf-8"))
 
     async def _info(self, request: Request) -> JSONResponse:
-        return JSONResponse({"owner": self.owner, "demo": self.demo, "attach": bool(self.api_url)})
+        window = bool(self.api_url)  # only while this page is Twilio for the relay
+        return JSONResponse({"owner": self.owner, "demo": self.demo, "attach": bool(self.api_url), "window": window})
+
+    def add_template(self, body: str) -> str:
+        """An approved WhatsApp template with one variable (as DEPLOY.md suggests); its SID."""
+        self.template_sid = "HX" + secrets.token_hex(16)
+        self.contents[self.template_sid] = {"sid": self.template_sid, "types": {"twilio/text": {"body": body}}}
+        return self.template_sid
+
+    async def _close_window(self, request: Request) -> JSONResponse:
+        if not self.api_url:
+            return JSONResponse({"detail": "the relay sends through real Twilio here"}, status_code=409)
+        self.window_closed = True
+        return JSONResponse({"closed": True})
 
     async def _send(self, request: Request) -> JSONResponse:
         try:
@@ -142,6 +161,7 @@ class Chat:
             params.update(NumMedia="1", MediaUrl0=self.api_url + media, MediaContentType0=held.content_type)
             shown.append(f"/cdn/{held.token}/{held.name}")
         self._add("owner", text, shown)
+        self.window_closed = False  # the owner wrote: WhatsApp's 24 hours start again
         signature = RequestValidator(self.auth_token).compute_signature(f"{self.public_url}/webhook", params)
         try:
             response = await self.http.post(
@@ -215,6 +235,9 @@ class Chat:
         form = parse_qsl((await request.body()).decode(), keep_blank_values=True)
         fields: dict[str, Any] = dict(form)
         body, buttons = fields.get("Body", ""), list[dict[str, str]]()
+        if self.window_closed and not (self.template_sid and fields.get("ContentSid") == self.template_sid):
+            refusal = "Failed to send freeform message because you are outside the allowed window"
+            return JSONResponse({"code": 63016, "message": refusal, "status": 400}, status_code=400)
         if fields.get("ContentSid"):
             rendered = render_content(self.contents, fields)
             if isinstance(rendered, Response):

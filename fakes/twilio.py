@@ -2,7 +2,13 @@
 the Content API's quick replies, and inbound media (`GET .../Media/<sid>` needs Basic auth and
 redirects (302) to the file on a second loopback server standing in for Twilio's CDN,
 `cdn_app`, as the real one does). The APIs answer on one base URL, as the relay's
-TWILIO_API_BASE_URL seam sends them there (their paths do not overlap)."""
+TWILIO_API_BASE_URL seam sends them there (their paths do not overlap).
+
+WhatsApp's 24-hour window: `close_window(number)` makes free-form sends to that number fail
+with 63016, as Twilio does once the user last wrote more than 24 hours ago: at once (a 400) or,
+as is usual on WhatsApp, afterwards (201 "queued", then a `failed` status callback signed with
+the auth token, posted to `status_target`). An approved template (`add_template`) always goes;
+a quick reply (Content made through the API, not approved) does not."""
 
 from __future__ import annotations
 
@@ -19,10 +25,13 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 import anyio
+import httpx
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import Route
+from twilio.request_validator import RequestValidator
 
 # A scripted answer: an HTTP status (500, 429), (status, twilio error code), or "stall".
 Scripted = int | tuple[int, int] | str
@@ -70,6 +79,7 @@ class FakeTwilio:
     contents: dict[str, dict[str, Any]] = field(default_factory=dict)  # Content API resources by SID
     content_down: bool = False  # the Content API answers 500 (creating and listing)
     refuse_content_sends: bool = False  # a message with a ContentSid is refused (400), as for a bad one
+    templates: set[str] = field(default_factory=set)  # approved templates' SIDs
     _sids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     # Media: the base URLs the harness serves `app()` and `cdn_app()` at, the files by media
     # sid, and every request each side got (path, its Authorization header).
@@ -79,6 +89,32 @@ class FakeTwilio:
     media_requests: list[tuple[str, str]] = field(default_factory=list)
     cdn_requests: list[tuple[str, str]] = field(default_factory=list)
     cdn_hold: anyio.Event | None = None  # set: the CDN holds every download until it is set
+    # WhatsApp's window: numbers ("whatsapp:+1...") whose window is closed, and how a free-form
+    # send to one fails: "sync" (400, 63016) or "async" (201, then a failed status callback).
+    closed: dict[str, str] = field(default_factory=dict)
+    refused: list[Sent] = field(default_factory=list)  # taken (201) but failed: never reached the phone
+    status_target: str = ""  # where the app that sent the messages listens (StatusCallback's path there)
+    status_posts: list[tuple[dict[str, str], int]] = field(default_factory=list)  # (form, HTTP status) posted
+    status_first: bool = False  # post a failure's callback before answering the send (they race at Twilio)
+
+    def close_window(self, number: str, how: str = "sync") -> None:
+        """The owner `number` (E.164) last wrote more than 24 hours ago."""
+        self.closed[f"whatsapp:{number}"] = how
+
+    def open_window(self, number: str) -> None:
+        """The owner wrote: free-form messages go again for 24 hours."""
+        self.closed.pop(f"whatsapp:{number}", None)
+
+    def add_template(self, body: str, sid: str = "") -> str:
+        """An approved WhatsApp template (`twilio/text`, `{{1}}` variables); returns its Content SID."""
+        sid = sid or f"HX{secrets.token_hex(16)}"
+        self.contents[sid] = {"sid": sid, "friendly_name": "window", "types": {"twilio/text": {"body": body}}}
+        self.templates.add(sid)
+        return sid
+
+    def templates_sent(self, to: str | None = None) -> list[Sent]:
+        mine = [m for m in self.messages if to is None or m.to == f"whatsapp:{to}"]
+        return [m for m in mine if m.content_sid in self.templates]
 
     def add_media(self, data: bytes, content_type: str, *, filename: str = "", chunked: bool = False) -> str:
         """A file Twilio holds for an inbound message; returns its media URL, as a webhook names it.
@@ -185,24 +221,34 @@ class FakeTwilio:
                 return _twilio_error(answer, None, "scripted failure")
         fields: dict[str, Any] = dict(form)
         body, buttons = fields.get("Body", ""), list[str]()
+        outside = self.closed.get(fields.get("To", "")) if fields.get("ContentSid") not in self.templates else None
+        if outside == "sync":
+            return _twilio_error(400, 63016, "Failed to send freeform message because you are outside the window")
         if fields.get("ContentSid"):
             rendered = self._render(fields)
             if isinstance(rendered, JSONResponse):
                 return rendered
             body, buttons = rendered
         sid = f"SM{next(self._sids):032d}"
-        self.messages.append(
-            Sent(
-                to=fields.get("To", ""),
-                from_=fields.get("From", ""),
-                body=body,
-                media=[v for k, v in form if k == "MediaUrl"],
-                at=time.monotonic(),
-                sid=sid,
-                content_sid=fields.get("ContentSid", ""),
-                buttons=buttons,
-            )
+        sent = Sent(
+            to=fields.get("To", ""),
+            from_=fields.get("From", ""),
+            body=body,
+            media=[v for k, v in form if k == "MediaUrl"],
+            at=time.monotonic(),
+            sid=sid,
+            content_sid=fields.get("ContentSid", ""),
+            buttons=buttons,
         )
+        background = None
+        if outside:  # queued, then failed: Twilio says so through the message's status callback
+            self.refused.append(sent)
+            if (callback := fields.get("StatusCallback", "")) and self.status_first:
+                await self.post_status(callback, sent, "failed", 63016)  # before the sender knows the SID
+            elif callback:
+                background = BackgroundTask(self.post_status, callback, sent, "failed", 63016)
+        else:
+            self.messages.append(sent)
         return JSONResponse(
             {
                 "sid": sid,
@@ -213,7 +259,36 @@ class FakeTwilio:
                 "account_sid": self.account_sid,
             },
             status_code=201,
+            background=background,
         )
+
+    async def post_status(self, callback: str, sent: Sent, status: str, code: int | None = None) -> int:
+        """Post a status callback for `sent` the way Twilio does: a form signed for the callback
+        URL the sender gave, delivered to `status_target` (its path and query kept)."""
+        form = {
+            "MessageSid": sent.sid,
+            "SmsSid": sent.sid,
+            "AccountSid": self.account_sid,
+            "From": sent.from_,
+            "To": sent.to,
+            "MessageStatus": status,
+            "SmsStatus": status,
+            "ChannelPrefix": "whatsapp",
+            "ApiVersion": "2010-04-01",
+        }
+        if code is not None:
+            form["ErrorCode"] = str(code)
+        signature = RequestValidator(self.auth_token).compute_signature(callback, form)
+        parts = httpx.URL(callback)
+        target = self.status_target + parts.raw_path.decode()
+        try:
+            async with httpx.AsyncClient() as client:
+                response = await client.post(target, data=form, headers={"X-Twilio-Signature": signature})
+            answer = response.status_code
+        except httpx.HTTPError:
+            answer = 0  # best effort, as Twilio's own
+        self.status_posts.append((form, answer))
+        return answer
 
 
 # --- the Content API's quick replies, shared with the local console (console/chat.py) ---------
@@ -253,9 +328,10 @@ def render_content(
         variables = json.loads(fields.get("ContentVariables") or "{}")
         if any(BAD_VARIABLE.search(str(value)) for value in variables.values()):
             return _twilio_error(400, 21656, "The ContentVariables Parameter is invalid")
-        quick = content["types"]["twilio/quick-reply"]
+        # A `twilio/text` (the approved template the 24-hour window needs) has a body alone.
+        quick = content["types"].get("twilio/text") or content["types"]["twilio/quick-reply"]
         body = re.sub(r"\{\{(\w+)\}\}", lambda m: str(variables.get(m.group(1), "")), quick["body"])
-        buttons = [(str(a["id"]), str(a["title"])) for a in quick["actions"]]
+        buttons = [(str(a["id"]), str(a["title"])) for a in quick.get("actions", [])]
     except (ValueError, KeyError, TypeError, AttributeError):
         return _twilio_error(400, 21656, "The ContentVariables are invalid")
     if len(body) > QUICK_REPLY_BODY_LIMIT:

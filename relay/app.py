@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -19,7 +20,7 @@ from starlette.routing import Route
 
 from common.http import Problem, bearer_ok, error, read_body, read_message
 from common.protocol import decode_credentials, decode_presence, decode_report, encode_report
-from relay import credentials, store, usage
+from relay import credentials, store, usage, window
 from relay.dispatcher import Dispatcher
 from relay.events import BUTTON_WORDS
 from relay.images import ImageCache
@@ -33,6 +34,8 @@ logger = logging.getLogger(__name__)
 EMPTY_TWIML = '<?xml version="1.0" encoding="UTF-8"?><Response />'
 MAX_WEBHOOK_BYTES = 64 * 1024  # Twilio's form posts are a few KB; anything bigger is not Twilio
 MAX_CALLBACK_BYTES = 256 * 1024  # above the protocol's MAX_REPORT_BYTES, so every report fits
+STATUS_PATH = "/twilio/status"  # each message's fate (relay/window.py), signed like the webhook
+MESSAGE_SID = re.compile(r"^(?:SM|MM)[0-9a-fA-F]{32}$")
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,7 @@ def create_app(
             from_number=settings.twilio_whatsapp_number,
             base_url=settings.twilio_api_base_url,
             media_base_url=f"{settings.public_url}/images",
+            status_callback=settings.public_url + STATUS_PATH,
         )
         worker = WorkerClient(
             client, base_url=settings.claude_host, token=settings.worker_token, poll_interval=settings.wake_poll_s
@@ -106,7 +110,8 @@ def create_app(
             {"status": "ok", "deployed_sha": settings.deployed_sha, "uptime_s": round(time.monotonic() - started, 3)}
         )
 
-    async def webhook(request: Request) -> Response:
+    async def signed_form(request: Request) -> ImmutableMultiDict[str, str] | Response:
+        """A form Twilio posted, checked against the public URL it was configured with; or the 4xx."""
         if request.headers.get("content-type", "").split(";")[0].strip() != "application/x-www-form-urlencoded":
             return error(415, "expected application/x-www-form-urlencoded")
         try:
@@ -119,6 +124,12 @@ def create_app(
         signature = request.headers.get("x-twilio-signature")
         if not signature_is_valid(auth_token=settings.twilio_auth_token, url=url, params=form, signature=signature):
             return error(403, "invalid Twilio signature")
+        return form
+
+    async def webhook(request: Request) -> Response:
+        form = await signed_form(request)
+        if isinstance(form, Response):
+            return form
         sender, sid, body = form.get("From", ""), form.get("MessageSid", ""), form.get("Body", "")
         phone = sender.removeprefix("whatsapp:")
         if not sid or not E164.match(phone):
@@ -142,6 +153,23 @@ def create_app(
         if not await live().dispatcher.record(phone, f"msg:{sid}", event):
             logger.info("duplicate MessageSid %s ignored", sid)
         return _twiml()
+
+    async def message_status(request: Request) -> Response:
+        """Twilio's status callback for a message the relay sent. Only failures matter here (a
+        63016 holds the message: relay/window.py); they are recorded once before Twilio gets its
+        answer, and every other status is acknowledged and dropped."""
+        form = await signed_form(request)
+        if isinstance(form, Response):
+            return form
+        sid, status = form.get("MessageSid", "").strip(), form.get("MessageStatus", "").strip().lower()
+        code = form.get("ErrorCode", "").strip()
+        if not MESSAGE_SID.match(sid) or not status:
+            return error(400, "MessageSid (SM or MM + 32 hex digits) and MessageStatus are required")
+        if code and not (code.isascii() and code.isdigit() and len(code) <= 9):
+            return error(400, "ErrorCode must be a number")
+        if status in window.FAILED_STATUSES:
+            await live().dispatcher.message_status(sid, status, int(code) if code else None)
+        return Response(status_code=204)
 
     async def callback(request: Request) -> Response:
         if not bearer_ok(request, settings.worker_token):
@@ -223,6 +251,7 @@ def create_app(
     routes = [
         Route("/health", health, methods=["GET"]),
         Route("/webhook", webhook, methods=["POST"]),
+        Route(STATUS_PATH, message_status, methods=["POST"]),
         Route("/callback", presence, methods=["POST"]),
         Route("/callback/{phone}", callback, methods=["POST"]),
         Route("/credentials", credentials_found, methods=["POST"]),

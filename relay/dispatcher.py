@@ -4,7 +4,9 @@
   conversation table and record the effects (messages, worker calls) in one transaction;
 - outbox lanes (one per phone): send messages in order, paced, retried with backoff;
 - the worker lane: deliver calls in order, waking the worker when it sleeps;
-- a timer: close approval windows, and ask the worker about runs silent too long.
+- a timer: close approval windows, and ask the worker about runs silent too long;
+- WhatsApp's 24-hour window (relay/window.py): the outbox lane holds what would go outside it
+  and sends the template; the inbox lane releases what was held when the owner writes.
 Because every step reads its work from the database and commits before it acts, a crash at
 any point resumes where it stopped.
 """
@@ -33,7 +35,7 @@ from common.protocol import (
     encode_command,
     message_id_of,
 )
-from relay import credentials, replies, schedules, store, usage
+from relay import credentials, replies, schedules, store, usage, window
 from relay.conversation import Context, Conversation, apply, current_repo, run_repo, zone_of
 from relay.events import (
     AddSchedule,
@@ -59,7 +61,7 @@ from relay.events import (
 from relay.lanes import Lanes
 from relay.media import Media, Taken, prompt_of
 from relay.settings import Settings, mask_phone
-from relay.twilio import SendResult, TwilioSender, fits_a_quick_reply, split_body
+from relay.twilio import OUTSIDE_WINDOW, SendResult, TwilioSender, fits_a_quick_reply, split_body
 from relay.worker_client import WorkerClient
 from relay.zones import UTC, zone
 
@@ -111,6 +113,7 @@ class Outcome:
     sends: bool = False
     calls: bool = False
     media: tuple[int, dict[str, Any]] | None = None  # not handled: its media must be taken first
+    released: window.Released | None = None  # held messages the owner's message released
 
 
 @dataclass(frozen=True)
@@ -128,8 +131,11 @@ def process_next(conn: sqlite3.Connection, phone: str, ctx: Context, pricing: Pr
         if item is None:
             return None
         inbox_id, data = item
+        # The owner wrote: what waited for them goes back in the queue before anything this
+        # message writes, so it goes first (relay/window.py).
+        released = window.owner_wrote(conn, phone, inbox_id, ctx.now) if data.get("type") == "owner" else None
         if data.get("type") == "owner" and data.get("media") and "attachments" not in data:
-            return Outcome(media=item)
+            return Outcome(sends=released is not None, media=item, released=released)
         conv = store.load_conversation(conn, phone)
         before = conv
         try:
@@ -150,9 +156,11 @@ def process_next(conn: sqlite3.Connection, phone: str, ctx: Context, pricing: Pr
         # One line per event instead of an access log, which would print the owner's number
         # (it is in /callback/{phone}) and the unguessable image names.
         logger.info("%s: %s, %s -> %s", mask_phone(phone), data.get("type"), before.state, conv.state)
-        outcome = Outcome()
+        outcome = Outcome(sends=released is not None, released=released)
+        kind = window.kind_of(data.get("type"))  # of the first message: a result, an approval...
         for effect in effects:
-            _record(conn, conv, effect, ctx, pricing, outcome)
+            _record(conn, conv, effect, ctx, pricing, outcome, kind=kind)
+            kind = "message" if isinstance(effect, (Send, ReportStatus)) else kind
         store.save_conversation(conn, conv, ctx.now)
         store.mark_handled(conn, inbox_id, ctx.now)
     return outcome
@@ -209,11 +217,18 @@ def _budget_notice(conn: sqlite3.Connection, phone: str, ctx: Context, pricing: 
 
 
 def _record(
-    conn: sqlite3.Connection, conv: Conversation, effect: Effect, ctx: Context, pricing: Pricing, outcome: Outcome
+    conn: sqlite3.Connection,
+    conv: Conversation,
+    effect: Effect,
+    ctx: Context,
+    pricing: Pricing,
+    outcome: Outcome,
+    *,
+    kind: str = "message",
 ) -> None:
     now = ctx.now
     if isinstance(effect, ReportStatus):
-        effect = Send(_status_text(conn, conv, ctx))
+        effect = Send(_status_text(conn, conv, ctx) + replies.held_released(outcome.released))
     elif isinstance(effect, ReportUsage):
         effect = Send(_usage_text(conn, conv.phone, now, pricing, _zone(conv, ctx)))
     elif isinstance(effect, RecordBudget):
@@ -225,7 +240,7 @@ def _record(
     elif isinstance(effect, AddSchedule | ListSchedules | RemoveSchedule | Rezone):
         effect = _schedules(conn, conv.phone, effect, now)
     if isinstance(effect, Send):
-        _enqueue(conn, conv.phone, effect, now, buttons=effect.buttons if ctx.buttons else "")
+        _enqueue(conn, conv.phone, effect, now, buttons=effect.buttons if ctx.buttons else "", kind=kind)
         outcome.sends = True
     elif isinstance(effect, CallWorker):
         command = effect.command
@@ -300,24 +315,26 @@ def fire_schedules(conn: sqlite3.Connection, now: float) -> list[str]:
     return owners
 
 
-def _enqueue(conn: sqlite3.Connection, phone: str, send: Send, now: float, *, buttons: str) -> None:
+def _enqueue(conn: sqlite3.Connection, phone: str, send: Send, now: float, *, buttons: str, kind: str) -> None:
     """A message as the outbox rows that carry it: long ones split into numbered parts, images
     on the last. Buttons go on a quick reply, whose body is sent as one Content variable, and
     Twilio refuses a variable holding a line break, a tab or five spaces in a row (error 21656):
     a one-line message is the quick reply itself; any other goes out as it is, and a one-line
-    quick reply after it carries its buttons (an approval request is many lines)."""
+    quick reply after it carries its buttons (an approval request is many lines). The first row
+    carries the message's `kind`, the others none, so a held message counts once."""
     media = list(send.media)
     if buttons and fits_a_quick_reply(send.text):
         if media:  # a quick reply carries no picture: the picture first, then the words and buttons
-            store.enqueue_send(conn, phone, "", media, now)
-        store.enqueue_send(conn, phone, send.text, [], now, buttons, send.run)
+            store.enqueue_send(conn, phone, "", media, now, kind=kind)
+            kind = ""
+        store.enqueue_send(conn, phone, send.text, [], now, buttons, send.run, kind=kind)
         return
     parts = split_body(send.text)
     for i, part in enumerate(parts):
         # Images ride on the last part, after the text that explains them.
-        store.enqueue_send(conn, phone, part, media if i == len(parts) - 1 else [], now)
+        store.enqueue_send(conn, phone, part, media if i == len(parts) - 1 else [], now, kind=kind if i == 0 else "")
     if buttons:
-        store.enqueue_send(conn, phone, replies.BUTTONS_PROMPT[buttons], [], now, buttons, send.run)
+        store.enqueue_send(conn, phone, replies.BUTTONS_PROMPT[buttons], [], now, buttons, send.run, kind="")
 
 
 def _usage_text(conn: sqlite3.Connection, phone: str, now: float, pricing: Pricing, tz: ZoneInfo) -> str:
@@ -391,6 +408,9 @@ class Dispatcher:
             self.inbox.notify(phone)
         for phone in outbox_phones:
             self.outbox.notify(phone)
+        if self.settings.template_content_sid:  # a crash between a hold and its template
+            for phone in await self.db.run(window.template_owed):
+                self.outbox.notify(phone)
         self.calls.notify(WORKER_LANE)
         tg.start_soon(self._timers, name="timers")
 
@@ -416,11 +436,11 @@ class Dispatcher:
         outcome = await self.db.run(process_next, phone, ctx, pricing)
         if outcome is None:
             return None
+        if outcome.sends:
+            self.outbox.notify(phone)
         if outcome.media is not None:
             await self._take_media(phone, *outcome.media)
             return 0
-        if outcome.sends:
-            self.outbox.notify(phone)
         if outcome.calls:
             self.calls.notify(WORKER_LANE)
             await self._tell_waking(phone)  # the worker is booting right now: say so at once
@@ -448,24 +468,82 @@ class Dispatcher:
 
     async def _send_step(self, phone: str) -> float | None:
         row = await self.db.run(store.next_outbound, phone)
+        now = self.clock()
+        if row is not None and await self.db.run(window.is_closed, phone, now, self.settings.whatsapp_window_s):
+            # Due past WhatsApp's 24-hour window (or Twilio said it closed): kept in its place
+            # until the owner writes (relay/window.py), and the template tells them.
+            reason = "outside WhatsApp's 24-hour window: held until the owner writes"
+            await self.db.run(partial(self._hold, refused=False), row.id, phone, now, reason)
+            logger.info("send %s to %s held: outside WhatsApp's 24-hour window", row.id, mask_phone(phone))
+            return 0
+        if self.settings.template_content_sid:
+            due = await self.db.run(window.template_due, phone, now)
+            if due is not None:
+                wait = max(due, await self._pacing(phone, now))
+                if wait > 0:
+                    return wait
+                await self._send_template(phone)
+                return 0
         if row is None:
             return None
-        now = self.clock()
-        if phone not in self._last_sent:
-            last: float | None = await self.db.run(store.last_sent_at, phone)
-            self._last_sent[phone] = last or 0.0
-        wait = max(row.next_attempt_at - now, self._last_sent[phone] + self.settings.min_send_interval_s - now)
+        wait = max(row.next_attempt_at - now, await self._pacing(phone, now))
         if wait > 0:
             return wait
         result = await self.sender.send(phone, row.body, row.media, row.buttons)
         await self._record_send(row, result)
         return 0
 
+    async def _pacing(self, phone: str, now: float) -> float:
+        """How long until the next send to `phone` keeps TWILIO_MIN_SEND_INTERVAL_MS."""
+        if phone not in self._last_sent:
+            last: float | None = await self.db.run(store.last_sent_at, phone)
+            self._last_sent[phone] = last or 0.0
+        return self._last_sent[phone] + self.settings.min_send_interval_s - now
+
+    def _hold(
+        self, conn: sqlite3.Connection, outbound_id: int, phone: str, now: float, reason: str, *, refused: bool
+    ) -> None:
+        configured = bool(self.settings.template_content_sid)
+        with store.transaction(conn):
+            window.hold(conn, outbound_id, phone, now, reason, refused=refused, template_configured=configured)
+
+    async def _send_template(self, phone: str) -> None:
+        """The approved template, once until the owner writes: what waits, in plain words, as its
+        variable. A failure is recorded for `status`, tried again only when it was a passing one."""
+        counts = await self.db.run(window.held_counts, phone)
+        summary = replies.held_summary(counts)
+        result = await self.sender.send_template(phone, self.settings.template_content_sid, {"1": summary})
+        now = self.clock()
+        if result.ok:
+            self._last_sent[phone] = now
+            await self.db.run(_template_sent, phone, result.sid, now)
+            logger.info("window template sent to %s (%s)", mask_phone(phone), summary)
+            return
+        again = await self.db.run(partial(window.template_failed, retryable=result.retryable), phone, result.error, now)
+        logger.warning(
+            "window template to %s failed: code %s, %s%s",
+            mask_phone(phone),
+            result.error_code,
+            result.error,
+            "; trying again" if again else "; not tried again until the owner writes",
+        )
+
+    async def message_status(self, sid: str, status: str, error_code: int | None) -> None:
+        """Twilio's status callback said a message failed (recorded durably before Twilio gets
+        its answer); a 63016 holds the message, and the template may be due."""
+        configured = bool(self.settings.template_content_sid)
+        phone = await self.db.run(_status_durably, sid, status, error_code, self.clock(), configured)
+        if phone is not None:
+            self.outbox.notify(phone)
+
     async def _record_send(self, row: store.Outbound, result: SendResult) -> None:
         now = self.clock()
         if result.ok:
             self._last_sent[row.phone] = now
-            await self.db.run(store.mark_sent, row.id, result.sid, now)
+            await self.db.run(_mark_sent, row.id, result.sid, now, bool(self.settings.template_content_sid))
+        elif result.error_code == OUTSIDE_WINDOW:
+            logger.info("send %s refused: outside WhatsApp's 24-hour window (63016); held", row.id)
+            await self.db.run(partial(self._hold, refused=True), row.id, row.phone, now, result.error)
         elif result.retryable and now - row.created_at < MAX_SEND_AGE_S:
             backoff = min(0.25 * 2**row.attempts, 30.0)
             logger.info("send %s failed (%s); retrying in %.2f s", row.id, result.error, backoff)
@@ -600,6 +678,31 @@ def _record_media(
         logger.info(
             "%s: media taken, %d kept, %d left out", mask_phone(phone), len(taken.attachments), len(taken.left_out)
         )
+
+
+def _template_sent(conn: sqlite3.Connection, phone: str, sid: str, now: float) -> None:
+    with store.transaction(conn):
+        window.template_sent(conn, phone, sid, now)
+
+
+def _mark_sent(conn: sqlite3.Connection, outbound_id: int, sid: str, now: float, template_configured: bool) -> None:
+    """Sent, and a failure Twilio's status callback reported for it before the REST answer came
+    back applied now (relay/window.py)."""
+    with store.transaction(conn):
+        store.mark_sent(conn, outbound_id, sid, now)
+        window.known_status(conn, sid, now, template_configured=template_configured)
+
+
+def _status_durably(
+    conn: sqlite3.Connection, sid: str, status: str, error_code: int | None, now: float, template_configured: bool
+) -> str | None:
+    """A status callback's failure, synced to disk before Twilio is answered (as webhooks are)."""
+    conn.execute("PRAGMA synchronous=FULL")
+    try:
+        with store.transaction(conn):
+            return window.status_reported(conn, sid, status, error_code, now, template_configured=template_configured)
+    finally:
+        conn.execute("PRAGMA synchronous=NORMAL")
 
 
 def _pending_calls(conn: sqlite3.Connection) -> tuple[list[store.WorkerCall], bool]:

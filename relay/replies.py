@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from zoneinfo import ZoneInfo
 
@@ -14,6 +14,7 @@ from relay.schedules import Schedule, describe_days, when
 from relay.settings import Repo
 from relay.twilio import WHATSAPP_LIMIT
 from relay.usage import Budget, Period
+from relay.window import Released
 from relay.zones import UTC, zone
 
 HELP = (
@@ -685,3 +686,36 @@ def _expiry(expires_at: float | None, now: float) -> str:
 
 def _date(at: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(at or 0))
+
+
+# --- WhatsApp's 24-hour window (relay/window.py) ---------------------------------------------
+
+_HELD_WORDS = (
+    ("result", "result", "results"),
+    ("approval", "approval", "approvals"),
+    ("message", "message", "messages"),
+)
+
+
+def held_summary(counts: Mapping[str, int]) -> str:
+    """What waits, in plain words: the template's one variable ("2 results and 1 approval")."""
+    parts = [f"{n} {one if n == 1 else many}" for kind, one, many in _HELD_WORDS if (n := counts.get(kind, 0))]
+    if not parts:
+        return "a message"
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def held_released(released: Released | None) -> str:
+    """For `status`, when the message that asked released what WhatsApp's window had held: those
+    went just before this answer; and whether the template told the owner about them."""
+    if released is None:
+        return ""
+    what = held_summary(released.counts)
+    line = f"\n📬 {what} waited for you (WhatsApp's 24-hour window had closed): they are just above."
+    if released.template == "sent" and released.template_at is not None:
+        return line + f" A reminder went at {time.strftime('%H:%M UTC', time.gmtime(released.template_at))}."
+    if released.template == "failed":
+        return line + f" The reminder template could not be sent: {released.template_error or 'refused'}."
+    if released.template == "unset":
+        return line + " No reminder went: TWILIO_TEMPLATE_CONTENT_SID is not set on the relay."
+    return line

@@ -20,6 +20,11 @@ __all__ = ["E164", "ConfigError", "Repo", "Settings", "mask_phone"]
 # page's shared-cpu-2x with 512 MB ($3.89 a month) plus 1.5 GB of additional RAM at $5 per GB a
 # month, over 730 hours (fly.io/docs/about/pricing, November 2026). Regions differ: set yours.
 FLY_WORKER_HOUR_USD = 0.0156
+# WhatsApp lets a business send free-form messages for 24 hours after the user's last message
+# (Twilio error 63016 after that). The relay holds what would be sent later than this: 24 hours
+# less 5 minutes, room for a send's retries and Twilio's queue (relay/window.py).
+WHATSAPP_WINDOW_MS = 24 * 3_600_000 - 5 * 60_000
+CONTENT_SID = r"HX[0-9a-fA-F]{32}"
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,8 @@ class Settings:
     retention_s: float = 30 * 86400.0
     # Every repository an owner may work on, the first the default; empty: the worker's own REPO_URL.
     repos: tuple[Repo, ...] = ()
+    whatsapp_window_s: float = WHATSAPP_WINDOW_MS / 1000
+    template_content_sid: str = ""  # an approved WhatsApp template that reopens the window; "": none
     buttons: bool = True  # quick-reply buttons (Twilio's Content API) on approvals and "Working on it"
     claude_model: str = ""  # the default model ("" = Claude Code's own default)
     monthly_budget_usd: float | None = None  # per owner, per calendar month (UTC); None: no ceiling
@@ -89,6 +96,8 @@ class Settings:
             relay_db=Path(env.get("RELAY_DB") or "var/relay.sqlite3"),
             retention_s=reader.integer("RETENTION_DAYS", 30, minimum=1) * 86400.0,
             repos=_repos(env),
+            whatsapp_window_s=reader.millis("WHATSAPP_WINDOW_MS", WHATSAPP_WINDOW_MS),
+            template_content_sid=_content_sid(reader, "TWILIO_TEMPLATE_CONTENT_SID"),
             buttons=reader.flag("BUTTONS", True),
             claude_model=_model(env),
             monthly_budget_usd=reader.amount("MONTHLY_BUDGET_USD"),
@@ -133,6 +142,15 @@ def _name_from_url(url: str) -> str:
     name = re.sub(r"[^a-z0-9_-]+", "-", tail).strip("-_")
     name = name if name[:1].isalpha() else f"repo-{name}".rstrip("-")
     return name[:40] if REPO_NAME.match(name[:40]) else "repo"
+
+
+def _content_sid(reader: EnvReader, name: str) -> str:
+    """An optional Content SID. Not a secret, but like every value it is not echoed when
+    malformed: the message names the variable and the expected shape."""
+    value = reader.env.get(name, "").strip()
+    if value and not re.fullmatch(CONTENT_SID, value):
+        raise ConfigError(f"{name} is malformed: expected HX + 32 hex digits (a Content SID)")
+    return value
 
 
 def _model(env: Mapping[str, str]) -> str:

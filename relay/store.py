@@ -17,7 +17,7 @@ from typing import Any, ParamSpec, TypeVar
 import anyio
 import anyio.lowlevel
 
-from relay import credentials, schedules, usage
+from relay import credentials, schedules, usage, window
 from relay.conversation import Conversation
 
 SCHEMA = """
@@ -44,7 +44,9 @@ CREATE TABLE IF NOT EXISTS outbox (
     media TEXT NOT NULL DEFAULT '[]',     -- JSON list of image names
     buttons TEXT NOT NULL DEFAULT '',     -- quick replies it carries: decide | cancel (relay/buttons.py)
     run_id TEXT NOT NULL DEFAULT '',      -- the run its buttons act on (a tap names the message)
-    status TEXT NOT NULL DEFAULT 'pending',  -- pending | sent | failed
+    status TEXT NOT NULL DEFAULT 'pending',  -- pending | sent | failed | held (relay/window.py)
+    kind TEXT NOT NULL DEFAULT 'message', -- result | approval | message; '' for a message's later parts
+    released_at REAL,                     -- held, then put back in the queue when the owner wrote
     attempts INTEGER NOT NULL DEFAULT 0,
     created_at REAL NOT NULL,
     next_attempt_at REAL NOT NULL,
@@ -95,8 +97,9 @@ class Database:
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=NORMAL")
         self.conn.execute("PRAGMA busy_timeout=5000")
-        self.conn.executescript(SCHEMA + usage.SCHEMA + schedules.SCHEMA + credentials.SCHEMA)
+        self.conn.executescript(SCHEMA + usage.SCHEMA + schedules.SCHEMA + credentials.SCHEMA + window.SCHEMA)
         _migrate(self.conn)
+        window.backfill(self.conn)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn(conn, *args)` right here, on the event loop, then let others run.
@@ -121,6 +124,8 @@ ADDED_COLUMNS = (
     ("outbox", "run_id", "TEXT NOT NULL DEFAULT ''"),
     ("worker_state", "up_at", "REAL"),
     ("worker_state", "boot", "TEXT"),
+    ("outbox", "kind", "TEXT NOT NULL DEFAULT 'message'"),
+    ("outbox", "released_at", "REAL"),
 )
 
 
@@ -233,18 +238,27 @@ class Outbound:
     body: str
     media: list[str]
     attempts: int
-    created_at: float
+    created_at: float  # when it was queued: written, or released after a hold (relay/window.py)
     next_attempt_at: float
     buttons: str = ""
 
 
 def enqueue_send(
-    conn: sqlite3.Connection, phone: str, body: str, media: list[str], now: float, buttons: str = "", run: str = ""
+    conn: sqlite3.Connection,
+    phone: str,
+    body: str,
+    media: list[str],
+    now: float,
+    buttons: str = "",
+    run: str = "",
+    kind: str = "message",
 ) -> None:
+    """`kind`: what the message is, counted by the 24-hour window's template (relay/window.py);
+    "" for a message's later parts and its buttons, so each message counts once."""
     conn.execute(
-        "INSERT INTO outbox (phone, body, media, created_at, next_attempt_at, buttons, run_id) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (phone, body, json.dumps(media), now, now, buttons, run),
+        "INSERT INTO outbox (phone, body, media, created_at, next_attempt_at, buttons, run_id, kind) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (phone, body, json.dumps(media), now, now, buttons, run, kind),
     )
 
 
@@ -269,7 +283,7 @@ def next_outbound(conn: sqlite3.Connection, phone: str) -> Outbound | None:
         body=row["body"],
         media=json.loads(row["media"]),
         attempts=row["attempts"],
-        created_at=row["created_at"],
+        created_at=row["released_at"] or row["created_at"],  # a released row is not given up for its age
         next_attempt_at=row["next_attempt_at"],
         buttons=row["buttons"],
     )
@@ -424,11 +438,13 @@ def media_in_use(conn: sqlite3.Connection) -> set[str]:
 
 
 # What is finished and older than the retention: handled events, sent or failed messages,
-# calls that reached an end. Pending work is never touched, whatever its age.
+# calls that reached an end, reported failures. Pending work, and messages held for the owner
+# to write (relay/window.py), are never touched, whatever their age.
 PRUNABLE = (
     "DELETE FROM inbox WHERE id IN (SELECT id FROM inbox WHERE handled_at < ? LIMIT ?)",
-    "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE status != 'pending' "
+    "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE status NOT IN ('pending', 'held') "
     "AND coalesce(sent_at, created_at) < ? LIMIT ?)",
+    "DELETE FROM message_status WHERE rowid IN (SELECT rowid FROM message_status WHERE received_at < ? LIMIT ?)",
     "DELETE FROM worker_calls WHERE id IN (SELECT id FROM worker_calls WHERE status != 'pending' "
     "AND created_at < ? LIMIT ?)",
 )

@@ -37,6 +37,7 @@ TWILIO_HOSTS = re.compile(r"^https://(?:api|content)\.twilio\.com(?=/)")
 # Statuses worth another try: Twilio is down or busy. Other 4xx are permanent refusals
 # (63016 outside the 24-hour window, 63015 not joined to the sandbox, 21211 bad number...).
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+OUTSIDE_WINDOW = 63016  # a free-form message after WhatsApp's 24-hour window (relay/window.py)
 
 
 def signature_is_valid(*, auth_token: str, url: str, params: Mapping[str, Any], signature: str | None) -> bool:
@@ -147,12 +148,16 @@ class TwilioSender:
         media_base_url: str,
         timeout: float = 10.0,
         concurrency: int = 4,
+        status_callback: str = "",
     ) -> None:
+        """`status_callback`: the signed route Twilio reports each message's fate to (its
+        63016 usually comes that way, after the REST call said "queued")."""
         self._credentials = (account_sid, auth_token)
         self._base_url = base_url
         self._timeout = timeout
         self._from = f"whatsapp:{from_number}"
         self._media_base = media_base_url.rstrip("/")
+        self._status_callback = status_callback
         # A burst of replies to many owners goes out a few at a time, not all at once at Twilio.
         self._limiter = anyio.CapacityLimiter(concurrency)
         self._http: _BaseUrlHttpClient | None = None
@@ -185,12 +190,21 @@ class TwilioSender:
         if buttons and (sid := await self.quick_replies.sid(self._contents, buttons)) is not None:
             quick = {"from_": self._from, "to": f"whatsapp:{to}", "content_sid": sid}
             result = await self._create({**quick, "content_variables": json.dumps({"1": body})})
-            if result.ok or result.retryable:
-                return result
+            if result.ok or result.retryable or result.error_code == OUTSIDE_WINDOW:
+                return result  # (outside the window, plain text would be refused just the same)
             self.quick_replies.failed(f"Twilio refused a message with buttons ({result.error})")
         return await self._create(kwargs)
 
+    async def send_template(self, to: str, content_sid: str, variables: Mapping[str, str]) -> SendResult:
+        """An approved template (a Content SID): what WhatsApp lets through outside the window."""
+        if self._messages is None:
+            raise RuntimeError("TwilioSender is not open: use `async with sender:`")
+        kwargs = {"from_": self._from, "to": f"whatsapp:{to}", "content_sid": content_sid}
+        return await self._create({**kwargs, "content_variables": json.dumps(dict(variables))})
+
     async def _create(self, kwargs: dict[str, Any]) -> SendResult:
+        if self._status_callback:
+            kwargs = {**kwargs, "status_callback": self._status_callback}
         try:
             async with self._limiter:
                 message = await self._messages.create_async(**kwargs)

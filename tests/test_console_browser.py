@@ -69,3 +69,38 @@ async def test_the_demo_loop_in_a_browser(tmp_path: Path) -> None:
         assert await wait_exit(proc, 15) == 0
         logs = [tmp_path / "console.log", *(tmp_path / "data").glob("*.log")]
         assert len(logs) == 3 and not [log.name for log in logs if "Traceback" in log.read_text()]
+
+
+async def test_the_24_hour_window_in_a_browser(tmp_path: Path) -> None:
+    # "24 h later" closes WhatsApp's window at the page (which is Twilio for the relay): the
+    # approval is refused with 63016 and held, the template says so, and the next message brings it.
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {"CHROMIUM_PATH": CHROMIUM, "HOME": str(tmp_path / "home")}
+    if os.geteuid() == 0:
+        open_for_agents(tmp_path)
+    with child(
+        "console", env, tmp_path / "console.log", "--demo", "--port", str(port), "--data", str(tmp_path / "data")
+    ) as proc:
+        await wait_healthy(url, proc, path="/api/info")
+        async with async_playwright() as pw:
+            browser = await pw.chromium.launch(
+                executable_path=CHROMIUM, args=["--disable-background-networking", "--disable-component-update"]
+            )
+            try:
+                page = await browser.new_page(viewport={"width": 420, "height": 860})
+                await page.goto(url)
+                await say(page, "add a greeting")
+                bot = page.locator(".msg.textslash")
+                await expect(bot.filter(has_text="running ls")).to_have_count(1, timeout=STEP)
+                await page.get_by_role("button", name="24 h later").click()  # the model has steps to go
+                template = bot.filter(has_text="waiting for you. Reply to see them.")
+                await expect(template).to_have_count(1, timeout=STEP)
+                await expect(bot.filter(has_text="files changed")).to_have_count(0)
+                await say(page, "status")
+                await expect(bot.filter(has_text="files changed")).to_have_count(1, timeout=STEP)
+                await expect(bot.filter(has_text="waited for you")).to_have_count(1, timeout=STEP)
+            finally:
+                await browser.close()
+        os.killpg(proc.pid, signal.SIGINT)
+        assert await wait_exit(proc, 15) == 0

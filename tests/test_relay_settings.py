@@ -53,6 +53,8 @@ def test_defaults() -> None:
         ("MONTHLY_BUDGET_USD", "-5"),
         ("RUN_BUDGET_USD", "nan"),
         ("VM_COST_PER_HOUR_USD", "free"),
+        ("TWILIO_TEMPLATE_CONTENT_SID", "HX123"),
+        ("WHATSAPP_WINDOW_MS", "a day"),
     ],
 )
 def test_bad_values_name_the_variable(name: str, value: str) -> None:
@@ -88,6 +90,16 @@ def test_a_malformed_repos_never_echoes_a_url() -> None:
         with pytest.raises(ConfigError, match="REPOS is malformed: pair 1") as info:
             Settings.from_env({**BASE, "REPOS": raw})
         assert "hunter22" not in str(info.value)
+
+
+def test_the_window_template_is_optional_and_a_malformed_one_is_not_echoed() -> None:
+    assert Settings.from_env(BASE).template_content_sid == ""
+    assert Settings.from_env(BASE).whatsapp_window_s == 24 * 3600 - 300  # 5 minutes to spare
+    sid = "HX" + "0123456789abcdef" * 2
+    assert Settings.from_env({**BASE, "TWILIO_TEMPLATE_CONTENT_SID": sid}).template_content_sid == sid
+    with pytest.raises(ConfigError, match="TWILIO_TEMPLATE_CONTENT_SID is malformed") as info:
+        Settings.from_env({**BASE, "TWILIO_TEMPLATE_CONTENT_SID": "textslash reminder"})
+    assert "reminder" not in str(info.value)
 
 
 def test_a_short_secret_is_not_echoed() -> None:

@@ -25,9 +25,12 @@ from fakes.wiring import (
     signed_form,
 )
 from fakes.worker import FakeWorker
-from relay.app import create_app
+from relay.app import STATUS_PATH, create_app
 from relay.settings import Settings
 from relay.twilio import TwilioSender
+
+# The body DEPLOY.md suggests for the template TWILIO_TEMPLATE_CONTENT_SID names.
+WINDOW_TEMPLATE = "textslash: {{1}} waiting for you. Reply to see them."
 
 
 @dataclass
@@ -44,6 +47,7 @@ class Stack:
         """Deliver a WhatsApp message the way Twilio does: a signed form post. `media`: the
         (URL, content type) of each photo or file it carries (`FakeTwilio.add_media`)."""
         params = message_params(body, sender=sender, sid=sid, media=media)
+        self.twilio.open_window(sender)  # the owner wrote: WhatsApp's 24 hours start again
         return await self.post_form(params)
 
     async def post_form(self, params: dict[str, str], headers: dict[str, str] | None = None) -> httpx.Response:
@@ -66,6 +70,7 @@ def twilio_sender(twilio_url: str, *, timeout: float = 10.0) -> TwilioSender:
         base_url=twilio_url,
         media_base_url=f"{PUBLIC_URL}/images",
         timeout=timeout,
+        status_callback=PUBLIC_URL + STATUS_PATH,
     )
 
 
@@ -91,6 +96,9 @@ async def relay_stack(
             await stack.enter_async_context(run_server(worker.app(), worker_sock))
         settings = Settings.from_env(relay_env(tmp / "relay.sqlite3", twilio_url, url_of(worker_sock), **env))
         sender = twilio_sender(twilio_url, timeout=send_timeout)
+        if settings.template_content_sid:  # approved in the fake, as it must be at Twilio
+            twilio.add_template(WINDOW_TEMPLATE, settings.template_content_sid)
         relay_url = await stack.enter_async_context(run_server(create_app(settings, sender=sender)))
+        twilio.status_target = relay_url
         http = await stack.enter_async_context(httpx.AsyncClient())
         yield Stack(relay_url, settings, twilio, worker, http)
