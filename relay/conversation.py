@@ -493,6 +493,8 @@ def list_schedules(conv: Conversation, event: Word, ctx: Context) -> list[Effect
 
 
 def unschedule(conv: Conversation, event: Unschedule, ctx: Context) -> list[Effect]:
+    if event.problem:  # first: its `number` is None, which would mean all of them
+        return [Send(replies.bad_unschedule(event.problem))]
     return [RemoveSchedule(event.number)]
 
 

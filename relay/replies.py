@@ -563,6 +563,10 @@ def no_such_schedule(number: int) -> str:
     return f"⏰ There is no schedule {number}. *schedules* lists them."
 
 
+def bad_unschedule(needs: str) -> str:
+    return f"🤔 *unschedule <n>* needs {needs}: *unschedule 2*, *unschedule all*."
+
+
 def too_many_schedules(limit: int) -> str:
     return f"⏰ You have {limit} schedules, the most there can be. *unschedule <n>* removes one."
 

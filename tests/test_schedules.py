@@ -19,6 +19,7 @@ from relay.events import (
     Fired,
     NewSchedule,
     Prompt,
+    RemoveSchedule,
     Send,
     SetZone,
     Unschedule,
@@ -108,6 +109,35 @@ def test_a_malformed_schedule_is_explained_and_nothing_runs(text: str, needs: st
     new, effects = apply(Conversation(PHONE), event, CTX)
     assert new.state == "idle" and len(effects) == 1
     assert isinstance(effects[0], Send) and needs in effects[0].text
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # Letters that match ASCII ones only when case is ignored the Unicode way (long s, dotless
+        # i, the Kelvin sign): once they broke the lookup of the unit (a KeyError, so the owner
+        # heard nothing) or of the weekday (a one-off instead of a weekly schedule).
+        "in 5\u017f hello",
+        "in 5 \u017fecs hello",
+        "every \u017funday 9am tidy",
+        "every fr\u0131day 9am tidy",
+        "every weekday\u017f 9:00 tidy",
+    ],
+)
+def test_look_alike_letters_are_not_schedule_words(text: str) -> None:
+    event = parse_owner_text(text, "m")
+    assert event == Prompt(text, "m")
+
+
+@pytest.mark.parametrize("text", ["unschedule -1", "unschedule foo", "Unschedule 1234567", "unschedule"])
+def test_an_unschedule_without_a_number_is_explained_and_nothing_runs(text: str) -> None:
+    # Once these went to Claude Code as prompts (a run, for a mistyped command).
+    event = parse_owner_text(text, "m")
+    assert isinstance(event, Unschedule) and event.problem and event.number is None
+    new, effects = apply(Conversation(PHONE), event, CTX)
+    assert new.state == "idle" and len(effects) == 1
+    assert isinstance(effects[0], Send) and "*unschedule <n>*" in effects[0].text
+    assert not any(isinstance(e, RemoveSchedule) for e in effects)
 
 
 def test_zones_are_looked_up_by_name_only() -> None:
