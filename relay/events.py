@@ -254,7 +254,9 @@ class Unreachable:
     reason: str = ""
     refused: bool = False  # the worker answered and said no (HTTP 4xx), rather than not answering
     answer: Answer | None = None  # a refusal's account of where the run stands
-    asleep: bool = False  # not called: the worker said goodnight, so it holds no run for anyone
+    # Not called: the worker said goodnight, so it holds no run for anyone (but maybe the
+    # changes of a scheduled run, which wait for the owner with the worker asleep).
+    asleep: bool = False
 
 
 @dataclass(frozen=True)

@@ -103,10 +103,12 @@ def adopted_run(prompt: str) -> str:
     return f"🤖 The VM is working on “{_clip(prompt, 80)}”; *cancel* stops it."
 
 
-def adopted_changes(prompt: str, window_s: float) -> str:
+def adopted_changes(prompt: str, window_s: float | None) -> str:
+    """`window_s` None: a scheduled run's changes, which wait with no deadline."""
+    within = f"within {_duration(window_s)}" if window_s is not None else "they wait for you; the VM sleeps meanwhile"
     return (
         f"📝 Changes from “{_clip(prompt, 80)}” wait on the VM: reply *approve* to open a pull request "
-        f"or *reject* to roll back (within {_duration(window_s)})."
+        f"or *reject* to roll back ({within})."
     )
 
 
