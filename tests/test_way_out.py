@@ -188,12 +188,15 @@ def said(stack: Stack, fragment: str) -> list[str]:
 async def test_both_halves_speak_one_protocol_version() -> None:
     from common import protocol
 
-    assert protocol.VERSION == 2
-    future = {"v": 3, "type": "answer", "run_id": "r", "seq": 1}
+    assert protocol.VERSION == 3
+    future = {"v": 4, "type": "answer", "run_id": "r", "seq": 1}
     with pytest.raises(protocol.ProtocolError, match="deploy the relay first"):
         protocol.decode_report(future)
     with pytest.raises(protocol.ProtocolError, match="deploy the worker first"):
-        protocol.decode_command("command", {"v": 3, "phone": "+15550001111", "text": "hi", "message_id": "m"})
+        protocol.decode_command("command", {"v": 4, "phone": "+15550001111", "text": "hi", "message_id": "m"})
+    # A version 2 prompt (no `unattended`) is an attended one.
+    two = protocol.decode_command("command", {"v": 2, "phone": "+15550001111", "text": "hi", "message_id": "m"})
+    assert isinstance(two, protocol.RunPrompt) and two.unattended is False
     # A version 1 message (a spool or a relay from before) is still read.
     old = protocol.decode_command("command", {"v": 1, "phone": "+15550001111", "text": "hi", "message_id": "m"})
     assert isinstance(old, protocol.RunPrompt) and old.repo == "" and old.attachments == ()
