@@ -335,7 +335,8 @@ def _move_to(conv: Conversation, answer: Answer, ctx: Context) -> tuple[list[Eff
         return [Send(replies.adopted_run(prompt), buttons="cancel", run=answer.run_id)], []
     if target == "awaiting_approval":
         _await_approval(conv, ctx)
-        return [Send(replies.adopted_changes(prompt, ctx.approval_timeout_s), buttons="decide", run=answer.run_id)], []
+        window = None if conv.unattended else ctx.approval_timeout_s
+        return [Send(replies.adopted_changes(prompt, window), buttons="decide", run=answer.run_id)], []
     conv.state, conv.job, conv.approval_deadline = "applying", None, None
     conv.applying = "approve" if answer.state == "pushing" else "reject"
     return [Send(replies.APPLYING[conv.applying])], []
@@ -493,6 +494,8 @@ def list_schedules(conv: Conversation, event: Word, ctx: Context) -> list[Effect
 
 
 def unschedule(conv: Conversation, event: Unschedule, ctx: Context) -> list[Effect]:
+    if event.problem:  # first: its `number` is None, which would mean all of them
+        return [Send(replies.bad_unschedule(event.problem))]
     return [RemoveSchedule(event.number)]
 
 
@@ -655,8 +658,10 @@ def unreachable(conv: Conversation, event: Unreachable, ctx: Context) -> list[Ef
         return _command_failed(conv, event, ctx)
     if event.route == "screenshot":
         return [Send(replies.refused(event.reason) if event.refused else replies.never_woke(event.reason, kept=False))]
+    if event.asleep and conv.state == "awaiting_approval" and conv.unattended:
+        return []  # the worker sleeps holding a scheduled run's changes, which wait for the owner
     answer = Answer("idle") if event.asleep else event.answer
-    if answer is not None:  # the worker said where things stand (or sleeps, so holds nothing)
+    if answer is not None:  # the worker said where things stand (or sleeps, so holds no run)
         return _answered(conv, event.route, answer, ctx, refusal=event.reason if event.refused else "")
     if event.route == "status":
         return []  # a probe that found no one: the next check asks again

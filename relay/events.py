@@ -76,10 +76,12 @@ class NewSchedule:
 
 @dataclass(frozen=True)
 class Unschedule:
-    """`unschedule <n>` (`number` None: `unschedule all`)."""
+    """`unschedule <n>` (`number` None: `unschedule all`). `problem`: `unschedule` with no
+    number, or one word that is not one: explained, and nothing is removed."""
 
     kind: ClassVar[str] = "unschedule"
     number: int | None
+    problem: str = ""
 
 
 @dataclass(frozen=True)
@@ -127,17 +129,22 @@ _BUDGET = re.compile(r"^budget\s+(\S+)$", re.IGNORECASE)
 _AMOUNT = re.compile(r"^\$?([0-9]{1,7}(?:\.[0-9]{1,2})?)\$?$")  # dollars: up to 9,999,999.99
 _TZ = re.compile(r"^tz\s+(\S+)$", re.IGNORECASE)
 _UNSCHEDULE = re.compile(r"^unschedule\s+(?:#?([0-9]{1,6})|(all))$", re.IGNORECASE)
+# `unschedule` alone or with one other word is a mistyped command, not a prompt for Claude Code
+# ("unschedule the cron job in deploy.yml", several words, still is one).
+_UNSCHEDULE_WORD = re.compile(r"^unschedule(?:\s+\S+)?$", re.IGNORECASE)
 # A time of day: 9:00, 21:05, 9am, 9:30pm. `every <day> <digits>` is a schedule whatever follows
 # (a bad time is explained); `at` needs a colon or am/pm, since "at 5 places..." is a prompt.
 _TIME = r"(?P<time>[0-9]{1,2}(?::[0-9]{2})?(?:\s*[ap]\.?m\.?)?)"
-_DAY = r"(?P<days>day|weekdays?|mon|tue|tues|wed|thu|thur|thurs|fri|sat|sun|" + "|".join(WEEKDAYS) + r")s?"
+# Keywords match ASCII letters only ((?a:...)): ignoring case the Unicode way, "ſ" (long s) is an
+# "s" and "ı" (dotless i) an "i", which the lookups of the unit and the weekday do not know.
+_DAY = r"(?a:(?P<days>day|weekdays?|mon|tue|tues|wed|thu|thur|thurs|fri|sat|sun|" + "|".join(WEEKDAYS) + r")s?)"
 _EVERY = re.compile(rf"^every\s+{_DAY}\s+(?:at\s+)?{_TIME}(?:\s+(?P<prompt>.*))?$", re.IGNORECASE | re.DOTALL)
 _AT = re.compile(
     r"^at\s+(?P<time>[0-9]{1,2}(?::[0-9]{2}(?:\s*[ap]\.?m\.?)?|\s*[ap]\.?m\.?))(?:\s+(?P<prompt>.*))?$",
     re.IGNORECASE | re.DOTALL,
 )
 _IN = re.compile(
-    r"^in\s+(?P<n>[0-9]{1,7})\s*(?P<unit>s|secs?|seconds?|m|mins?|minutes?|h|hrs?|hours?|d|days?)"
+    r"^in\s+(?P<n>[0-9]{1,7})\s*(?P<unit>(?a:s|secs?|seconds?|m|mins?|minutes?|h|hrs?|hours?|d|days?))"
     r"(?:\s+(?P<prompt>.*))?$",
     re.IGNORECASE | re.DOTALL,
 )
@@ -176,6 +183,8 @@ def parse_owner_text(text: str, message_id: str) -> OwnerEvent:
         return SetZone(match.group(1))
     if match := _UNSCHEDULE.match(stripped):
         return Unschedule(int(match.group(1)) if match.group(1) else None)
+    if _UNSCHEDULE_WORD.match(stripped):
+        return Unschedule(None, problem="the number *schedules* shows, or all")
     if schedule := _schedule(stripped):
         return schedule
     return Prompt(text=stripped, message_id=message_id)
@@ -245,7 +254,9 @@ class Unreachable:
     reason: str = ""
     refused: bool = False  # the worker answered and said no (HTTP 4xx), rather than not answering
     answer: Answer | None = None  # a refusal's account of where the run stands
-    asleep: bool = False  # not called: the worker said goodnight, so it holds no run for anyone
+    # Not called: the worker said goodnight, so it holds no run for anyone (but maybe the
+    # changes of a scheduled run, which wait for the owner with the worker asleep).
+    asleep: bool = False
 
 
 @dataclass(frozen=True)

@@ -106,10 +106,12 @@ def adopted_run(prompt: str) -> str:
     return f"🤖 The VM is working on “{_clip(prompt, 80)}”; *cancel* stops it."
 
 
-def adopted_changes(prompt: str, window_s: float) -> str:
+def adopted_changes(prompt: str, window_s: float | None) -> str:
+    """`window_s` None: a scheduled run's changes, which wait with no deadline."""
+    within = f"within {_duration(window_s)}" if window_s is not None else "they wait for you; the VM sleeps meanwhile"
     return (
         f"📝 Changes from “{_clip(prompt, 80)}” wait on the VM: reply *approve* to open a pull request "
-        f"or *reject* to roll back (within {_duration(window_s)})."
+        f"or *reject* to roll back ({within})."
     )
 
 
@@ -564,6 +566,10 @@ def unscheduled(gone: Sequence[Schedule]) -> str:
 
 def no_such_schedule(number: int) -> str:
     return f"⏰ There is no schedule {number}. *schedules* lists them."
+
+
+def bad_unschedule(needs: str) -> str:
+    return f"🤔 *unschedule <n>* needs {needs}: *unschedule 2*, *unschedule all*."
 
 
 def too_many_schedules(limit: int) -> str:

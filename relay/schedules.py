@@ -21,9 +21,13 @@ from zoneinfo import ZoneInfo
 
 from relay.zones import zone
 
-SCHEMA = """
+# AUTOINCREMENT: a row's id is never handed out again. Without it SQLite gives the next row the
+# highest id plus one, so a one-off that fired (and was deleted) while its prompt still waits in
+# the queue would lend its id to the owner's next schedule, which would then be taken for it
+# (one prompt per schedule waits at most) and skipped. `store.py` rebuilds an older table.
+TABLE = """
 CREATE TABLE IF NOT EXISTS schedules (
-    id INTEGER PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     phone TEXT NOT NULL,
     number INTEGER NOT NULL,              -- what the owner types: unschedule <number>
     days TEXT NOT NULL DEFAULT '',        -- weekdays it repeats on, Monday 0 ('01234'); '' once
@@ -35,8 +39,9 @@ CREATE TABLE IF NOT EXISTS schedules (
     created_at REAL NOT NULL,
     UNIQUE (phone, number)
 );
-CREATE INDEX IF NOT EXISTS schedules_due ON schedules (next_at);
 """
+INDEX = "CREATE INDEX IF NOT EXISTS schedules_due ON schedules (next_at);"
+SCHEMA = TABLE + INDEX
 
 WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
 EVERY_DAY = frozenset(range(7))

@@ -133,6 +133,21 @@ def _migrate(conn: sqlite3.Connection) -> None:
     for table, column, kind in ADDED_COLUMNS:
         if column not in {row["name"] for row in conn.execute(f"PRAGMA table_info({table})")}:
             conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+    _autoincrement_schedules(conn)
+
+
+def _autoincrement_schedules(conn: sqlite3.Connection) -> None:
+    """A schedules table from before its ids were AUTOINCREMENT (relay/schedules.py says why):
+    rebuilt, every row and id kept, in one transaction."""
+    row = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'schedules'").fetchone()
+    if row is None or "AUTOINCREMENT" in row["sql"].upper():
+        return
+    with transaction(conn):
+        conn.execute("ALTER TABLE schedules RENAME TO schedules_before")
+        conn.execute(schedules.TABLE)
+        conn.execute("INSERT INTO schedules SELECT * FROM schedules_before")
+        conn.execute("DROP TABLE schedules_before")  # and its index, made again next
+        conn.execute(schedules.INDEX)
 
 
 @contextmanager

@@ -3,11 +3,13 @@ worker: what the owner is told, what reaches the worker, and what `unschedule` a
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from pathlib import Path
 
 import pytest
 
+from relay import schedules, store
 from tests.support.relay_harness import Stack, relay_stack
 from tests.support.waiting import wait_for
 
@@ -90,3 +92,58 @@ async def test_too_many_schedules_are_refused(tmp_path: Path) -> None:
         assert "the most there can be" in await said(stack, "the most there can be")
         await stack.send("unschedule all")
         assert "Removed 20 schedules" in await said(stack, "Removed 20")
+
+
+async def test_a_new_schedule_is_never_taken_for_one_that_already_fired(tmp_path: Path) -> None:
+    """A one-off is deleted when it fires, while its prompt may still wait in the queue; the
+    next schedule must not get its row (SQLite reuses the highest rowid), or it would be taken
+    for the one still waiting and skipped."""
+    async with relay_stack(tmp_path) as stack:
+        await stack.send("fix the login bug")
+        await wait_for(lambda: stack.worker.commands(), 10, "the owner's own run")
+        await stack.send("in 1s first job")
+        assert "Queued (#1)" in await said(stack, "⏰ first job")
+        await stack.send("in 1s second job")
+        assert "Queued (#2)" in await said(stack, "⏰ second job")
+        assert not [b for b in stack.twilio.bodies() if "Skipped" in b]
+
+
+# The table as the first version of schedules made it (ids without AUTOINCREMENT).
+FIRST_TABLE = """
+CREATE TABLE schedules (
+    id INTEGER PRIMARY KEY, phone TEXT NOT NULL, number INTEGER NOT NULL, days TEXT NOT NULL DEFAULT '',
+    clock TEXT NOT NULL DEFAULT '', tz TEXT NOT NULL, prompt TEXT NOT NULL, repo TEXT NOT NULL DEFAULT '',
+    next_at REAL NOT NULL, created_at REAL NOT NULL, UNIQUE (phone, number)
+);
+CREATE INDEX schedules_due ON schedules (next_at);
+"""
+
+
+def test_a_schedules_table_from_before_keeps_its_rows_and_never_hands_out_an_id_again(tmp_path: Path) -> None:
+    path = tmp_path / "relay.sqlite3"
+    old = sqlite3.connect(path)
+    old.executescript(FIRST_TABLE)
+    for row, number in ((1, 1), (2, 2)):
+        old.execute(
+            "INSERT INTO schedules VALUES (?, '+15550001111', ?, '0123456', '09:00', 'UTC', 'run', '', 5e9, 1.0)",
+            (row, number),
+        )
+    old.commit()
+    old.close()
+    db = store.Database(path)
+    try:
+        kept = schedules.owned(db.conn, "+15550001111")
+        assert [(s.id, s.number, s.clock, s.days) for s in kept] == [(1, 1, "09:00", schedules.EVERY_DAY)] + [
+            (2, 2, "09:00", schedules.EVERY_DAY)
+        ]
+        assert schedules.due(db.conn, 6e9) == kept  # the index on due times is there again
+        assert db.conn.execute("SELECT name FROM sqlite_master WHERE name = 'schedules_due'").fetchone()
+        schedules.remove(db.conn, "+15550001111", 2)
+        added = schedules.add(
+            db.conn, "+15550001111", days=frozenset(), clock="", tz="UTC", prompt="x", repo="", next_at=5e9, now=1.0
+        )
+        assert added is not None and added.id == 3  # not 2, the id of the one just removed
+    finally:
+        db.close()
+    again = store.Database(path)  # a second start finds nothing to do
+    again.close()

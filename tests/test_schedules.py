@@ -11,16 +11,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.protocol import Report, RunPrompt
+from common.protocol import Answer, Report, RunPrompt
 from relay.conversation import Context, Conversation, Job, apply
 from relay.events import (
     AddSchedule,
     CallWorker,
+    Delivered,
     Fired,
     NewSchedule,
     Prompt,
+    RemoveSchedule,
     Send,
     SetZone,
+    Unreachable,
     Unschedule,
     Word,
     parse_owner_text,
@@ -108,6 +111,35 @@ def test_a_malformed_schedule_is_explained_and_nothing_runs(text: str, needs: st
     new, effects = apply(Conversation(PHONE), event, CTX)
     assert new.state == "idle" and len(effects) == 1
     assert isinstance(effects[0], Send) and needs in effects[0].text
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # Letters that match ASCII ones only when case is ignored the Unicode way (long s, dotless
+        # i, the Kelvin sign): once they broke the lookup of the unit (a KeyError, so the owner
+        # heard nothing) or of the weekday (a one-off instead of a weekly schedule).
+        "in 5\u017f hello",
+        "in 5 \u017fecs hello",
+        "every \u017funday 9am tidy",
+        "every fr\u0131day 9am tidy",
+        "every weekday\u017f 9:00 tidy",
+    ],
+)
+def test_look_alike_letters_are_not_schedule_words(text: str) -> None:
+    event = parse_owner_text(text, "m")
+    assert event == Prompt(text, "m")
+
+
+@pytest.mark.parametrize("text", ["unschedule -1", "unschedule foo", "Unschedule 1234567", "unschedule"])
+def test_an_unschedule_without_a_number_is_explained_and_nothing_runs(text: str) -> None:
+    # Once these went to Claude Code as prompts (a run, for a mistyped command).
+    event = parse_owner_text(text, "m")
+    assert isinstance(event, Unschedule) and event.problem and event.number is None
+    new, effects = apply(Conversation(PHONE), event, CTX)
+    assert new.state == "idle" and len(effects) == 1
+    assert isinstance(effects[0], Send) and "*unschedule <n>*" in effects[0].text
+    assert not any(isinstance(e, RemoveSchedule) for e in effects)
 
 
 def test_zones_are_looked_up_by_name_only() -> None:
@@ -244,3 +276,31 @@ def test_usage_counts_the_owners_days_and_months() -> None:
     assert usage.month_of(evening) == "2026-11" and usage.month_of(evening, tokyo) == "2026-12"
     assert usage._day_start(evening, tokyo) == at(tokyo, 2026, 12, 1, 0, 0)
     assert usage._month_start(evening, UTC) == at(UTC, 2026, 11, 1, 0, 0)
+
+
+def unattended_waiting() -> Conversation:
+    working, _ = apply(Conversation(PHONE), fired(), CTX)
+    working.job.delivered = True  # type: ignore[union-attr]
+    waiting, _ = apply(working, Report("approval_required", "sched-7-1", files_count=1), CTX)
+    assert waiting.state == "awaiting_approval" and waiting.unattended
+    return waiting
+
+
+def test_a_worker_asleep_still_holds_a_scheduled_runs_changes() -> None:
+    """The worker sleeps while a scheduled run's changes wait: its goodnight no longer means it
+    holds nothing. A call that found it asleep (a stall check made while the run was going, say)
+    must not let the changes go, nor tell the owner the run is gone."""
+    waiting = unattended_waiting()
+    after, effects = apply(waiting, Unreachable("status", reason="asleep", asleep=True), CTX)
+    assert after.state == "awaiting_approval" and after.run == "sched-7-1" and effects == []
+
+
+def test_changes_of_a_scheduled_run_heard_of_from_an_answer_promise_no_window() -> None:
+    working, _ = apply(Conversation(PHONE), fired(), CTX)
+    working.job.delivered = True  # type: ignore[union-attr]
+    # A status answer says the changes wait before the approval request itself arrives.
+    answer = Answer("awaiting_approval", "sched-7-1", "run the tests", seq=5)
+    waiting, effects = apply(working, Delivered("status", answer=answer), CTX)
+    assert waiting.state == "awaiting_approval" and waiting.approval_deadline is None
+    [told] = effects
+    assert isinstance(told, Send) and "within" not in told.text and "wait for you" in told.text

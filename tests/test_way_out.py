@@ -194,6 +194,9 @@ async def test_both_halves_speak_one_protocol_version() -> None:
         protocol.decode_report(future)
     with pytest.raises(protocol.ProtocolError, match="deploy the worker first"):
         protocol.decode_command("command", {"v": 4, "phone": "+15550001111", "text": "hi", "message_id": "m"})
+    # A version 2 prompt (no `unattended`) is an attended one.
+    two = protocol.decode_command("command", {"v": 2, "phone": "+15550001111", "text": "hi", "message_id": "m"})
+    assert isinstance(two, protocol.RunPrompt) and two.unattended is False
     # A version 1 message (a spool or a relay from before) is still read.
     old = protocol.decode_command("command", {"v": 1, "phone": "+15550001111", "text": "hi", "message_id": "m"})
     assert isinstance(old, protocol.RunPrompt) and old.repo == "" and old.attachments == ()
