@@ -450,7 +450,8 @@ def retry(conv: Conversation, event: Word, ctx: Context) -> list[Effect]:
         return [Send(replies.NOTHING_TO_RETRY)]
     if ctx.budget is not None and _spent(ctx):  # a kept prompt is a prompt: it waits too
         return [Send(replies.budget_reached(ctx.budget))]
-    return [Send(replies.RETRYING), *_start(conv, conv.kept, ctx)]
+    # The owner is here to retry it: a kept scheduled prompt runs attended (progress, a deadline).
+    return [Send(replies.RETRYING), *_start(conv, replace(conv.kept, schedule=0), ctx)]
 
 
 def new_session(conv: Conversation, event: Word, ctx: Context) -> list[Effect]:
@@ -641,6 +642,8 @@ def delivered(conv: Conversation, event: Delivered, ctx: Context) -> list[Effect
         job = conv.job
         if conv.state == "working" and job is not None and job.message_id == event.message_id:
             job.delivered = True
+            if conv.unattended:  # "⏰ <prompt>" said it started; nobody waits to hear it runs
+                return []
             return [Send(replies.WORKING, buttons="cancel", run=job.message_id)]
         if event.message_id in conv.ended:
             return []  # its run already reported its end: nothing to stop

@@ -298,21 +298,39 @@ def fire_schedules(conn: sqlite3.Connection, now: float) -> list[str]:
     (the relay was down) fires as a word that it was skipped. Returns the owners to wake."""
     owners: list[str] = []
     with store.transaction(conn):
-        for s in schedules.due(conn, now):
-            event = {
-                "type": "fired",
-                "schedule": s.id,
-                "number": s.number,
-                "text": s.prompt,
-                "message_id": f"sched-{s.id}-{s.next_at:.0f}",
-                "repo": s.repo,
-                "due": s.next_at,
-                "late": now - s.next_at > schedules.MAX_LATE_S,
-            }
-            if store.insert_inbox(conn, s.phone, f"schedule:{s.id}:{s.next_at!r}", event, now):
-                owners.append(s.phone)
-            schedules.move_on(conn, s, now)
+        for row in schedules.due(conn, now):
+            conn.execute("SAVEPOINT fire")
+            try:
+                if _fire(conn, schedules.from_row(row), now):
+                    owners.append(row["phone"])
+            except Exception:
+                # A row that cannot be read or moved on would fail every tick and hold up the rest
+                # (a corrupt zone, say): it is removed, and its owner told.
+                conn.execute("ROLLBACK TO fire")
+                logger.exception("schedule %s cannot fire: removed", row["id"])
+                conn.execute("DELETE FROM schedules WHERE id = ?", (row["id"],))
+                store.enqueue_send(conn, row["phone"], replies.schedule_broken(row["number"], row["prompt"]), [], now)
+                owners.append(row["phone"])
+            conn.execute("RELEASE fire")
     return owners
+
+
+def _fire(conn: sqlite3.Connection, s: schedules.Schedule, now: float) -> bool:
+    """One due time of one schedule: its event in the owner's inbox, once, and the schedule moved
+    on; False when this due time was fired before."""
+    event = {
+        "type": "fired",
+        "schedule": s.id,
+        "number": s.number,
+        "text": s.prompt,
+        "message_id": f"sched-{s.id}-{s.next_at:.0f}",
+        "repo": s.repo,
+        "due": s.next_at,
+        "late": now - s.next_at > schedules.MAX_LATE_S,
+    }
+    new = store.insert_inbox(conn, s.phone, f"schedule:{s.id}:{s.next_at!r}", event, now)
+    schedules.move_on(conn, s, now)
+    return new
 
 
 def _enqueue(conn: sqlite3.Connection, phone: str, send: Send, now: float, *, buttons: str, kind: str) -> None:
@@ -646,6 +664,7 @@ class Dispatcher:
             now = self.clock()
             for phone in await self.db.run(fire_schedules, now):
                 self.inbox.notify(phone)
+                self.outbox.notify(phone)  # a schedule that could not fire says so
             due = [
                 (phone, f"expire:{phone}:{deadline!r}", {"type": "approval_expired", "deadline": deadline})
                 for phone, deadline in await self.db.run(store.expired_approvals, now)

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from common.protocol import Answer, Attachment, Command, Report
+from common.protocol import MAX_PROMPT, Answer, Attachment, Command, Report
 from relay.schedules import EVERY_DAY, MAX_DELAY_S, WEEKDAYS, WORK_DAYS
 
 # --- the owner's words -------------------------------------------------------------
@@ -202,7 +202,7 @@ def _schedule(text: str) -> NewSchedule | None:
         delay = int(match.group("n")) * _UNIT_S[match.group("unit")[0].lower()]
         if not 1 <= delay <= MAX_DELAY_S:
             return NewSchedule(prompt, delay_s=delay, problem="a delay from 1 s to a year")
-        return NewSchedule(prompt, delay_s=delay, problem="" if prompt else "a prompt after the delay")
+        return NewSchedule(prompt, delay_s=delay, problem=_prompt_problem(prompt, "the delay"))
     return None
 
 
@@ -215,7 +215,14 @@ def _at_clock(time_text: str, prompt: str | None, days: frozenset[int]) -> NewSc
     clock = _clock(time_text)
     if clock is None:
         return NewSchedule(prompt, days, problem="a time like 09:00, 21:30 or 9am")
-    return NewSchedule(prompt, days, clock, problem="" if prompt else "a prompt after the time")
+    return NewSchedule(prompt, days, clock, problem=_prompt_problem(prompt, "the time"))
+
+
+def _prompt_problem(prompt: str, after: str) -> str:
+    if not prompt:
+        return f"a prompt after {after}"
+    # Checked now, not when it fires (the worker refuses a longer prompt): the owner is here now.
+    return f"a prompt of at most {MAX_PROMPT:,} characters" if len(prompt) > MAX_PROMPT else ""
 
 
 def _clock(text: str) -> tuple[int, int] | None:

@@ -591,9 +591,13 @@ def fired_late(number: int, prompt: str, due: float, tz_name: str, now: float) -
     tz = zone(tz_name) or zone("UTC")
     assert tz is not None
     return (
-        f"⏰ Skipped schedule {number}, “{_clip(prompt, 80)}”: it was due {when(due, now, tz)} and the relay was down "
-        "for more than an hour after. Send the prompt to run it now."
+        f"⏰ Skipped schedule {number}, “{_clip(prompt, 80)}”: it was due {when(due, now, tz)}, more than an hour "
+        "ago (the relay was not running then). Send the prompt to run it now."
     )
+
+
+def schedule_broken(number: int, prompt: str) -> str:
+    return f"⚠️ Schedule {number}, “{_clip(prompt, 80)}”, could not be read and was removed. Schedule it again."
 
 
 def fired_over_budget(prompt: str, budget: Budget) -> str:

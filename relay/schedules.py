@@ -108,7 +108,7 @@ class Schedule:
         return Rule(self.days, hour, minute)
 
 
-def _schedule(row: sqlite3.Row) -> Schedule:
+def from_row(row: sqlite3.Row) -> Schedule:
     return Schedule(
         row["id"],
         row["phone"],
@@ -125,7 +125,7 @@ def _schedule(row: sqlite3.Row) -> Schedule:
 def owned(conn: sqlite3.Connection, phone: str) -> list[Schedule]:
     """The owner's schedules, by number."""
     rows = conn.execute("SELECT * FROM schedules WHERE phone = ? ORDER BY number", (phone,)).fetchall()
-    return [_schedule(r) for r in rows]
+    return [from_row(r) for r in rows]
 
 
 def add(
@@ -169,9 +169,13 @@ def rezone(conn: sqlite3.Connection, phone: str, tz: ZoneInfo, now: float) -> No
         conn.execute("UPDATE schedules SET tz = ?, next_at = ? WHERE id = ?", (str(tz), next_at, s.id))
 
 
-def due(conn: sqlite3.Connection, now: float) -> list[Schedule]:
-    rows = conn.execute("SELECT * FROM schedules WHERE next_at <= ? ORDER BY next_at, id", (now,)).fetchall()
-    return [_schedule(r) for r in rows]
+def due(conn: sqlite3.Connection, now: float) -> list[sqlite3.Row]:
+    """The rows due by `now`, as stored (`from_row` reads each: one that cannot be read must not
+    keep the others from firing)."""
+    rows: list[sqlite3.Row] = conn.execute(
+        "SELECT * FROM schedules WHERE next_at <= ? ORDER BY next_at, id", (now,)
+    ).fetchall()
+    return rows
 
 
 def move_on(conn: sqlite3.Connection, schedule: Schedule, now: float) -> None:

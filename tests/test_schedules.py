@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -103,6 +105,8 @@ def test_prose_stays_a_prompt(text: str) -> None:
         ("in 10m", "a prompt after the delay"),
         ("in 0s run", "a delay from 1 s to a year"),
         ("in 400d run", "a delay from 1 s to a year"),
+        ("in 1h " + "x" * 20_001, "a prompt of at most 20,000 characters"),
+        ("every day 09:00 " + "x" * 20_001, "a prompt of at most 20,000 characters"),
     ],
 )
 def test_a_malformed_schedule_is_explained_and_nothing_runs(text: str, needs: str) -> None:
@@ -304,3 +308,39 @@ def test_changes_of_a_scheduled_run_heard_of_from_an_answer_promise_no_window() 
     assert waiting.state == "awaiting_approval" and waiting.approval_deadline is None
     [told] = effects
     assert isinstance(told, Send) and "within" not in told.text and "wait for you" in told.text
+
+
+def test_an_unattended_run_says_nothing_more_when_it_reaches_the_worker() -> None:
+    working, _ = apply(Conversation(PHONE), fired(), CTX)
+    new, effects = apply(working, Delivered("command", "sched-7-1"), CTX)
+    assert new.job is not None and new.job.delivered and effects == []  # no "Working on it"
+
+
+def test_a_kept_scheduled_prompt_retried_by_the_owner_runs_attended() -> None:
+    kept = Conversation(PHONE, kept=Job("sched-7-1", "run the tests", schedule=7))
+    new, effects = apply(kept, Word("retry"), CTX)
+    assert new.state == "working" and not new.unattended
+    assert CallWorker(RunPrompt(PHONE, "run the tests", "sched-7-1")) in effects
+
+
+def test_a_schedule_that_cannot_be_read_is_removed_and_the_others_still_fire(tmp_path: Path) -> None:
+    from relay import store
+    from relay.dispatcher import fire_schedules
+
+    db = store.Database(tmp_path / "relay.sqlite3")
+    try:
+        conn = db.conn
+        for number, days in ((1, "0x"), (2, "")):  # the first's weekdays are corrupt
+            conn.execute(
+                "INSERT INTO schedules (phone, number, days, clock, tz, prompt, next_at, created_at) "
+                "VALUES (?, ?, ?, '09:00', 'UTC', ?, ?, ?)",
+                (PHONE, number, days, f"job {number}", CTX.now - 5, CTX.now - 60),
+            )
+        assert fire_schedules(conn, CTX.now) == [PHONE, PHONE]
+        assert conn.execute("SELECT COUNT(*) FROM schedules").fetchone()[0] == 0  # one removed, one fired
+        [event] = [json.loads(r[0]) for r in conn.execute("SELECT event FROM inbox")]
+        assert event["type"] == "fired" and event["text"] == "job 2"
+        [body] = [r[0] for r in conn.execute("SELECT body FROM outbox")]
+        assert "Schedule 1, “job 1”, could not be read and was removed" in body
+    finally:
+        db.close()
