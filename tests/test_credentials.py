@@ -18,7 +18,7 @@ import httpx
 import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import StreamingResponse
+from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from common.protocol import Credentials, decode_credentials, encode_credentials
@@ -211,6 +211,29 @@ async def test_a_service_that_trickles_its_answer_holds_the_check_no_longer_than
         assert time.monotonic() - started < 4
         # A status is all the check needs: the answer's body is never waited for.
         assert json.loads((tmp_path / "state" / "credentials.json").read_text())["checked_at"]
+
+
+def failing() -> Starlette:
+    """A service that is down: every answer is 503."""
+
+    async def down(request: Request) -> JSONResponse:
+        return JSONResponse({"message": "unavailable"}, status_code=503)
+
+    return Starlette(routes=[Route("/user", down), Route("/v1/models", down)])
+
+
+async def test_a_check_that_could_not_judge_is_made_again_at_the_next_wake(tmp_path: Path) -> None:
+    """A service that did not answer judged nothing: the next wake asks again rather than a day
+    later (a token revoked meanwhile would go unnoticed for that day)."""
+    async with checking(tmp_path) as c, run_server(failing()) as down:
+        await c.check(github_url=down).on_wake()
+        assert (c.github.user_requests, c.anthropic.model_checks) == (0, 1)
+        c.now[0] += 60
+        await c.check().on_wake()  # the next wake, GitHub back
+        assert c.github.user_requests == 1
+        c.now[0] += 60
+        await c.check().on_wake()  # checked now: not again the same day
+        assert (c.github.user_requests, c.anthropic.model_checks) == (1, 2)
 
 
 # --- the worker: boot, runs, approve --------------------------------------------------

@@ -126,6 +126,7 @@ class CredentialCheck:
     timeout_s: float = TIMEOUT_S
     _said: set[tuple[str, str, str, int]] = field(default_factory=set)  # this wake's findings sent
     _lock: anyio.Lock = field(default_factory=anyio.Lock)
+    _missed: bool = False  # a service this check asked judged nothing (no answer, or not 200/401)
 
     def new_wake(self) -> None:
         """A resume is a wake: what was said before the suspend may be said again."""
@@ -148,11 +149,13 @@ class CredentialCheck:
     async def _check(self, model_refused: str) -> None:
         memory = self._memory()
         now = self.clock()
+        self._missed = False
         found = [await self._claude(memory, now, model_refused)]
         if self.github_token:
             found.append(await self._github(now))
-        memory["checked_at"] = now
-        memory["fingerprints"] = self._fingerprints()
+        if not self._missed:  # else the next wake asks again, and the last full check stands
+            memory["checked_at"] = now
+            memory["fingerprints"] = self._fingerprints()
         write_durably(self.state_file, json.dumps(memory).encode())
         for finding in found:
             if finding is not None:
@@ -191,14 +194,14 @@ class CredentialCheck:
         headers = {"x-api-key": self.model.secret, "anthropic-version": "2023-06-01"}
         answer = await self._ask(f"{self.model.base_url}/v1/models?limit=1", headers, "Anthropic about the API key")
         if answer is None:
-            return None
+            return self._not_judged()
         status, _ = answer
         if status == 401:
             return self._found("claude", "rejected", self.model.kind, now, detail="HTTP 401")
         if status == 200:
             return self._found("claude", "ok", self.model.kind, now)
         logger.warning("Anthropic answered HTTP %s about the API key; not judged", status)
-        return None
+        return self._not_judged()
 
     def _login(self, now: float) -> Credentials | None:
         assert self.model.login_file is not None
@@ -224,13 +227,13 @@ class CredentialCheck:
         }
         answer = await self._ask(f"{self.github_api_url}/user", headers, "GitHub about the token")
         if answer is None:
-            return None
+            return self._not_judged()
         status, answered = answer
         if status == 401:
             return self._found("github", "rejected", "GITHUB_TOKEN", now, detail="HTTP 401")
         if status != 200:
             logger.warning("GitHub answered HTTP %s about the token; not judged", status)
-            return None
+            return self._not_judged()
         header = answered.get(GITHUB_EXPIRY)
         expires = parse_github_expiry(header)
         if header and expires is None:
@@ -240,6 +243,11 @@ class CredentialCheck:
         return self._expiring("github", "GITHUB_TOKEN", now, expires)
 
     # --- shared -------------------------------------------------------------------------
+
+    def _not_judged(self) -> Credentials | None:
+        """A service that did not say (no finding): this check does not count as one (`_due`)."""
+        self._missed = True
+        return None
 
     async def _ask(self, url: str, headers: dict[str, str], what: str) -> tuple[int, Mapping[str, str]] | None:
         """The status and headers of a GET, which is all a check needs: the body is never read
