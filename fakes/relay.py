@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from common.protocol import Credentials, Presence, decode_credentials, decode_presence
+from common.protocol import Credentials, Presence, ProtocolError, decode_credentials, decode_presence
 
 
 @dataclass
@@ -65,7 +65,10 @@ class FakeRelay:
     async def _credentials(self, request: Request) -> JSONResponse:
         if request.headers.get("authorization") != f"Bearer {self.token}":
             return JSONResponse({"detail": "unauthorized"}, status_code=401)
-        self.credentials.append(decode_credentials(await request.json()))
+        try:
+            self.credentials.append(decode_credentials(await request.json()))
+        except ProtocolError as exc:  # as the relay answers: 4xx, which the worker never retries
+            return JSONResponse({"detail": str(exc)}, status_code=422)
         return JSONResponse({"ok": True})
 
     async def _presence(self, request: Request) -> JSONResponse:

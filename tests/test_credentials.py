@@ -16,6 +16,10 @@ from pathlib import Path
 import anyio
 import httpx
 import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.routing import Route
 
 from common.protocol import Credentials, decode_credentials, encode_credentials
 from fakes.anthropic import FakeAnthropic, write
@@ -68,17 +72,27 @@ class Checking:
     http: LazyHTTP
     now: list[float]
 
-    def check(self, *, key: str = ANTHROPIC_KEY, token: str = GITHUB_TOKEN) -> CredentialCheck:
+    def check(
+        self,
+        *,
+        key: str = ANTHROPIC_KEY,
+        token: str = GITHUB_TOKEN,
+        app: str = "textslash-vm",
+        github_url: str = "",
+        anthropic_url: str = "",
+        timeout_s: float = 10.0,
+    ) -> CredentialCheck:
         """A check as a worker boots with it: a new one per process, the state on the volume."""
         return CredentialCheck(
             self.tmp / "state" / "credentials.json",
-            ModelCredentials("ANTHROPIC_API_KEY", key, self.anthropic_url),
+            ModelCredentials("ANTHROPIC_API_KEY", key, anthropic_url or self.anthropic_url),
             token,
-            self.github_url,
+            github_url or self.github_url,
             self.http,
             self.callbacks,
-            app="textslash-vm",
+            app=app,
             clock=lambda: self.now[0],
+            timeout_s=timeout_s,
         )
 
     async def delivered(self) -> list[Credentials]:
@@ -147,6 +161,79 @@ async def test_a_malformed_expiry_header_is_ignored_without_a_crash(tmp_path: Pa
         await c.check().check()
         github = [f for f in await c.delivered() if f.service == "github"]
         assert [(f.state, f.expires_at) for f in github] == [("ok", None)]
+
+
+@pytest.mark.parametrize(
+    ("revoked", "expiration", "app"),
+    [
+        (True, "", "textslash; rm -rf ~"),  # FLY_APP_NAME that is no Fly app's name
+        (False, "2999-01-01 00:00:00 UTC", "textslash-vm"),  # an expiry no credential has
+        (False, "1999-01-01 00:00:00 UTC", "textslash-vm"),
+    ],
+)
+async def test_a_finding_reaches_the_relay_whatever_the_app_name_or_expiry_header(
+    tmp_path: Path, revoked: bool, expiration: str, app: str
+) -> None:
+    """The relay refuses for good (4xx, dropped from the spool) a finding whose app is no Fly
+    app's name or whose expiry is no date a credential has: the worker sends what it knows for
+    sure instead, so a refused token is still told."""
+    async with checking(tmp_path) as c:
+        c.github.revoked, c.github.expiration = revoked, expiration
+        await c.check(app=app).check()
+        await wait_for(lambda: c.callbacks.pending == 0, what="the findings to reach the relay")
+        github = [f for f in c.relay.credentials if f.service == "github"]
+        expected = "rejected" if revoked or expiration.startswith("1999") else "ok"
+        assert [(f.state, f.expires_at) for f in github] == [(expected, None)]
+        assert {f.app for f in c.relay.credentials} == {"" if ";" in app else app}
+
+
+def trickling() -> Starlette:
+    """A service that answers at once, then sends its body a byte at a time, for ever: each
+    read comes within any per-read timeout."""
+
+    async def slowly(request: Request) -> StreamingResponse:
+        async def body() -> AsyncIterator[bytes]:
+            for _ in range(600):
+                yield b" "
+                await anyio.sleep(0.1)
+
+        return StreamingResponse(body(), media_type="application/json")
+
+    return Starlette(routes=[Route("/user", slowly), Route("/v1/models", slowly)])
+
+
+async def test_a_service_that_trickles_its_answer_holds_the_check_no_longer_than_its_timeout(tmp_path: Path) -> None:
+    async with checking(tmp_path) as c, run_server(trickling()) as slow:
+        check = c.check(github_url=slow, anthropic_url=slow, timeout_s=1.0)
+        started = time.monotonic()
+        with anyio.fail_after(8):
+            await check.check()
+        assert time.monotonic() - started < 4
+        # A status is all the check needs: the answer's body is never waited for.
+        assert json.loads((tmp_path / "state" / "credentials.json").read_text())["checked_at"]
+
+
+def failing() -> Starlette:
+    """A service that is down: every answer is 503."""
+
+    async def down(request: Request) -> JSONResponse:
+        return JSONResponse({"message": "unavailable"}, status_code=503)
+
+    return Starlette(routes=[Route("/user", down), Route("/v1/models", down)])
+
+
+async def test_a_check_that_could_not_judge_is_made_again_at_the_next_wake(tmp_path: Path) -> None:
+    """A service that did not answer judged nothing: the next wake asks again rather than a day
+    later (a token revoked meanwhile would go unnoticed for that day)."""
+    async with checking(tmp_path) as c, run_server(failing()) as down:
+        await c.check(github_url=down).on_wake()
+        assert (c.github.user_requests, c.anthropic.model_checks) == (0, 1)
+        c.now[0] += 60
+        await c.check().on_wake()  # the next wake, GitHub back
+        assert c.github.user_requests == 1
+        c.now[0] += 60
+        await c.check().on_wake()  # checked now: not again the same day
+        assert (c.github.user_requests, c.anthropic.model_checks) == (1, 2)
 
 
 # --- the worker: boot, runs, approve --------------------------------------------------

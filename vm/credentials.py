@@ -31,14 +31,14 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
 
 from common.files import write_durably
-from common.protocol import Credentials, encode_credentials
+from common.protocol import Credentials, ProtocolError, decode_credentials, encode_credentials
 from vm.lazy_http import LazyHTTP
 
 if TYPE_CHECKING:
@@ -49,7 +49,7 @@ logger = logging.getLogger(__name__)
 DAY_S = 86_400.0
 WARN_S = 7 * DAY_S  # an expiry this close is told to the owner
 SETUP_TOKEN_LIFE_S = 365 * DAY_S  # `claude setup-token` makes a token for a year
-TIMEOUT_S = 10.0  # per request: a check never holds anything up for long
+TIMEOUT_S = 10.0  # per request, all of it: a check never holds anything up for long
 ANTHROPIC_API = "https://api.anthropic.com"
 GITHUB_EXPIRY = "github-authentication-token-expiration"
 
@@ -123,8 +123,10 @@ class CredentialCheck:
     callbacks: CallbackSender
     app: str = ""  # FLY_APP_NAME, for the renewal's `fly secrets set` line
     clock: Callable[[], float] = time.time
+    timeout_s: float = TIMEOUT_S
     _said: set[tuple[str, str, str, int]] = field(default_factory=set)  # this wake's findings sent
     _lock: anyio.Lock = field(default_factory=anyio.Lock)
+    _missed: bool = False  # a service this check asked judged nothing (no answer, or not 200/401)
 
     def new_wake(self) -> None:
         """A resume is a wake: what was said before the suspend may be said again."""
@@ -147,17 +149,20 @@ class CredentialCheck:
     async def _check(self, model_refused: str) -> None:
         memory = self._memory()
         now = self.clock()
+        self._missed = False
         found = [await self._claude(memory, now, model_refused)]
         if self.github_token:
             found.append(await self._github(now))
-        memory["checked_at"] = now
-        memory["fingerprints"] = self._fingerprints()
+        if not self._missed:  # else the next wake asks again, and the last full check stands
+            memory["checked_at"] = now
+            memory["fingerprints"] = self._fingerprints()
         write_durably(self.state_file, json.dumps(memory).encode())
         for finding in found:
             if finding is not None:
                 self._tell(finding)
 
     def _tell(self, finding: Credentials) -> None:
+        finding = _acceptable(finding)
         day = int(finding.expires_at // DAY_S) if finding.expires_at is not None else -1
         key = (finding.service, finding.state, finding.credential, day)
         level = logging.WARNING if finding.state != "ok" else logging.INFO
@@ -186,21 +191,17 @@ class CredentialCheck:
         return self._login(now)
 
     async def _api_key(self, now: float) -> Credentials | None:
-        import httpx  # on first use, not at boot (see vm/lazy_http.py)
-
-        client = await self.http.get()
         headers = {"x-api-key": self.model.secret, "anthropic-version": "2023-06-01"}
-        try:
-            response = await client.get(f"{self.model.base_url}/v1/models?limit=1", headers=headers, timeout=TIMEOUT_S)
-        except httpx.HTTPError as exc:
-            logger.warning("could not ask Anthropic about the API key (%s)", type(exc).__name__)
-            return None
-        if response.status_code == 401:
+        answer = await self._ask(f"{self.model.base_url}/v1/models?limit=1", headers, "Anthropic about the API key")
+        if answer is None:
+            return self._not_judged()
+        status, _ = answer
+        if status == 401:
             return self._found("claude", "rejected", self.model.kind, now, detail="HTTP 401")
-        if response.status_code == 200:
+        if status == 200:
             return self._found("claude", "ok", self.model.kind, now)
-        logger.warning("Anthropic answered HTTP %s about the API key; not judged", response.status_code)
-        return None
+        logger.warning("Anthropic answered HTTP %s about the API key; not judged", status)
+        return self._not_judged()
 
     def _login(self, now: float) -> Credentials | None:
         assert self.model.login_file is not None
@@ -219,25 +220,21 @@ class CredentialCheck:
     # --- GitHub -------------------------------------------------------------------------
 
     async def _github(self, now: float) -> Credentials | None:
-        import httpx  # on first use, not at boot (see vm/lazy_http.py)
-
-        client = await self.http.get()
         headers = {
             "Authorization": f"Bearer {self.github_token}",
             "Accept": "application/vnd.github+json",
             "X-GitHub-Api-Version": "2022-11-28",
         }
-        try:
-            response = await client.get(f"{self.github_api_url}/user", headers=headers, timeout=TIMEOUT_S)
-        except httpx.HTTPError as exc:
-            logger.warning("could not ask GitHub about the token (%s)", type(exc).__name__)
-            return None
-        if response.status_code == 401:
+        answer = await self._ask(f"{self.github_api_url}/user", headers, "GitHub about the token")
+        if answer is None:
+            return self._not_judged()
+        status, answered = answer
+        if status == 401:
             return self._found("github", "rejected", "GITHUB_TOKEN", now, detail="HTTP 401")
-        if response.status_code != 200:
-            logger.warning("GitHub answered HTTP %s about the token; not judged", response.status_code)
-            return None
-        header = response.headers.get(GITHUB_EXPIRY)
+        if status != 200:
+            logger.warning("GitHub answered HTTP %s about the token; not judged", status)
+            return self._not_judged()
+        header = answered.get(GITHUB_EXPIRY)
         expires = parse_github_expiry(header)
         if header and expires is None:
             logger.warning("GitHub's %s header is malformed; ignored", GITHUB_EXPIRY)
@@ -246,6 +243,27 @@ class CredentialCheck:
         return self._expiring("github", "GITHUB_TOKEN", now, expires)
 
     # --- shared -------------------------------------------------------------------------
+
+    def _not_judged(self) -> Credentials | None:
+        """A service that did not say (no finding): this check does not count as one (`_due`)."""
+        self._missed = True
+        return None
+
+    async def _ask(self, url: str, headers: dict[str, str], what: str) -> tuple[int, Mapping[str, str]] | None:
+        """The status and headers of a GET, which is all a check needs: the body is never read
+        (a 10 MB answer costs nothing), and the whole request is held to `timeout_s`, not each
+        read (a service that trickles its answer would hold the check, and keep the worker
+        awake, for ever). None if no answer came in time."""
+        import httpx  # on first use, not at boot (see vm/lazy_http.py)
+
+        client = await self.http.get()
+        try:
+            with anyio.fail_after(self.timeout_s):
+                async with client.stream("GET", url, headers=headers, timeout=self.timeout_s) as response:
+                    return response.status_code, response.headers
+        except (httpx.HTTPError, TimeoutError) as exc:
+            logger.warning("could not ask %s (%s)", what, type(exc).__name__)
+            return None
 
     def _expiring(self, service: str, credential: str, now: float, expires: float, detail: str = "") -> Credentials:
         if expires <= now:
@@ -277,3 +295,24 @@ class CredentialCheck:
         if not isinstance(checked, int | float) or memory.get("fingerprints") != self._fingerprints():
             return True  # never checked, or the secrets were renewed (a `fly secrets set` restarts the worker)
         return not 0 <= self.clock() - checked < DAY_S
+
+
+def _acceptable(finding: Credentials) -> Credentials:
+    """The finding as the relay takes it. The relay refuses for good (a 4xx the spool drops) an
+    app that is no Fly app's name (FLY_APP_NAME is only used for the renewal line) and an expiry
+    that is no date a credential has (a header or a login file from elsewhere): those are left
+    out, and what the service said still goes, so a refused token is never kept quiet."""
+    for candidate in (
+        finding,
+        replace(finding, app=""),
+        replace(finding, expires_at=None),
+        replace(finding, app="", expires_at=None),
+    ):
+        try:
+            decode_credentials(encode_credentials(candidate))
+        except ProtocolError:
+            continue
+        if candidate is not finding:
+            logger.warning("credentials: left out what the relay would refuse (the app's name or the expiry)")
+        return candidate
+    return finding  # nothing of ours makes it acceptable: sent as it is, and the relay's log says why
