@@ -273,3 +273,11 @@ async def test_a_spool_the_relay_keeps_refusing_stops_keeping_the_worker_awake(t
         tg.cancel_scope.cancel()
         await http.aclose()
     assert [e["text"] for _, e in relay.events] == ["done", "next"]
+
+
+def test_only_a_plain_session_id_is_taken_from_the_cli() -> None:
+    from vm.agent import SESSION_ID
+
+    assert SESSION_ID.fullmatch("3f2b8c1e-9d4a-4b7e-a1c2-0f9e8d7c6b5a")
+    for bad in ("../../etc/shadow", "a/b", "x" * 101, "", "id\n", "--fork-session"):
+        assert not SESSION_ID.fullmatch(bad), bad

@@ -14,6 +14,7 @@ import base64
 import logging
 import os
 import posixpath
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +27,9 @@ from anyio.abc import TaskStatus
 from vm.reaper import MARKER_VAR
 
 logger = logging.getLogger(__name__)
+# Claude Code's session ids are UUIDs; root names a file after one (`Sandbox.has_session`) and
+# passes it back to `--resume`, so only a plain name is taken from the CLI's output.
+SESSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}")  # never an option: no leading -
 
 SYSTEM_APPEND = (
     "You are driven from a phone over WhatsApp. Work autonomously: do not ask questions, make "
@@ -367,12 +371,13 @@ class LiveAgent:
                                 raise ModelRefused(f"Claude refused the worker's credentials ({refused})")
                     elif isinstance(message, SystemMessage) and message.subtype == "init":
                         # Known from the start, so even a cancelled run can be resumed.
-                        if sid := message.data.get("session_id"):
+                        if (sid := message.data.get("session_id")) and SESSION_ID.fullmatch(str(sid)):
                             self.session_id = str(sid)
                             turn.on_session(self.session_id)
                     elif isinstance(message, ResultMessage):
                         result = message
-                        if message.session_id and message.session_id != self.session_id:
+                        sid = message.session_id
+                        if sid and sid != self.session_id and SESSION_ID.fullmatch(sid):
                             self.session_id = message.session_id
                             turn.on_session(self.session_id)
                 tg.cancel_scope.cancel()
