@@ -47,6 +47,7 @@ from relay.events import (
     Event,
     Fired,
     ListSchedules,
+    Prompt,
     RecordBudget,
     RemoveSchedule,
     ReportStatus,
@@ -140,6 +141,8 @@ def process_next(conn: sqlite3.Connection, phone: str, ctx: Context, pricing: Pr
         before = conv
         try:
             event = decode_event(data)
+            if released is not None and _acknowledges(event):
+                event = Word("status")  # what waited goes first; status says what it was
             if isinstance(event, Word) and isinstance(tapped := data.get("tapped"), str):
                 event = replace(event, tapped=store.run_of_buttons(conn, phone, tapped))
             # A run's end is counted first, so the prompt it may start next is weighed with it.
@@ -164,6 +167,12 @@ def process_next(conn: sqlite3.Connection, phone: str, ctx: Context, pricing: Pr
         store.save_conversation(conn, conv, ctx.now)
         store.mark_handled(conn, inbox_id, ctx.now)
     return outcome
+
+
+def _acknowledges(event: Event) -> bool:
+    """The owner's message only answers the 24-hour window's template ("ok", "show me"): not a
+    prompt to run (relay/window.py ACKNOWLEDGEMENTS)."""
+    return isinstance(event, Prompt) and not event.attachments and window.is_acknowledgement(event.text)
 
 
 def _budget(conn: sqlite3.Connection, phone: str, now: float, pricing: Pricing, tz: ZoneInfo) -> usage.Budget | None:

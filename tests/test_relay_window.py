@@ -193,3 +193,59 @@ async def test_a_status_callback_signed_for_another_url_or_not_a_form_is_refused
     assert wrong.status_code == 403
     as_json = await stack.http.post(f"{stack.url}{STATUS_PATH}", json=form)
     assert as_json.status_code == 415
+
+
+@pytest.mark.parametrize("reply", ["ok", "Show me!", "👍🏽", "  yes. "])
+async def test_a_reply_that_only_answers_the_template_is_not_run_as_a_prompt(tmp_path: Path, reply: str) -> None:
+    # The template says "Reply to see them": the reply releases what waited and is answered as
+    # `status`; it does not wake the worker for a run of "ok", nor queue behind the approval.
+    async with relay_stack(tmp_path, TWILIO_TEMPLATE_CONTENT_SID=TEMPLATE) as stack:
+        command = await start_run(stack, "add a login page")
+        stack.twilio.close_window(OWNER)
+        files = [{"path": "login.py", "added": 3}]
+        await stack.report("approval_required", run_id=command["message_id"], files=files)
+        await wait_for(lambda: stack.twilio.templates_sent(OWNER), what="the template")
+        calls = len(stack.worker.calls)
+
+        await stack.send(reply)
+        status = await wait_for(lambda: [b for b in stack.twilio.bodies(OWNER) if "VM:" in b], what="the status")
+        assert index_of(stack, "login.py") < index_of(stack, "VM:")
+        assert "1 approval waited for you" in status[-1]
+        assert not any("queued" in b.lower() for b in stack.twilio.bodies(OWNER))
+        assert stack.worker.paths()[calls:] == []  # nothing went to the worker
+        await stack.send("approve")  # and the approval it released is the owner's to decide
+        assert await wait_for(lambda: stack.worker.paths()[calls:], what="the approval") == ["/approve"]
+
+
+async def test_a_prompt_that_releases_held_messages_still_runs(tmp_path: Path) -> None:
+    async with relay_stack(tmp_path, TWILIO_TEMPLATE_CONTENT_SID=TEMPLATE) as stack:
+        command = await start_run(stack, "explain the login flow")
+        stack.twilio.close_window(OWNER)
+        await stack.report("answer", run_id=command["message_id"], text="The login flow lives in auth.py.")
+        await wait_for(lambda: stack.twilio.templates_sent(OWNER), what="the template")
+        commands = len(stack.worker.commands())
+        await stack.send("ok, now add a logout button")
+        [prompt] = await wait_for(lambda: stack.worker.commands()[commands:], what="the prompt")
+        assert prompt["text"] == "ok, now add a logout button"
+        assert index_of(stack, "auth.py") < len(stack.twilio.bodies(OWNER))
+
+
+async def test_a_message_whose_buttons_alone_were_held_is_released_by_the_owners_reply(tmp_path: Path) -> None:
+    # The approval request went; the window closed before its buttons did (paced 1.5 s apart).
+    # Only the buttons are held, and they count as no message of their own: the owner's reply
+    # still releases them, and is answered, not run.
+    async with relay_stack(tmp_path, TWILIO_TEMPLATE_CONTENT_SID=TEMPLATE, TWILIO_MIN_SEND_INTERVAL_MS="1500") as stack:
+        command = await start_run(stack, "add a login page")
+        files = [{"path": "login.py", "added": 3}]
+        await stack.report("approval_required", run_id=command["message_id"], files=files)
+        await wait_for(lambda: any("login.py" in b for b in stack.twilio.bodies(OWNER)), what="the request")
+        stack.twilio.close_window(OWNER)
+        await wait_for(lambda: held(stack) == 1, what="the buttons held")
+        await wait_for(lambda: stack.twilio.templates_sent(OWNER), what="the template")
+        calls = len(stack.worker.calls)
+
+        await stack.send("ok")
+        await wait_for(lambda: any("VM:" in b for b in stack.twilio.bodies(OWNER)), what="the status")
+        buttons = [m for m in stack.twilio.messages if "approve" in m.buttons]
+        assert buttons and stack.twilio.messages.index(buttons[0]) < index_of(stack, "VM:")
+        assert held(stack) == 0 and stack.worker.paths()[calls:] == []
