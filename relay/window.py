@@ -173,6 +173,19 @@ def hold(
         conn.execute("UPDATE owner_window SET template = 'unset' WHERE phone = ? AND template = ''", (phone,))
 
 
+def last_wrote(conn: sqlite3.Connection, phone: str) -> float | None:
+    """When the owner last wrote, as far as the relay has handled their messages."""
+    row = _window(conn, phone)
+    return row["last_inbound_at"] if row is not None else None
+
+
+def wrote_since(conn: sqlite3.Connection, phone: str, wrote: float | None) -> bool:
+    """Whether the owner's message was handled since `last_wrote` said `wrote`: a send decided
+    (closed window) or refused (63016) meanwhile was about the window before it opened again."""
+    last = last_wrote(conn, phone)
+    return last is not None and last != wrote
+
+
 def held_counts(conn: sqlite3.Connection, phone: str) -> dict[str, int]:
     """Held messages by kind. A message split into parts, or followed by its buttons, counts once:
     only its first row has a kind."""

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 from fakes.wiring import OWNER, PUBLIC_URL, signed_form
@@ -249,3 +250,31 @@ async def test_a_message_whose_buttons_alone_were_held_is_released_by_the_owners
         buttons = [m for m in stack.twilio.messages if "approve" in m.buttons]
         assert buttons and stack.twilio.messages.index(buttons[0]) < index_of(stack, "VM:")
         assert held(stack) == 0 and stack.worker.paths()[calls:] == []
+
+
+def owner_message_handled(stack: Stack) -> bool:
+    with sqlite3.connect(f"file:{stack.settings.relay_db}?mode=ro", uri=True) as conn:
+        row = conn.execute("SELECT handled_at FROM inbox WHERE dedupe_key LIKE 'msg:%' ORDER BY id DESC").fetchone()
+        return row is not None and row[0] is not None
+
+
+async def test_a_63016_answered_after_the_owner_wrote_meanwhile_sends_again_instead_of_holding(
+    tmp_path: Path,
+) -> None:
+    # Twilio refuses the answer (the window was closed when it looked) but takes its time to
+    # say so; the owner writes meanwhile. Their window is open again: the answer goes, then
+    # theirs, and no template asks them to write again.
+    async with relay_stack(tmp_path, TWILIO_TEMPLATE_CONTENT_SID=TEMPLATE) as stack:
+        command = await start_run(stack, "explain the login flow")
+        stack.twilio.close_window(OWNER)
+        stack.twilio.answer_hold = slow = anyio.Event()
+        await stack.report("answer", run_id=command["message_id"], text="The login flow lives in auth.py.")
+        await wait_for(lambda: stack.twilio.in_flight == 1, what="the send at Twilio")
+
+        await stack.send("status")
+        await wait_for(lambda: owner_message_handled(stack), what="the owner's message handled")
+        stack.twilio.answer_hold = None
+        slow.set()
+        await wait_for(lambda: any("VM:" in b for b in stack.twilio.bodies(OWNER)), what="the status")
+        assert index_of(stack, "auth.py") < index_of(stack, "VM:")
+        assert held(stack) == 0 and stack.twilio.templates_sent(OWNER) == []
