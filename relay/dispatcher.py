@@ -237,7 +237,7 @@ def _record(
 ) -> None:
     now = ctx.now
     if isinstance(effect, ReportStatus):
-        effect = Send(_status_text(conn, conv, ctx) + replies.held_released(outcome.released))
+        effect = Send(_status_text(conn, conv, ctx) + replies.held_released(outcome.released, now, _zone(conv, ctx)))
     elif isinstance(effect, ReportUsage):
         effect = Send(_usage_text(conn, conv.phone, now, pricing, _zone(conv, ctx)))
     elif isinstance(effect, RecordBudget):

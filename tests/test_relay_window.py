@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import anyio
 import pytest
@@ -54,7 +56,7 @@ async def ask_status(stack: Stack) -> str:
 async def test_a_63016_holds_the_answer_sends_the_template_once_and_the_next_message_releases_it_first(
     tmp_path: Path,
 ) -> None:
-    async with relay_stack(tmp_path, TWILIO_TEMPLATE_CONTENT_SID=TEMPLATE) as stack:
+    async with relay_stack(tmp_path, TWILIO_TEMPLATE_CONTENT_SID=TEMPLATE, OWNER_TZ="Asia/Kathmandu") as stack:
         command = await start_run(stack, "explain the login flow")
         stack.twilio.close_window(OWNER)  # a day goes by: Twilio refuses free-form sends at once
         await stack.report("answer", run_id=command["message_id"], text="The login flow lives in auth.py.")
@@ -70,7 +72,10 @@ async def test_a_63016_holds_the_answer_sends_the_template_once_and_the_next_mes
 
         status = await ask_status(stack)  # the owner writes: what waited goes first, in order
         assert index_of(stack, "auth.py") < index_of(stack, "screenshot is ready") < index_of(stack, "VM:")
-        assert "1 result and 1 message waited for you" in status and "A reminder went at" in status
+        assert "1 result and 1 message waited for you" in status
+        # When the reminder went, in the owner's zone like status's other times (UTC+5:45).
+        clocks = {f"{datetime.fromtimestamp(time.time() - s, ZoneInfo('Asia/Kathmandu')):%H:%M}" for s in (0, 60)}
+        assert any(f"A reminder went out today {c} (Asia/Kathmandu)" in status for c in clocks), status
         assert held(stack) == 0 and len(stack.twilio.templates_sent(OWNER)) == 1
 
 
@@ -151,7 +156,7 @@ async def test_a_restart_while_messages_are_held_loses_nothing_nor_sends_the_tem
         assert stack.twilio.attempts == 0
         status = await ask_status(stack)
         assert index_of(stack, "auth.py") < index_of(stack, "screenshot is ready") < index_of(stack, "VM:")
-        assert "A reminder went at" in status and stack.twilio.templates_sent(OWNER) == []
+        assert "A reminder went out " in status and stack.twilio.templates_sent(OWNER) == []
 
 
 async def test_a_template_twilio_refuses_is_not_tried_again_and_status_says_so(tmp_path: Path) -> None:
