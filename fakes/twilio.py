@@ -96,6 +96,7 @@ class FakeTwilio:
     status_target: str = ""  # where the app that sent the messages listens (StatusCallback's path there)
     status_posts: list[tuple[dict[str, str], int]] = field(default_factory=list)  # (form, HTTP status) posted
     status_first: bool = False  # post a failure's callback before answering the send (they race at Twilio)
+    answer_hold: anyio.Event | None = None  # set: a message's answer, decided, waits until it is set (a slow Twilio)
 
     def close_window(self, number: str, how: str = "sync") -> None:
         """The owner `number` (E.164) last wrote more than 24 hours ago."""
@@ -196,7 +197,10 @@ class FakeTwilio:
         self.attempts += 1
         self.in_flight += 1
         try:
-            return await self._answer(request)
+            answer = await self._answer(request)
+            if (hold := self.answer_hold) is not None:
+                await hold.wait()
+            return answer
         finally:
             self.in_flight -= 1
 

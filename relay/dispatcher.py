@@ -47,6 +47,7 @@ from relay.events import (
     Event,
     Fired,
     ListSchedules,
+    Prompt,
     RecordBudget,
     RemoveSchedule,
     ReportStatus,
@@ -140,6 +141,8 @@ def process_next(conn: sqlite3.Connection, phone: str, ctx: Context, pricing: Pr
         before = conv
         try:
             event = decode_event(data)
+            if released is not None and _acknowledges(event):
+                event = Word("status")  # what waited goes first; status says what it was
             if isinstance(event, Word) and isinstance(tapped := data.get("tapped"), str):
                 event = replace(event, tapped=store.run_of_buttons(conn, phone, tapped))
             # A run's end is counted first, so the prompt it may start next is weighed with it.
@@ -164,6 +167,12 @@ def process_next(conn: sqlite3.Connection, phone: str, ctx: Context, pricing: Pr
         store.save_conversation(conn, conv, ctx.now)
         store.mark_handled(conn, inbox_id, ctx.now)
     return outcome
+
+
+def _acknowledges(event: Event) -> bool:
+    """The owner's message only answers the 24-hour window's template ("ok", "show me"): not a
+    prompt to run (relay/window.py ACKNOWLEDGEMENTS)."""
+    return isinstance(event, Prompt) and not event.attachments and window.is_acknowledgement(event.text)
 
 
 def _budget(conn: sqlite3.Connection, phone: str, now: float, pricing: Pricing, tz: ZoneInfo) -> usage.Budget | None:
@@ -228,7 +237,7 @@ def _record(
 ) -> None:
     now = ctx.now
     if isinstance(effect, ReportStatus):
-        effect = Send(_status_text(conn, conv, ctx) + replies.held_released(outcome.released))
+        effect = Send(_status_text(conn, conv, ctx) + replies.held_released(outcome.released, now, _zone(conv, ctx)))
     elif isinstance(effect, ReportUsage):
         effect = Send(_usage_text(conn, conv.phone, now, pricing, _zone(conv, ctx)))
     elif isinstance(effect, RecordBudget):
@@ -487,12 +496,15 @@ class Dispatcher:
     async def _send_step(self, phone: str) -> float | None:
         row = await self.db.run(store.next_outbound, phone)
         now = self.clock()
+        # The owner's inbox lane runs while this one waits (on the database, on Twilio): what
+        # it knew of their last message, so that a hold decided before they wrote is not made after.
+        wrote = await self.db.run(window.last_wrote, phone)
         if row is not None and await self.db.run(window.is_closed, phone, now, self.settings.whatsapp_window_s):
             # Due past WhatsApp's 24-hour window (or Twilio said it closed): kept in its place
             # until the owner writes (relay/window.py), and the template tells them.
             reason = "outside WhatsApp's 24-hour window: held until the owner writes"
-            await self.db.run(partial(self._hold, refused=False), row.id, phone, now, reason)
-            logger.info("send %s to %s held: outside WhatsApp's 24-hour window", row.id, mask_phone(phone))
+            if await self.db.run(partial(self._hold, refused=False), row.id, phone, now, reason, wrote):
+                logger.info("send %s to %s held: outside WhatsApp's 24-hour window", row.id, mask_phone(phone))
             return 0
         if self.settings.template_content_sid:
             due = await self.db.run(window.template_due, phone, now)
@@ -508,7 +520,7 @@ class Dispatcher:
         if wait > 0:
             return wait
         result = await self.sender.send(phone, row.body, row.media, row.buttons)
-        await self._record_send(row, result)
+        await self._record_send(row, result, wrote)
         return 0
 
     async def _pacing(self, phone: str, now: float) -> float:
@@ -519,11 +531,25 @@ class Dispatcher:
         return self._last_sent[phone] + self.settings.min_send_interval_s - now
 
     def _hold(
-        self, conn: sqlite3.Connection, outbound_id: int, phone: str, now: float, reason: str, *, refused: bool
-    ) -> None:
+        self,
+        conn: sqlite3.Connection,
+        outbound_id: int,
+        phone: str,
+        now: float,
+        reason: str,
+        wrote: float | None,
+        *,
+        refused: bool,
+    ) -> bool:
+        """Hold the message, unless the owner wrote since the send was decided (`wrote`: their
+        last message then): the window is open again, and it stays in the queue to go at once.
+        Returns whether it was held."""
         configured = bool(self.settings.template_content_sid)
         with store.transaction(conn):
+            if window.wrote_since(conn, phone, wrote):
+                return False
             window.hold(conn, outbound_id, phone, now, reason, refused=refused, template_configured=configured)
+            return True
 
     async def _send_template(self, phone: str) -> None:
         """The approved template, once until the owner writes: what waits, in plain words, as its
@@ -554,14 +580,17 @@ class Dispatcher:
         if phone is not None:
             self.outbox.notify(phone)
 
-    async def _record_send(self, row: store.Outbound, result: SendResult) -> None:
+    async def _record_send(self, row: store.Outbound, result: SendResult, wrote: float | None) -> None:
+        """What became of a send; `wrote`: the owner's last message when it was decided."""
         now = self.clock()
         if result.ok:
             self._last_sent[row.phone] = now
             await self.db.run(_mark_sent, row.id, result.sid, now, bool(self.settings.template_content_sid))
         elif result.error_code == OUTSIDE_WINDOW:
-            logger.info("send %s refused: outside WhatsApp's 24-hour window (63016); held", row.id)
-            await self.db.run(partial(self._hold, refused=True), row.id, row.phone, now, result.error)
+            if await self.db.run(partial(self._hold, refused=True), row.id, row.phone, now, result.error, wrote):
+                logger.info("send %s refused: outside WhatsApp's 24-hour window (63016); held", row.id)
+            else:  # the owner wrote while Twilio answered: the window is open again, so it goes again
+                logger.info("send %s refused (63016) before the owner wrote; sending it again", row.id)
         elif result.retryable and now - row.created_at < MAX_SEND_AGE_S:
             backoff = min(0.25 * 2**row.attempts, 30.0)
             logger.info("send %s failed (%s); retrying in %.2f s", row.id, result.error, backoff)

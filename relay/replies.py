@@ -715,15 +715,16 @@ def held_summary(counts: Mapping[str, int]) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-def held_released(released: Released | None) -> str:
+def held_released(released: Released | None, now: float, tz: ZoneInfo = UTC) -> str:
     """For `status`, when the message that asked released what WhatsApp's window had held: those
-    went just before this answer; and whether the template told the owner about them."""
+    went just before this answer; and whether the template told the owner about them (when, in
+    the owner's zone, like status's other times)."""
     if released is None:
         return ""
     what = held_summary(released.counts)
     line = f"\n📬 {what} waited for you (WhatsApp's 24-hour window had closed): they are just above."
     if released.template == "sent" and released.template_at is not None:
-        return line + f" A reminder went at {time.strftime('%H:%M UTC', time.gmtime(released.template_at))}."
+        return line + f" A reminder went out {when(released.template_at, now, tz)} ({tz})."
     if released.template == "failed":
         return line + f" The reminder template could not be sent: {released.template_error or 'refused'}."
     if released.template == "unset":

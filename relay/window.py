@@ -15,7 +15,8 @@ ContentVariables) may go then. So the relay:
   one variable ("2 results and 1 approval"); the mark that it went is durable, so a restart
   does not send it again. Without a template, the messages simply wait;
 - when the owner writes, puts the held rows back in the queue in the same transaction that
-  handles the message, before its answer is written: they go first, in order.
+  handles the message, before its answer is written: they go first, in order. A reply that
+  only answers the template ("ok", "show me", 👍) is answered as `status`, not run as a prompt.
 
 The functions take the connection first, like relay/store.py's, and touch the outbox table
 directly (store.py imports this module's schema, so this module cannot import store).
@@ -23,6 +24,7 @@ directly (store.py imports this module's schema, so this module cannot import st
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from dataclasses import dataclass
 
@@ -55,6 +57,20 @@ HELD = "held"
 FAILED_STATUSES = frozenset({"failed", "undelivered"})
 TEMPLATE_TRIES = 3  # a template send that fails this often (5xx, timeouts) is given up, and `status` says so
 KINDS = ("result", "approval", "message")  # what the template's summary counts
+# What an owner writes back to the template ("... waiting for you. Reply to see them."): a reply
+# that asks for nothing but what waited. Run as a prompt, "ok" would wake the VM and spend a
+# Claude Code run on nothing, or queue behind the very approval it released and run once that is
+# decided; so a message that released held ones and is one of these is answered as `status`.
+# A short list on purpose: anything else the owner writes is a prompt, as always.
+ACKNOWLEDGEMENTS = frozenset(
+    {
+        *("ok", "okay", "k", "kk", "yes", "y", "yeah", "yep", "sure", "go", "go on", "?"),
+        *("show", "show me", "show them", "show it", "see", "let me see", "send", "send them", "send it"),
+        *("hi", "hello", "hey", "thanks", "thank you", "ty", "what", "what is it", "what's waiting"),
+        *("👍", "👌", "🙏", "👀", "✅"),
+    }
+)
+_NOT_WORDS = re.compile(r"[\s.!?,:;\u200d\ufe0f\U0001f3fb-\U0001f3ff]+")  # spacing, punctuation, emoji tones
 
 
 @dataclass(frozen=True)
@@ -75,6 +91,13 @@ def kind_of(event_type: object) -> str:
     return "approval" if event_type == "approval_required" else "message"
 
 
+def is_acknowledgement(text: str) -> bool:
+    """Whether `text` only answers the template (ACKNOWLEDGEMENTS), however it is cased,
+    spaced or punctuated."""
+    words = _NOT_WORDS.sub(" ", text.lower()).strip()
+    return (words or text.strip()) in ACKNOWLEDGEMENTS
+
+
 def backfill(conn: sqlite3.Connection) -> None:
     """Owners who wrote before the relay kept `owner_window`: their last message, from the inbox
     (a no-op once every owner has a row)."""
@@ -93,11 +116,11 @@ def owner_wrote(conn: sqlite3.Connection, phone: str, inbox_id: int, now: float)
     before = _window(conn, phone)
     counts = held_counts(conn, phone)
     # A released row is old: its age for MAX_SEND_AGE_S counts from here (store.Outbound).
-    conn.execute(
+    released = conn.execute(
         "UPDATE outbox SET status = 'pending', released_at = ?, next_attempt_at = ?, attempts = 0 "
         "WHERE phone = ? AND status = 'held'",
         (now, now, phone),
-    )
+    ).rowcount
     conn.execute(
         "INSERT INTO owner_window (phone, last_inbound_at) VALUES (?, ?) ON CONFLICT (phone) DO UPDATE SET "
         "last_inbound_at = max(coalesce(last_inbound_at, 0), excluded.last_inbound_at), refused_at = NULL, "
@@ -105,7 +128,7 @@ def owner_wrote(conn: sqlite3.Connection, phone: str, inbox_id: int, now: float)
         "template_next_at = 0",
         (phone, at),
     )
-    if not counts:
+    if not released:  # (counts may be empty when something was: a message's later part, its buttons)
         return None
     template = before["template"] if before is not None else ""
     return Released(
@@ -148,6 +171,19 @@ def hold(
         conn.execute("UPDATE owner_window SET refused_at = coalesce(refused_at, ?) WHERE phone = ?", (now, phone))
     if not template_configured:
         conn.execute("UPDATE owner_window SET template = 'unset' WHERE phone = ? AND template = ''", (phone,))
+
+
+def last_wrote(conn: sqlite3.Connection, phone: str) -> float | None:
+    """When the owner last wrote, as far as the relay has handled their messages."""
+    row = _window(conn, phone)
+    return row["last_inbound_at"] if row is not None else None
+
+
+def wrote_since(conn: sqlite3.Connection, phone: str, wrote: float | None) -> bool:
+    """Whether the owner's message was handled since `last_wrote` said `wrote`: a send decided
+    (closed window) or refused (63016) meanwhile was about the window before it opened again."""
+    last = last_wrote(conn, phone)
+    return last is not None and last != wrote
 
 
 def held_counts(conn: sqlite3.Connection, phone: str) -> dict[str, int]:

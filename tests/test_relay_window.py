@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
+import anyio
 import pytest
 
 from fakes.wiring import OWNER, PUBLIC_URL, signed_form
@@ -53,7 +56,7 @@ async def ask_status(stack: Stack) -> str:
 async def test_a_63016_holds_the_answer_sends_the_template_once_and_the_next_message_releases_it_first(
     tmp_path: Path,
 ) -> None:
-    async with relay_stack(tmp_path, TWILIO_TEMPLATE_CONTENT_SID=TEMPLATE) as stack:
+    async with relay_stack(tmp_path, TWILIO_TEMPLATE_CONTENT_SID=TEMPLATE, OWNER_TZ="Asia/Kathmandu") as stack:
         command = await start_run(stack, "explain the login flow")
         stack.twilio.close_window(OWNER)  # a day goes by: Twilio refuses free-form sends at once
         await stack.report("answer", run_id=command["message_id"], text="The login flow lives in auth.py.")
@@ -69,7 +72,10 @@ async def test_a_63016_holds_the_answer_sends_the_template_once_and_the_next_mes
 
         status = await ask_status(stack)  # the owner writes: what waited goes first, in order
         assert index_of(stack, "auth.py") < index_of(stack, "screenshot is ready") < index_of(stack, "VM:")
-        assert "1 result and 1 message waited for you" in status and "A reminder went at" in status
+        assert "1 result and 1 message waited for you" in status
+        # When the reminder went, in the owner's zone like status's other times (UTC+5:45).
+        clocks = {f"{datetime.fromtimestamp(time.time() - s, ZoneInfo('Asia/Kathmandu')):%H:%M}" for s in (0, 60)}
+        assert any(f"A reminder went out today {c} (Asia/Kathmandu)" in status for c in clocks), status
         assert held(stack) == 0 and len(stack.twilio.templates_sent(OWNER)) == 1
 
 
@@ -150,7 +156,7 @@ async def test_a_restart_while_messages_are_held_loses_nothing_nor_sends_the_tem
         assert stack.twilio.attempts == 0
         status = await ask_status(stack)
         assert index_of(stack, "auth.py") < index_of(stack, "screenshot is ready") < index_of(stack, "VM:")
-        assert "A reminder went at" in status and stack.twilio.templates_sent(OWNER) == []
+        assert "A reminder went out " in status and stack.twilio.templates_sent(OWNER) == []
 
 
 async def test_a_template_twilio_refuses_is_not_tried_again_and_status_says_so(tmp_path: Path) -> None:
@@ -193,3 +199,87 @@ async def test_a_status_callback_signed_for_another_url_or_not_a_form_is_refused
     assert wrong.status_code == 403
     as_json = await stack.http.post(f"{stack.url}{STATUS_PATH}", json=form)
     assert as_json.status_code == 415
+
+
+@pytest.mark.parametrize("reply", ["ok", "Show me!", "👍🏽", "  yes. "])
+async def test_a_reply_that_only_answers_the_template_is_not_run_as_a_prompt(tmp_path: Path, reply: str) -> None:
+    # The template says "Reply to see them": the reply releases what waited and is answered as
+    # `status`; it does not wake the worker for a run of "ok", nor queue behind the approval.
+    async with relay_stack(tmp_path, TWILIO_TEMPLATE_CONTENT_SID=TEMPLATE) as stack:
+        command = await start_run(stack, "add a login page")
+        stack.twilio.close_window(OWNER)
+        files = [{"path": "login.py", "added": 3}]
+        await stack.report("approval_required", run_id=command["message_id"], files=files)
+        await wait_for(lambda: stack.twilio.templates_sent(OWNER), what="the template")
+        calls = len(stack.worker.calls)
+
+        await stack.send(reply)
+        status = await wait_for(lambda: [b for b in stack.twilio.bodies(OWNER) if "VM:" in b], what="the status")
+        assert index_of(stack, "login.py") < index_of(stack, "VM:")
+        assert "1 approval waited for you" in status[-1]
+        assert not any("queued" in b.lower() for b in stack.twilio.bodies(OWNER))
+        assert stack.worker.paths()[calls:] == []  # nothing went to the worker
+        await stack.send("approve")  # and the approval it released is the owner's to decide
+        assert await wait_for(lambda: stack.worker.paths()[calls:], what="the approval") == ["/approve"]
+
+
+async def test_a_prompt_that_releases_held_messages_still_runs(tmp_path: Path) -> None:
+    async with relay_stack(tmp_path, TWILIO_TEMPLATE_CONTENT_SID=TEMPLATE) as stack:
+        command = await start_run(stack, "explain the login flow")
+        stack.twilio.close_window(OWNER)
+        await stack.report("answer", run_id=command["message_id"], text="The login flow lives in auth.py.")
+        await wait_for(lambda: stack.twilio.templates_sent(OWNER), what="the template")
+        commands = len(stack.worker.commands())
+        await stack.send("ok, now add a logout button")
+        [prompt] = await wait_for(lambda: stack.worker.commands()[commands:], what="the prompt")
+        assert prompt["text"] == "ok, now add a logout button"
+        assert index_of(stack, "auth.py") < len(stack.twilio.bodies(OWNER))
+
+
+async def test_a_message_whose_buttons_alone_were_held_is_released_by_the_owners_reply(tmp_path: Path) -> None:
+    # The approval request went; the window closed before its buttons did (paced 1.5 s apart).
+    # Only the buttons are held, and they count as no message of their own: the owner's reply
+    # still releases them, and is answered, not run.
+    async with relay_stack(tmp_path, TWILIO_TEMPLATE_CONTENT_SID=TEMPLATE, TWILIO_MIN_SEND_INTERVAL_MS="1500") as stack:
+        command = await start_run(stack, "add a login page")
+        files = [{"path": "login.py", "added": 3}]
+        await stack.report("approval_required", run_id=command["message_id"], files=files)
+        await wait_for(lambda: any("login.py" in b for b in stack.twilio.bodies(OWNER)), what="the request")
+        stack.twilio.close_window(OWNER)
+        await wait_for(lambda: held(stack) == 1, what="the buttons held")
+        await wait_for(lambda: stack.twilio.templates_sent(OWNER), what="the template")
+        calls = len(stack.worker.calls)
+
+        await stack.send("ok")
+        await wait_for(lambda: any("VM:" in b for b in stack.twilio.bodies(OWNER)), what="the status")
+        buttons = [m for m in stack.twilio.messages if "approve" in m.buttons]
+        assert buttons and stack.twilio.messages.index(buttons[0]) < index_of(stack, "VM:")
+        assert held(stack) == 0 and stack.worker.paths()[calls:] == []
+
+
+def owner_message_handled(stack: Stack) -> bool:
+    with sqlite3.connect(f"file:{stack.settings.relay_db}?mode=ro", uri=True) as conn:
+        row = conn.execute("SELECT handled_at FROM inbox WHERE dedupe_key LIKE 'msg:%' ORDER BY id DESC").fetchone()
+        return row is not None and row[0] is not None
+
+
+async def test_a_63016_answered_after_the_owner_wrote_meanwhile_sends_again_instead_of_holding(
+    tmp_path: Path,
+) -> None:
+    # Twilio refuses the answer (the window was closed when it looked) but takes its time to
+    # say so; the owner writes meanwhile. Their window is open again: the answer goes, then
+    # theirs, and no template asks them to write again.
+    async with relay_stack(tmp_path, TWILIO_TEMPLATE_CONTENT_SID=TEMPLATE) as stack:
+        command = await start_run(stack, "explain the login flow")
+        stack.twilio.close_window(OWNER)
+        stack.twilio.answer_hold = slow = anyio.Event()
+        await stack.report("answer", run_id=command["message_id"], text="The login flow lives in auth.py.")
+        await wait_for(lambda: stack.twilio.in_flight == 1, what="the send at Twilio")
+
+        await stack.send("status")
+        await wait_for(lambda: owner_message_handled(stack), what="the owner's message handled")
+        stack.twilio.answer_hold = None
+        slow.set()
+        await wait_for(lambda: any("VM:" in b for b in stack.twilio.bodies(OWNER)), what="the status")
+        assert index_of(stack, "auth.py") < index_of(stack, "VM:")
+        assert held(stack) == 0 and stack.twilio.templates_sent(OWNER) == []
