@@ -527,7 +527,9 @@ def scheduled(schedule: Schedule, now: float) -> str:
     tz = zone(schedule.tz)
     assert tz is not None  # recorded from a zone the relay found
     how = describe_days(schedule.days)
-    first = "Runs" if not schedule.repeats else "First run"
+    first = "First run" if schedule.repeats else "Runs"
+    if not schedule.clock:  # in <N>: how long, then the time
+        first += f" in {_duration(schedule.next_at - now)},"
     return (
         f"⏰ Scheduled *{schedule.number}*, {how}: “{_clip(schedule.prompt, 80)}”.\n"
         f"{first} {when(schedule.next_at, now, tz)} ({schedule.tz}). *unschedule {schedule.number}* removes it."
