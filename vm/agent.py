@@ -186,7 +186,11 @@ class Agent:
 
 class ModelRefused(RuntimeError):
     """The model's API refused the worker's credentials (401): the turn ends now, with this as
-    the reason, instead of after the CLI's retries."""
+    the reason, instead of after the CLI's retries. `detail`: what the API said (HTTP 401, ...)."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(f"Claude refused the worker's credentials ({detail})")
+        self.detail = detail
 
 
 def auth_refusal(data: Mapping[str, Any]) -> str:
@@ -368,7 +372,7 @@ class LiveAgent:
                         if refused := auth_refusal(message.data):
                             refusals += 1
                             if refusals >= AUTH_REFUSALS:
-                                raise ModelRefused(f"Claude refused the worker's credentials ({refused})")
+                                raise ModelRefused(refused)
                     elif isinstance(message, SystemMessage) and message.subtype == "init":
                         # Known from the start, so even a cancelled run can be resumed.
                         if (sid := message.data.get("session_id")) and SESSION_ID.fullmatch(str(sid)):

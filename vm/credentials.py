@@ -39,6 +39,7 @@ import anyio
 
 from common.files import write_durably
 from common.protocol import Credentials, ProtocolError, decode_credentials, encode_credentials
+from vm.github import api_headers
 from vm.lazy_http import LazyHTTP
 
 if TYPE_CHECKING:
@@ -220,12 +221,9 @@ class CredentialCheck:
     # --- GitHub -------------------------------------------------------------------------
 
     async def _github(self, now: float) -> Credentials | None:
-        headers = {
-            "Authorization": f"Bearer {self.github_token}",
-            "Accept": "application/vnd.github+json",
-            "X-GitHub-Api-Version": "2022-11-28",
-        }
-        answer = await self._ask(f"{self.github_api_url}/user", headers, "GitHub about the token")
+        answer = await self._ask(
+            f"{self.github_api_url}/user", api_headers(self.github_token), "GitHub about the token"
+        )
         if answer is None:
             return self._not_judged()
         status, answered = answer

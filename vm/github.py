@@ -17,6 +17,15 @@ API_VERSION = "2022-11-28"
 PR_TIMEOUT_S = 60.0
 
 
+def api_headers(token: str) -> dict[str, str]:
+    """What every request to GitHub's REST API carries: the token, and the API's version."""
+    return {
+        "Authorization": f"Bearer {token}",
+        "Accept": "application/vnd.github+json",
+        "X-GitHub-Api-Version": API_VERSION,
+    }
+
+
 class GitHubError(RuntimeError):
     """The API refused or could not be reached; the message is safe to show the owner."""
 
@@ -30,11 +39,7 @@ class GitHub:
         self._http = http
         self._deadline_s = deadline_s
         self._api = api_url.rstrip("/")
-        self._headers = {
-            "Authorization": f"Bearer {token}",
-            "Accept": "application/vnd.github+json",
-            "X-GitHub-Api-Version": API_VERSION,
-        }
+        self._headers = api_headers(token)
 
     async def open_pull_request(self, *, repo: str, head: str, base: str, title: str, body: str) -> str:
         """Create the PR on `repo` (owner/name), or find the one already open for `head`;

@@ -338,7 +338,7 @@ class Worker:
             failure = str(exc)
         except ModelRefused as exc:  # a plain line for the owner, not the CLI's retries or a trace
             failure = f"{exc}, so the run stopped. Send *status* to see which credential and how to renew it."
-            self._check_credentials(model_refused=str(exc).rpartition("(")[2].rstrip(")"))
+            self._check_credentials(model_refused=exc.detail)
         except Exception as exc:  # the agent's CLI died, the SDK failed...: tell the owner, keep going
             logger.exception("run %s failed", run_id)
             failure = f"{type(exc).__name__}: {str(exc)[:200]}"
