@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
+from zoneinfo import ZoneInfo
 
 from common.protocol import MODEL_NAME, Answer, Attachment, OwnerCall, Report, RunPrompt, RunState, TakeScreenshot
 from relay import replies
@@ -51,7 +52,7 @@ from relay.events import (
 )
 from relay.settings import Repo
 from relay.usage import Budget
-from relay.zones import zone
+from relay.zones import known, zone
 
 State = Literal["idle", "working", "awaiting_approval", "applying"]
 STATES: tuple[State, ...] = ("idle", "working", "awaiting_approval", "applying")
@@ -148,6 +149,11 @@ class Context:
 def zone_of(conv: Conversation, ctx: Context) -> str:
     """The owner's time zone: their own (`tz <name>`), else OWNER_TZ."""
     return conv.tz or ctx.owner_tz
+
+
+def owner_zone(conv: Conversation, ctx: Context) -> ZoneInfo:
+    """The owner's time zone, for their clock times, days and months."""
+    return known(zone_of(conv, ctx))
 
 
 def current_repo(conv: Conversation, ctx: Context) -> Repo | None:
@@ -470,7 +476,7 @@ def usage(conv: Conversation, event: Word, ctx: Context) -> list[Effect]:
 def fired(conv: Conversation, event: Fired, ctx: Context) -> list[Effect]:
     """A schedule came due: its prompt starts like the owner's own (or queues), said with ⏰."""
     if event.late:
-        return [Send(replies.fired_late(event.number, event.text, event.due, zone_of(conv, ctx), ctx.now))]
+        return [Send(replies.fired_late(event.number, event.text, event.due, owner_zone(conv, ctx), ctx.now))]
     if ctx.budget is not None and _spent(ctx):
         return [Send(replies.fired_over_budget(event.text, ctx.budget))]
     if any(job.schedule == event.schedule for job in [conv.kept, *conv.queue] if job is not None):
@@ -501,7 +507,7 @@ def unschedule(conv: Conversation, event: Unschedule, ctx: Context) -> list[Effe
 
 
 def show_zone(conv: Conversation, event: Word, ctx: Context) -> list[Effect]:
-    return [Send(replies.zone_is(zone_of(conv, ctx), ctx.now))]
+    return [Send(replies.zone_is(owner_zone(conv, ctx), ctx.now))]
 
 
 def set_zone(conv: Conversation, event: SetZone, ctx: Context) -> list[Effect]:

@@ -36,7 +36,7 @@ from common.protocol import (
     message_id_of,
 )
 from relay import credentials, replies, schedules, store, usage, window
-from relay.conversation import Context, Conversation, apply, current_repo, run_repo, zone_of
+from relay.conversation import Context, Conversation, apply, current_repo, owner_zone, run_repo
 from relay.events import (
     AddSchedule,
     ApprovalExpired,
@@ -64,7 +64,7 @@ from relay.media import Media, Taken, prompt_of
 from relay.settings import Settings, mask_phone
 from relay.twilio import OUTSIDE_WINDOW, SendResult, TwilioSender, fits_a_quick_reply, split_body
 from relay.worker_client import WorkerClient
-from relay.zones import UTC, zone
+from relay.zones import known
 
 logger = logging.getLogger(__name__)
 
@@ -148,10 +148,10 @@ def process_next(conn: sqlite3.Connection, phone: str, ctx: Context, pricing: Pr
             # A run's end is counted first, so the prompt it may start next is weighed with it.
             counted = isinstance(event, Report) and event.type in TERMINAL and _count(conn, before, event, ctx)
             if _may_start_a_run(event):  # no prompt starts (new, queued, kept) once the month is spent
-                ctx = replace(ctx, budget=_budget(conn, phone, ctx.now, pricing, _zone(conv, ctx)))
+                ctx = replace(ctx, budget=_budget(conn, phone, ctx.now, pricing, owner_zone(conv, ctx)))
             conv, effects = apply(conv, event, ctx)
             if counted:
-                effects += _budget_notice(conn, phone, ctx, pricing, _zone(conv, ctx))
+                effects += _budget_notice(conn, phone, ctx, pricing, owner_zone(conv, ctx))
         except Exception:
             # A poison event must not block the owner's lane forever: log it and move on.
             logger.exception("could not handle inbox event %s of type %r", inbox_id, data.get("type"))
@@ -182,11 +182,6 @@ def _budget(conn: sqlite3.Connection, phone: str, now: float, pricing: Pricing, 
     # Every prompt asks this: the month alone, not the day `usage` shows beside it.
     month = usage.this_month(conn, phone, now, _awake_since(conn), pricing.hourly_usd, tz)
     return usage.Budget(limit, month.total_usd)
-
-
-def _zone(conv: Conversation, ctx: Context) -> ZoneInfo:
-    """The owner's zone, for their days and months."""
-    return zone(zone_of(conv, ctx)) or UTC
 
 
 def _awake_since(conn: sqlite3.Connection) -> float | None:
@@ -235,13 +230,12 @@ def _record(
     *,
     kind: str = "message",
 ) -> None:
-    now = ctx.now
+    now, tz = ctx.now, owner_zone(conv, ctx)
     if isinstance(effect, ReportStatus):
-        effect = Send(_status_text(conn, conv, ctx) + replies.held_released(outcome.released, now, _zone(conv, ctx)))
+        effect = Send(_status_text(conn, conv, ctx) + replies.held_released(outcome.released, now, tz))
     elif isinstance(effect, ReportUsage):
-        effect = Send(_usage_text(conn, conv.phone, now, pricing, _zone(conv, ctx)))
+        effect = Send(_usage_text(conn, conv.phone, now, pricing, tz))
     elif isinstance(effect, RecordBudget):
-        tz = _zone(conv, ctx)
         usage.set_limit(conn, conv.phone, effect.amount_usd, now, tz)
         waiting = conv.kept.text if conv.kept else None  # a prompt held for the budget, say
         text = replies.budget_set(effect.amount_usd, waiting) + "\n\n" + _usage_text(conn, conv.phone, now, pricing, tz)
@@ -266,21 +260,19 @@ def _schedules(
     if isinstance(effect, AddSchedule):
         return Send(_add_schedule(conn, phone, effect, now))
     if isinstance(effect, ListSchedules):
-        return Send(replies.schedule_list(schedules.owned(conn, phone), effect.tz, now))
+        return Send(replies.schedule_list(schedules.owned(conn, phone), known(effect.tz), now))
     if isinstance(effect, RemoveSchedule):
         gone = schedules.remove(conn, phone, effect.number)
         if not gone and effect.number is not None:
             return Send(replies.no_such_schedule(effect.number))
         return Send(replies.unscheduled(gone))
-    tz = zone(effect.tz)
-    assert tz is not None  # the conversation found it
+    tz = known(effect.tz)  # the conversation found it
     schedules.rezone(conn, phone, tz, now)
-    return Send(replies.zone_set(effect.tz, now))
+    return Send(replies.zone_set(tz, now))
 
 
 def _add_schedule(conn: sqlite3.Connection, phone: str, effect: AddSchedule, now: float) -> str:
-    new, tz = effect.schedule, zone(effect.tz) or zone("UTC")
-    assert tz is not None
+    new, tz = effect.schedule, known(effect.tz)
     clock = "" if new.clock is None else f"{new.clock[0]:02d}:{new.clock[1]:02d}"
     if new.clock is None:  # in <N>
         next_at = now + new.delay_s
@@ -370,7 +362,7 @@ def _usage_text(conn: sqlite3.Connection, phone: str, now: float, pricing: Prici
     limit = usage.limit_for(conn, phone, now, pricing.monthly_budget_usd, tz)
     owners = conn.execute("SELECT COUNT(*) FROM conversations").fetchone()[0]
     budget = None if limit is None else usage.Budget(limit, month.total_usd)
-    return replies.usage(today, month, budget, owners, str(tz))
+    return replies.usage(today, month, budget, owners, tz)
 
 
 def _status_text(conn: sqlite3.Connection, conv: Conversation, ctx: Context) -> str:
@@ -385,7 +377,7 @@ def _status_text(conn: sqlite3.Connection, conv: Conversation, ctx: Context) -> 
         replies.FailedSend(r["error_code"], r["error"] or "", r["sent_at"] or now)
         for r in store.recent_failures(conn, conv.phone)
     ]
-    job = conv.job
+    job, tz = conv.job, owner_zone(conv, ctx)
     text = replies.status(
         conv.state,
         job.text if job else None,
@@ -398,11 +390,11 @@ def _status_text(conn: sqlite3.Connection, conv: Conversation, ctx: Context) -> 
         now,
         repo=run_repo(conv, ctx),
         model=conv.model or ctx.default_model,
-        tz=_zone(conv, ctx),
+        tz=tz,
     )
     text += "".join(f"\n{line}" for line in credentials.status_lines(conn, now))
     owned = schedules.owned(conn, conv.phone)
-    return text + ("\n" + replies.schedules_line(owned, zone_of(conv, ctx), now) if owned else "")
+    return text + ("\n" + replies.schedules_line(owned, tz, now) if owned else "")
 
 
 @dataclass

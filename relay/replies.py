@@ -10,12 +10,12 @@ from zoneinfo import ZoneInfo
 
 from common.protocol import Credentials, Report
 from common.visible import clip_path, visible
-from relay.schedules import Schedule, describe_days, when
+from relay.schedules import Schedule, clock, describe_days, when
 from relay.settings import Repo
 from relay.twilio import WHATSAPP_LIMIT
 from relay.usage import Budget, Period
 from relay.window import Released
-from relay.zones import UTC, zone
+from relay.zones import UTC, known
 
 HELP = (
     "🤖 *textslash* drives Claude Code on your VM.\n"
@@ -389,7 +389,7 @@ def bad_model(name: str) -> str:
 # --- usage and the budget ------------------------------------------------------------------
 
 
-def usage(today: Period, month: Period, budget: Budget | None, owners: int, tz: str = "UTC") -> str:
+def usage(today: Period, month: Period, budget: Budget | None, owners: int, tz: ZoneInfo = UTC) -> str:
     shared = " (one VM for all owners)" if owners > 1 else ""
     lines = [
         f"📊 Usage ({tz})",
@@ -524,8 +524,7 @@ def look_at(images: int, files: int) -> str:
 
 def scheduled(schedule: Schedule, now: float) -> str:
     """The answer to a schedule command: when it runs, and how to take it back."""
-    tz = zone(schedule.tz)
-    assert tz is not None  # recorded from a zone the relay found
+    tz = known(schedule.tz)
     how = describe_days(schedule.days)
     first = "First run" if schedule.repeats else "Runs"
     if not schedule.clock:  # in <N>: how long, then the time
@@ -536,25 +535,22 @@ def scheduled(schedule: Schedule, now: float) -> str:
     )
 
 
-def schedule_list(items: Sequence[Schedule], tz_name: str, now: float) -> str:
+def schedule_list(items: Sequence[Schedule], tz: ZoneInfo, now: float) -> str:
     """One line per schedule, its number first, then its time as HH:MM."""
     if not items:
         return "⏰ No schedules. Try *every weekday 09:00 run the tests*, *at 14:30 …* or *in 10m …*."
-    tz = zone(tz_name)
-    assert tz is not None
-    lines = [f"⏰ Your schedules ({tz_name}):"]
+    lines = [f"⏰ Your schedules ({tz}):"]
     for s in items:
-        clock = when(s.next_at, now, tz).rsplit(" ", 1)[1]
         repeat = describe_days(s.days)
-        lines.append(f"{s.number}. {clock} {repeat}: “{_clip(s.prompt, 60)}”, next {when(s.next_at, now, tz)}")
+        lines.append(
+            f"{s.number}. {clock(s.next_at, tz)} {repeat}: “{_clip(s.prompt, 60)}”, next {when(s.next_at, now, tz)}"
+        )
     lines.append("*unschedule <n>* removes one.")
     return "\n".join(lines)
 
 
-def schedules_line(items: Sequence[Schedule], tz_name: str, now: float) -> str:
+def schedules_line(items: Sequence[Schedule], tz: ZoneInfo, now: float) -> str:
     """`status`'s line about the owner's schedules: how many, and the next one due."""
-    tz = zone(tz_name)
-    assert tz is not None
     soonest = min(items, key=lambda s: s.next_at)
     count = f"{len(items)} schedule{'s' if len(items) != 1 else ''}"
     return f"⏰ {count}; next {when(soonest.next_at, now, tz)}: “{_clip(soonest.prompt, 40)}”"
@@ -589,9 +585,7 @@ def fired(prompt: str) -> str:
     return f"⏰ {_clip(prompt, 200)}"
 
 
-def fired_late(number: int, prompt: str, due: float, tz_name: str, now: float) -> str:
-    tz = zone(tz_name) or zone("UTC")
-    assert tz is not None
+def fired_late(number: int, prompt: str, due: float, tz: ZoneInfo, now: float) -> str:
     return (
         f"⏰ Skipped schedule {number}, “{_clip(prompt, 80)}”: it was due {when(due, now, tz)}, more than an hour "
         "ago (the relay was not running then). Send the prompt to run it now."
@@ -610,16 +604,12 @@ def fired_still_waiting(prompt: str) -> str:
     return f"⏰ Skipped “{_clip(prompt, 80)}”: its last run has not started yet (it waits in your queue)."
 
 
-def zone_is(tz_name: str, now: float) -> str:
-    tz = zone(tz_name)
-    clock = when(now, now, tz).rsplit(" ", 1)[1] if tz else "?"
-    return f"🕐 Your time zone: {tz_name} (it is {clock} there). *tz <zone>* changes it, e.g. *tz Europe/Paris*."
+def zone_is(tz: ZoneInfo, now: float) -> str:
+    return f"🕐 Your time zone: {tz} (it is {clock(now, tz)} there). *tz <zone>* changes it, e.g. *tz Europe/Paris*."
 
 
-def zone_set(tz_name: str, now: float) -> str:
-    tz = zone(tz_name)
-    clock = when(now, now, tz).rsplit(" ", 1)[1] if tz else "?"
-    return f"🕐 Your time zone is now {tz_name} (it is {clock} there). Repeating schedules keep their times in it."
+def zone_set(tz: ZoneInfo, now: float) -> str:
+    return f"🕐 Your time zone is now {tz} (it is {clock(now, tz)} there). Repeating schedules keep their times in it."
 
 
 def bad_zone(name: str) -> str:

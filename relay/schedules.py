@@ -14,12 +14,11 @@ passes twice (01:30 when it falls back) fires at the first.
 from __future__ import annotations
 
 import sqlite3
-import time
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
-from relay.zones import zone
+from relay.zones import known
 
 # AUTOINCREMENT: a row's id is never handed out again. Without it SQLite gives the next row the
 # highest id plus one, so a one-off that fired (and was deleted) while its prompt still waits in
@@ -184,8 +183,7 @@ def move_on(conn: sqlite3.Connection, schedule: Schedule, now: float) -> None:
     if not schedule.repeats:
         conn.execute("DELETE FROM schedules WHERE id = ?", (schedule.id,))
         return
-    tz = zone(schedule.tz) or ZoneInfo("UTC")
-    next_at = next_time(schedule.rule, max(now, schedule.next_at), tz)
+    next_at = next_time(schedule.rule, max(now, schedule.next_at), known(schedule.tz))
     conn.execute("UPDATE schedules SET next_at = ? WHERE id = ?", (next_at, schedule.id))
 
 
@@ -214,5 +212,6 @@ def when(at: float, now: float, tz: ZoneInfo) -> str:
     return f"{day} {moment:%H:%M}"
 
 
-def clock_now(tz: ZoneInfo, now: float | None = None) -> str:
-    return datetime.fromtimestamp(time.time() if now is None else now, tz).strftime("%H:%M")
+def clock(at: float, tz: ZoneInfo) -> str:
+    """A moment's wall-clock time in `tz`, HH:MM."""
+    return datetime.fromtimestamp(at, tz).strftime("%H:%M")

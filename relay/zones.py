@@ -21,3 +21,9 @@ def zone(name: str) -> ZoneInfo | None:
     list are looked up: a name is never a path."""
     canonical = zone_names().get(name.strip().lower())
     return ZoneInfo(canonical) if canonical else None
+
+
+def known(name: str) -> ZoneInfo:
+    """A zone the relay took before (OWNER_TZ, an owner's `tz`, a schedule's row): UTC should
+    this machine's zone list no longer have it."""
+    return zone(name) or UTC
