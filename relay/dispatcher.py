@@ -490,8 +490,8 @@ class Dispatcher:
         now = self.clock()
         # The owner's inbox lane runs while this one waits (on the database, on Twilio): what
         # it knew of their last message, so that a hold decided before they wrote is not made after.
-        wrote = await self.db.run(window.last_wrote, phone)
-        if row is not None and await self.db.run(window.is_closed, phone, now, self.settings.whatsapp_window_s):
+        wrote, closed = await self.db.run(window.before_send, phone, now, self.settings.whatsapp_window_s)
+        if row is not None and closed:
             # Due past WhatsApp's 24-hour window (or Twilio said it closed): kept in its place
             # until the owner writes (relay/window.py), and the template tells them.
             reason = "outside WhatsApp's 24-hour window: held until the owner writes"

@@ -139,11 +139,17 @@ def owner_wrote(conn: sqlite3.Connection, phone: str, inbox_id: int, now: float)
     )
 
 
-def is_closed(conn: sqlite3.Connection, phone: str, now: float, window_s: float) -> bool:
-    """Whether a free-form message to `phone` would go outside WhatsApp's window: Twilio refused
-    one since the owner last wrote, or they wrote longer ago than `window_s`. An owner the relay
-    never heard from is given the benefit of the doubt: Twilio's answer decides."""
+def before_send(conn: sqlite3.Connection, phone: str, now: float, window_s: float) -> tuple[float | None, bool]:
+    """What the outbox lane needs before a send, in one read: when the owner last wrote (as
+    `last_wrote`), and whether a free-form message would go outside the window (`_closed`)."""
     row = _window(conn, phone)
+    return (row["last_inbound_at"] if row is not None else None), _closed(row, now, window_s)
+
+
+def _closed(row: sqlite3.Row | None, now: float, window_s: float) -> bool:
+    """Whether a free-form message would go outside WhatsApp's window: Twilio refused one since
+    the owner last wrote, or they wrote longer ago than `window_s`. An owner the relay never
+    heard from is given the benefit of the doubt: Twilio's answer decides."""
     if row is None:
         return False
     if row["refused_at"] is not None:
