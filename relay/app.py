@@ -20,7 +20,7 @@ from starlette.routing import Route
 
 from common.http import Problem, bearer_ok, error, read_body, read_message
 from common.protocol import decode_credentials, decode_presence, decode_report, encode_report
-from relay import credentials, store, usage, window
+from relay import store, usage, window
 from relay.dispatcher import Dispatcher
 from relay.events import BUTTON_WORDS
 from relay.images import ImageCache
@@ -224,11 +224,8 @@ def create_app(
             found = await read_message(request, MAX_CALLBACK_BYTES, decode_credentials)
         except Problem as exc:
             return error(exc.status, exc.detail)
-        dispatcher = live().dispatcher
-        told = await dispatcher.db.run(credentials.record, found, clock())
-        for phone in told:
-            dispatcher.outbox.notify(phone)
-        return JSONResponse({"ok": True, "told": len(told)})
+        told = await live().dispatcher.credentials_found(found)
+        return JSONResponse({"ok": True, "told": told})
 
     async def image(request: Request) -> Response:
         # Only what a worker callback put in the cache: anyone may ask, so a miss never reaches

@@ -26,6 +26,7 @@ import anyio
 
 from common.protocol import (
     TERMINAL,
+    Credentials,
     ProtocolError,
     Report,
     decode_answer,
@@ -670,6 +671,14 @@ class Dispatcher:
         await self.db.run(store.worker_announced, boot, self.clock())
         self._up.set()
         self.calls.notify(WORKER_LANE)
+
+    async def credentials_found(self, found: Credentials) -> int:
+        """The worker's finding about a credential it depends on (relay/credentials.py): kept for
+        `status`, and told to the owners when it is news; returns how many were told."""
+        told = await self.db.run(credentials.record, found, self.clock())
+        for phone in told:
+            self.outbox.notify(phone)
+        return len(told)
 
     async def worker_sleeping(self, awake_s: float | None = None, boot: str = "") -> None:
         """The worker is about to stop or suspend: `status` says so, nothing wakes it for calls
