@@ -73,6 +73,10 @@ async def _serving(
         log_level="warning",
         lifespan="auto",
         timeout_graceful_shutdown=2,
+        # Above httpx's own 5 s: a client then always drops an idle connection before the server
+        # does. With both at 5 s, a request sent on a connection the server was closing that very
+        # moment failed with ReadError (a test that waited ~5 s between two calls, now and then).
+        timeout_keep_alive=30,
         ssl_certfile=str(tls / "cert.pem") if tls else None,
         ssl_keyfile=str(tls / "key.pem") if tls else None,
     )

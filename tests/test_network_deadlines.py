@@ -86,6 +86,7 @@ async def test_a_clone_that_hangs_ends_the_run_with_an_error_and_the_next_run_cl
             await wait_for(lambda: origin.hung_up == 1, 5, "git to hang up")
             # Killed with its run; the kernel may take a moment to reap them on a loaded machine.
             await wait_for(lambda: processes_naming(url) == [], 5, "git and its helper to be gone")
+            assert origin.hung_up == 1  # nothing tried the stalled clone again behind the owner's back
             repos = worker.settings.workspace_dir / ".repos"
             assert not list(repos.glob(".clone-*")) and not list(repos.glob("[0-9]*"))  # no half clone
             assert (await worker.decide("status")).json()["state"] == "idle"

@@ -523,6 +523,10 @@ class Worker:
         repository = (owner.repo, owner.repo_url)
         try:
             workspace = self.workspace(owner)
+            if not workspace.cloned:
+                # The run could not clone (origin failed it just now): trying again here would
+                # hold the VM awake up to CLONE_TIMEOUT_MS for nothing. The next run clones.
+                return
             space = await self._prepare(owner, workspace)
             # Off the next prompt's path, with nothing of the agent's running: old attachments go.
             if removed := await anyio.to_thread.run_sync(attachments.expire, space.checkout):

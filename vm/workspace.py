@@ -400,7 +400,7 @@ class Workspace:
         choosing) is never used: it goes to `set_aside`, root's alone, and the git dir is
         cloned afresh, its HEAD on the same branch if origin has it.
         """
-        if not (self.git_dir / "HEAD").is_file():
+        if not self.cloned:
             legacy, branch = self.path / ".git", ""
             if legacy.is_dir() and not legacy.is_symlink():
                 branch = _set_aside(legacy, set_aside / f"{self.path.name}-{time.time_ns()}.git")
@@ -416,6 +416,10 @@ class Workspace:
         self.write_git_file()
         _exclude_attachments(self.git_dir)
         return not (self.git_dir / HANDED_OVER).exists()
+
+    @property
+    def cloned(self) -> bool:
+        return (self.git_dir / "HEAD").is_file()
 
     def mark_handed_over(self) -> None:
         write_new_file(self.git_dir / HANDED_OVER, "")
