@@ -501,6 +501,7 @@ class Presence:
     state: PresenceState
     boot: str
     awake_ms: int = 0  # sleeping: how long the worker was up since it booted or resumed
+    owner: str = ""  # the one owner this worker serves (WORKER_MODE=per-owner); "": every owner
 
     def __post_init__(self) -> None:
         if self.state not in PRESENCE_STATES:
@@ -511,6 +512,8 @@ def encode_presence(presence: Presence) -> dict[str, Any]:
     data: dict[str, Any] = {"v": VERSION, "state": presence.state, "boot": presence.boot}
     if presence.awake_ms:
         data["awake_ms"] = presence.awake_ms
+    if presence.owner:
+        data["owner"] = presence.owner
     return data
 
 
@@ -527,7 +530,10 @@ def decode_presence(data: Any) -> Presence:
         raise ProtocolError(str(exc)) from None
     if awake_ms > MAX_AWAKE_MS:  # no float holds some integers JSON may carry
         raise ProtocolError(f"awake_ms must be at most {MAX_AWAKE_MS} (a year)")
-    return Presence(state, _string(data, "boot", 100), awake_ms)
+    owner = data.get("owner", "")
+    if owner != "" and not (isinstance(owner, str) and E164.fullmatch(owner)):
+        raise ProtocolError("owner must be an E.164 number")
+    return Presence(state, _string(data, "boot", 100), awake_ms, owner)
 
 
 # --- credentials ----------------------------------------------------------------------
