@@ -48,6 +48,7 @@ class Call:
 @dataclass
 class FakeWorker:
     token: str
+    owner: str = ""  # the one owner it serves, as an owner's own Machine says in its presence
     calls: list[Call] = field(default_factory=list)
     health_polls: int = 0
     answer_status: int = 202
@@ -77,7 +78,7 @@ class FakeWorker:
         `http`: a client already made (making one takes the time of a CA bundle)."""
         if http is None:
             http = self._http = self._http or httpx.AsyncClient()
-        body = encode_presence(Presence(state, "fake-boot"))
+        body = encode_presence(Presence(state, "fake-boot", owner=self.owner))
         headers = {"Authorization": f"Bearer {self.token}"}
         return await http.post(f"{relay_url}/callback", json=body, headers=headers)
 

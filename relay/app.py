@@ -19,10 +19,12 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from common.http import Problem, bearer_ok, error, read_body, read_message
+from common.machines import MachinesAPI
 from common.protocol import decode_credentials, decode_presence, decode_report, encode_report
 from relay import store, usage, window
 from relay.dispatcher import Dispatcher
 from relay.events import BUTTON_WORDS
+from relay.fleet import Fleet, FleetError, SharedWorker, Workers, bearer_for
 from relay.images import ImageCache
 from relay.media import Media, MediaStore, media_list
 from relay.settings import E164, Settings, mask_phone
@@ -45,6 +47,7 @@ class Services:
     dispatcher: Dispatcher
     images: ImageCache
     media: MediaStore
+    workers: Workers
 
 
 def create_app(
@@ -75,9 +78,7 @@ def create_app(
             media_base_url=f"{settings.public_url}/images",
             status_callback=settings.public_url + STATUS_PATH,
         )
-        worker = WorkerClient(
-            client, base_url=settings.claude_host, token=settings.worker_token, poll_interval=settings.wake_poll_s
-        )
+        workers = _workers(settings, db, client, clock)
         files = MediaStore(settings.media_dir)
         media = Media(
             files,
@@ -86,8 +87,8 @@ def create_app(
             account_sid=settings.twilio_account_sid,
             auth_token=settings.twilio_auth_token,
         )
-        dispatcher = Dispatcher(settings, db, twilio, worker, clock, media)
-        services = Services(dispatcher, ImageCache(settings.images_dir, worker), files)
+        dispatcher = Dispatcher(settings, db, twilio, workers, clock, media)
+        services = Services(dispatcher, ImageCache(settings.images_dir), files, workers)
         try:
             # The sender's aiohttp session lives exactly as long as the lanes that send.
             async with twilio, anyio.create_task_group() as tg:
@@ -104,6 +105,13 @@ def create_app(
             if http is None:
                 await client.aclose()
             db.close()
+
+    def from_a_worker(request: Request) -> bool:
+        """The bearer token of some worker: the shared one's, or any owner's own Machine's."""
+        if not settings.per_owner:
+            return bearer_ok(request, settings.worker_token)
+        # Every owner's is compared, so the time taken says nothing about which one matched.
+        return sum(bearer_ok(request, bearer_for(settings, p)) for p in settings.allowed_phone_numbers) > 0
 
     async def health(request: Request) -> JSONResponse:
         return JSONResponse(
@@ -172,22 +180,24 @@ def create_app(
         return Response(status_code=204)
 
     async def callback(request: Request) -> Response:
-        if not bearer_ok(request, settings.worker_token):
-            return error(401, "missing or wrong bearer token")
         phone = request.path_params["phone"].removeprefix("whatsapp:")
         if phone not in settings.allowed_phone_numbers:
-            return error(404, "unknown phone")
+            # (Looked at before the token: each owner's token differs, and an unknown phone has none.)
+            return error(404 if from_a_worker(request) else 401, "unknown phone")
+        if not bearer_ok(request, bearer_for(settings, phone)):
+            return error(401, "missing or wrong bearer token")
         try:
             report = await read_message(request, MAX_CALLBACK_BYTES, decode_report)
         except Problem as exc:
             return error(exc.status, exc.detail)
         dispatcher = live().dispatcher
         if report.type == "sleeping":  # a worker from before presence (POST /callback)
-            await dispatcher.worker_sleeping()
+            await dispatcher.worker_sleeping(owner=phone)
             return JSONResponse({"ok": True})
         kept = []
+        worker = await _worker_of(live().workers, phone) if report.images else None
         for name in report.images:
-            cached = await live().images.fetch(name)
+            cached = await live().images.fetch(name, worker) if worker is not None else False
             if cached is False:
                 # The worker retries the callback, so the image is fetched while it is awake.
                 # (No name in the answer: the worker logs it, and a name is a capability.)
@@ -203,22 +213,28 @@ def create_app(
 
     async def presence(request: Request) -> Response:
         """The worker is up (deliver what waits for it, now) or going to sleep."""
-        if not bearer_ok(request, settings.worker_token):
+        if not from_a_worker(request):
             return error(401, "missing or wrong bearer token")
         try:
             said = await read_message(request, MAX_CALLBACK_BYTES, decode_presence)
         except Problem as exc:
             return error(exc.status, exc.detail)
+        if settings.per_owner and said.owner not in settings.allowed_phone_numbers:
+            # Each owner's Machine names its owner; the app's plain-deploy Machine serves no one.
+            return error(403 if said.owner else 400, "a per-owner relay takes presence only from an owner's Machine")
+        if not bearer_ok(request, bearer_for(settings, said.owner)):
+            return error(401, "missing or wrong bearer token")
         dispatcher = live().dispatcher
         if said.state == "up":
-            await dispatcher.worker_up(said.boot)
+            await dispatcher.worker_up(said.boot, said.owner)
         else:
-            await dispatcher.worker_sleeping(said.awake_ms / 1000 if said.awake_ms else None, said.boot)
+            await dispatcher.worker_sleeping(said.awake_ms / 1000 if said.awake_ms else None, said.boot, said.owner)
         return JSONResponse({"ok": True})
 
     async def credentials_found(request: Request) -> Response:
-        """What the worker found about a credential it depends on (relay/credentials.py)."""
-        if not bearer_ok(request, settings.worker_token):
+        """What the worker found about a credential it depends on (relay/credentials.py). Every
+        owner's Machine has the same credentials (the worker app's secrets)."""
+        if not from_a_worker(request):
             return error(401, "missing or wrong bearer token")
         try:
             found = await read_message(request, MAX_CALLBACK_BYTES, decode_credentials)
@@ -237,8 +253,8 @@ def create_app(
 
     async def media_file(request: Request) -> Response:
         """A file the owner sent, for the worker (relay/media.py); ids are unguessable and never
-        logged, and the route needs the worker's token too."""
-        if not bearer_ok(request, settings.worker_token):
+        logged, and the route needs a worker's token too."""
+        if not from_a_worker(request):
             return error(401, "missing or wrong bearer token")
         path = live().media.path(request.path_params["id"])
         if path is None:
@@ -288,3 +304,25 @@ async def _housekeeping(db: store.Database, services: Services, settings: Settin
 
 def _twiml() -> Response:
     return Response(EMPTY_TWIML, media_type="text/xml")
+
+
+def _workers(settings: Settings, db: store.Database, http: httpx.AsyncClient, clock: Callable[[], float]) -> Workers:
+    """The one shared worker, or each owner's own Machine (WORKER_MODE, relay/fleet.py)."""
+    if settings.fleet is None:
+        return SharedWorker(
+            WorkerClient(
+                http, base_url=settings.claude_host, token=settings.worker_token, poll_interval=settings.wake_poll_s
+            )
+        )
+    api = MachinesAPI(http, settings.fleet.api_base_url, settings.fleet.api_token, settings.fleet.app)
+    return Fleet(settings, settings.fleet, api, db, http, clock)
+
+
+async def _worker_of(workers: Workers, phone: str) -> WorkerClient | None:
+    """The worker that serves `phone` (its Machine, found again if the relay's records lost it:
+    it just called); None if it cannot be found now."""
+    key = workers.key_of(phone)
+    try:
+        return await workers.known(key) or await workers.make(key)
+    except FleetError:
+        return None

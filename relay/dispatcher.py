@@ -36,7 +36,7 @@ from common.protocol import (
     encode_command,
     message_id_of,
 )
-from relay import credentials, replies, schedules, store, usage, window
+from relay import credentials, fleet, replies, schedules, store, usage, window
 from relay.conversation import Context, Conversation, apply, current_repo, owner_zone, run_repo
 from relay.events import (
     AddSchedule,
@@ -60,6 +60,7 @@ from relay.events import (
     Word,
     parse_owner_text,
 )
+from relay.fleet import SHARED, FleetError, Workers
 from relay.lanes import Lanes
 from relay.media import Media, Taken, prompt_of
 from relay.settings import Settings, mask_phone
@@ -70,7 +71,6 @@ from relay.zones import known
 logger = logging.getLogger(__name__)
 
 MAX_SEND_AGE_S = 3600.0  # a message still unsent after an hour is given up, and shown by `status`
-WORKER_LANE = "worker"
 MAX_FAILS_WHILE_UP = 3  # a call that fails this often while /health answers is reported, not retried
 
 
@@ -120,10 +120,15 @@ class Outcome:
 
 @dataclass(frozen=True)
 class Pricing:
-    """What the worker's hours cost, and the monthly ceiling unless an owner set their own."""
+    """What the worker's hours cost, and the monthly ceiling unless an owner set their own.
+    `per_owner`: each owner has a Machine of their own (relay/fleet.py), whose hours are theirs."""
 
     hourly_usd: float = 0.0
     monthly_budget_usd: float | None = None
+    per_owner: bool = False
+
+    def worker_of(self, phone: str) -> str:
+        return phone if self.per_owner else SHARED
 
 
 def process_next(conn: sqlite3.Connection, phone: str, ctx: Context, pricing: Pricing = Pricing()) -> Outcome | None:
@@ -181,13 +186,13 @@ def _budget(conn: sqlite3.Connection, phone: str, now: float, pricing: Pricing, 
     if limit is None:
         return None
     # Every prompt asks this: the month alone, not the day `usage` shows beside it.
-    month = usage.this_month(conn, phone, now, _awake_since(conn), pricing.hourly_usd, tz)
+    month = usage.this_month(conn, phone, now, _awake_since(conn, pricing.worker_of(phone)), pricing.hourly_usd, tz)
     return usage.Budget(limit, month.total_usd)
 
 
-def _awake_since(conn: sqlite3.Connection) -> float | None:
+def _awake_since(conn: sqlite3.Connection, worker: str) -> float | None:
     """When the worker, awake now, came up: its hours so far count."""
-    row = store.worker_state(conn)
+    row = store.worker_state(conn, worker)
     return row["up_at"] if row is not None and row["awake"] == 1 else None
 
 
@@ -233,7 +238,7 @@ def _record(
 ) -> None:
     now, tz = ctx.now, owner_zone(conv, ctx)
     if isinstance(effect, ReportStatus):
-        effect = Send(_status_text(conn, conv, ctx) + replies.held_released(outcome.released, now, tz))
+        effect = Send(_status_text(conn, conv, ctx, pricing) + replies.held_released(outcome.released, now, tz))
     elif isinstance(effect, ReportUsage):
         effect = Send(_usage_text(conn, conv.phone, now, pricing, tz))
     elif isinstance(effect, RecordBudget):
@@ -359,20 +364,26 @@ def _enqueue(conn: sqlite3.Connection, phone: str, send: Send, now: float, *, bu
 
 def _usage_text(conn: sqlite3.Connection, phone: str, now: float, pricing: Pricing, tz: ZoneInfo) -> str:
     """`usage`: today and this month in the owner's zone."""
-    today, month = usage.today_and_month(conn, phone, now, _awake_since(conn), pricing.hourly_usd, tz)
+    awake_since = _awake_since(conn, pricing.worker_of(phone))
+    today, month = usage.today_and_month(conn, phone, now, awake_since, pricing.hourly_usd, tz)
     limit = usage.limit_for(conn, phone, now, pricing.monthly_budget_usd, tz)
-    owners = conn.execute("SELECT COUNT(*) FROM conversations").fetchone()[0]
+    # Owners who share the worker's hours: only this one when each has their own Machine.
+    owners = 1 if pricing.per_owner else conn.execute("SELECT COUNT(*) FROM conversations").fetchone()[0]
     budget = None if limit is None else usage.Budget(limit, month.total_usd)
     return replies.usage(today, month, budget, owners, tz)
 
 
-def _status_text(conn: sqlite3.Connection, conv: Conversation, ctx: Context) -> str:
+def _status_text(conn: sqlite3.Connection, conv: Conversation, ctx: Context, pricing: Pricing) -> str:
+    """From the relay's own records: asking never wakes the worker."""
     now = ctx.now
-    row = store.worker_state(conn)
+    row = store.worker_state(conn, pricing.worker_of(conv.phone))
+    own = fleet.placement(conn, conv.phone) if pricing.per_owner else None
     worker = replies.WorkerInfo(
         awake=None if row is None or row["awake"] is None else bool(row["awake"]),
         last_seen_at=row["last_seen_at"] if row else None,
         slept_at=row["slept_at"] if row else None,
+        machine=own.machine_id if own else "",
+        per_owner=pricing.per_owner,
     )
     failures = [
         replies.FailedSend(r["error_code"], r["error"] or "", r["sent_at"] or now)
@@ -403,21 +414,22 @@ class Dispatcher:
     settings: Settings
     db: store.Database
     sender: TwilioSender
-    worker: WorkerClient
+    workers: Workers
     clock: Callable[[], float] = time.time
     media: Media | None = None  # takes the owner's photos and files from Twilio
     inbox: Lanes = field(init=False)
     outbox: Lanes = field(init=False)
     calls: Lanes = field(init=False)
     _last_sent: dict[str, float] = field(default_factory=dict)
-    _failed_while_up: int = 0
-    _waking: set[str] | None = None  # owners told "waking" during the current wake-up
-    _up: anyio.Event = field(default_factory=anyio.Event)  # the worker said it is up since the last call
+    # Per worker (one key when shared, each owner's number when each has a Machine):
+    _failed_while_up: dict[str, int] = field(default_factory=dict)
+    _waking: dict[str, set[str]] = field(default_factory=dict)  # owners told "waking" during its wake-up
+    _up: dict[str, anyio.Event] = field(default_factory=dict)  # it said it is up since the last call
 
     def __post_init__(self) -> None:
         self.inbox = Lanes("inbox", self._inbox_step)
         self.outbox = Lanes("outbox", self._send_step)
-        self.calls = Lanes("worker", self._call_step)
+        self.calls = Lanes("worker", self._call_step)  # one lane per worker
 
     async def run(self, tg: anyio.abc.TaskGroup) -> None:
         """Start the lanes, resume whatever a previous process left undone, and keep the timer."""
@@ -431,7 +443,8 @@ class Dispatcher:
         if self.settings.template_content_sid:  # a crash between a hold and its template
             for phone in await self.db.run(window.template_owed):
                 self.outbox.notify(phone)
-        self.calls.notify(WORKER_LANE)
+        for worker in await self.db.run(_workers_with_calls, self.workers):
+            self.calls.notify(worker)
         tg.start_soon(self._timers, name="timers")
 
     @property
@@ -452,7 +465,7 @@ class Dispatcher:
             buttons=settings.buttons,
             owner_tz=settings.owner_tz,
         )
-        pricing = Pricing(settings.vm_cost_per_hour_usd, settings.monthly_budget_usd)
+        pricing = Pricing(settings.vm_cost_per_hour_usd, settings.monthly_budget_usd, settings.per_owner)
         outcome = await self.db.run(process_next, phone, ctx, pricing)
         if outcome is None:
             return None
@@ -462,15 +475,15 @@ class Dispatcher:
             await self._take_media(phone, *outcome.media)
             return 0
         if outcome.calls:
-            self.calls.notify(WORKER_LANE)
-            await self._tell_waking(phone)  # the worker is booting right now: say so at once
+            worker = self.workers.key_of(phone)
+            self.calls.notify(worker)
+            await self._tell_waking(worker, phone)  # the worker is booting right now: say so at once
         return 0
 
     async def record(self, phone: str, dedupe_key: str, event: dict[str, Any], *, from_worker: bool = False) -> bool:
         """Record an event durably (it is acknowledged right after), then wake the phone's lane."""
-        new = await self.db.run(
-            partial(store.record_durably, from_worker=from_worker), phone, dedupe_key, event, self.clock()
-        )
+        worker = self.workers.key_of(phone) if from_worker else None
+        new = await self.db.run(partial(store.record_durably, worker=worker), phone, dedupe_key, event, self.clock())
         if new:
             self.inbox.notify(phone)
         return new
@@ -594,8 +607,8 @@ class Dispatcher:
 
     # --- worker calls ---------------------------------------------------------------
 
-    async def _call_step(self, _lane: str) -> float | None:
-        pending, known_asleep = await self.db.run(_pending_calls)
+    async def _call_step(self, worker: str) -> float | None:
+        pending, known_asleep = await self.db.run(_pending_calls, worker)
         if not pending:
             return None
         call = pending[0]
@@ -611,66 +624,96 @@ class Dispatcher:
             # The worker said goodnight, so it holds no run for anyone: no need to wake it.
             await self._call_done(call, Unreachable(call.route, message_id, "asleep", asleep=True))
             return 0
-        if self._up.is_set():
-            self._up = anyio.Event()  # from here on, only an announcement made after this call counts
-        result = None if known_asleep else await self.worker.call(command)
+        client = await self._client(worker, call, message_id)
+        if client is None:
+            return 0
+        up = self._up.get(worker)
+        if up is not None and up.is_set():
+            self._up[worker] = anyio.Event()  # from here on, only an announcement made after this call counts
+        result = None if known_asleep else await client.call(command)
         if result is not None and result.delivered:
-            self._failed_while_up = 0
+            self._failed_while_up[worker] = 0
             await self._call_done(call, Delivered(call.route, message_id, result.answer))
         elif result is not None and (
-            not result.asleep or self._failed_while_up >= MAX_FAILS_WHILE_UP or call.mode == "probe"
+            not result.asleep or self._failed_while_up.get(worker, 0) >= MAX_FAILS_WHILE_UP or call.mode == "probe"
         ):
             # Refused outright, a probe that found no one, or a worker that answers /health yet
             # keeps failing this call.
-            self._failed_while_up = 0
+            self._failed_while_up[worker] = 0
             await self._call_done(
                 call,
                 Unreachable(call.route, message_id, result.reason, refused=not result.asleep, answer=result.answer),
             )
-        elif not await self._wake(pending, known_asleep=known_asleep):
+        elif not await self._wake(worker, client, pending, known_asleep=known_asleep):
             return None
         return 0
 
-    async def _tell_waking(self, phone: str) -> None:
-        """ "⏳ Waking up your VM..." once per owner and wake-up, also to owners who write meanwhile."""
-        if self._waking is None or phone in self._waking:
-            return
-        self._waking.add(phone)
-        await self.db.run(store.enqueue_send, phone, replies.WAKING, [], self.clock())
+    async def _client(self, worker: str, call: store.WorkerCall, message_id: str) -> WorkerClient | None:
+        """How to reach the worker; an owner's own Machine is made on the first call that needs
+        a worker (relay/fleet.py). None: the call was answered here (no Machine, none needed)."""
+        client = await self.workers.known(worker)
+        if client is not None:
+            return client
+        if call.mode != "wake":  # a status probe, or a cancel: without a Machine nothing runs
+            await self._call_done(call, Unreachable(call.route, message_id, "asleep", asleep=True))
+            return None
+        try:
+            return await self.workers.make(worker, partial(self._tell, call.phone, replies.SETTING_UP))
+        except FleetError as exc:
+            for failed in await self.db.run(store.pending_worker_calls, worker):
+                await self._call_done(failed, Unreachable(failed.route, failed.payload.get("message_id", ""), str(exc)))
+            return None
+
+    async def _tell(self, phone: str, text: str) -> None:
+        await self.db.run(store.enqueue_send, phone, text, [], self.clock())
         self.outbox.notify(phone)
+
+    async def _tell_waking(self, worker: str, phone: str) -> None:
+        """ "⏳ Waking up your VM..." once per owner and wake-up, also to owners who write meanwhile."""
+        waking = self._waking.get(worker)
+        if waking is None or phone in waking:
+            return
+        waking.add(phone)
+        await self._tell(phone, replies.WAKING)
 
     async def _call_done(self, call: store.WorkerCall, event: Delivered | Unreachable) -> None:
         status = "delivered" if isinstance(event, Delivered) else "failed"
-        if await self.db.run(_finish_call, call, status, event, self.clock()):
+        worker = self.workers.key_of(call.phone)
+        if await self.db.run(_finish_call, call, worker, status, event, self.clock()):
             self.inbox.notify(call.phone)
 
-    async def _wake(self, pending: list[store.WorkerCall], *, known_asleep: bool) -> bool:
+    async def _wake(
+        self, worker: str, client: WorkerClient, pending: list[store.WorkerCall], *, known_asleep: bool
+    ) -> bool:
         """Tell each waiting owner once, poll until the worker answers; False if it never does."""
-        if not known_asleep and await self.worker.healthy():
-            self._failed_while_up += 1  # awake after all: a passing fault, not sleep
-            await self.db.run(store.worker_seen, self.clock())
+        if not known_asleep and await client.healthy():
+            self._failed_while_up[worker] = self._failed_while_up.get(worker, 0) + 1  # awake after all: a passing fault
+            await self.db.run(store.worker_seen, worker, self.clock())
             return True
-        self._waking = set()
+        self._waking[worker] = set()
+        up = self._up.setdefault(worker, anyio.Event())
         try:
             for phone in dict.fromkeys(call.phone for call in pending if call.mode != "probe"):
-                await self._tell_waking(phone)
+                await self._tell_waking(worker, phone)
             logger.info("worker unreachable; waiting up to %.0f s for it to wake", self.settings.wake_timeout_s)
-            woke = await self.worker.wait_until_up(self.settings.wake_timeout_s, self._up, just_polled=not known_asleep)
+            woke = await client.wait_until_up(self.settings.wake_timeout_s, up, just_polled=not known_asleep)
         finally:
-            self._waking = None
+            del self._waking[worker]
         if woke:
-            await self.db.run(store.worker_seen, self.clock())
+            await self.db.run(store.worker_seen, worker, self.clock())
             return True
         reason = f"no answer within {self.settings.wake_timeout_s:.0f} s"
-        for call in await self.db.run(store.pending_worker_calls):
+        for call in await self.db.run(store.pending_worker_calls, worker):
             await self._call_done(call, Unreachable(call.route, call.payload.get("message_id", ""), reason))
         return False
 
-    async def worker_up(self, boot: str = "") -> None:
-        """The worker announced itself: stop waiting and deliver what waits for it."""
-        await self.db.run(store.worker_announced, boot, self.clock())
-        self._up.set()
-        self.calls.notify(WORKER_LANE)
+    async def worker_up(self, boot: str = "", owner: str = "") -> None:
+        """A worker announced itself (`owner`: the one it serves): stop waiting and deliver what
+        waits for it."""
+        worker = self.workers.key_of(owner)
+        await self.db.run(store.worker_announced, worker, boot, self.clock())
+        self._up.setdefault(worker, anyio.Event()).set()
+        self.calls.notify(worker)
 
     async def credentials_found(self, found: Credentials) -> int:
         """The worker's finding about a credential it depends on (relay/credentials.py): kept for
@@ -680,10 +723,10 @@ class Dispatcher:
             self.outbox.notify(phone)
         return len(told)
 
-    async def worker_sleeping(self, awake_s: float | None = None, boot: str = "") -> None:
+    async def worker_sleeping(self, awake_s: float | None = None, boot: str = "", owner: str = "") -> None:
         """The worker is about to stop or suspend: `status` says so, nothing wakes it for calls
         that need it only if it is awake, and its hours awake are counted (relay/usage.py)."""
-        await self.db.run(store.worker_slept, self.clock(), awake_s, boot)
+        await self.db.run(store.worker_slept, self.workers.key_of(owner), self.clock(), awake_s, boot)
 
     # --- timers ---------------------------------------------------------------------
 
@@ -754,14 +797,23 @@ def _status_durably(
         conn.execute("PRAGMA synchronous=NORMAL")
 
 
-def _pending_calls(conn: sqlite3.Connection) -> tuple[list[store.WorkerCall], bool]:
+def _pending_calls(conn: sqlite3.Connection, worker: str) -> tuple[list[store.WorkerCall], bool]:
     """The calls waiting for the worker, and whether it told us it went to sleep."""
-    row = store.worker_state(conn)
-    return store.pending_worker_calls(conn), row is not None and row["awake"] == 0
+    row = store.worker_state(conn, worker)
+    return store.pending_worker_calls(conn, worker), row is not None and row["awake"] == 0
+
+
+def _workers_with_calls(conn: sqlite3.Connection, workers: Workers) -> set[str]:
+    return {workers.key_of(call.phone) for call in store.pending_worker_calls(conn)}
 
 
 def _finish_call(
-    conn: sqlite3.Connection, call: store.WorkerCall, status: str, event: Delivered | Unreachable, now: float
+    conn: sqlite3.Connection,
+    call: store.WorkerCall,
+    worker: str,
+    status: str,
+    event: Delivered | Unreachable,
+    now: float,
 ) -> bool:
     """Close the call and record what happened, together; False if it was withdrawn meanwhile."""
     with store.transaction(conn):
@@ -776,6 +828,6 @@ def _finish_call(
         if isinstance(event, Unreachable):
             data["reason"], data["refused"], data["asleep"] = event.reason, event.refused, event.asleep
         else:
-            store.worker_seen(conn, now)
+            store.worker_seen(conn, worker, now)
         store.insert_inbox(conn, call.phone, f"call:{call.id}:{status}", data, now)
     return True

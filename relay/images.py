@@ -21,9 +21,8 @@ IMAGE_CACHE_TTL_S = 48 * 3600
 
 
 class ImageCache:
-    def __init__(self, root: Path, worker: WorkerClient) -> None:
+    def __init__(self, root: Path) -> None:
         self.root = root
-        self._worker = worker
         root.mkdir(parents=True, exist_ok=True)
 
     def path(self, name: str) -> Path | None:
@@ -31,13 +30,13 @@ class ImageCache:
         path = self.root / name
         return path if IMAGE_NAME.match(name) and path.is_file() else None
 
-    async def fetch(self, name: str) -> bool | None:
+    async def fetch(self, name: str, worker: WorkerClient) -> bool | None:
         """Make sure `name` is cached, fetching it from the worker if needed: True when it is,
         None when it never will be (the worker no longer has it, or it is too big for WhatsApp:
         the report goes on without it), else False (try again later)."""
         if self.path(name) is not None:
             return True
-        data = await self._worker.fetch_image(name)
+        data = await worker.fetch_image(name)
         if data == b"" or (data is not None and len(data) > MAX_IMAGE_BYTES):
             # Gone, or more than WhatsApp takes: the worker will never have it better, so the
             # report goes on without it rather than hold the worker's spool forever.

@@ -40,6 +40,7 @@ BUTTONS_PROMPT = {
     "cancel": "👆 *cancel* stops the run.",
 }
 WAKING = "⏳ Waking up your VM..."
+SETTING_UP = "🛠️ Setting up your own VM; the first time takes about a minute..."
 WORKING = "🤖 Working on it..."
 EMPTY = "🤔 That message had no text. Send a prompt, or *help*."
 NOTHING_WAITING = "Nothing is waiting for approval."
@@ -250,6 +251,8 @@ class WorkerInfo:
     awake: bool | None  # None: never heard from it
     last_seen_at: float | None
     slept_at: float | None
+    machine: str = ""  # the owner's own Machine (WORKER_MODE=per-owner), "": none made yet
+    per_owner: bool = False
 
 
 @dataclass(frozen=True)
@@ -302,13 +305,16 @@ def _state_line(state: str, job_text: str | None, started: float | None, deadlin
 
 
 def _worker_line(worker: WorkerInfo, now: float, tz: ZoneInfo) -> str:
+    if worker.per_owner and not worker.machine:
+        return "🖥️ VM: none yet; your first prompt sets up your own (about a minute)."
+    vm = f"🖥️ Your VM ({worker.machine})" if worker.machine else "🖥️ VM"
     if worker.awake is None:
-        return "🖥️ VM: not heard from yet."
+        return f"{vm}: not heard from yet."
     if worker.awake:
         seen = f" (last heard {_ago(worker.last_seen_at, now)} ago)" if worker.last_seen_at else ""
-        return f"🖥️ VM: awake{seen}."
+        return f"{vm}: awake{seen}."
     since = f" since {when(worker.slept_at, now, tz)}" if worker.slept_at else ""
-    return f"🖥️ VM: asleep{since}; your next prompt wakes it."
+    return f"{vm}: asleep{since}; your next prompt wakes it."
 
 
 def _ago(then: float | None, now: float) -> str:

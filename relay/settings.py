@@ -62,9 +62,16 @@ class Settings:
     run_budget_usd: float | None = None  # one run stops when its cost reaches this
     vm_cost_per_hour_usd: float = FLY_WORKER_HOUR_USD
     owner_tz: str = "UTC"  # the zone of schedules' times, until an owner names theirs (`tz <name>`)
+    # A Machine of its own for each owner (WORKER_MODE=per-owner: relay/fleet.py); None: one
+    # worker for every owner (`shared`).
+    fleet: FleetSettings | None = None
     deployed_sha: str = "dev"
     port: int = 3000
     host: str = "0.0.0.0"
+
+    @property
+    def per_owner(self) -> bool:
+        return self.fleet is not None
 
     @property
     def images_dir(self) -> Path:
@@ -104,6 +111,7 @@ class Settings:
             run_budget_usd=reader.amount("RUN_BUDGET_USD"),
             vm_cost_per_hour_usd=_hourly(reader),
             owner_tz=_zone(env),
+            fleet=_fleet(reader),
             deployed_sha=env.get("DEPLOYED_SHA") or "dev",
             port=reader.integer("PORT", 3000, minimum=1, maximum=65535),
             host=env.get("HOST") or "0.0.0.0",
@@ -173,3 +181,41 @@ def _hourly(reader: EnvReader) -> float:
     if value in ("0", "0.0"):
         return 0.0  # a worker somebody else pays for
     return reader.amount("VM_COST_PER_HOUR_USD") or FLY_WORKER_HOUR_USD
+
+
+@dataclass(frozen=True)
+class FleetSettings:
+    """What the relay needs to make and reach each owner's Machine."""
+
+    api_token: str = field(repr=False)
+    api_base_url: str = "http://_api.internal:4280"  # without /v1, which every path adds
+    app: str = "textslash-vm"
+    image: str = ""  # "": the image of the app's Machine from a plain deploy
+    region: str = ""  # "": vm/fly.toml's primary_region
+    volume_gb: int = 10
+
+
+def _fleet(reader: EnvReader) -> FleetSettings | None:
+    env = reader.env
+    mode = env.get("WORKER_MODE", "").strip().lower() or "shared"
+    if mode not in ("shared", "per-owner"):
+        raise ConfigError(f"WORKER_MODE is malformed: expected shared or per-owner, got {mode!r}")
+    if mode == "shared":
+        return None
+    region = env.get("WORKER_REGION", "").strip()
+    if region and not re.fullmatch(r"[a-z]{3}", region):
+        raise ConfigError("WORKER_REGION is malformed: expected a Fly region code like iad")
+    image = env.get("WORKER_IMAGE", "").strip()
+    if image and not re.fullmatch(r"[\w.:/@-]{1,300}", image):
+        raise ConfigError("WORKER_IMAGE is malformed: expected an image reference like registry.fly.io/app:tag")
+    app = env.get("WORKER_APP", "").strip() or "textslash-vm"
+    if not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,62}", app):
+        raise ConfigError("WORKER_APP is malformed: expected a Fly app name")
+    return FleetSettings(
+        api_token=reader.secret("FLY_API_TOKEN"),
+        api_base_url=reader.url("FLY_API_BASE_URL", "http://_api.internal:4280").rstrip("/"),
+        app=app,
+        image=image,
+        region=region,
+        volume_gb=reader.integer("WORKER_VOLUME_GB", 10, minimum=1, maximum=500),
+    )

@@ -68,8 +68,16 @@ CREATE TABLE IF NOT EXISTS worker_calls (
     error TEXT
 );
 CREATE INDEX IF NOT EXISTS worker_calls_pending ON worker_calls (id) WHERE status = 'pending';
-CREATE TABLE IF NOT EXISTS worker_state (
-    id INTEGER PRIMARY KEY CHECK (id = 1),
+CREATE TABLE IF NOT EXISTS machines (      -- each owner's own Machine (WORKER_MODE=per-owner: relay/fleet.py)
+    phone TEXT PRIMARY KEY,               -- the owner; their Machine carries it as metadata too
+    machine_id TEXT NOT NULL,
+    volume_id TEXT NOT NULL,
+    region TEXT NOT NULL,
+    image TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS workers (
+    worker TEXT PRIMARY KEY,              -- '': the one shared worker; else the owner's number (per-owner)
     awake INTEGER,
     last_seen_at REAL,
     slept_at REAL,
@@ -122,18 +130,34 @@ ADDED_COLUMNS = (
     ("worker_calls", "mode", "TEXT NOT NULL DEFAULT 'wake'"),
     ("outbox", "buttons", "TEXT NOT NULL DEFAULT ''"),
     ("outbox", "run_id", "TEXT NOT NULL DEFAULT ''"),
-    ("worker_state", "up_at", "REAL"),
+    ("worker_state", "up_at", "REAL"),  # (then moved to `workers`: _workers_by_key)
     ("worker_state", "boot", "TEXT"),
     ("outbox", "kind", "TEXT NOT NULL DEFAULT 'message'"),
     ("outbox", "released_at", "REAL"),
+    ("awake", "worker", "TEXT NOT NULL DEFAULT ''"),
 )
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
     for table, column, kind in ADDED_COLUMNS:
-        if column not in {row["name"] for row in conn.execute(f"PRAGMA table_info({table})")}:
+        columns = {row["name"] for row in conn.execute(f"PRAGMA table_info({table})")}
+        if columns and column not in columns:  # (no columns: a table this database never had)
             conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
     _autoincrement_schedules(conn)
+    _workers_by_key(conn)
+
+
+def _workers_by_key(conn: sqlite3.Connection) -> None:
+    """The one row of `worker_state`, from before each owner could have their own worker
+    (WORKER_MODE=per-owner), becomes the shared worker's row of `workers`."""
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'worker_state'").fetchone() is None:
+        return
+    with transaction(conn):
+        conn.execute(
+            "INSERT OR IGNORE INTO workers (worker, awake, last_seen_at, slept_at, up_at, boot) "
+            "SELECT '', awake, last_seen_at, slept_at, up_at, boot FROM worker_state WHERE id = 1"
+        )
+        conn.execute("DROP TABLE worker_state")
 
 
 def _autoincrement_schedules(conn: sqlite3.Connection) -> None:
@@ -180,14 +204,15 @@ def record_durably(
     event: dict[str, Any],
     now: float,
     *,
-    from_worker: bool = False,
+    worker: str | None = None,
 ) -> bool:
-    """Record an event from outside, synced to disk before the caller acknowledges it."""
+    """Record an event from outside, synced to disk before the caller acknowledges it; `worker`:
+    the worker it came from (which is awake, then)."""
     conn.execute("PRAGMA synchronous=FULL")
     try:
         with transaction(conn):
-            if from_worker:
-                worker_seen(conn, now)
+            if worker is not None:
+                worker_seen(conn, worker, now)
             return insert_inbox(conn, phone, dedupe_key, event, now)
     finally:
         conn.execute("PRAGMA synchronous=NORMAL")
@@ -356,8 +381,11 @@ def enqueue_worker_call(
     )
 
 
-def pending_worker_calls(conn: sqlite3.Connection) -> list[WorkerCall]:
-    rows = conn.execute("SELECT * FROM worker_calls WHERE status = 'pending' ORDER BY id").fetchall()
+def pending_worker_calls(conn: sqlite3.Connection, phone: str = "") -> list[WorkerCall]:
+    """In order; only `phone`'s when given (each owner's own worker), else every owner's."""
+    rows = conn.execute(
+        "SELECT * FROM worker_calls WHERE status = 'pending' AND (? = '' OR phone = ?) ORDER BY id", (phone, phone)
+    ).fetchall()
     return [WorkerCall(r["id"], r["phone"], r["route"], json.loads(r["payload"]), r["mode"]) for r in rows]
 
 
@@ -382,50 +410,55 @@ def drop_command(conn: sqlite3.Connection, phone: str, message_id: str) -> None:
     )
 
 
-# --- what the relay knows of the worker -------------------------------------------------
+# --- what the relay knows of each worker -------------------------------------------------
+# `worker`: '' for the one worker every owner shares, or the owner's number when each owner has
+# their own Machine (relay/fleet.py).
 
 
-def worker_seen(conn: sqlite3.Connection, now: float) -> None:
+def worker_seen(conn: sqlite3.Connection, worker: str, now: float) -> None:
     """Heard from the worker: it is awake, and its hours count from now if it was not before."""
     conn.execute(
-        "INSERT INTO worker_state (id, awake, last_seen_at, up_at) VALUES (1, 1, ?, ?) "
-        "ON CONFLICT (id) DO UPDATE SET last_seen_at = excluded.last_seen_at, "
+        "INSERT INTO workers (worker, awake, last_seen_at, up_at) VALUES (?, 1, ?, ?) "
+        "ON CONFLICT (worker) DO UPDATE SET last_seen_at = excluded.last_seen_at, "
         "up_at = CASE WHEN awake = 1 AND up_at IS NOT NULL THEN up_at ELSE excluded.up_at END, awake = 1",
-        (now, now),
+        (worker, now, now),
     )
 
 
-def worker_announced(conn: sqlite3.Connection, boot: str, now: float) -> None:
+def worker_announced(conn: sqlite3.Connection, worker: str, boot: str, now: float) -> None:
     """The worker said `up`. A different process than the one awake before means that one ended
     without saying goodnight (killed, out of memory): its hours are counted to when it was last
     heard from."""
-    row = worker_state(conn)
+    row = worker_state(conn, worker)
     if row is not None and row["awake"] == 1 and row["up_at"] is not None and row["boot"] not in (None, boot):
-        usage.record_awake(conn, row["boot"], (row["last_seen_at"] or row["up_at"]) - row["up_at"], now)
-        conn.execute("UPDATE worker_state SET up_at = NULL WHERE id = 1")
-    worker_seen(conn, now)
-    conn.execute("UPDATE worker_state SET boot = ? WHERE id = 1", (boot,))
+        seconds = (row["last_seen_at"] or row["up_at"]) - row["up_at"]
+        usage.record_awake(conn, worker, row["boot"], seconds, now)
+        conn.execute("UPDATE workers SET up_at = NULL WHERE worker = ?", (worker,))
+    worker_seen(conn, worker, now)
+    conn.execute("UPDATE workers SET boot = ? WHERE worker = ?", (boot, worker))
 
 
-def worker_slept(conn: sqlite3.Connection, now: float, awake_s: float | None = None, boot: str = "") -> None:
+def worker_slept(
+    conn: sqlite3.Connection, worker: str, now: float, awake_s: float | None = None, boot: str = ""
+) -> None:
     """The worker is going to sleep; `awake_s` is how long it says it was up (a worker from
     before it said so is counted from its `up`)."""
-    row = worker_state(conn)
+    row = worker_state(conn, worker)
     if row is not None and row["awake"] == 1:
         since = row["up_at"]
         seconds = awake_s if awake_s else (now - since if since is not None else 0.0)
         if row["slept_at"] is not None:  # it was asleep then: it cannot have been up for longer
             seconds = min(seconds, now - row["slept_at"])
-        usage.record_awake(conn, boot or row["boot"] or "", seconds, now)
+        usage.record_awake(conn, worker, boot or row["boot"] or "", seconds, now)
     conn.execute(
-        "INSERT INTO worker_state (id, awake, slept_at) VALUES (1, 0, ?) "
-        "ON CONFLICT (id) DO UPDATE SET awake = 0, slept_at = excluded.slept_at, up_at = NULL",
-        (now,),
+        "INSERT INTO workers (worker, awake, slept_at) VALUES (?, 0, ?) "
+        "ON CONFLICT (worker) DO UPDATE SET awake = 0, slept_at = excluded.slept_at, up_at = NULL",
+        (worker, now),
     )
 
 
-def worker_state(conn: sqlite3.Connection) -> sqlite3.Row | None:
-    row: sqlite3.Row | None = conn.execute("SELECT * FROM worker_state WHERE id = 1").fetchone()
+def worker_state(conn: sqlite3.Connection, worker: str) -> sqlite3.Row | None:
+    row: sqlite3.Row | None = conn.execute("SELECT * FROM workers WHERE worker = ?", (worker,)).fetchone()
     return row
 
 

@@ -7,7 +7,8 @@ months are the owner's, in their time zone (OWNER_TZ, or `tz <zone>`).
 
 One worker serves every owner (WORKER_MODE=shared): its hours are the machine's, shown to each
 owner whole and counted whole against each owner's budget. A ceiling errs on the side of the
-bill; with one owner, the usual case, it is the bill.
+bill; with one owner, the usual case, it is the bill. With a Machine per owner
+(WORKER_MODE=per-owner), each owner's hours are their own Machine's.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ CREATE TABLE IF NOT EXISTS runs (
 CREATE INDEX IF NOT EXISTS runs_by_owner ON runs (phone, ended_at);
 CREATE TABLE IF NOT EXISTS awake (
     id INTEGER PRIMARY KEY,
+    worker TEXT NOT NULL DEFAULT '',      -- '': the shared worker; else the owner's own Machine
     boot TEXT NOT NULL,
     seconds REAL NOT NULL,
     ended_at REAL NOT NULL
@@ -140,9 +142,11 @@ def record_run(conn: sqlite3.Connection, phone: str, report: Report, repo: str, 
     return cur.rowcount == 1
 
 
-def record_awake(conn: sqlite3.Connection, boot: str, seconds: float, now: float) -> None:
+def record_awake(conn: sqlite3.Connection, worker: str, boot: str, seconds: float, now: float) -> None:
     if seconds > 0:
-        conn.execute("INSERT INTO awake (boot, seconds, ended_at) VALUES (?, ?, ?)", (boot, seconds, now))
+        conn.execute(
+            "INSERT INTO awake (worker, boot, seconds, ended_at) VALUES (?, ?, ?, ?)", (worker, boot, seconds, now)
+        )
 
 
 # --- reading ------------------------------------------------------------------------------
@@ -157,7 +161,10 @@ def period(
         "COALESCE(SUM(output_tokens), 0) AS tout FROM runs WHERE phone = ? AND ended_at >= ?",
         (phone, since),
     ).fetchone()
-    seconds = conn.execute("SELECT COALESCE(SUM(seconds), 0) FROM awake WHERE ended_at >= ?", (since,)).fetchone()[0]
+    # The shared worker's hours are every owner's; an owner's own Machine's are theirs alone.
+    seconds = conn.execute(
+        "SELECT COALESCE(SUM(seconds), 0) FROM awake WHERE ended_at >= ? AND worker IN ('', ?)", (since, phone)
+    ).fetchone()[0]
     if awake_since is not None:
         seconds += max(0.0, now - max(awake_since, since))
     hours = seconds / 3600

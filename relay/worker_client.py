@@ -44,10 +44,15 @@ class WorkerClient:
         call_timeout: float = 3.0,
         poll_interval: float = 0.06,
         poll_timeout: float = 0.5,
+        instance: str = "",
     ) -> None:
         self._http = http
         self._base = base_url.rstrip("/")
+        self.instance = instance
         self._headers = {"Authorization": f"Bearer {token}"}
+        if instance:  # one owner's own Machine (relay/fleet.py): Fly's proxy sends it there, waking it
+            self._headers["fly-force-instance-id"] = instance
+        self._routing = {k: v for k, v in self._headers.items() if k != "Authorization"}  # /health: no token
         self._call_timeout = httpx.Timeout(call_timeout, connect=min(1.0, call_timeout))
         self._poll_interval = poll_interval
         self._poll_timeout = httpx.Timeout(poll_timeout)
@@ -71,7 +76,7 @@ class WorkerClient:
 
     async def healthy(self) -> bool:
         try:
-            response = await self._http.get(self._base + "/health", timeout=self._poll_timeout)
+            response = await self._http.get(self._base + "/health", headers=self._routing, timeout=self._poll_timeout)
         except (httpx.TransportError, OSError):
             return False
         return response.status_code == 200

@@ -231,7 +231,7 @@ def test_cached_images_are_pruned_after_two_days(tmp_path: Path) -> None:
     fresh.write_bytes(PNG)
     three_days_ago = time.time() - 3 * 24 * 3600
     os.utime(old, (three_days_ago, three_days_ago))
-    assert ImageCache(tmp_path, None).prune(time.time()) == 1  # type: ignore[arg-type]
+    assert ImageCache(tmp_path).prune(time.time()) == 1
     assert not old.exists() and fresh.exists()
 
 
