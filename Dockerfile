@@ -16,6 +16,8 @@ RUN uv sync --locked --no-dev --extra relay
 
 COPY common/ common/
 COPY relay/ relay/
+# WORKER_MODE=per-owner makes each owner's Machine as vm/fly.toml describes the worker's.
+COPY vm/fly.toml vm/fly.toml
 
 # Fly mounts the volume with the uid of the image's user, so a non-root user can own /data.
 RUN useradd --create-home --uid 1000 textslash && mkdir -p /data && chown textslash:textslash /data

@@ -90,6 +90,7 @@ def image_tree(half: str, dest: Path) -> Path:
             if path.is_dir():
                 shutil.copytree(path, app / source.rstrip("/"), ignore=shutil.ignore_patterns("__pycache__"))
             else:
+                (app / source).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy(path, app / source)
     venv = dest / "venv"
     env = {**os.environ, "UV_PROJECT_ENVIRONMENT": str(venv)}
@@ -140,7 +141,16 @@ async def test_the_relay_image_starts_from_its_own_dependency_set(tmp_path: Path
     venv = tmp_path / "venv"
     packages = installed(venv)
     assert "twilio" in packages and "claude_agent_sdk" not in packages and "playwright" not in packages
-    env = relay_env(tmp_path / "relay.sqlite3", "http://127.0.0.1:9", "http://127.0.0.1:9", DEPLOYED_SHA="image-test")
+    # Per-owner, which also needs vm/fly.toml (each owner's Machine is made as it says) at start.
+    env = relay_env(
+        tmp_path / "relay.sqlite3",
+        "http://127.0.0.1:9",
+        "http://127.0.0.1:9",
+        DEPLOYED_SHA="image-test",
+        WORKER_MODE="per-owner",
+        FLY_API_TOKEN="fly-token-for-tests",
+        FLY_API_BASE_URL="http://127.0.0.1:9",
+    )
     await start_and_check(app, venv, "relay", env)
 
 

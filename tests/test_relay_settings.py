@@ -117,3 +117,31 @@ def test_python_m_relay_stops_with_a_message_naming_the_variable(tmp_path: Path)
     assert result.returncode == 2
     assert "CLAUDE_HOST is required" in result.stderr
     assert BASE["TWILIO_AUTH_TOKEN"] not in result.stderr + result.stdout
+
+
+PER_OWNER = {**BASE, "WORKER_MODE": "per-owner", "FLY_API_TOKEN": "fly-token-secret-value"}
+
+
+def test_per_owner_mode_and_its_defaults() -> None:
+    assert Settings.from_env(BASE).fleet is None  # shared, as before
+    fleet = Settings.from_env(PER_OWNER).fleet
+    assert fleet is not None and fleet.api_base_url == "http://_api.internal:4280"
+    assert fleet.app == "textslash-vm" and fleet.image == "" and fleet.volume_gb == 10
+    assert "fly-token-secret-value" not in repr(Settings.from_env(PER_OWNER))
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("WORKER_MODE", "each"),
+        ("FLY_API_TOKEN", ""),
+        ("FLY_API_BASE_URL", "_api.internal:4280"),
+        ("WORKER_APP", "Textslash VM"),
+        ("WORKER_IMAGE", "registry.fly.io/app:tag; rm -rf /"),
+        ("WORKER_REGION", "Ashburn"),
+        ("WORKER_VOLUME_GB", "0"),
+    ],
+)
+def test_bad_per_owner_values_name_the_variable(name: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=name):
+        Settings.from_env({**PER_OWNER, name: value})
