@@ -16,10 +16,10 @@ from relay.zones import zone
 
 __all__ = ["E164", "ConfigError", "Repo", "Settings", "mask_phone"]
 
-# Fly's price for the worker's size in vm/fly.toml (shared-cpu-2x, 2 GB) in iad: the pricing
-# page's shared-cpu-2x with 512 MB ($3.89 a month) plus 1.5 GB of additional RAM at $5 per GB a
-# month, over 730 hours (fly.io/docs/about/pricing, November 2026). Regions differ: set yours.
-FLY_WORKER_HOUR_USD = 0.0156
+# Fly's price for the worker's size in vm/fly.toml (shared-cpu-2x, 2 GB) in iad, started: $13.39
+# for 30 days of running on the pricing page (fly.io/docs/about/pricing, as of October-November
+# 2026; it was $11.39 before), billed by the second. Regions differ: set yours.
+FLY_WORKER_HOUR_USD = 0.0186
 # WhatsApp lets a business send free-form messages for 24 hours after the user's last message
 # (Twilio error 63016 after that). The relay holds what would be sent later than this: 24 hours
 # less 5 minutes, room for a send's retries and Twilio's queue (relay/window.py).
