@@ -703,6 +703,8 @@ class Dispatcher:
             await self.db.run(store.worker_seen, worker, self.clock())
             return True
         reason = f"no answer within {self.settings.wake_timeout_s:.0f} s"
+        if await self.workers.gone(worker):
+            reason = "your VM was removed; the next prompt sets up another"
         for call in await self.db.run(store.pending_worker_calls, worker):
             await self._call_done(call, Unreachable(call.route, call.payload.get("message_id", ""), reason))
         return False

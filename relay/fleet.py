@@ -163,6 +163,7 @@ class Workers(Protocol):
     def key_of(self, phone: str) -> str: ...
     async def known(self, key: str) -> WorkerClient | None: ...
     async def make(self, key: str, creating: Callable[[], Awaitable[None]] | None = None) -> WorkerClient: ...
+    async def gone(self, key: str) -> bool: ...
 
 
 class SharedWorker:
@@ -179,6 +180,9 @@ class SharedWorker:
 
     async def make(self, key: str, creating: Callable[[], Awaitable[None]] | None = None) -> WorkerClient:
         return self._client
+
+    async def gone(self, key: str) -> bool:
+        return False  # the shared worker is deployed, never made or removed by the relay
 
 
 @dataclass
@@ -209,23 +213,42 @@ class Fleet:
     async def make(self, phone: str, creating: Callable[[], Awaitable[None]] | None = None) -> WorkerClient:
         """The owner's Machine, found or made (and started), and recorded; `creating` is awaited
         first when one must be made (to tell the owner)."""
-        async with self._making:
-            if (client := await self.known(phone)) is not None:
-                return client
-            try:
-                found = await self._find_or_make(phone, creating)
-            except MachinesError as exc:
-                logger.warning("could not make the Machine of %s: %s", mask_phone(phone), exc)
-                raise FleetError(f"could not create your VM ({exc.status or 'no answer'} from Fly)") from None
-            await self.db.run(_record_now, found)
-            logger.info("%s: Machine %s on volume %s", mask_phone(phone), found.machine_id, found.volume_id)
-            return self._client(found)
+        try:
+            async with self._making:
+                if (client := await self.known(phone)) is not None:
+                    return client
+                machine, made = await self._find_or_make(phone, creating)
+                found = _placement(phone, machine, self.clock())
+                await self.db.run(_record_now, found)  # before the wait: a crash then loses nothing
+                logger.info("%s: Machine %s on volume %s", mask_phone(phone), found.machine_id, found.volume_id)
+            # Outside the lock: another owner's Machine need not wait for this one to boot.
+            if made and not await self.api.wait(machine.id, "started", START_WAIT_S, machine.instance_id):
+                # It exists and is recorded; the proxy starts it with the call, like a sleeping one.
+                logger.warning("Machine %s did not say it started within %.0f s", machine.id, START_WAIT_S)
+        except MachinesError as exc:
+            logger.warning("could not make the Machine of %s: %s", mask_phone(phone), exc)
+            raise FleetError(f"could not create your VM ({exc.status or 'no answer'} from Fly)") from None
+        return self._client(found)
 
-    async def forget(self, phone: str) -> None:
-        """The recorded Machine is gone (destroyed outside the relay): the next call finds or
-        makes another."""
+    async def gone(self, phone: str) -> bool:
+        """Whether the owner's recorded Machine no longer exists (destroyed outside the relay):
+        then it is forgotten, and the next call finds or makes another (on the same volume,
+        which a destroyed Machine leaves). Asked when the Machine never woke."""
+        found = await self.db.run(placement, phone)
+        if found is None:
+            return False
+        try:
+            machine = await self.api.machine(found.machine_id)
+        except MachinesError as exc:
+            if exc.status != 404:
+                return False  # Fly cannot say now: the Machine stays recorded
+            machine = None
+        if machine is not None and machine.state not in ("destroyed", "destroying"):
+            return False
+        logger.warning("%s: Machine %s is gone; the next call makes another", mask_phone(phone), found.machine_id)
         self._clients.pop(phone, None)
         await self.db.run(_forget, phone)
+        return True
 
     def _client(self, found: Placement) -> WorkerClient:
         client = self._clients.get(found.phone)
@@ -241,22 +264,16 @@ class Fleet:
 
     # --- finding and making -------------------------------------------------------------
 
-    async def _find_or_make(self, phone: str, creating: Callable[[], Awaitable[None]] | None) -> Placement:
-        machine = await self._existing(phone)
-        if machine is None:
-            if creating is not None:
-                await creating()
-            region = self.fleet.region or self.template.region
-            image = self.fleet.image or await self._plain_image()
-            volume = await self._volume(phone, region)
-            machine = await self._create(phone, volume, region, image)
-            if not await self.api.wait(machine.id, "started", START_WAIT_S, machine.instance_id):
-                # It exists and is recorded; the proxy starts it with the call, like a sleeping one.
-                logger.warning("Machine %s did not say it started within %.0f s", machine.id, START_WAIT_S)
-        mounts = machine.config.get("mounts") or [{}]
-        return Placement(
-            phone, machine.id, str(mounts[0].get("volume", "")), machine.region, machine.image, self.clock()
-        )
+    async def _find_or_make(self, phone: str, creating: Callable[[], Awaitable[None]] | None) -> tuple[Machine, bool]:
+        """The owner's Machine, and whether it was made just now."""
+        if (machine := await self._existing(phone)) is not None:
+            return machine, False
+        if creating is not None:
+            await creating()
+        region = self.fleet.region or self.template.region
+        image = self.fleet.image or await self._plain_image()
+        volume = await self._volume(phone, region)
+        return await self._create(phone, volume, region, image), True
 
     async def _existing(self, phone: str) -> Machine | None:
         found = await self.api.machines({OWNER_KEY: phone})
@@ -306,6 +323,12 @@ def _usable(volume: Volume, name: str, region: str) -> bool:
     return (
         volume.name == name and volume.region == region and volume.state == "created" and not volume.attached_machine_id
     )
+
+
+def _placement(phone: str, machine: Machine, now: float) -> Placement:
+    mounts = machine.config.get("mounts") or [{}]
+    volume = mounts[0].get("volume", "") if isinstance(mounts[0], dict) else ""
+    return Placement(phone, machine.id, str(volume), machine.region, machine.image, now)
 
 
 def _record_now(conn: sqlite3.Connection, found: Placement) -> None:

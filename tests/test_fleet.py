@@ -148,3 +148,23 @@ async def test_each_machine_speaks_only_for_its_own_owner(tmp_path: Path) -> Non
         assert (await presence(owner_token(WORKER_TOKEN, OWNER), "")).status_code == 400  # names no owner
         assert (await presence(WORKER_TOKEN, OWNER)).status_code == 401  # the shared token is no owner's
         assert (await presence(owner_token(WORKER_TOKEN, OWNER), OWNER)).status_code == 200
+
+
+async def test_a_machine_destroyed_outside_the_relay_is_replaced_on_the_same_volume(tmp_path: Path) -> None:
+    async with fleet_stack(tmp_path, WAKE_TIMEOUT_MS="2000") as fleet:
+        await fleet.text("first")
+        await answered(fleet, OWNER, "first")
+        [machine] = fleet.owned()[OWNER]
+        [volume] = fleet.api.live_volumes()
+        machine["state"] = "destroyed"  # `fly machine destroy`, say: the volume is left
+        volume["attached_machine_id"] = None
+
+        await fleet.text("second")
+        [told] = await wait_for(lambda: fleet.said("your VM was removed", OWNER), 30, "the owner told")
+        assert "retry" in told
+        await fleet.text("retry")
+        await answered(fleet, OWNER, "second")
+        [again] = fleet.owned()[OWNER]
+        assert again["id"] != machine["id"]
+        assert again["config"]["mounts"][0]["volume"] == volume["id"]  # their checkouts come back
+        assert fleet.api.live_volumes() == [volume]

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, ExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 from starlette.applications import Starlette
@@ -108,9 +109,9 @@ class FleetStack:
     def said(self, fragment: str, to: str = OWNER) -> list[str]:
         return [b for b in self.twilio.bodies(to) if fragment in b]
 
-    def owned(self) -> dict[str, list[dict[str, object]]]:
+    def owned(self) -> dict[str, list[dict[str, Any]]]:
         """Each owner's live Machines, by the metadata the relay gave them."""
-        found: dict[str, list[dict[str, object]]] = {}
+        found: dict[str, list[dict[str, Any]]] = {}
         for machine in self.api.live_machines():
             owner = (machine["config"].get("metadata") or {}).get("textslash_owner")
             if owner:
