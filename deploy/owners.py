@@ -197,7 +197,8 @@ class Owners:
         # A sleeping owner's Machine goes back without booting: it ran this image before.
         updated = await api.update_machine(machine.id, machine.config, skip_launch=asleep)
         if asleep:
-            await api.stop(machine.id)  # in case Fly started it all the same
+            if (await api.machine(machine.id)).state in (AWAKE, "starting"):  # Fly started it all the same
+                await api.stop(machine.id)
         elif not await api.wait(machine.id, AWAKE, self.wait_s, updated.instance_id):
             self.say(
                 f"deploy: {describe(machine)} is back on {machine.image} but did not start within {self.wait_s:.0f} s"
