@@ -126,9 +126,13 @@ class MachinesAPI:
     async def create_machine(self, body: dict[str, Any]) -> Machine:
         return Machine.from_json(await self._call("POST", "/machines", json=body, creates=True))
 
-    async def update_machine(self, machine_id: str, config: dict[str, Any]) -> Machine:
-        """The Machine with a new config (a new image, say): Fly restarts it on it."""
-        return Machine.from_json(await self._call("POST", f"/machines/{machine_id}", json={"config": config}))
+    async def update_machine(self, machine_id: str, config: dict[str, Any], *, skip_launch: bool = False) -> Machine:
+        """The Machine with a new config (a new image, say): Fly restarts it on it (starts it, if
+        it was stopped), unless `skip_launch`."""
+        body: dict[str, Any] = {"config": config}
+        if skip_launch:
+            body["skip_launch"] = True
+        return Machine.from_json(await self._call("POST", f"/machines/{machine_id}", json=body))
 
     async def wait(self, machine_id: str, state: str, timeout_s: float, instance_id: str = "") -> bool:
         """Until the Machine is in `state` (of `instance_id`, its config version, if given);

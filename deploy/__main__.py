@@ -1,4 +1,5 @@
-"""`python -m deploy [--dry-run]`: deploy the worker, then the relay, and prove it worked.
+"""`python -m deploy [--dry-run] [--worker-mode per-owner] [--prune [--yes]]`: deploy the worker,
+then the relay, and prove it worked.
 
 Each step is one the deployment reports list as a way a deploy fails silently; each failure
 stops the deploy with a message that says what is wrong, and rolls back what was deployed:
@@ -8,12 +9,15 @@ stops the deploy with a message that says what is wrong, and rolls back what was
   4. every machine's /health reports HEAD (no old code still running);
   5. the worker has no public IP and has a Flycast address;
   6. the worker, stopped, is woken by a request through Flycast from the relay.
+In per-owner mode (deploy/owners.py) every owner's own Machine is rolled to the worker's new
+image between 2 (worker) and 2 (relay), and `--prune` destroys those of owners who left.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -21,7 +25,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.config import ConfigError, EnvReader
+from common.machines import MachinesError
 from deploy.flyctl import Fly, FlyError, Machine
+from deploy.owners import Owners, OwnersFailed
 
 PUBLIC_IP_TYPES = {"v4", "v6", "shared_v4"}
 LAST_GOOD = Path("var/deploy-last-good.json")
@@ -50,21 +57,20 @@ class Deployer:
     say: Callable[[str], None] = print
     sleep: Callable[[float], None] = time.sleep
     clock: Callable[[], float] = time.monotonic
+    owners: Owners | None = None  # per-owner mode: the owners' own Machines to roll
     deployed: list[App] = field(default_factory=list)
 
     def run(self) -> None:
         sha = self.preflight()
         previous = self.last_good()
         try:
-            for app in (self.worker, self.relay):
-                self.step(f"deploying {app.name} at {sha[:12]}")
-                self.deployed.append(app)
-                self.fly.deploy(app.name, app.config, app.dockerfile, sha)
-                self.wait_started(app)
-                self.check_sha(app, sha)
+            self.deploy_app(self.worker, sha)
+            if self.owners is not None:  # the worker's new image is known and proven: now the owners'
+                self.owners.roll(sha)
+            self.deploy_app(self.relay, sha)
             self.check_worker_is_private()
             self.prove_wake(sha)
-        except (DeployFailed, FlyError) as exc:
+        except (DeployFailed, FlyError, OwnersFailed) as exc:
             self.say(f"deploy: FAILED: {exc}")
             self.roll_back(previous)
             raise DeployFailed(str(exc)) from None
@@ -76,6 +82,18 @@ class Deployer:
 
     def step(self, text: str) -> None:
         self.say(f"==> {text}")
+
+    def deploy_app(self, app: App, sha: str) -> None:
+        self.step(f"deploying {app.name} at {sha[:12]}")
+        self.deployed.append(app)
+        self.fly.deploy(app.name, app.config, app.dockerfile, sha)
+        self.wait_started(app)
+        self.check_sha(app, sha)
+
+    def machines(self, app: App) -> list[Machine]:
+        """The app's own Machines, the ones `flyctl deploy` manages: never an owner's (per-owner
+        mode), which deploy/owners.py rolls and which must not be started or stopped here."""
+        return [m for m in self.fly.machines(app.name) if not m.owner]
 
     # --- 1. before anything leaves this machine ----------------------------------------
 
@@ -98,7 +116,7 @@ class Deployer:
         deadline = self.clock() + self.wait_s
         started_once = False
         while True:
-            machines = self.fly.machines(app.name)
+            machines = self.machines(app)
             if self.fly.dry_run:
                 return machines
             if not machines:
@@ -125,7 +143,7 @@ class Deployer:
 
     def check_sha(self, app: App, sha: str) -> None:
         self.step(f"checking every {app.name} machine reports {sha[:12]}")
-        for machine in self.fly.machines(app.name):
+        for machine in self.machines(app):
             health = self.fly.health(app.name, machine.id, f"http://127.0.0.1:{app.port}/health")
             if not self.fly.dry_run and health.get("deployed_sha") != sha:
                 raise DeployFailed(
@@ -156,19 +174,23 @@ class Deployer:
 
     def prove_wake(self, sha: str) -> None:
         self.step(f"stopping {self.worker.name} and waking it through Flycast from {self.relay.name}")
-        for machine in self.fly.machines(self.worker.name):
+        plain = self.machines(self.worker)
+        for machine in plain:
             self.fly.stop(self.worker.name, machine.id)
         deadline = self.clock() + self.wait_s
-        while not self.fly.dry_run and any(m.state != "stopped" for m in self.fly.machines(self.worker.name)):
+        while not self.fly.dry_run and any(m.state != "stopped" for m in self.machines(self.worker)):
             if self.clock() >= deadline:
                 raise DeployFailed(f"{self.worker.name} did not stop within {self.wait_s:.0f} s")
             self.sleep(self.poll_s)
-        relay_machine = next(iter(self.fly.machines(self.relay.name)), None)
+        relay_machine = next(iter(self.machines(self.relay)), None)
         if relay_machine is None:
             raise DeployFailed(f"{self.relay.name} has no machine to call the worker from")
         url = f"http://{self.worker.name}.flycast:{self.worker.port}/health"
         assert relay_machine is not None
-        health = self.fly.health(self.relay.name, relay_machine.id, url)
+        # Per owner, Flycast may route to any Machine of the app, owners' too: ask for the plain
+        # one by id, as the relay asks for each owner's (which proves that header works too).
+        instance = plain[0].id if self.owners is not None and plain else ""
+        health = self.fly.health(self.relay.name, relay_machine.id, url, instance)
         if not self.fly.dry_run and health.get("deployed_sha") != sha:
             raise DeployFailed(f"the worker woken through Flycast reports {health.get('deployed_sha')!r}, not {sha}")
 
@@ -181,7 +203,7 @@ class Deployer:
             return data
         images = {}
         for app in (self.worker, self.relay):
-            running = [m.image for m in self.fly.machines(app.name) if m.image]
+            running = [m.image for m in self.machines(app) if m.image]
             if running:
                 images[app.name] = running[0]
         return images
@@ -189,11 +211,13 @@ class Deployer:
     def remember_good(self) -> None:
         if self.fly.dry_run:
             return
-        images = {app.name: m.image for app in (self.worker, self.relay) for m in self.fly.machines(app.name)[:1]}
+        images = {app.name: m.image for app in (self.worker, self.relay) for m in self.machines(app)[:1]}
         LAST_GOOD.parent.mkdir(parents=True, exist_ok=True)
         LAST_GOOD.write_text(json.dumps(images, indent=2))
 
     def roll_back(self, previous: dict[str, str]) -> None:
+        if self.owners is not None:  # back to the exact config each had before this deploy
+            self.owners.roll_back()
         for app in reversed(self.deployed):
             image = previous.get(app.name)
             if not image:
@@ -219,14 +243,44 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wait", type=float, default=300.0, help="seconds to wait for machines (default 300)")
     parser.add_argument("--poll", type=float, default=5.0, help="seconds between looks (default 5)")
     parser.add_argument("--flyctl", default="flyctl", help="the flyctl binary")
+    parser.add_argument(
+        "--worker-mode",
+        choices=("shared", "per-owner"),
+        default=os.environ.get("WORKER_MODE") or "shared",
+        help="per-owner: also roll every owner's own Machine (default: WORKER_MODE, else shared)",
+    )
+    parser.add_argument(
+        "--api-url",
+        default=os.environ.get("FLY_API_BASE_URL") or "https://api.machines.dev",
+        help="Fly's Machines API, without /v1 (default: FLY_API_BASE_URL, else https://api.machines.dev)",
+    )
+    parser.add_argument(
+        "--prune", action="store_true", help="instead of deploying: destroy the Machines of owners who left"
+    )
+    parser.add_argument("--yes", action="store_true", help="with --prune: do not ask for confirmation")
+    parser.add_argument("--allowed", help="with --prune: the allowlist (default: ALLOWED_PHONE_NUMBERS)")
     args = parser.parse_args(argv)
+    fly = Fly(binary=args.flyctl, dry_run=args.dry_run)
+    owners = None
+    if args.worker_mode == "per-owner" or args.prune:
+        token = os.environ.get("FLY_API_TOKEN", "").strip()
+        if not token:
+            return _refuse(
+                "per-owner mode and --prune need FLY_API_TOKEN in the environment (never on the command line): "
+                f"`export FLY_API_TOKEN=$(fly tokens create deploy --app {args.worker_app})`"
+            )
+        owners = Owners(fly, args.api_url, token, args.worker_app, 3001, args.wait, args.poll)
+    if args.prune:
+        assert owners is not None
+        return _prune(owners, args.allowed, yes=args.yes)
     deployer = Deployer(
-        fly=Fly(binary=args.flyctl, dry_run=args.dry_run),
+        fly=fly,
         worker=App(args.worker_app, "vm/fly.toml", "vm/Dockerfile", 3001),
         relay=App(args.relay_app, "fly.toml", "Dockerfile", 3000),
         test_command=args.test_command,
         wait_s=args.wait,
         poll_s=args.poll,
+        owners=owners,
     )
     try:
         deployer.run()
@@ -235,6 +289,25 @@ def main(argv: list[str] | None = None) -> int:
             print(f"deploy: FAILED: {exc}")  # noqa: T201 - a command-line program
         return 1
     return 0
+
+
+def _prune(owners: Owners, allowed: str | None, *, yes: bool) -> int:
+    """Destroys only owners no longer allowed, so it must know who is: never a guess."""
+    env = {"ALLOWED_PHONE_NUMBERS": allowed} if allowed is not None else os.environ
+    try:
+        phones = EnvReader(env).phones("ALLOWED_PHONE_NUMBERS")
+    except ConfigError as exc:
+        return _refuse(f"{exc}; --prune destroys the Machines of owners not in it, so it needs it (or --allowed)")
+    try:
+        return owners.prune(phones, yes=yes)
+    except (OwnersFailed, MachinesError) as exc:
+        print(f"prune: FAILED: {exc}")  # noqa: T201 - a command-line program
+        return 1
+
+
+def _refuse(text: str) -> int:
+    print(f"deploy: {text}", file=sys.stderr)  # noqa: T201 - a command-line program
+    return 2
 
 
 if __name__ == "__main__":

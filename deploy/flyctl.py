@@ -9,7 +9,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-HEALTH_PROBE = "python -c \"import urllib.request;print(urllib.request.urlopen('{url}', timeout=60).read().decode())\""
+from common.owners import OWNER_KEY
+
+# Run inside a Machine; `{headers}` is a dict literal (`fly-force-instance-id` picks one Machine).
+HEALTH_PROBE = (
+    'python -c "import urllib.request as u;'
+    "print(u.urlopen(u.Request('{url}', headers={headers}), timeout=60).read().decode())\""
+)
 
 
 class FlyError(RuntimeError):
@@ -22,6 +28,7 @@ class Machine:
     state: str
     checks: tuple[tuple[str, str], ...]  # (name, status)
     image: str
+    owner: str = ""  # an owner's own Machine (per-owner mode): flyctl deploy leaves it alone
 
     @property
     def healthy(self) -> bool:
@@ -67,6 +74,7 @@ class Fly:
                 state=m.get("state", ""),
                 checks=tuple((c.get("name", ""), c.get("status", "")) for c in m.get("checks") or []),
                 image=(m.get("config") or {}).get("image", ""),
+                owner=str(((m.get("config") or {}).get("metadata") or {}).get(OWNER_KEY, "")),
             )
             for m in self.json("machines", "list", "--app", app) or []
         ]
@@ -92,9 +100,12 @@ class Fly:
     def deploy_image(self, app: str, config: str, image: str) -> None:
         self.run("deploy", ".", "--app", app, "--config", config, "--image", image, "--yes")
 
-    def health(self, app: str, machine_id: str, url: str) -> dict[str, Any]:
-        """GET `url` from inside a machine of `app` (so Flycast and localhost work as there)."""
-        out = self.run("machine", "exec", machine_id, HEALTH_PROBE.format(url=url), "--app", app, read=True)
+    def health(self, app: str, machine_id: str, url: str, instance: str = "") -> dict[str, Any]:
+        """GET `url` from inside a machine of `app` (so Flycast and localhost work as there);
+        `instance`: the Machine Fly's proxy must send it to (and start), as the relay does."""
+        headers = {"fly-force-instance-id": instance} if instance else {}
+        probe = HEALTH_PROBE.format(url=url, headers=repr(headers))
+        out = self.run("machine", "exec", machine_id, probe, "--app", app, read=True)
         if self.dry_run:
             return {}
         try:

@@ -169,7 +169,10 @@ class FakeFlyAPI:
                 return _error(400, "config is required")
             machine["config"] = body["config"]
             machine["instance_id"] = _instance_id()
-            self._run(machine)
+            if body.get("skip_launch") and machine["state"] != "started":
+                machine["state"] = "stopped"  # Fly's update starts the Machine unless told not to
+            else:
+                self._run(machine)
             return JSONResponse(self._view(machine))
         if method == "POST" and action == "start":
             self._run(machine)
