@@ -73,6 +73,10 @@ class FlyRouter:
         routed.machine = machine
         routed.proxy.start()
 
+    def adopt(self, machine: dict[str, Any]) -> None:
+        """A Machine the API had before this router (a console restarted): known, not started."""
+        self.machines[machine["id"]] = Routed(self.make(machine), machine, machine["config"])
+
     def stopped(self, machine: dict[str, Any]) -> None:
         routed = self.machines.get(machine["id"])
         if routed is None:
@@ -89,6 +93,8 @@ class FlyRouter:
     async def _forward(self, request: Request) -> Response:
         forced = request.headers.get(FORCE_HEADER, "")
         if forced:
+            if forced not in self.forced:
+                logger.info("fly-force-instance-id %s: first request for this Machine", forced)
             self.forced.append(forced)
             routed = self.machines.get(forced)
             if routed is None:
