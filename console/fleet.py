@@ -30,6 +30,7 @@ from fakes.flyapi import FakeFlyAPI
 from fakes.flyproxy import FlyProxy
 from fakes.flyrouter import FlyRouter
 from fakes.machines import FakeMachines
+from vm.sandbox import AGENT_UID_BASE
 
 logger = logging.getLogger("console")
 
@@ -51,6 +52,9 @@ LOCAL = (
     "FLY_APP_NAME",
     "FLY_MACHINE_ID",
 )
+
+
+UID_RANGE = 1000  # agent uids per Machine
 
 
 def owners(count: int) -> list[str]:
@@ -112,11 +116,18 @@ class LocalFleet:
                 "FLY_API_SOCKET": str(socket),
                 "FLY_APP_NAME": APP,
                 "FLY_MACHINE_ID": machine_id,
+                # Machines share this host's users: each its own range, stable across runs (its
+                # volume's place among the volumes), or one worker would end another's agents.
+                "AGENT_UID_BASE": str(AGENT_UID_BASE + UID_RANGE * self._place(folder.name)),
             }
         )
         proxy = FlyProxy(lambda: self._spawn(env, folder / "worker.log"), f"http://127.0.0.1:{port}", self._http)
         self._serve_socket(FakeMachines(on_suspend=lambda: self.router.suspend(machine_id), state=proxy.state), socket)
         return proxy
+
+    def _place(self, volume_id: str) -> int:
+        known = list(self.api.volumes)
+        return 1 + (known.index(volume_id) if volume_id in known else len(known))
 
     # --- kept across runs ---------------------------------------------------------------
 

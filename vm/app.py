@@ -107,6 +107,7 @@ def create_app(
             state_dir=settings.state_dir,
             claude_config_dir=settings.claude_config_dir,
             isolated=settings.agent_isolation,
+            uid_base=settings.agent_uid_base,
         )
         await sandbox.start(settings.state_dir, settings.images_dir)
         model = agent or Agent(env)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.config import E164, ConfigError, EnvReader
+from vm.sandbox import AGENT_UID_BASE
 from vm.workspace import CLONE_TIMEOUT_S, PUSH_TIMEOUT_S
 
 __all__ = ["ConfigError", "Settings", "github_repo_from_url", "is_github_https"]
@@ -57,6 +58,10 @@ class Settings:
     enable_test_app: bool = False
     claude_config_dir: str = ""
     agent_isolation: bool = True
+    # Where new owners' agent uids start. On Fly each Machine is its own host; several workers on
+    # one host (`./scripts/dev --owners N`) each need their own range, or one would end the
+    # other's agents as its own.
+    agent_uid_base: int = AGENT_UID_BASE
     warm_agent: bool = True  # keep each owner's Claude Code CLI (stopped) between prompts
     deployed_sha: str = "dev"
     port: int = 3001
@@ -115,6 +120,7 @@ class Settings:
             enable_test_app=reader.flag("ENABLE_TEST_APP"),
             claude_config_dir=env.get("CLAUDE_CONFIG_DIR", "").strip(),
             agent_isolation=reader.flag("AGENT_ISOLATION", True),
+            agent_uid_base=reader.integer("AGENT_UID_BASE", AGENT_UID_BASE, minimum=AGENT_UID_BASE, maximum=2**31 - 2),
             warm_agent=reader.flag("WARM_AGENT", True),
             deployed_sha=env.get("DEPLOYED_SHA") or "dev",
             port=reader.integer("PORT", 3001, minimum=1, maximum=65535),
