@@ -126,6 +126,7 @@ class FlyRouter:
         if routed is not None:
             routed.proxy.suspend()
             self._sync(routed)
+            logger.info("Machine %s suspended", machine_id)
 
     def processes(self) -> list[subprocess.Popen[bytes]]:
         return [r.proxy.process for r in self.machines.values() if r.proxy.process is not None]
