@@ -4,6 +4,8 @@ Starts the relay (`python -m relay`) as its own process and the worker (`python 
 demand behind a stand-in for Fly's proxy, so the worker sleeps and wakes as it does on Fly.
 Without Twilio credentials the relay's messages go to the local chat. `--demo` adds a scripted
 model, a local repository and a local GitHub stand-in: the whole loop with no account at all.
+`--owners N` (N >= 2) runs per-owner mode: N local owners, each with a Machine of their own made
+by the relay through a stand-in of Fly's Machines API (console/fleet.py).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from dotenv import load_dotenv
 
 from console.chat import Chat
 from console.demo import SITE_FILES, demo_model, make_demo_repo
+from console.fleet import LocalFleet, owners
 from fakes.flyproxy import FlyProxy
 from fakes.github import FakeGitHub
 from fakes.machines import FakeMachines
@@ -47,6 +50,14 @@ class Options:
     host: str
     port: int
     data: Path
+    owners: int = 1  # 1: one shared worker, as ever; N >= 2: per-owner mode
+
+
+def owner_count(value: str) -> int:
+    count = int(value)
+    if not 1 <= count <= 20:
+        raise argparse.ArgumentTypeError("between 1 and 20")
+    return count
 
 
 def parse(argv: list[str]) -> Options:
@@ -55,9 +66,16 @@ def parse(argv: list[str]) -> Options:
     parser.add_argument("--host", default="127.0.0.1", help="where the chat page listens (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="the chat page's port (default 8000)")
     parser.add_argument("--data", type=Path, help="where state and logs go (default var/demo or var/local)")
+    parser.add_argument(
+        "--owners",
+        type=owner_count,
+        default=1,
+        metavar="N",
+        help="N local owners, each with a worker Machine of their own (WORKER_MODE=per-owner); 1: one shared worker",
+    )
     args = parser.parse_args(argv)
     data = args.data or ROOT / "var" / ("demo" if args.demo else "local")
-    return Options(demo=args.demo, host=args.host, port=args.port, data=data.resolve())
+    return Options(demo=args.demo, host=args.host, port=args.port, data=data.resolve(), owners=args.owners)
 
 
 def free_port() -> int:
@@ -123,6 +141,9 @@ async def run(opts: Options) -> None:
     sid = env["TWILIO_ACCOUNT_SID"] if real_twilio else "AC" + secrets.token_hex(16)
     token = env["TWILIO_AUTH_TOKEN"] if real_twilio else secrets.token_hex(16)
     owner = (env.get("ALLOWED_PHONE_NUMBERS") or LOCAL_OWNER).split(",")[0].strip()
+    local_owners = owners(opts.owners) if opts.owners > 1 else [owner]
+    if opts.owners > 1:
+        owner = local_owners[0]
     public_url = env.get("PUBLIC_URL", relay_url) if real_twilio else relay_url
     worker_token = secrets.token_urlsafe(24)
     chat_url = f"http://{opts.host}:{opts.port}"
@@ -139,6 +160,7 @@ async def run(opts: Options) -> None:
             http=http,
             demo=opts.demo,
             api_url="" if real_twilio else chat_url,  # the relay's TWILIO_API_BASE_URL (below)
+            owners=tuple(local_owners),
         )
         worker_env = {
             **env,
@@ -181,7 +203,7 @@ async def run(opts: Options) -> None:
                 "TWILIO_ACCOUNT_SID": sid,
                 "TWILIO_AUTH_TOKEN": token,
                 "TWILIO_WHATSAPP_NUMBER": chat.bot_number,
-                "ALLOWED_PHONE_NUMBERS": owner,
+                "ALLOWED_PHONE_NUMBERS": ",".join(local_owners),
                 "CLAUDE_HOST": f"http://127.0.0.1:{proxy_port}",
                 "WORKER_TOKEN": worker_token,
                 "RELAY_DB": str(opts.data / "relay.sqlite3"),
@@ -194,15 +216,34 @@ async def run(opts: Options) -> None:
                 # The page's "24 h later" closes WhatsApp's window; this template reopens it.
                 template = chat.add_template("textslash: {{1}} waiting for you. Reply to see them.")
                 relay_env["TWILIO_TEMPLATE_CONTENT_SID"] = template  # (the page is Twilio: only it knows this one)
+            fleet: LocalFleet | None = None
+            fly_api_port = free_port()
+            if opts.owners > 1:
+                fleet = LocalFleet(
+                    opts.data,
+                    worker_env,
+                    worker_token,
+                    spawn=lambda env, log: spawn("vm", env, log),
+                    free_port=free_port,
+                    proxy_http=http,
+                    serve_socket=lambda fake, path: tg.start_soon(_serve_socket, fake.app(), path),
+                )
+                fleet.load()
+                relay_env.update(fleet.relay_env(f"http://127.0.0.1:{fly_api_port}", f"http://127.0.0.1:{proxy_port}"))
+                notes.append(f"owners: {', '.join(local_owners)}, a worker Machine each (WORKER_MODE=per-owner)")
             relay = spawn("relay", relay_env, opts.data / "relay.log")
             try:
                 # The page must not take a message the relay cannot receive yet.
-                await _wait_for_relay(http, relay_url, relay, opts.data / "relay.log")
-                async with (
-                    serve(chat.app(), opts.host, opts.port),
-                    serve(proxy.app(), "127.0.0.1", proxy_port),
-                    serve(machines.app(), "127.0.0.1", 0, uds=str(fly_api)),
-                ):
+                async with contextlib.AsyncExitStack() as stack:
+                    if fleet is not None:  # the Machines API first: the relay may call it at once
+                        await stack.enter_async_context(serve(fleet.api.app(), "127.0.0.1", fly_api_port))
+                        await stack.enter_async_context(serve(fleet.router.app(), "127.0.0.1", proxy_port))
+                        tg.start_soon(fleet.router.keep_states)
+                    await _wait_for_relay(http, relay_url, relay, opts.data / "relay.log")
+                    await stack.enter_async_context(serve(chat.app(), opts.host, opts.port))
+                    if fleet is None:
+                        await stack.enter_async_context(serve(proxy.app(), "127.0.0.1", proxy_port))
+                        await stack.enter_async_context(serve(machines.app(), "127.0.0.1", 0, uds=str(fly_api)))
                     _banner(opts, chat_url, real_twilio, notes)
                     try:
                         await _watch(relay, opts.data / "relay.log")
@@ -213,7 +254,12 @@ async def run(opts: Options) -> None:
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
                 signal.signal(signal.SIGTERM, signal.SIG_IGN)
                 proxy.resume()  # a suspended worker must run to hear the stop
-                stop(proxy.process, relay)
+                workers = [proxy.process]
+                if fleet is not None:
+                    fleet.router.resume_all()
+                    workers = [*fleet.router.processes()]
+                    fleet.save()
+                stop(*workers, relay)
                 tg.cancel_scope.cancel()
 
 
@@ -294,11 +340,17 @@ def _banner(opts: Options, chat_url: str, real_twilio: bool, notes: list[str]) -
         "",
         f"  replies: {'Twilio (your real WhatsApp)' if real_twilio else 'the local chat (no Twilio account needed)'}",
         *[f"  {note}" for note in notes],
-        f"  logs: {opts.data}/relay.log, {opts.data}/worker.log",
+        f"  logs: {opts.data}/relay.log, {opts.data}/{'machines/*/' if opts.owners > 1 else ''}worker.log",
         "  Ctrl-C stops everything.",
         "",
     ]
     print("\n".join(lines), flush=True)  # noqa: T201 - this is the console program
+
+
+async def _serve_socket(app: Any, path: Path) -> None:
+    """A Machine's own Machines API socket (fakes/machines.py), until the console stops."""
+    async with serve(app, "127.0.0.1", 0, uds=str(path)):
+        await anyio.sleep_forever()
 
 
 async def _wait_for_relay(http: httpx.AsyncClient, url: str, relay: subprocess.Popen[bytes], log: Path) -> None:

@@ -3,7 +3,8 @@
 The page's messages become webhooks signed with the twilio SDK, exactly as Twilio would sign
 them, posted to the relay. The relay, pointed here by TWILIO_API_BASE_URL, sends its replies
 through the same REST call it makes to Twilio, so every outbound message appears in the page
-as it is sent, images included; quick-reply buttons (the relay makes them through the Content
+as it is sent, images included (each in its owner's conversation: with `--owners N` the page
+lets you pick which owner you write as); quick-reply buttons (the relay makes them through the Content
 API, served here as by `fakes/twilio.py`) show under their message, and a tap posts what
 Twilio posts (`ButtonPayload`, `ButtonText`). A photo or file attached on the page is held here as Twilio
 holds media: the webhook names it with `MediaUrl0` under this server's Twilio API path, which
@@ -57,21 +58,23 @@ class ChatMessage:
     media: list[str]
     at: float
     buttons: list[dict[str, str]] = field(default_factory=list)  # quick replies: {id, title}
+    owner: str = ""  # whose conversation it is in (the sender, or the recipient of textslash's)
 
 
 @dataclass
 class Chat:
-    """One owner's conversation with the relay, as the local page shows it."""
+    """The owners' conversations with the relay, as the local page shows them."""
 
     relay_url: str
     public_url: str  # what the relay's PUBLIC_URL is: signatures are made against it
     account_sid: str
     auth_token: str = field(repr=False)
-    owner: str
+    owner: str  # the one the page writes as until told otherwise
     bot_number: str
     http: httpx.AsyncClient
     demo: bool = False
     api_url: str = ""  # this server, as the relay's TWILIO_API_BASE_URL: "" when the relay uses real Twilio
+    owners: tuple[str, ...] = ()  # who the page may write as (`--owners N`); (): `owner` alone
     messages: list[ChatMessage] = field(default_factory=list)
     media: dict[str, Held] = field(default_factory=dict)  # by media sid
     contents: dict[str, dict[str, Any]] = field(default_factory=dict)  # the Content API's, by SID
@@ -101,9 +104,9 @@ class Chat:
         )
 
     def _add(
-        self, sender: str, body: str, media: list[str], buttons: list[dict[str, str]] | None = None
+        self, sender: str, body: str, media: list[str], buttons: list[dict[str, str]] | None = None, *, owner: str
     ) -> ChatMessage:
-        message = ChatMessage(next(self._ids), sender, body, media, time.time(), buttons or [])
+        message = ChatMessage(next(self._ids), sender, body, media, time.time(), buttons or [], owner)
         self.messages.append(message)
         self._changed.set()
         self._changed = anyio.Event()
@@ -114,7 +117,8 @@ class Chat:
 
     async def _info(self, request: Request) -> JSONResponse:
         window = bool(self.api_url)  # only while this page is Twilio for the relay
-        return JSONResponse({"owner": self.owner, "demo": self.demo, "attach": bool(self.api_url), "window": window})
+        info = {"owner": self.owner, "owners": list(self.owners or (self.owner,)), "demo": self.demo}
+        return JSONResponse({**info, "attach": bool(self.api_url), "window": window})
 
     def add_template(self, body: str) -> str:
         """An approved WhatsApp template with one variable (as DEPLOY.md suggests); its SID."""
@@ -135,15 +139,18 @@ class Chat:
             held = self._hold(body.get("file"))
             button = str(body.get("button") or "")
             replied = int(body.get("replied_to") or 0)  # the message whose button was tapped
+            owner = str(body.get("as") or self.owner)  # who writes (`--owners N`)
         except (ValueError, KeyError, TypeError, binascii.Error) as exc:
             detail = str(exc) if isinstance(exc, ValueError) else 'expected {"text": ..., "file"?: {name, type, data}}'
             return JSONResponse({"detail": detail}, status_code=400)
         if not (text or held) or len(text) > MAX_TEXT:
             return JSONResponse({"detail": f"a message has up to {MAX_TEXT} characters, or a file"}, status_code=400)
+        if owner not in (self.owners or (self.owner,)):
+            return JSONResponse({"detail": f"{owner!r} is not one of this chat's owners"}, status_code=400)
         params = {
             "MessageSid": "SM" + secrets.token_hex(16),
             "AccountSid": self.account_sid,
-            "From": f"whatsapp:{self.owner}",
+            "From": f"whatsapp:{owner}",
             "To": f"whatsapp:{self.bot_number}",
             "Body": text,
             "NumMedia": "0",
@@ -160,7 +167,7 @@ class Chat:
             media = f"/2010-04-01/Accounts/{self.account_sid}/Messages/{params['MessageSid']}/Media/{sid}"
             params.update(NumMedia="1", MediaUrl0=self.api_url + media, MediaContentType0=held.content_type)
             shown.append(f"/cdn/{held.token}/{held.name}")
-        self._add("owner", text, shown)
+        self._add("owner", text, shown, owner=owner)
         self.window_closed = False  # the owner wrote: WhatsApp's 24 hours start again
         signature = RequestValidator(self.auth_token).compute_signature(f"{self.public_url}/webhook", params)
         try:
@@ -168,7 +175,7 @@ class Chat:
                 f"{self.relay_url}/webhook", data=params, headers={"X-Twilio-Signature": signature}, timeout=10.0
             )
         except httpx.HTTPError as exc:
-            self._add("textslash", f"⚠️ The relay is not answering ({type(exc).__name__}).", [])
+            self._add("textslash", f"⚠️ The relay is not answering ({type(exc).__name__}).", [], owner=owner)
             return JSONResponse({"detail": "relay unreachable"}, status_code=502)
         return JSONResponse({"relay_status": response.status_code})
 
@@ -243,7 +250,8 @@ class Chat:
             if isinstance(rendered, Response):
                 return rendered
             body, buttons = rendered[0], [{"id": i, "title": t} for i, t in rendered[1]]
-        message = self._add("textslash", body, [v for k, v in form if k == "MediaUrl"], buttons)
+        recipient = str(fields.get("To", "")).removeprefix("whatsapp:")
+        message = self._add("textslash", body, [v for k, v in form if k == "MediaUrl"], buttons, owner=recipient)
         sid = _message_sid(message.id)
         return JSONResponse(
             {

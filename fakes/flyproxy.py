@@ -74,10 +74,8 @@ class FlyProxy:
             self.woke_at = time.monotonic()
         self.suspended = False
 
-    def app(self) -> Starlette:
-        return Starlette(routes=[Route("/{path:path}", self._forward, methods=["GET", "POST"])])
-
-    async def _forward(self, request: Request) -> Response:
+    def start(self) -> None:
+        """Start the worker if it is not running (a suspended one is resumed instead)."""
         self.resume()
         if not self.running:
             if self.process is not None:
@@ -85,7 +83,16 @@ class FlyProxy:
             self.woke_at = time.monotonic()
             self.process = self._start()
             self.starts += 1
+
+    def app(self) -> Starlette:
+        return Starlette(routes=[Route("/{path:path}", self.forward, methods=["GET", "POST"])])
+
+    async def forward(self, request: Request) -> Response:
+        """One request for this Machine (fakes/flyrouter.py routes an app's to each)."""
+        if not self.running:
+            self.start()
             return JSONResponse({"detail": "starting the worker"}, status_code=503)
+        self.resume()
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
         try:
             upstream = await self._http.request(

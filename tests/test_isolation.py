@@ -343,6 +343,8 @@ def test_the_worker_forgets_every_variable_an_agent_may_not_inherit() -> None:
     environ = os.environ.copy()
     fake = {
         "WORKER_TOKEN": "w",
+        "OWNER_TOKEN": "o",
+        "OWNER_PHONE": "+15550001111",
         "GITHUB_TOKEN": "g",
         "TWILIO_AUTH_TOKEN": "t",
         "AWS_SECRET_ACCESS_KEY": "a",
@@ -358,6 +360,8 @@ def test_the_worker_forgets_every_variable_an_agent_may_not_inherit() -> None:
     assert sorted(env) == ["ANTHROPIC_API_KEY", "CLAUDE_CODE_OAUTH_TOKEN", "HTTPS_PROXY", "LC_ALL", "PATH"]
     assert set(dropped) == {
         "WORKER_TOKEN",
+        "OWNER_TOKEN",
+        "OWNER_PHONE",
         "GITHUB_TOKEN",
         "TWILIO_AUTH_TOKEN",
         "AWS_SECRET_ACCESS_KEY",

@@ -28,6 +28,13 @@ UNISOLATED = (
     "on your own machine, never for a deployment."
 )
 
+# Fly's secrets are the app's: every owner's Machine would hold the token that speaks for all.
+WORKER_TOKEN_IGNORED = (
+    "WORKER_TOKEN is set on a worker that serves one owner (OWNER_PHONE): it is ignored, and "
+    "OWNER_TOKEN is used. This Machine should hold only its owner's token; unset it on the "
+    "worker app: fly secrets unset WORKER_TOKEN -a %s"
+)
+
 
 def main() -> int:
     load_dotenv(Path.cwd() / ".env")
@@ -42,6 +49,8 @@ def main() -> int:
         return 2
     if not settings.agent_isolation:
         logger.warning(UNISOLATED)
+    if settings.worker_token_ignored:
+        logger.warning(WORKER_TOKEN_IGNORED, settings.fly_app_name or "<worker app>")
     # The settings hold what the worker needs; nothing it starts may inherit the rest.
     scrub_environment(os.environ)
     os.umask(0o077)  # what the worker writes is its own unless it says otherwise (vm/sandbox.py)

@@ -107,6 +107,7 @@ def create_app(
             state_dir=settings.state_dir,
             claude_config_dir=settings.claude_config_dir,
             isolated=settings.agent_isolation,
+            uid_base=settings.agent_uid_base,
         )
         await sandbox.start(settings.state_dir, settings.images_dir)
         model = agent or Agent(env)
@@ -120,7 +121,7 @@ def create_app(
             app=settings.fly_app_name,
         )
         worker = Worker(settings, callbacks, model, browser, images, github, sandbox, credentials=credentials)
-        announcer = Announcer(settings.relay_callback_url, settings.worker_token)
+        announcer = Announcer(settings.relay_callback_url, settings.worker_token, owner=settings.owner_phone)
 
         async def announce_then_build() -> None:
             """Say "up" first: it is what the relay waits for, and making the HTTP client (an
@@ -205,6 +206,10 @@ def create_app(
             running.watch.touch()
             try:
                 command = await read_message(request, MAX_BODY, lambda data: decode_command(route, data))
+                if settings.owner_phone and command.phone != settings.owner_phone:
+                    # A worker serving one owner holds that owner's volume only: another's work
+                    # has no place here, and running it would be running it on the wrong Machine.
+                    return error(403, "this worker serves one owner (OWNER_PHONE); the command is for another")
                 if running.watch.closing and not await running.resume.confirm():
                     # Decided to sleep: refuse, so nothing is accepted and then dropped by the exit.
                     # (Suspended and resumed, as Fly confirms, it serves the request instead.)

@@ -35,8 +35,9 @@ MAX_ANSWER = 64 * 1024
 
 
 class Announcer:
-    def __init__(self, relay_url: str, token: str) -> None:
+    def __init__(self, relay_url: str, token: str, *, owner: str = "") -> None:
         self._url, self._token = f"{relay_url.rstrip('/')}/callback", token
+        self._owner = owner  # a worker serving one owner says whose it is (WORKER_MODE=per-owner)
         self.boot = secrets.token_hex(8)  # a new one per process: a restart, not a resume
         self._up_since = time.monotonic()  # since the boot, or the last resume
 
@@ -44,7 +45,7 @@ class Announcer:
         """Post the worker's presence; True once the relay took it. Going to sleep, it says how
         long it was up: the relay counts the machine's hours from that (relay/usage.py)."""
         awake_ms = int((time.monotonic() - self._up_since) * 1000) if state == "sleeping" else 0
-        body = json.dumps(encode_presence(Presence(state, self.boot, awake_ms))).encode()
+        body = json.dumps(encode_presence(Presence(state, self.boot, awake_ms, self._owner))).encode()
         for pause in (*retries, None):
             try:
                 status = await post_json(self._url, body, self._token)

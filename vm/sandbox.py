@@ -133,8 +133,17 @@ class AgentSpace:
 
 
 class Sandbox:
-    def __init__(self, *, workspace_dir: Path, state_dir: Path, claude_config_dir: str, isolated: bool) -> None:
+    def __init__(
+        self,
+        *,
+        workspace_dir: Path,
+        state_dir: Path,
+        claude_config_dir: str,
+        isolated: bool,
+        uid_base: int = AGENT_UID_BASE,
+    ) -> None:
         self.isolated = isolated
+        self._uid_base = uid_base  # where new owners' uids start (Settings.agent_uid_base)
         self._workspace = workspace_dir
         self._claude_root = Path(claude_config_dir) if claude_config_dir else None
         self._users_file = state_dir / "agent-users.json"
@@ -452,7 +461,7 @@ class Sandbox:
         if uid is None:
             # The owner's folders already say whose they are, if the map was lost; otherwise a
             # uid that neither /etc/passwd nor any folder on the volume knows.
-            uid = self._uid_on_disk(phone) or _free_uid(set(users.values()) | self._uids_on_disk())
+            uid = self._uid_on_disk(phone) or _free_uid(set(users.values()) | self._uids_on_disk(), self._uid_base)
             users[phone] = uid
             self._save_users(users)
         name = f"tsagent{uid}"
@@ -553,8 +562,8 @@ def _project(checkout: Path) -> str:
     return re.sub(r"[^A-Za-z0-9]", "-", str(checkout))
 
 
-def _free_uid(taken: set[int]) -> int:
-    uid = AGENT_UID_BASE
+def _free_uid(taken: set[int], base: int = AGENT_UID_BASE) -> int:
+    uid = base
     while True:
         if uid not in taken:
             try:

@@ -7,7 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.config import ConfigError, EnvReader
+from common.config import E164, ConfigError, EnvReader
+from vm.sandbox import AGENT_UID_BASE
 from vm.workspace import CLONE_TIMEOUT_S, PUSH_TIMEOUT_S
 
 __all__ = ["ConfigError", "Settings", "github_repo_from_url", "is_github_https"]
@@ -33,8 +34,12 @@ def is_github_https(url: str) -> bool:
 
 @dataclass(frozen=True)
 class Settings:
+    # The bearer token of every call between this worker and the relay, both ways: WORKER_TOKEN,
+    # or OWNER_TOKEN on a worker that serves one owner (WORKER_MODE=per-owner on the relay).
     worker_token: str = field(repr=False)
     relay_callback_url: str
+    owner_phone: str = ""  # the one owner this worker serves (OWNER_PHONE); "": every owner
+    worker_token_ignored: bool = False  # WORKER_TOKEN was set beside OWNER_PHONE (and not used)
     repo_url: str = ""  # the worker's own repository, for prompts that name none ("": none)
     workspace_dir: Path = Path("/tmp/workspace")
     github_token: str = field(default="", repr=False)
@@ -53,6 +58,10 @@ class Settings:
     enable_test_app: bool = False
     claude_config_dir: str = ""
     agent_isolation: bool = True
+    # Where new owners' agent uids start. On Fly each Machine is its own host; several workers on
+    # one host (`./scripts/dev --owners N`) each need their own range, or one would end the
+    # other's agents as its own.
+    agent_uid_base: int = AGENT_UID_BASE
     warm_agent: bool = True  # keep each owner's Claude Code CLI (stopped) between prompts
     deployed_sha: str = "dev"
     port: int = 3001
@@ -84,9 +93,14 @@ class Settings:
         github_repo = env.get("GITHUB_REPO", "").strip() or github_repo_from_url(repo_url)
         if github_repo and not re.fullmatch(r"[\w.-]+/[\w.-]+", github_repo):
             raise ConfigError("GITHUB_REPO is malformed: expected owner/name")
+        owner_phone = _owner_phone(env)
         return cls(
-            worker_token=reader.secret("WORKER_TOKEN"),
+            # One owner's Machine holds only its own token (common/owners.py): with it, it can
+            # neither speak for another owner to the relay nor be given another owner's work.
+            worker_token=reader.secret("OWNER_TOKEN" if owner_phone else "WORKER_TOKEN"),
             relay_callback_url=reader.url("RELAY_CALLBACK_URL").rstrip("/"),
+            owner_phone=owner_phone,
+            worker_token_ignored=bool(owner_phone and env.get("WORKER_TOKEN", "").strip()),
             repo_url=repo_url,
             workspace_dir=Path(env.get("WORKSPACE_DIR") or "/tmp/workspace"),
             github_token=env.get("GITHUB_TOKEN", "").strip(),
@@ -106,11 +120,19 @@ class Settings:
             enable_test_app=reader.flag("ENABLE_TEST_APP"),
             claude_config_dir=env.get("CLAUDE_CONFIG_DIR", "").strip(),
             agent_isolation=reader.flag("AGENT_ISOLATION", True),
+            agent_uid_base=reader.integer("AGENT_UID_BASE", AGENT_UID_BASE, minimum=AGENT_UID_BASE, maximum=2**31 - 2),
             warm_agent=reader.flag("WARM_AGENT", True),
             deployed_sha=env.get("DEPLOYED_SHA") or "dev",
             port=reader.integer("PORT", 3001, minimum=1, maximum=65535),
             host=env.get("HOST") or "0.0.0.0",
         )
+
+
+def _owner_phone(env: Mapping[str, str]) -> str:
+    phone = env.get("OWNER_PHONE", "").strip()
+    if phone and not E164.fullmatch(phone):
+        raise ConfigError("OWNER_PHONE is malformed: expected an E.164 number such as +15551234567")
+    return phone
 
 
 def _idle_action(env: Mapping[str, str]) -> str:
