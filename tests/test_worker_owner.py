@@ -49,16 +49,20 @@ def base_env(**extra: str) -> dict[str, str]:
 
 
 def test_one_owners_worker_takes_owner_token_and_ignores_worker_token() -> None:
+    # The relay's own WORKER_TOKEN (the one OWNER_TOKEN derives from) left on the worker app.
     settings = Settings.from_env(base_env(OWNER_PHONE=OWNER, OWNER_TOKEN=OWNER_TOKEN, WORKER_TOKEN=WORKER_TOKEN))
-    assert (settings.owner_phone, settings.worker_token, settings.worker_token_ignored) == (OWNER, OWNER_TOKEN, True)
+    assert (settings.owner_phone, settings.worker_token, settings.relay_token_here) == (OWNER, OWNER_TOKEN, True)
     assert OWNER_TOKEN not in repr(settings) and WORKER_TOKEN not in repr(settings)
+    # The worker app's own WORKER_TOKEN (for its plain-deploy Machine), as docs/DEPLOY.md says.
+    own = Settings.from_env(base_env(OWNER_PHONE=OWNER, OWNER_TOKEN=OWNER_TOKEN, WORKER_TOKEN="the-apps-own-token"))
+    assert (own.worker_token, own.relay_token_here) == (OWNER_TOKEN, False)
     alone = Settings.from_env(base_env(OWNER_PHONE=OWNER, OWNER_TOKEN=OWNER_TOKEN))
-    assert (alone.worker_token, alone.worker_token_ignored) == (OWNER_TOKEN, False)
+    assert (alone.worker_token, alone.relay_token_here) == (OWNER_TOKEN, False)
 
 
 def test_without_owner_phone_the_worker_is_as_before() -> None:
     settings = Settings.from_env(base_env(WORKER_TOKEN=WORKER_TOKEN, OWNER_TOKEN=OWNER_TOKEN))
-    assert (settings.owner_phone, settings.worker_token, settings.worker_token_ignored) == ("", WORKER_TOKEN, False)
+    assert (settings.owner_phone, settings.worker_token, settings.relay_token_here) == ("", WORKER_TOKEN, False)
     with pytest.raises(ConfigError, match="WORKER_TOKEN is required"):
         Settings.from_env(base_env(OWNER_TOKEN=OWNER_TOKEN))
 
@@ -104,7 +108,7 @@ async def owner_worker(tmp: Path) -> AsyncIterator[OwnerWorker]:
         env = {
             **model_env(anthropic_url, tmp),
             **worker_env(tmp, relay_url=relay_url, github_url=github_url, origin=origin),
-            # As on an owner's Machine of an app where WORKER_TOKEN was left among the secrets.
+            # As on an owner's Machine of an app whose secrets still hold the relay's WORKER_TOKEN.
             "WORKER_TOKEN": WORKER_TOKEN,
             "OWNER_PHONE": OWNER,
             "OWNER_TOKEN": OWNER_TOKEN,
@@ -157,5 +161,5 @@ async def test_a_one_owner_worker_serves_its_owner_only_with_its_own_token(tmp_p
         assert OWNER_TOKEN not in seen and WORKER_TOKEN not in seen
         assert "OWNER_TOKEN=" not in seen and "WORKER_TOKEN=" not in seen
         log = w.log.read_text()
-        assert "fly secrets unset WORKER_TOKEN -a textslash-vm" in log
+        assert "holds the relay's own WORKER_TOKEN" in log and "-a textslash-vm" in log
         assert OWNER_TOKEN not in log and WORKER_TOKEN not in log

@@ -28,11 +28,11 @@ UNISOLATED = (
     "on your own machine, never for a deployment."
 )
 
-# Fly's secrets are the app's: every owner's Machine would hold the token that speaks for all.
-WORKER_TOKEN_IGNORED = (
-    "WORKER_TOKEN is set on a worker that serves one owner (OWNER_PHONE): it is ignored, and "
-    "OWNER_TOKEN is used. This Machine should hold only its owner's token; unset it on the "
-    "worker app: fly secrets unset WORKER_TOKEN -a %s"
+# Fly's secrets are the app's: every owner's Machine gets the worker app's WORKER_TOKEN.
+RELAY_TOKEN_HERE = (
+    "This Machine serves one owner (OWNER_PHONE) but holds the relay's own WORKER_TOKEN, from which "
+    "every owner's token derives: a subverted worker here could speak for any owner. Give the worker "
+    "app a WORKER_TOKEN of its own: fly secrets set WORKER_TOKEN=<new random value> -a %s"
 )
 
 
@@ -49,8 +49,8 @@ def main() -> int:
         return 2
     if not settings.agent_isolation:
         logger.warning(UNISOLATED)
-    if settings.worker_token_ignored:
-        logger.warning(WORKER_TOKEN_IGNORED, settings.fly_app_name or "<worker app>")
+    if settings.relay_token_here:
+        logger.warning(RELAY_TOKEN_HERE, settings.fly_app_name or "<worker app>")
     # The settings hold what the worker needs; nothing it starts may inherit the rest.
     scrub_environment(os.environ)
     os.umask(0o077)  # what the worker writes is its own unless it says otherwise (vm/sandbox.py)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hmac
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.config import E164, ConfigError, EnvReader
+from common.owners import owner_token
 from vm.sandbox import AGENT_UID_BASE
 from vm.workspace import CLONE_TIMEOUT_S, PUSH_TIMEOUT_S
 
@@ -39,7 +41,9 @@ class Settings:
     worker_token: str = field(repr=False)
     relay_callback_url: str
     owner_phone: str = ""  # the one owner this worker serves (OWNER_PHONE); "": every owner
-    worker_token_ignored: bool = False  # WORKER_TOKEN was set beside OWNER_PHONE (and not used)
+    # Beside OWNER_PHONE, the WORKER_TOKEN this Machine got (the app's secrets reach every
+    # Machine) is the relay's own, from which every owner's token derives: it must not be here.
+    relay_token_here: bool = False
     repo_url: str = ""  # the worker's own repository, for prompts that name none ("": none)
     workspace_dir: Path = Path("/tmp/workspace")
     github_token: str = field(default="", repr=False)
@@ -100,7 +104,7 @@ class Settings:
             worker_token=reader.secret("OWNER_TOKEN" if owner_phone else "WORKER_TOKEN"),
             relay_callback_url=reader.url("RELAY_CALLBACK_URL").rstrip("/"),
             owner_phone=owner_phone,
-            worker_token_ignored=bool(owner_phone and env.get("WORKER_TOKEN", "").strip()),
+            relay_token_here=_relay_token_here(env, owner_phone),
             repo_url=repo_url,
             workspace_dir=Path(env.get("WORKSPACE_DIR") or "/tmp/workspace"),
             github_token=env.get("GITHUB_TOKEN", "").strip(),
@@ -126,6 +130,16 @@ class Settings:
             port=reader.integer("PORT", 3001, minimum=1, maximum=65535),
             host=env.get("HOST") or "0.0.0.0",
         )
+
+
+def _relay_token_here(env: Mapping[str, str], owner_phone: str) -> bool:
+    """WORKER_TOKEN on an owner's Machine is ignored (OWNER_TOKEN is its token); the worker app
+    keeps one of its own for its plain-deploy Machine. Only the relay's is a danger: it is the
+    one OWNER_TOKEN derives from (common/owners.py)."""
+    app_token = env.get("WORKER_TOKEN", "").strip()
+    if not owner_phone or not app_token:
+        return False
+    return hmac.compare_digest(owner_token(app_token, owner_phone), env.get("OWNER_TOKEN", "").strip())
 
 
 def _owner_phone(env: Mapping[str, str]) -> str:
