@@ -65,7 +65,10 @@ class Machine:
         if not isinstance(data, dict) or not isinstance(data.get("id"), str):
             raise MachinesError("the Machines API answered a machine without an id")
         config = data.get("config")
-        checks = data.get("checks") or []
+        checks = data.get("checks")
+        # Any field but the id may be missing or of another type: a Machine is then taken as
+        # having none of it, never a TypeError that fails the owner's lane on each try.
+        checks = checks if isinstance(checks, list) else []
         return cls(
             id=data["id"],
             state=str(data.get("state", "")),
@@ -115,8 +118,7 @@ class MachinesAPI:
     async def machines(self, metadata: Mapping[str, str] | None = None) -> list[Machine]:
         """The app's Machines; with `metadata`, only those whose metadata has every pair."""
         params = {f"metadata.{k}": v for k, v in (metadata or {}).items()}
-        found = await self._call("GET", "/machines", params=params)
-        machines = [Machine.from_json(m) for m in found] if isinstance(found, list) else []
+        machines = [Machine.from_json(m) for m in _listed(await self._call("GET", "/machines", params=params))]
         # Filtered here too: an API that ignored the filter must not hand one owner's Machine to another.
         return [m for m in machines if all(m.metadata.get(k) == v for k, v in (metadata or {}).items())]
 
@@ -162,8 +164,7 @@ class MachinesAPI:
     # --- volumes ----------------------------------------------------------------------
 
     async def volumes(self) -> list[Volume]:
-        found = await self._call("GET", "/volumes")
-        return [Volume.from_json(v) for v in found] if isinstance(found, list) else []
+        return [Volume.from_json(v) for v in _listed(await self._call("GET", "/volumes"))]
 
     async def create_volume(self, name: str, region: str, size_gb: int) -> Volume:
         body = {"name": name, "region": region, "size_gb": size_gb}
@@ -226,6 +227,14 @@ class MachinesAPI:
         if retry_after and retry_after.strip().isdigit():
             return min(float(retry_after.strip()), 30.0)
         return self.backoff_s * 2.0**attempt * random.uniform(0.8, 1.2)  # noqa: S311 - jitter, not secrecy
+
+
+def _listed(found: Any) -> list[Any]:
+    """A list answer. Anything else is an error, not an empty list: taken as "no Machines", it
+    would have the relay make a second Machine for an owner who has one."""
+    if not isinstance(found, list):
+        raise MachinesError("the Machines API answered a list with something else")
+    return found
 
 
 def _json(response: httpx.Response) -> Any:

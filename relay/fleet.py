@@ -49,6 +49,14 @@ class FleetError(RuntimeError):
     """An owner's Machine could not be made or found; the message is the owner's to read."""
 
 
+class NoImage(MachinesError):
+    """Nothing to make a Machine from: no WORKER_IMAGE, and the worker app has no Machine from
+    a plain deploy. Not Fly's failure, and no retry mends it: the owner is told what will."""
+
+
+NO_IMAGE = "your VM cannot be set up yet: the worker app has no image (deploy it once, or set WORKER_IMAGE)"
+
+
 @dataclass(frozen=True)
 class Placement:
     """An owner's Machine as the relay recorded it."""
@@ -225,6 +233,9 @@ class Fleet:
             if made and not await self.api.wait(machine.id, "started", START_WAIT_S, machine.instance_id):
                 # It exists and is recorded; the proxy starts it with the call, like a sleeping one.
                 logger.warning("Machine %s did not say it started within %.0f s", machine.id, START_WAIT_S)
+        except NoImage:
+            logger.warning("could not make the Machine of %s: %s", mask_phone(phone), NO_IMAGE)
+            raise FleetError(NO_IMAGE) from None
         except MachinesError as exc:
             logger.warning("could not make the Machine of %s: %s", mask_phone(phone), exc)
             raise FleetError(f"could not create your VM ({exc.status or 'no answer'} from Fly)") from None
@@ -276,7 +287,8 @@ class Fleet:
         return await self._create(phone, volume, region, image), True
 
     async def _existing(self, phone: str) -> Machine | None:
-        found = await self.api.machines({OWNER_KEY: phone})
+        # One being destroyed (outside the relay) is no longer theirs to use.
+        found = [m for m in await self.api.machines({OWNER_KEY: phone}) if m.state not in ("destroyed", "destroying")]
         if len(found) > 1:  # never made so here; one left from outside: take the oldest, say so
             logger.warning("%s has %d Machines; using %s", mask_phone(phone), len(found), found[0].id)
         return found[0] if found else None
@@ -286,7 +298,7 @@ class Fleet:
         for machine in await self.api.machines():
             if OWNER_KEY not in machine.metadata and machine.image:
                 return machine.image
-        raise MachinesError("no image to start from: deploy the worker app once, or set WORKER_IMAGE")
+        raise NoImage("no image to start from: deploy the worker app once, or set WORKER_IMAGE")
 
     async def _volume(self, phone: str, region: str) -> Volume:
         name = volume_name(phone)
@@ -326,9 +338,11 @@ def _usable(volume: Volume, name: str, region: str) -> bool:
 
 
 def _placement(phone: str, machine: Machine, now: float) -> Placement:
-    mounts = machine.config.get("mounts") or [{}]
-    volume = mounts[0].get("volume", "") if isinstance(mounts[0], dict) else ""
-    return Placement(phone, machine.id, str(volume), machine.region, machine.image, now)
+    mounts = machine.config.get("mounts")
+    # Read defensively: a malformed answer must not fail the owner's lane on every try.
+    first = mounts[0] if isinstance(mounts, list) and mounts else {}
+    volume = first.get("volume") if isinstance(first, dict) else ""
+    return Placement(phone, machine.id, volume if isinstance(volume, str) else "", machine.region, machine.image, now)
 
 
 def _record_now(conn: sqlite3.Connection, found: Placement) -> None:
