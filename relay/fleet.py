@@ -303,14 +303,32 @@ class Fleet:
     async def _volume(self, phone: str, region: str) -> Volume:
         name = volume_name(phone)
         for _ in range(CREATE_TRIES):
-            free = [v for v in await self.api.volumes() if _usable(v, name, region)]
+            volumes = await self.api.volumes()
+            free = [v for v in volumes if _usable(v, name, region)]
             if free:
                 return free[0]
+            await self._not_releasing([v for v in volumes if v.name == name and v.region == region])
             try:
                 return await self.api.create_volume(name, region, self.fleet.volume_gb)
             except MaybeMade as exc:
                 logger.info("creating the volume of %s: %s; looking for it", mask_phone(phone), exc)
         raise MachinesError(f"the volume could not be created after {CREATE_TRIES} tries")
+
+    async def _not_releasing(self, theirs: list[Volume]) -> None:
+        """A volume of the owner's still attached to a Machine that is gone (destroyed outside
+        the relay; Fly detaches it a little later) holds their checkouts: wait for it, rather
+        than make a second volume and leave their work on the first."""
+        for volume in theirs:
+            if not volume.attached_machine_id:
+                continue
+            try:
+                holder: Machine | None = await self.api.machine(volume.attached_machine_id)
+            except MachinesError as exc:
+                if exc.status != 404:
+                    raise
+                holder = None
+            if holder is None or holder.state in ("destroyed", "destroying"):
+                raise MachinesError(f"volume {volume.id} is still being released by Fly", 409)
 
     async def _create(self, phone: str, volume: Volume, region: str, image: str) -> Machine:
         token = bearer_for(self.settings, phone)

@@ -132,3 +132,25 @@ def test_a_database_from_before_per_owner_mode_keeps_its_worker_state_and_hours(
         assert month.awake_hours == pytest.approx(1 + 600 / 3600, abs=0.01)
     db.close()
     store.Database(path).close()  # and opening it again changes nothing
+
+
+async def test_a_volume_still_attached_to_a_destroyed_machine_is_waited_for_not_doubled(tmp_path: Path) -> None:
+    async with fleet_stack(tmp_path, WAKE_TIMEOUT_MS="2000") as fleet:
+        await fleet.text("first")
+        await wait_for(lambda: fleet.said("answer to first", OWNER), 30, "the first answer")
+        [machine] = fleet.owned()[OWNER]
+        [volume] = fleet.api.live_volumes()
+        machine["state"] = "destroyed"  # destroyed outside; Fly has not detached the volume yet
+        assert volume["attached_machine_id"] == machine["id"]
+
+        await fleet.text("second")
+        await wait_for(lambda: fleet.said("your VM was removed", OWNER), 30, "the owner told")
+        await fleet.text("retry")
+        await wait_for(lambda: fleet.said("could not create your VM", OWNER), 30, "told to try again")
+        assert fleet.api.live_volumes() == [volume] and fleet.owned() == {}  # no second volume
+
+        volume["attached_machine_id"] = None  # Fly let it go
+        await fleet.text("retry")
+        await wait_for(lambda: fleet.said("answer to second", OWNER), 30, "the prompt answered")
+        [again] = fleet.owned()[OWNER]
+        assert again["config"]["mounts"][0]["volume"] == volume["id"] and fleet.api.live_volumes() == [volume]
