@@ -289,7 +289,9 @@ class Fleet:
     async def _existing(self, phone: str) -> Machine | None:
         # One being destroyed (outside the relay) is no longer theirs to use.
         found = [m for m in await self.api.machines({OWNER_KEY: phone}) if m.state not in ("destroyed", "destroying")]
-        if len(found) > 1:  # never made so here; one left from outside: take the oldest, say so
+        # Never made so here (one made from outside, say): the same one every time, by id, and said.
+        found.sort(key=lambda m: m.id)
+        if len(found) > 1:
             logger.warning("%s has %d Machines; using %s", mask_phone(phone), len(found), found[0].id)
         return found[0] if found else None
 
