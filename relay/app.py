@@ -253,10 +253,16 @@ def create_app(
 
     async def media_file(request: Request) -> Response:
         """A file the owner sent, for the worker (relay/media.py); ids are unguessable and never
-        logged, and the route needs a worker's token too."""
+        logged, and the route needs the token of the worker that serves the file's owner too."""
         if not from_a_worker(request):
             return error(401, "missing or wrong bearer token")
-        path = live().media.path(request.path_params["id"])
+        file_id = request.path_params["id"]
+        path = live().media.path(file_id)
+        if settings.per_owner and path is not None:
+            # Each owner's Machine gets only its own owner's files.
+            owner = await live().dispatcher.db.run(store.media_owner, file_id)
+            if owner is None or not bearer_ok(request, bearer_for(settings, owner)):
+                path = None  # (as if there were none: a Machine learns nothing of others' files)
         if path is None:
             return error(404, "no such file")
         return FileResponse(path, media_type="application/octet-stream", headers={"Cache-Control": "no-store"})

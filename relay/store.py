@@ -472,6 +472,17 @@ def phones_with_work(conn: sqlite3.Connection) -> tuple[list[str], list[str]]:
 # --- housekeeping -----------------------------------------------------------------------
 
 
+def media_owner(conn: sqlite3.Connection, file_id: str) -> str | None:
+    """Whose message brought the file `file_id` (relay/media.py), if any still says."""
+    rows = conn.execute(
+        "SELECT phone, event FROM inbox WHERE event LIKE '%\"attachments\"%' AND instr(event, ?) > 0", (file_id,)
+    )
+    for row in rows:
+        if any(a.get("id") == file_id for a in json.loads(row["event"]).get("attachments", [])):
+            return str(row["phone"])
+    return None
+
+
 def media_in_use(conn: sqlite3.Connection) -> set[str]:
     """The ids of the owner's files a prompt still needs: one not yet handled, queued, kept for
     `retry`, or the current run's (handed to the worker, which fetches it before the run)."""

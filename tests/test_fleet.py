@@ -168,3 +168,19 @@ async def test_a_machine_destroyed_outside_the_relay_is_replaced_on_the_same_vol
         assert again["id"] != machine["id"]
         assert again["config"]["mounts"][0]["volume"] == volume["id"]  # their checkouts come back
         assert fleet.api.live_volumes() == [volume]
+
+
+async def test_each_machine_gets_only_its_own_owners_files(tmp_path: Path) -> None:
+    async with fleet_stack(tmp_path) as fleet:
+        url = fleet.twilio.add_media(b"%PDF-1.4 mine", "application/pdf", filename="mine.pdf")
+        await fleet.text("read this", media=[(url, "application/pdf")])
+        [command] = await wait_for(lambda: fleet.workers[OWNER].commands(), 30, "the prompt with its file")
+        [attachment] = command["attachments"]
+        path = f"{fleet.url}/media/{attachment['id']}"
+
+        async def fetch(token: str) -> httpx.Response:
+            return await fleet.http.get(path, headers={"Authorization": f"Bearer {token}"})
+
+        assert (await fetch(owner_token(WORKER_TOKEN, OWNER))).content == b"%PDF-1.4 mine"
+        assert (await fetch(owner_token(WORKER_TOKEN, OWNER2))).status_code == 404  # another owner's Machine
+        assert (await fetch(WORKER_TOKEN)).status_code == 401  # the relay's own is no Machine's

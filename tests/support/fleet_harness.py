@@ -4,7 +4,7 @@ Machines API, Fly's proxy (routing by `fly-force-instance-id`) and one fake work
 from __future__ import annotations
 
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, ExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,8 +98,8 @@ class FleetStack:
         self.relay.terminate()
         self.relay.wait(timeout=15)
 
-    async def text(self, body: str, sender: str = OWNER) -> None:
-        params = message_params(body, sender=sender)
+    async def text(self, body: str, sender: str = OWNER, media: Sequence[tuple[str, str]] = ()) -> None:
+        params = message_params(body, sender=sender, media=media)
         self.twilio.open_window(sender)
         response = await self.http.post(
             f"{self.url}/webhook", data=params, headers=signed_form(PUBLIC_URL + "/webhook", params)
@@ -131,6 +131,7 @@ async def fleet_stack(tmp: Path, **env: str) -> AsyncIterator[FleetStack]:
     async with AsyncExitStack() as stack:
         http = await stack.enter_async_context(httpx.AsyncClient(timeout=30))
         twilio.api_url = await stack.enter_async_context(run_server(twilio.app()))
+        twilio.cdn_url = await stack.enter_async_context(run_server(twilio.cdn_app()))
         api_url = await stack.enter_async_context(run_server(api.app()))
         worker_urls = {}
         for phone, worker in workers.items():
