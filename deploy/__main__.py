@@ -59,6 +59,7 @@ class Deployer:
     clock: Callable[[], float] = time.monotonic
     owners: Owners | None = None  # per-owner mode: the owners' own Machines to roll
     shared_said: bool = True  # shared mode chosen (flag or WORKER_MODE), not merely the default
+    owners_left: bool = False  # shared mode, and the worker app still has owner Machines
     deployed: list[App] = field(default_factory=list)
 
     def run(self) -> None:
@@ -107,6 +108,7 @@ class Deployer:
                 "to leave them on the image they run; nothing was deployed"
             )
         self.say(f"deploy: leaving {len(owned)} owner Machine(s) on the image they run (--worker-mode shared)")
+        self.owners_left = True
 
     def deploy_app(self, app: App, sha: str) -> None:
         self.step(f"deploying {app.name} at {sha[:12]}")
@@ -214,7 +216,7 @@ class Deployer:
         assert relay_machine is not None
         # Per owner, Flycast may route to any Machine of the app, owners' too: ask for the plain
         # one by id, as the relay asks for each owner's (which proves that header works too).
-        instance = plain[0].id if self.owners is not None and plain else ""
+        instance = plain[0].id if (self.owners is not None or self.owners_left) and plain else ""
         health = self.fly.health(self.relay.name, relay_machine.id, url, instance)
         if not self.fly.dry_run and health.get("deployed_sha") != sha:
             raise DeployFailed(f"the worker woken through Flycast reports {health.get('deployed_sha')!r}, not {sha}")

@@ -252,6 +252,9 @@ async def test_shared_mode_said_out_loud_deploys_and_leaves_owner_machines_as_th
     assert "leaving 2 owner Machine(s)" in run.output
     assert fleet.api.machines[fleet.plain]["config"]["image"] == NEW
     assert {phone: fleet.config(phone) for phone in (A, B)} == before
+    # the wake still asks for the plain Machine by id: through Flycast an owner's might answer
+    wake = [c for c in run.flyctl if c[:2] == ["machine", "exec"] and ".flycast" in c[3]]
+    assert wake and f"'fly-force-instance-id': '{fleet.plain}'" in wake[0][3]
 
 
 @pytest.mark.parametrize("mode", ["Per-Owner", " per-owner "])
