@@ -58,9 +58,12 @@ class Deployer:
     sleep: Callable[[float], None] = time.sleep
     clock: Callable[[], float] = time.monotonic
     owners: Owners | None = None  # per-owner mode: the owners' own Machines to roll
+    shared_said: bool = True  # shared mode chosen (flag or WORKER_MODE), not merely the default
+    owners_left: bool = False  # shared mode, and the worker app still has owner Machines
     deployed: list[App] = field(default_factory=list)
 
     def run(self) -> None:
+        self.check_mode()
         sha = self.preflight()
         previous = self.last_good()
         try:
@@ -74,6 +77,12 @@ class Deployer:
             self.say(f"deploy: FAILED: {exc}")
             self.roll_back(previous)
             raise DeployFailed(str(exc)) from None
+        except KeyboardInterrupt:
+            # Stopped midway (Ctrl-C): owners' Machines half rolled, one maybe on an image not
+            # yet proven, and a worker image no relay was deployed with. Undo, as for a failure.
+            self.say("deploy: INTERRUPTED; rolling back what was deployed")
+            self.roll_back(previous)
+            raise
         self.remember_good()
         if self.fly.dry_run:
             self.say("deploy: dry run; nothing was changed.")
@@ -82,6 +91,24 @@ class Deployer:
 
     def step(self, text: str) -> None:
         self.say(f"==> {text}")
+
+    def check_mode(self) -> None:
+        """A relay in per-owner mode (WORKER_MODE is its Fly secret, not in this shell) has owner
+        Machines a shared-mode deploy would leave on the old image, silently: refuse unless the
+        mode was said (`--worker-mode shared` after switching back leaves them as they are)."""
+        if self.owners is not None:
+            return
+        owned = [m for m in self.fly.machines(self.worker.name) if m.owner]
+        if not owned:
+            return
+        if not self.shared_said:
+            raise DeployFailed(
+                f"{self.worker.name} has {len(owned)} owner Machine(s) (per-owner mode): deploy with "
+                "`--worker-mode per-owner` (and FLY_API_TOKEN) to roll them too, or `--worker-mode shared` "
+                "to leave them on the image they run; nothing was deployed"
+            )
+        self.say(f"deploy: leaving {len(owned)} owner Machine(s) on the image they run (--worker-mode shared)")
+        self.owners_left = True
 
     def deploy_app(self, app: App, sha: str) -> None:
         self.step(f"deploying {app.name} at {sha[:12]}")
@@ -189,7 +216,7 @@ class Deployer:
         assert relay_machine is not None
         # Per owner, Flycast may route to any Machine of the app, owners' too: ask for the plain
         # one by id, as the relay asks for each owner's (which proves that header works too).
-        instance = plain[0].id if self.owners is not None and plain else ""
+        instance = plain[0].id if (self.owners is not None or self.owners_left) and plain else ""
         health = self.fly.health(self.relay.name, relay_machine.id, url, instance)
         if not self.fly.dry_run and health.get("deployed_sha") != sha:
             raise DeployFailed(f"the worker woken through Flycast reports {health.get('deployed_sha')!r}, not {sha}")
@@ -246,7 +273,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--worker-mode",
         choices=("shared", "per-owner"),
-        default=os.environ.get("WORKER_MODE") or "shared",
         help="per-owner: also roll every owner's own Machine (default: WORKER_MODE, else shared)",
     )
     parser.add_argument(
@@ -260,9 +286,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--yes", action="store_true", help="with --prune: do not ask for confirmation")
     parser.add_argument("--allowed", help="with --prune: the allowlist (default: ALLOWED_PHONE_NUMBERS)")
     args = parser.parse_args(argv)
+    # Read as the relay reads it (relay/settings.py): `Per-Owner ` is per-owner there, so here too.
+    said = args.worker_mode or os.environ.get("WORKER_MODE", "").strip().lower()
+    if said not in ("", "shared", "per-owner"):
+        return _refuse(f"WORKER_MODE is malformed: expected shared or per-owner, got {said!r}")
     fly = Fly(binary=args.flyctl, dry_run=args.dry_run)
     owners = None
-    if args.worker_mode == "per-owner" or args.prune:
+    if said == "per-owner" or args.prune:
         token = os.environ.get("FLY_API_TOKEN", "").strip()
         if not token:
             return _refuse(
@@ -281,9 +311,12 @@ def main(argv: list[str] | None = None) -> int:
         wait_s=args.wait,
         poll_s=args.poll,
         owners=owners,
+        shared_said=said == "shared",
     )
     try:
         deployer.run()
+    except KeyboardInterrupt:
+        return 130  # what a shell reports for Ctrl-C; rolled back, and said so
     except DeployFailed as exc:
         if not deployer.deployed:  # failed before deploying: nothing was printed or rolled back
             print(f"deploy: FAILED: {exc}")  # noqa: T201 - a command-line program

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -23,6 +25,7 @@ from fakes.flyapi import FakeFlyAPI
 from fakes.origin import git
 from fakes.servers import run_server
 from tests.support.processes import ROOT
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -84,7 +87,9 @@ async def fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
         yield Fleet(api, url, tmp_path, plain["id"], machines, volumes)
 
 
-async def deploy(fleet: Fleet, *args: str, stdin: str = "", token: str = TOKEN) -> Run:
+async def deploy(
+    fleet: Fleet, *args: str, stdin: str = "", token: str = TOKEN, extra_env: dict[str, str] | None = None
+) -> Run:
     """Runs `python -m deploy` in a fresh committed repository, flyctl being the fake."""
     tmp = fleet.tmp
     repo = tmp / "repo"
@@ -116,6 +121,7 @@ async def deploy(fleet: Fleet, *args: str, stdin: str = "", token: str = TOKEN) 
         "FAKE_FLY_STATE": str(tmp / "state.json"),
         "FAKE_FLY_LOG": str(log),
         "FLY_API_TOKEN": token,
+        **(extra_env or {}),
     }
     command = [sys.executable, "-m", "deploy", "--test-command", "true", "--wait", "2", "--poll", "0.05"]
     with anyio.fail_after(90):
@@ -228,6 +234,126 @@ async def test_per_owner_mode_without_a_token_is_refused_before_anything(fleet: 
     run = await deploy(fleet, "--worker-mode", "per-owner", token="")
     assert run.code == 2 and "FLY_API_TOKEN" in run.output
     assert run.flyctl == [] and fleet.api.calls == []
+
+
+async def test_a_deploy_that_is_not_told_the_mode_refuses_to_leave_owner_machines_behind(fleet: Fleet) -> None:
+    # WORKER_MODE=per-owner is the relay's Fly secret, not in the operator's shell: a deploy in the
+    # default (shared) mode would put the new image on the plain Machine only, silently.
+    run = await deploy(fleet)
+    assert run.code == 1 and "2 owner Machine(s)" in run.output and "--worker-mode per-owner" in run.output
+    assert [c for c in run.flyctl if c[0] == "deploy"] == []  # nothing was deployed
+    assert fleet.api.machines[fleet.plain]["config"]["image"] == OLD
+
+
+async def test_shared_mode_said_out_loud_deploys_and_leaves_owner_machines_as_they_are(fleet: Fleet) -> None:
+    before = {phone: fleet.config(phone) for phone in (A, B)}
+    run = await deploy(fleet, "--worker-mode", "shared")
+    assert run.code == 0, run.output
+    assert "leaving 2 owner Machine(s)" in run.output
+    assert fleet.api.machines[fleet.plain]["config"]["image"] == NEW
+    assert {phone: fleet.config(phone) for phone in (A, B)} == before
+    # the wake still asks for the plain Machine by id: through Flycast an owner's might answer
+    wake = [c for c in run.flyctl if c[:2] == ["machine", "exec"] and ".flycast" in c[3]]
+    assert wake and f"'fly-force-instance-id': '{fleet.plain}'" in wake[0][3]
+
+
+@pytest.mark.parametrize("mode", ["Per-Owner", " per-owner "])
+async def test_worker_mode_in_the_environment_is_read_as_the_relay_reads_it(fleet: Fleet, mode: str) -> None:
+    run = await deploy(fleet, extra_env={"WORKER_MODE": mode})
+    assert run.code == 0, run.output
+    assert {fleet.config(A)["image"], fleet.config(B)["image"]} == {NEW}
+
+
+async def test_a_malformed_worker_mode_is_refused_before_anything(fleet: Fleet) -> None:
+    run = await deploy(fleet, extra_env={"WORKER_MODE": "per_owner"})
+    assert run.code == 2 and "WORKER_MODE is malformed" in run.output
+    assert run.flyctl == [] and fleet.api.calls == []
+
+
+async def test_a_roll_interrupted_midway_puts_everything_back(fleet: Fleet) -> None:
+    """Ctrl-C while B's Machine waits for its checks: A (rolled, proven) and B go back to their
+    old config, and the worker app to its old image, as after a failure."""
+    fleet.api.checks = lambda config: (
+        "critical" if config["image"] == NEW and config["metadata"].get(OWNER_KEY) == B else "passing"
+    )
+    before = {phone: fleet.config(phone) for phone in (A, B)}
+    waiting_on_b = f"/machines/{fleet.machine[B]}"
+    await deploy(fleet, "--dry-run")  # makes the repository and the fake flyctl's state
+    fleet.api.calls.clear()
+    job = _interruptible(fleet)
+    log = fleet.tmp / "interrupted.out"
+    with log.open("wb") as out:
+        process = await anyio.open_process(job.command, cwd=job.cwd, env=job.env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            await wait_for(lambda: any(c.method == "GET" and c.path == waiting_on_b for c in fleet.api.calls), 60)
+            process.send_signal(signal.SIGINT)
+            with anyio.fail_after(60):
+                await process.wait()
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+    code, output = process.returncode, log.read_text()
+    assert code == 130, output
+    assert "INTERRUPTED" in output and TOKEN not in output
+    for phone in (A, B):
+        assert fleet.config(phone) == before[phone]
+    assert fleet.api.machines[fleet.plain]["config"]["image"] == OLD
+
+
+@dataclass
+class Command:
+    command: list[str]
+    cwd: Path
+    env: dict[str, str]
+
+
+def _interruptible(fleet: Fleet) -> Command:
+    tmp = fleet.tmp
+    env = {k: v for k, v in os.environ.items() if k not in {"ALLOWED_PHONE_NUMBERS", "WORKER_MODE", "FLY_API_BASE_URL"}}
+    env |= {
+        "PATH": f"{tmp / 'bin'}:{os.environ['PATH']}",
+        "PYTHONPATH": str(ROOT),
+        "FAKE_FLY_STATE": str(tmp / "state.json"),
+        "FAKE_FLY_LOG": str(tmp / "calls.log"),
+        "FLY_API_TOKEN": TOKEN,
+        "PYTHONUNBUFFERED": "1",
+    }
+    command = [sys.executable, "-m", "deploy", "--test-command", "true", "--wait", "30", "--poll", "0.05"]
+    return Command([*command, "--api-url", fleet.url, "--worker-mode", "per-owner"], tmp / "repo", env)
+
+
+async def test_a_rollback_that_fails_for_one_machine_still_puts_back_the_others_and_says_so(fleet: Fleet) -> None:
+    a, b = fleet.machine[A], fleet.machine[B]
+    fleet.api.checks = lambda config: (
+        "critical" if config["image"] == NEW and config["metadata"].get(OWNER_KEY) == B else "passing"
+    )
+    before_b = fleet.config(B)
+    # A's update to NEW succeeds; its update back fails for good (six 500s).
+    run_task: list[Run] = []
+
+    async def fail_a_rollback() -> None:
+        with anyio.fail_after(60):
+            while not fleet.api.of("POST", f"/machines/{b}"):
+                await anyio.sleep(0.02)
+        fleet.api.fail("POST", f"/machines/{a}", 500, times=6, retry_after="0")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(fail_a_rollback)
+        run_task.append(await deploy(fleet, "--worker-mode", "per-owner"))
+    run = run_task[0]
+    assert run.code == 1
+    assert f"ROLLBACK of owner Machine {a}" in run.output and "FAILED" in run.output
+    assert fleet.config(B) == before_b  # the other one went back all the same
+    assert fleet.api.machines[fleet.plain]["config"]["image"] == OLD  # and the app
+
+
+async def test_prune_dry_run_lists_but_destroys_nothing(fleet: Fleet) -> None:
+    before = live(fleet)
+    run = await deploy(fleet, "--prune", "--yes", "--dry-run", "--allowed", A)
+    assert run.code == 0, run.output
+    assert fleet.machine[B] in run.output and "dry run" in run.output
+    assert live(fleet) == before and all(c.method == "GET" for c in fleet.api.calls)
 
 
 # --- pruning --------------------------------------------------------------------------------
