@@ -425,6 +425,7 @@ class Dispatcher:
     _failed_while_up: dict[str, int] = field(default_factory=dict)
     _waking: dict[str, set[str]] = field(default_factory=dict)  # owners told "waking" during its wake-up
     _up: dict[str, anyio.Event] = field(default_factory=dict)  # it said it is up since the last call
+    _retokened: set[str] = field(default_factory=set)  # owners' Machines given a new token (relay/fleet.py)
 
     def __post_init__(self) -> None:
         self.inbox = Lanes("inbox", self._inbox_step)
@@ -631,6 +632,10 @@ class Dispatcher:
         if up is not None and up.is_set():
             self._up[worker] = anyio.Event()  # from here on, only an announcement made after this call counts
         result = None if known_asleep else await client.call(command)
+        if result is not None and result.unauthorized and worker not in self._retokened:
+            self._retokened.add(worker)  # once per run of the relay: a token that still fails is reported
+            if await self.workers.retoken(worker):
+                return 0  # the same call again, to the Machine restarted with the token of now
         if result is not None and result.delivered:
             self._failed_while_up[worker] = 0
             await self._call_done(call, Delivered(call.route, message_id, result.answer))

@@ -172,6 +172,7 @@ class Workers(Protocol):
     async def known(self, key: str) -> WorkerClient | None: ...
     async def make(self, key: str, creating: Callable[[], Awaitable[None]] | None = None) -> WorkerClient: ...
     async def gone(self, key: str) -> bool: ...
+    async def retoken(self, key: str) -> bool: ...
 
 
 class SharedWorker:
@@ -191,6 +192,9 @@ class SharedWorker:
 
     async def gone(self, key: str) -> bool:
         return False  # the shared worker is deployed, never made or removed by the relay
+
+    async def retoken(self, key: str) -> bool:
+        return False  # its WORKER_TOKEN is set on both apps by hand
 
 
 @dataclass
@@ -259,6 +263,28 @@ class Fleet:
         logger.warning("%s: Machine %s is gone; the next call makes another", mask_phone(phone), found.machine_id)
         self._clients.pop(phone, None)
         await self.db.run(_forget, phone)
+        return True
+
+    async def retoken(self, phone: str) -> bool:
+        """The owner's Machine refused the owner's token: WORKER_TOKEN was changed on the relay
+        since it was made, and its OWNER_TOKEN derives from the old one. Its config gets the
+        token of now (Fly restarts it on it); True when it did, and the call may go again."""
+        found = await self.db.run(placement, phone)
+        if found is None:
+            return False
+        token = bearer_for(self.settings, phone)
+        try:
+            machine = await self.api.machine(found.machine_id)
+            env = machine.config.get("env")
+            if not isinstance(env, dict) or env.get("OWNER_TOKEN") == token:
+                return False  # it has the right one: something else is wrong, and is reported
+            config = {**machine.config, "env": {**env, "OWNER_TOKEN": token}}
+            updated = await self.api.update_machine(machine.id, config)
+        except MachinesError as exc:
+            logger.warning("could not give Machine %s its new token: %s", found.machine_id, exc)
+            return False
+        logger.info("%s: Machine %s given the token of the current WORKER_TOKEN", mask_phone(phone), machine.id)
+        await self.api.wait(machine.id, "started", START_WAIT_S, updated.instance_id)
         return True
 
     def _client(self, found: Placement) -> WorkerClient:

@@ -32,6 +32,7 @@ class CallResult:
     asleep: bool = False
     reason: str = ""
     answer: Answer | None = None
+    unauthorized: bool = False  # the worker refused the token (HTTP 401)
 
 
 class WorkerClient:
@@ -72,7 +73,7 @@ class WorkerClient:
         answer = decode_answer(_json(response))
         if response.status_code < 300:
             return CallResult(delivered=True, answer=answer)
-        return CallResult(reason=_detail(response), answer=answer)
+        return CallResult(reason=_detail(response), answer=answer, unauthorized=response.status_code == 401)
 
     async def healthy(self) -> bool:
         try:

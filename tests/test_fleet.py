@@ -184,3 +184,20 @@ async def test_each_machine_gets_only_its_own_owners_files(tmp_path: Path) -> No
         assert (await fetch(owner_token(WORKER_TOKEN, OWNER))).content == b"%PDF-1.4 mine"
         assert (await fetch(owner_token(WORKER_TOKEN, OWNER2))).status_code == 404  # another owner's Machine
         assert (await fetch(WORKER_TOKEN)).status_code == 401  # the relay's own is no Machine's
+
+
+async def test_a_new_worker_token_on_the_relay_is_given_to_the_owners_machine(tmp_path: Path) -> None:
+    async with fleet_stack(tmp_path) as fleet:
+        await fleet.text("first")
+        await answered(fleet, OWNER, "first")
+        [machine] = fleet.owned()[OWNER]
+
+        fleet.stop_relay()
+        fleet.env["WORKER_TOKEN"] = "a-rotated-worker-token"  # noqa: S105 - a test value
+        await fleet.start_relay()
+        await fleet.text("second")
+        await answered(fleet, OWNER, "second")
+        # Its config was updated with the owner's token of now (Fly restarted it on it); nothing else.
+        assert machine["config"]["env"]["OWNER_TOKEN"] == owner_token("a-rotated-worker-token", OWNER)
+        assert len(fleet.api.of("POST", f"/machines/{machine['id']}")) == 1
+        assert [m["id"] for m in fleet.owned()[OWNER]] == [machine["id"]]

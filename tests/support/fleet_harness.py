@@ -52,7 +52,7 @@ class Router:
     names); every request is recorded."""
 
     api: FakeFlyAPI
-    workers: dict[str, str]  # owner -> the URL of their fake worker
+    workers: dict[str, tuple[str, FakeWorker]]  # owner -> their fake worker and its URL
     http: httpx.AsyncClient
     seen: list[Routed] = field(default_factory=list)
 
@@ -65,12 +65,15 @@ class Router:
         machine = self.api.machines.get(machine_id)
         if machine is None or machine["state"] == "destroyed":
             return JSONResponse({"error": "no such instance"}, status_code=502)
-        owner = machine["config"].get("env", {}).get("OWNER_PHONE", "")
+        env = machine["config"].get("env", {})
+        owner = env.get("OWNER_PHONE", "")
         if owner not in self.workers:
             return JSONResponse({"error": "the Machine serves no owner here"}, status_code=502)
+        url, worker = self.workers[owner]
+        worker.token = env.get("OWNER_TOKEN", "")  # the Machine runs with the token its config gives it
         headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
         upstream = await self.http.request(
-            request.method, self.workers[owner] + request.url.path, headers=headers, content=await request.body()
+            request.method, url + request.url.path, headers=headers, content=await request.body()
         )
         return Response(upstream.content, status_code=upstream.status_code, media_type="application/json")
 
@@ -137,7 +140,7 @@ async def fleet_stack(tmp: Path, **env: str) -> AsyncIterator[FleetStack]:
         for phone, worker in workers.items():
             worker.answer_via = url
             stack.push_async_callback(worker.aclose)
-            worker_urls[phone] = await stack.enter_async_context(run_server(worker.app()))
+            worker_urls[phone] = (await stack.enter_async_context(run_server(worker.app())), worker)
         router = Router(api, worker_urls, http)
         router_url = await stack.enter_async_context(run_server(router.app()))
         renv = relay_env(
