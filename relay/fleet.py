@@ -280,11 +280,11 @@ class Fleet:
                 return False  # it has the right one: something else is wrong, and is reported
             config = {**machine.config, "env": {**env, "OWNER_TOKEN": token}}
             updated = await self.api.update_machine(machine.id, config)
+            logger.info("%s: Machine %s given the token of the current WORKER_TOKEN", mask_phone(phone), machine.id)
+            await self.api.wait(machine.id, "started", START_WAIT_S, updated.instance_id)
         except MachinesError as exc:
             logger.warning("could not give Machine %s its new token: %s", found.machine_id, exc)
             return False
-        logger.info("%s: Machine %s given the token of the current WORKER_TOKEN", mask_phone(phone), machine.id)
-        await self.api.wait(machine.id, "started", START_WAIT_S, updated.instance_id)
         return True
 
     def _client(self, found: Placement) -> WorkerClient:
